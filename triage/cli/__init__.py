@@ -1,0 +1,1 @@
+"""Command lines: `triage` (the daemon and its tools) and `triage-admin` (operations)."""

@@ -1,0 +1,74 @@
+"""`triage`: serve the daemon, check the configuration, generate synthetic studies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from triage import __version__
+from triage.config import ConfigError, describe, load_config
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return args.config or os.environ.get("TRIAGE_CONFIG") or None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from triage.daemon import Daemon, StartupError
+    from triage.logs import configure_logging, get_logger
+    from triage.store.db import StoreUnavailable
+
+    config = load_config(_config_path(args))
+    configure_logging(config.log.level, config.log.format)
+    try:
+        return Daemon(config).run()
+    except (StartupError, StoreUnavailable) as exc:
+        get_logger("triage.daemon").error("startup_failed", error=str(exc))
+        print(f"triage: {exc}", file=sys.stderr)
+        return 1
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args))
+    print(json.dumps(describe(config), indent=2))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from triage.testing.synth import main as synth_main
+
+    return synth_main(args.synth_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `triage` argument parser."""
+    parser = argparse.ArgumentParser(prog="triage", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"msk-triage {__version__}")
+    parser.add_argument("--config", "-c", help="TOML config file (default: $TRIAGE_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the daemon").set_defaults(func=_serve)
+    commands.add_parser(
+        "config", help="validate the configuration and print the effective values"
+    ).set_defaults(func=_show_config)
+    synth = commands.add_parser(
+        "synth", help="write synthetic studies (see `triage synth -- --help`)", add_help=False
+    )
+    synth.add_argument("synth_args", nargs=argparse.REMAINDER)
+    synth.set_defaults(func=_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `triage` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"triage: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The DICOM listener: C-ECHO and C-STORE, durable before it says success.
+
+Each association runs in its own pynetdicom thread. For each instance the thread validates the
+header, writes the file to the spool (temp, fsync, rename, fsync of the folder), records it in
+the store and only then answers. Pixels are never decoded here and nothing else slow runs here.
+Every failure becomes a DIMSE status with an ErrorComment; no exception reaches pynetdicom.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from triage.config import DicomConfig
+from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
+from triage.dicom.validation import Accepted, Rejected, check_instance
+from triage.logs import get_logger
+from triage.store.models import AssociationOutcome
+from triage.store.repository import InstanceMeta, Store
+from triage.store.spool import Spool, SpoolError
+
+log = get_logger("triage.listener")
+
+# A-ASSOCIATE-RJ diagnostics pynetdicom or we send (PS3.8 9.3.4), for the audit row.
+_REJECT_REASONS = {
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x03, 0x02): "local limit exceeded (maximum associations)",
+}
+
+
+class PeerPolicy:
+    """The calling-AE allow list: ``AE`` (from any host) or ``AE@host``. Empty allows anyone."""
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self._any_host: set[str] = set()
+        self._hosts: dict[str, set[str]] = {}
+        for entry in entries:
+            ae, _, host = entry.partition("@")
+            if host:
+                self._hosts.setdefault(ae.strip(), set()).update(_resolve(host))
+            else:
+                self._any_host.add(ae.strip())
+        self.open = not entries
+
+    def allows(self, calling_ae: str, host: str) -> bool:
+        """True if *calling_ae* may associate from *host*."""
+        if self.open:
+            return True
+        ae = calling_ae.strip()
+        return ae in self._any_host or host in self._hosts.get(ae, set())
+
+
+def _resolve(host: str) -> set[str]:
+    """The addresses of *host* (itself when it is an address or cannot be resolved now)."""
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
+    except OSError:
+        return {host}
+
+
+def make_tls_context(config: DicomConfig) -> ssl.SSLContext | None:
+    """The server TLS context, or ``None`` when TLS is off (TLS 1.2 or newer)."""
+    if not config.tls:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_ca:
+        context.load_verify_locations(config.tls_ca)
+    if config.tls_verify_client:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server plus SO_REUSEPORT, and the TLS handshake off the accept thread."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # pynetdicom wraps with the handshake in the accept loop: one slow or hostile client
+        # would stall every other peer. Wrap here, handshake in the connection's own thread.
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(self.ae.network_timeout)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("tls_handshake_failed", peer_host=client_address[0], error=str(exc))
+                self.shutdown_request(request)
+                return
+        super().finish_request(request, client_address)
+
+
+@dataclass
+class _AssociationTally:
+    """Counts for one association's audit row."""
+
+    record_id: int | None = None
+    stored: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    bytes_stored: int = 0
+    echoes: int = 0
+    reason: str = ""
+    studies: set[str] = field(default_factory=set)
+
+
+class Listener:
+    """A pynetdicom AE serving C-ECHO and C-STORE into a spool and a store."""
+
+    def __init__(
+        self,
+        config: DicomConfig,
+        store: Store,
+        spool: Spool,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.reuse_port = reuse_port
+        self.policy = PeerPolicy(config.allowed_peers)
+        self.storage_classes = frozenset(DEFAULT_STORAGE_CLASSES) | frozenset(
+            config.extra_sop_classes
+        )
+        self._server: _Server | None = None
+        self._tallies: dict[int, _AssociationTally] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_size
+        ae.network_timeout = self.config.network_timeout_s
+        ae.acse_timeout = self.config.acse_timeout_s
+        ae.dimse_timeout = self.config.dimse_timeout_s
+        ae.require_called_aet = self.config.require_called_ae
+        ae.add_supported_context(VERIFICATION)
+        for sop_class in sorted(self.storage_classes):
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when the config asked for port 0)."""
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve in a background thread. Raises OSError when the port is taken."""
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        _Server.reuse_port = self.reuse_port
+        server = self.ae.make_server(
+            (self.config.bind, self.config.port),
+            ae_title=self.config.ae_title,
+            ssl_context=make_tls_context(self.config),
+            evt_handlers=handlers,
+            server_class=_Server,
+        )
+        self._server = server
+        self.ae._servers.append(server)
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-accept"
+        )
+        thread.daemon = True
+        thread.start()
+
+    def active_associations(self) -> int:
+        """Associations in progress on this listener."""
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let associations in flight finish for *grace_s*, then abort them."""
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()  # stops the accept loop and closes the listening socket
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftovers = server.active_associations
+        for assoc in leftovers:
+            assoc.abort()
+        if leftovers:
+            log.warning("associations_aborted_at_shutdown", count=len(leftovers))
+        self._server = None
+
+    # --- association events -------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        host, port = assoc.requestor.address, assoc.requestor.port
+        tally = _AssociationTally()
+        with self._lock:
+            self._tallies[id(assoc)] = tally
+        try:
+            tally.record_id = self.store.open_association(
+                calling, called, host, port, self._server.ssl_context is not None, os.getpid()
+            )
+        except Exception as exc:
+            log.error("association_audit_failed", error=_one_line(exc))
+        if not self.policy.allows(calling, host):
+            tally.reason = "calling AE title not allowed from this host"
+            log.warning(
+                "association_rejected", calling_ae=calling, peer_host=host, reason=tally.reason
+            )
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        tally = self._tallies.get(id(event.assoc))
+        if tally:
+            tally.echoes += 1
+        return Status.SUCCESS
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        tally = self._tallies.get(id(event.assoc)) or _AssociationTally()
+        try:
+            status, reason = self._store(event, tally)
+        except Exception as exc:  # the listener must survive anything
+            log.exception("store_handler_error", error=_one_line(exc))
+            status, reason = Status.STORE_UNAVAILABLE, "internal error; retry later"
+        if status != Status.SUCCESS:
+            tally.failed += 1
+        response = Dataset()
+        response.Status = status
+        if reason:
+            response.ErrorComment = reason[:64]
+        return response
+
+    def _store(self, event: evt.Event, tally: _AssociationTally) -> tuple[int, str]:
+        request = event.request
+        context = event.context
+        dataset_stream = request.DataSet
+        meta = Dataset()
+        meta.MediaStorageSOPClassUID = request.AffectedSOPClassUID
+        meta.MediaStorageSOPInstanceUID = request.AffectedSOPInstanceUID
+        meta.TransferSyntaxUID = context.transfer_syntax
+        meta.ImplementationClassUID = self.ae.implementation_class_uid
+        meta.ImplementationVersionName = self.ae.implementation_version_name
+        header = _encode_file_header(meta)
+        body = dataset_stream.getbuffer()
+        encoded = header + body  # one copy: the parser needs contiguous bytes anyway
+        verdict = check_instance(
+            encoded,
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            self.storage_classes,
+        )
+        if isinstance(verdict, Rejected):
+            log.warning(
+                "instance_rejected",
+                status=f"0x{verdict.status:04X}",
+                reason=verdict.reason,
+                calling_ae=event.assoc.requestor.ae_title,
+            )
+            return verdict.status, verdict.reason
+        assert isinstance(verdict, Accepted)
+        bound = log.bind(study_uid=verdict.study_uid, sop_instance_uid=verdict.sop_instance_uid)
+        if self.store.instance_exists(verdict.sop_instance_uid):
+            tally.duplicate += 1
+            bound.debug("instance_duplicate")
+            return Status.SUCCESS, ""
+        if not self.spool.has_room():
+            bound.error("spool_below_free_space_floor", min_free_bytes=self.spool.min_free_bytes)
+            return Status.OUT_OF_RESOURCES, "spool below free-space floor"
+        relative = self.spool.relative_path(verdict.study_uid, verdict.sop_instance_uid)
+        try:
+            size = self.spool.write(relative, (encoded,))
+        except SpoolError as exc:
+            bound.error("spool_write_failed", error=str(exc))
+            return Status.OUT_OF_RESOURCES, "cannot write to the spool"
+        try:
+            result = self.store.record_instance(
+                InstanceMeta(
+                    study_uid=verdict.study_uid,
+                    series_uid=verdict.series_uid,
+                    sop_instance_uid=verdict.sop_instance_uid,
+                    sop_class_uid=verdict.sop_class_uid,
+                    transfer_syntax_uid=str(context.transfer_syntax),
+                    modality=verdict.modality,
+                    path=relative,
+                    size_bytes=size,
+                ),
+                tally.record_id,
+            )
+        except Exception as exc:
+            bound.error("store_record_failed", error=_one_line(exc))
+            return Status.STORE_UNAVAILABLE, "store unavailable; retry later"
+        if result.duplicate:
+            tally.duplicate += 1
+            return Status.SUCCESS, ""
+        tally.stored += 1
+        tally.bytes_stored += size
+        tally.studies.add(verdict.study_uid)
+        if result.study_change == "opened":
+            bound.info("study_opened", revision=result.revision)
+        elif result.study_change == "reopened":
+            bound.info("study_reopened", revision=result.revision)
+        bound.debug("instance_stored", size_bytes=size, revision=result.revision)
+        return Status.SUCCESS, ""
+
+    def _on_closed(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            tally = self._tallies.pop(id(assoc), None)
+        if tally is None:
+            return
+        if assoc.is_rejected:
+            outcome = AssociationOutcome.REJECTED
+            primitive = assoc.acceptor.primitive
+            if not tally.reason and primitive is not None:
+                key = (primitive.result_source, primitive.diagnostic)
+                tally.reason = _REJECT_REASONS.get(key, f"rejected {key}")
+        elif assoc.is_aborted:
+            outcome = AssociationOutcome.ABORTED
+        elif assoc.is_released:
+            outcome = AssociationOutcome.RELEASED
+        else:
+            outcome = AssociationOutcome.ABORTED
+            tally.reason = tally.reason or "connection closed without release"
+        log.info(
+            "association_ended",
+            calling_ae=assoc.requestor.ae_title,
+            peer_host=assoc.requestor.address,
+            outcome=outcome.value,
+            stored=tally.stored,
+            duplicate=tally.duplicate,
+            failed=tally.failed,
+            studies=len(tally.studies),
+            reason=tally.reason or None,
+        )
+        if tally.record_id is None:
+            return
+        try:
+            self.store.close_association(
+                tally.record_id,
+                outcome,
+                stored=tally.stored,
+                duplicate=tally.duplicate,
+                failed=tally.failed,
+                bytes_stored=tally.bytes_stored,
+                echoes=tally.echoes,
+                reason=tally.reason,
+            )
+        except Exception as exc:
+            log.error("association_audit_failed", error=_one_line(exc))
+
+
+def _encode_file_header(meta: Dataset) -> bytes:
+    from io import BytesIO
+
+    from pydicom.filebase import DicomFileLike
+
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(DicomFileLike(buffer), meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

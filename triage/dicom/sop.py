@@ -1,0 +1,75 @@
+"""The SOP classes and transfer syntaxes the listener accepts, and its DIMSE statuses."""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+VERIFICATION = "1.2.840.10008.1.1"
+
+#: Image storage classes accepted without configuration.
+DEFAULT_STORAGE_CLASSES: tuple[str, ...] = (
+    CR_IMAGE_STORAGE,
+    DX_FOR_PRESENTATION,
+    DX_FOR_PROCESSING,
+    SECONDARY_CAPTURE,
+)
+
+#: Uncompressed first (most peers propose it), then the common compressed syntaxes, all of
+#: which pydicom decodes with the pylibjpeg plugins.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+
+
+class Status:
+    """C-STORE response statuses (PS3.4 B.2.3) and the codes msk-triage uses within them."""
+
+    SUCCESS = 0x0000
+    #: Refused, out of resources: the spool is under its free-space floor or a write failed.
+    OUT_OF_RESOURCES = 0xA700
+    #: Refused, out of resources: the store could not record the instance; retry later.
+    STORE_UNAVAILABLE = 0xA701
+    #: Error: the data set does not match the SOP class (other class, or no image pixels).
+    DATASET_MISMATCH = 0xA900
+    #: Error: cannot understand — unreadable data set.
+    UNREADABLE = 0xC000
+    #: Error: cannot understand — a required UID is missing or malformed.
+    INVALID_UID = 0xC001
+    #: Error: cannot understand — the data set's SOP Instance UID differs from the request's.
+    INSTANCE_MISMATCH = 0xC002

@@ -1,0 +1,91 @@
+"""Checks on a received data set, made before it is written: cheap, header only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from triage.dicom.sop import Status
+from triage.uids import is_valid_uid
+
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: Attributes of the Image Pixel module every image storage IOD requires.
+_IMAGE_PIXEL = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A data set that passed the checks, with what the store records about it."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A data set that failed a check: the DIMSE status and a reason for the peer and the log."""
+
+    status: int
+    reason: str
+
+
+def read_header(encoded_file: bytes) -> Dataset:
+    """Parse a Part 10 byte string without loading large values (pixel data stays deferred)."""
+    return dcmread(BytesIO(encoded_file), defer_size=4096)
+
+
+def check_instance(
+    encoded_file: bytes,
+    affected_sop_class: str,
+    affected_sop_instance: str,
+    image_classes: frozenset[str],
+) -> Accepted | Rejected:
+    """Validate a received instance (a complete Part 10 byte string).
+
+    Rejects (with the status a PACS expects) an unreadable data set (0xC000), a missing or
+    malformed UID (0xC001), a SOP Instance UID other than the request's (0xC002), and a data set
+    that does not match its SOP class: another class, or an image class without pixels (0xA900).
+    """
+    try:
+        dataset = read_header(encoded_file)
+        values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality")}
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        return Rejected(Status.UNREADABLE, f"unreadable data set: {type(exc).__name__}")
+    bad = [key for key in _REQUIRED_UIDS if not is_valid_uid(_text(values[key]))]
+    if bad:
+        return Rejected(Status.INVALID_UID, "missing or invalid " + ", ".join(bad))
+    sop_class = _text(values["SOPClassUID"])
+    sop_instance = _text(values["SOPInstanceUID"])
+    if sop_class != affected_sop_class:
+        return Rejected(Status.DATASET_MISMATCH, "SOP Class UID differs from the request")
+    if sop_instance != affected_sop_instance:
+        return Rejected(Status.INSTANCE_MISMATCH, "SOP Instance UID differs from the request")
+    if sop_class in image_classes:
+        try:
+            missing = [key for key in _IMAGE_PIXEL if dataset.get(key) in (None, "")]
+            has_pixels = any(tag in dataset for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+        except Exception as exc:
+            return Rejected(Status.UNREADABLE, f"unreadable image module: {type(exc).__name__}")
+        if missing or not has_pixels:
+            what = ", ".join(missing + ([] if has_pixels else ["PixelData"]))
+            return Rejected(Status.DATASET_MISMATCH, f"image SOP class without {what}")
+    modality = _text(values["Modality"]) or None
+    return Accepted(
+        study_uid=_text(values["StudyInstanceUID"]),
+        series_uid=_text(values["SeriesInstanceUID"]),
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        modality=modality[:16] if modality else None,
+    )
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    return str(value).strip().rstrip("\x00")

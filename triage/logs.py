@@ -1,0 +1,95 @@
+"""Structured logging: JSON lines for machines, readable lines on a terminal, never PHI.
+
+Events about a study carry ``study_uid``. Patient identity never reaches a log line: the code
+does not log datasets, and :func:`drop_phi` removes any field that looks like patient identity
+as a second line of defence (e.g. a future ``log.info(..., patient_name=...)`` by mistake).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+#: Field names (lower-cased, underscores removed) that must never be logged.
+_PHI_KEYS = frozenset(
+    {
+        "patientname",
+        "patientid",
+        "patientbirthdate",
+        "patientsname",
+        "patientsbirthdate",
+        "otherpatientids",
+        "otherpatientnames",
+        "patientaddress",
+        "accessionnumber",
+        "issuerofpatientid",
+    }
+)
+
+
+def drop_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: drop patient-identity fields and never render a whole dataset."""
+    for key in list(event_dict):
+        if key.replace("_", "").lower() in _PHI_KEYS:
+            event_dict[key] = "[redacted]"
+            continue
+        value = event_dict[key]
+        if type(value).__name__ in {"Dataset", "FileDataset"}:
+            event_dict[key] = "[dataset]"
+    return event_dict
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        drop_phi,
+    ]
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Route structlog and the standard library (pynetdicom, APScheduler, Alembic) to *stream*.
+
+    *fmt* ``auto`` writes JSON lines unless the stream is a terminal.
+    """
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    shared = _shared_processors()
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom logs PDUs and, at debug level, whole datasets (PHI): keep it to warnings.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structured logger for one component (``triage.listener`` …)."""
+    return structlog.get_logger(name)

@@ -1,0 +1,156 @@
+"""SQLAlchemy models: the single source of truth for study state.
+
+Times are naive UTC (``utcnow()``), the same on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """The current time as naive UTC, the form every timestamp column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    """Where a study is in its life (see DESIGN.md, "Study states")."""
+
+    RECEIVING = "RECEIVING"
+    QUEUED = "QUEUED"
+    SCORING = "SCORING"
+    DELIVERING = "DELIVERING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+    CANCELLED = "CANCELLED"
+
+
+#: States a late instance re-opens as a new revision (back to RECEIVING).
+REOPENED_BY_LATE_INSTANCE = frozenset(
+    {
+        StudyState.QUEUED,
+        StudyState.SCORING,
+        StudyState.DELIVERING,
+        StudyState.DONE,
+        StudyState.FAILED,
+        StudyState.SKIPPED,
+    }
+)
+
+_state_type = Enum(
+    StudyState,
+    native_enum=False,
+    length=16,
+    validate_strings=True,
+    values_callable=lambda states: [s.value for s in states],
+)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class Study(Base):
+    """One StudyInstanceUID and its current state."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[StudyState] = mapped_column(_state_type, index=True)
+    #: Incremented each time a late instance re-opens a study that was already complete.
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+    events: Mapped[list[StudyEvent]] = relationship(
+        back_populates="study", order_by="StudyEvent.id"
+    )
+
+
+class Instance(Base):
+    """One received SOP instance and where its file is in the spool."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    #: Path relative to the spool root, so every host that mounts the spool can read it.
+    path: Mapped[str] = mapped_column(String(160))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: The study revision this instance arrived in.
+    revision: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    association_id: Mapped[int | None] = mapped_column(
+        ForeignKey("associations.id", ondelete="SET NULL"), index=True
+    )
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class StudyEvent(Base):
+    """One state change of a study (its history)."""
+
+    __tablename__ = "study_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    from_state: Mapped[StudyState | None] = mapped_column(_state_type)
+    to_state: Mapped[StudyState] = mapped_column(_state_type)
+    revision: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+    study: Mapped[Study] = relationship(back_populates="events")
+
+
+class AssociationOutcome(enum.StrEnum):
+    """How an association ended."""
+
+    ACTIVE = "ACTIVE"
+    RELEASED = "RELEASED"
+    ABORTED = "ABORTED"
+    REJECTED = "REJECTED"
+
+
+class AssociationRecord(Base):
+    """Audit row for one incoming association: who, from where, what, and how it ended."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(default=False)
+    listener_pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_duplicate: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    echoes: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[AssociationOutcome] = mapped_column(
+        Enum(
+            AssociationOutcome,
+            native_enum=False,
+            length=16,
+            values_callable=lambda values: [v.value for v in values],
+        )
+    )
+    reason: Mapped[str] = mapped_column(Text, default="")

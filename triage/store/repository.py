@@ -1,0 +1,339 @@
+"""Store operations: each method is one transaction, safe from many threads and processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage.store.models import (
+    REOPENED_BY_LATE_INSTANCE,
+    AssociationOutcome,
+    AssociationRecord,
+    Instance,
+    Study,
+    StudyEvent,
+    StudyState,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the listener knows about a received instance (no patient identity)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """The outcome of :meth:`Store.record_instance`."""
+
+    duplicate: bool
+    study_uid: str
+    revision: int
+    #: ``"opened"``, ``"reopened"`` (a late instance started a new revision), or ``""``.
+    study_change: str = ""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One study state change that a job made."""
+
+    study_uid: str
+    revision: int
+    from_state: StudyState
+    to_state: StudyState
+
+
+class Store:
+    """The study store on one engine (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._postgres = engine.dialect.name == "postgresql"
+
+    def session(self) -> Session:
+        """A new session (callers use ``with store.session() as s, s.begin(): …``)."""
+        return self._sessions()
+
+    def _transaction(self, work: Callable[[Session], T], retries: int = 3) -> T:
+        """Run *work* in one transaction, retrying when a concurrent writer wins a race."""
+        for attempt in range(retries):
+            with self._sessions() as session:
+                try:
+                    with session.begin():
+                        return work(session)
+                except IntegrityError:
+                    if attempt == retries - 1:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _lock(self, statement):  # type: ignore[no-untyped-def]
+        # SQLite has BEGIN IMMEDIATE (one writer at a time); PostgreSQL needs row locks.
+        return statement.with_for_update() if self._postgres else statement
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def instance_exists(self, sop_instance_uid: str) -> bool:
+        """True if this SOP instance is already stored (duplicates are idempotent)."""
+        with self._sessions() as session:
+            found = session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+            return found is not None
+
+    def record_instance(self, meta: InstanceMeta, association_id: int | None) -> RecordResult:
+        """Record a spooled instance and move its study as DESIGN.md says.
+
+        A new study starts RECEIVING at revision 1; an instance for a study past RECEIVING
+        (queued, scored, delivered, failed or skipped) opens revision n+1 and returns it to
+        RECEIVING; a cancelled study keeps the instance but stays cancelled.
+        """
+
+        def work(session: Session) -> RecordResult:
+            existing = session.scalar(
+                select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+            )
+            if existing is not None:
+                study = session.get(Study, existing.study_id)
+                assert study is not None
+                return RecordResult(True, study.study_uid, study.revision)
+            now = utcnow()
+            study = session.scalar(
+                self._lock(select(Study).where(Study.study_uid == meta.study_uid))
+            )
+            change = ""
+            if study is None:
+                study = Study(
+                    study_uid=meta.study_uid,
+                    state=StudyState.RECEIVING,
+                    revision=1,
+                    created_at=now,
+                    state_changed_at=now,
+                    last_instance_at=now,
+                )
+                session.add(study)
+                session.flush()
+                _add_event(session, study, None, "first instance received", now)
+                change = "opened"
+            elif study.state in REOPENED_BY_LATE_INSTANCE:
+                previous = study.state
+                study.revision += 1
+                study.state = StudyState.RECEIVING
+                study.state_changed_at = now
+                _add_event(session, study, previous, "late instance: new revision", now)
+                change = "reopened"
+            study.last_instance_at = now
+            session.add(
+                Instance(
+                    study_id=study.id,
+                    sop_instance_uid=meta.sop_instance_uid,
+                    sop_class_uid=meta.sop_class_uid,
+                    series_uid=meta.series_uid,
+                    transfer_syntax_uid=meta.transfer_syntax_uid,
+                    modality=meta.modality,
+                    path=meta.path,
+                    size_bytes=meta.size_bytes,
+                    revision=study.revision,
+                    received_at=now,
+                    association_id=association_id,
+                )
+            )
+            session.flush()
+            return RecordResult(False, study.study_uid, study.revision, change)
+
+        return self._transaction(work)
+
+    # --- study completion ---------------------------------------------------------------
+
+    def queue_quiet_studies(
+        self, quiet_period_s: float, now: datetime | None = None
+    ) -> list[Transition]:
+        """Move every RECEIVING study with no instance for *quiet_period_s* to QUEUED."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=quiet_period_s)
+
+        def work(session: Session) -> list[Transition]:
+            statement = select(Study).where(
+                Study.state == StudyState.RECEIVING, Study.last_instance_at <= cutoff
+            )
+            if self._postgres:
+                statement = statement.with_for_update(skip_locked=True)
+            moved = []
+            for study in session.scalars(statement):
+                moved.append(
+                    self._move(session, study, StudyState.QUEUED, "quiet period over", now)
+                )
+            return moved
+
+        return self._transaction(work)
+
+    def _move(
+        self, session: Session, study: Study, to_state: StudyState, reason: str, now: datetime
+    ) -> Transition:
+        previous = study.state
+        study.state = to_state
+        study.state_changed_at = now
+        _add_event(session, study, previous, reason, now)
+        return Transition(study.study_uid, study.revision, previous, to_state)
+
+    # --- associations (audit) -----------------------------------------------------------
+
+    def open_association(
+        self,
+        calling_ae: str,
+        called_ae: str,
+        peer_host: str,
+        peer_port: int,
+        tls: bool,
+        listener_pid: int,
+    ) -> int:
+        """Insert the audit row of a new association; returns its id."""
+
+        def work(session: Session) -> int:
+            record = AssociationRecord(
+                calling_ae=calling_ae[:16],
+                called_ae=called_ae[:16],
+                peer_host=peer_host[:64],
+                peer_port=peer_port,
+                tls=tls,
+                listener_pid=listener_pid,
+                started_at=utcnow(),
+                outcome=AssociationOutcome.ACTIVE,
+                instances_stored=0,
+                instances_duplicate=0,
+                instances_failed=0,
+                bytes_stored=0,
+                echoes=0,
+                reason="",
+            )
+            session.add(record)
+            session.flush()
+            return record.id
+
+        return self._transaction(work)
+
+    def close_association(
+        self,
+        association_id: int,
+        outcome: AssociationOutcome,
+        *,
+        stored: int = 0,
+        duplicate: int = 0,
+        failed: int = 0,
+        bytes_stored: int = 0,
+        echoes: int = 0,
+        reason: str = "",
+    ) -> None:
+        """Complete the audit row when the association ends."""
+
+        def work(session: Session) -> None:
+            record = session.get(AssociationRecord, association_id)
+            if record is None:
+                return
+            record.ended_at = utcnow()
+            record.outcome = outcome
+            record.instances_stored = stored
+            record.instances_duplicate = duplicate
+            record.instances_failed = failed
+            record.bytes_stored = bytes_stored
+            record.echoes = echoes
+            record.reason = reason
+
+        self._transaction(work)
+
+    def close_abandoned_associations(self, listener_pids: set[int] | None = None) -> int:
+        """Mark ACTIVE audit rows left by a crashed process as ABORTED; returns how many."""
+
+        def work(session: Session) -> int:
+            statement = select(AssociationRecord).where(
+                AssociationRecord.outcome == AssociationOutcome.ACTIVE
+            )
+            if listener_pids is not None:
+                statement = statement.where(AssociationRecord.listener_pid.in_(listener_pids))
+            count = 0
+            for record in session.scalars(statement):
+                record.outcome = AssociationOutcome.ABORTED
+                record.ended_at = utcnow()
+                record.reason = "listener stopped before the association ended"
+                count += 1
+            return count
+
+        return self._transaction(work)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def get_study(self, study_uid: str) -> Study | None:
+        """The study row, or ``None``."""
+        with self._sessions() as session:
+            return session.scalar(select(Study).where(Study.study_uid == study_uid))
+
+    def study_instances(self, study_uid: str) -> list[Instance]:
+        """The instances of a study, oldest first."""
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Instance)
+                    .join(Study)
+                    .where(Study.study_uid == study_uid)
+                    .order_by(Instance.id)
+                )
+            )
+
+    def study_history(self, study_uid: str) -> list[StudyEvent]:
+        """The state changes of a study, oldest first."""
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(StudyEvent)
+                    .join(Study)
+                    .where(Study.study_uid == study_uid)
+                    .order_by(StudyEvent.id)
+                )
+            )
+
+    def counts_by_state(self) -> dict[StudyState, int]:
+        """How many studies are in each state."""
+        with self._sessions() as session:
+            rows = session.execute(select(Study.state, func.count()).group_by(Study.state))
+            return {state: count for state, count in rows}
+
+    def associations(self, limit: int = 100) -> list[AssociationRecord]:
+        """The newest association audit rows."""
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(AssociationRecord).order_by(AssociationRecord.id.desc()).limit(limit)
+                )
+            )
+
+
+def _add_event(
+    session: Session, study: Study, previous: StudyState | None, reason: str, now: datetime
+) -> None:
+    session.add(
+        StudyEvent(
+            study_id=study.id,
+            at=now,
+            from_state=previous,
+            to_state=study.state,
+            revision=study.revision,
+            reason=reason,
+        )
+    )

@@ -1,0 +1,106 @@
+"""The spool: received files, written atomically and durably before they are acknowledged."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from triage.uids import is_valid_uid
+
+
+class SpoolError(OSError):
+    """A file could not be written to the spool."""
+
+
+class Spool:
+    """Files under one root: ``<study UID>/<SOP instance UID>.dcm``, temp files in ``tmp/``."""
+
+    def __init__(self, root: str | os.PathLike[str], min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self._tmp = self.root / "tmp"
+
+    def prepare(self) -> int:
+        """Create the folders and remove temp files a crash left behind; returns how many."""
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
+        return removed
+
+    def free_bytes(self) -> int:
+        """Free space available to this process on the spool's filesystem."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def has_room(self) -> bool:
+        """False while free space is under the configured floor."""
+        return self.free_bytes() >= self.min_free_bytes
+
+    @staticmethod
+    def relative_path(study_uid: str, sop_instance_uid: str) -> str:
+        """Where an instance lives, relative to the root. Only valid UIDs ever become paths."""
+        if not (is_valid_uid(study_uid) and is_valid_uid(sop_instance_uid)):
+            raise ValueError("refusing to build a spool path from an invalid UID")
+        return f"{study_uid}/{sop_instance_uid}.dcm"
+
+    def path(self, relative: str) -> Path:
+        """The absolute path of a spooled file."""
+        return self.root / relative
+
+    def write(self, relative: str, chunks: Iterable[bytes | memoryview]) -> int:
+        """Write *chunks* to *relative* atomically and durably; returns the size in bytes.
+
+        Temp file, fsync, rename over the final name, fsync of the folder (and of the root
+        when the study folder is new): once this returns, the file survives a crash or a
+        power cut, and a reader never sees a partial file.
+        """
+        final = self.root / relative
+        temp = self._tmp / f"{uuid.uuid4().hex}.part"
+        size = 0
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folder = final.parent
+            try:
+                folder.mkdir()
+                _fsync_dir(self.root)
+            except FileExistsError:
+                pass
+            os.replace(temp, final)
+            _fsync_dir(folder)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
+        return size
+
+    def remove(self, relative: str) -> None:
+        """Delete a spooled file (and its study folder when it becomes empty)."""
+        path = self.root / relative
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
