@@ -1,0 +1,60 @@
+"""What scoring produces, shared by the worker, the store and the SR/SC builders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from triage.study_types import StudyType
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model that produced a result (from its model card)."""
+
+    name: str
+    version: str
+    validated: bool
+    #: Operating point: a study is abnormal if its probability is > threshold.
+    threshold: float = 0.5
+    manufacturer: str = "msk-triage"
+
+
+@dataclass(frozen=True)
+class ViewResult:
+    """One scored view (a source image)."""
+
+    sop_instance_uid: str
+    probability: float
+    #: Class activation map on the model's feature grid (e.g. 7×7 for 224² input), float32,
+    #: in logit units: its spatial mean plus the classifier bias is the view's logit.
+    cam: np.ndarray
+    #: How the pixels were interpreted when that was a choice ("first of 3 frames", …).
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SkippedView:
+    """A view that was not scored, with the reason (undecodable, not a radiograph …)."""
+
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """One scored study revision: mean of the view probabilities vs the card's threshold."""
+
+    study_uid: str
+    revision: int
+    study_type: StudyType
+    probability: float
+    threshold: float
+    views: tuple[ViewResult, ...]
+    skipped_views: tuple[SkippedView, ...] = field(default=())
+
+    @property
+    def abnormal(self) -> bool:
+        """The finding: abnormal when the study probability is above the threshold."""
+        return self.probability > self.threshold
