@@ -94,6 +94,8 @@ class DicomConfig:
             _fail("dicom", "max_pdu_size", f"must be 4096..4194304 (got {self.max_pdu_size})")
         if not 1 <= self.listener_processes <= 64:
             _fail("dicom", "listener_processes", f"must be 1..64 (got {self.listener_processes})")
+        if self.listener_processes > 1 and self.port == 0:
+            _fail("dicom", "listener_processes", "several processes need a fixed port, not 0")
         from triage.uids import is_valid_uid
 
         for uid in self.extra_sop_classes:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, evt
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import DicomConfig
@@ -172,7 +173,15 @@ class Listener:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        """Bind and serve in a background thread. Raises OSError when the port is taken."""
+        """Bind and serve in a background thread. Raises OSError when the port is taken.
+
+        The listener owns its process: it switches pynetdicom to writing each received data
+        set straight to a file as its fragments arrive (no 10 MB buffers, the disk write
+        overlaps the transfer) and points the process's temp folder at the spool's, so an
+        accepted file only needs fsync and a link to become durable.
+        """
+        _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.temp_dir)
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -263,19 +272,11 @@ class Listener:
 
     def _store(self, event: evt.Event, tally: _AssociationTally) -> tuple[int, str]:
         request = event.request
-        context = event.context
-        dataset_stream = request.DataSet
-        meta = Dataset()
-        meta.MediaStorageSOPClassUID = request.AffectedSOPClassUID
-        meta.MediaStorageSOPInstanceUID = request.AffectedSOPInstanceUID
-        meta.TransferSyntaxUID = context.transfer_syntax
-        meta.ImplementationClassUID = self.ae.implementation_class_uid
-        meta.ImplementationVersionName = self.ae.implementation_version_name
-        header = _encode_file_header(meta)
-        body = dataset_stream.getbuffer()
-        encoded = header + body  # one copy: the parser needs contiguous bytes anyway
+        # pynetdicom wrote the data set, as it arrived, to a Part 10 file in the spool's temp
+        # folder (see start()); it deletes that name after we answer.
+        received = event.dataset_path
         verdict = check_instance(
-            encoded,
+            received,
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
             self.storage_classes,
@@ -299,7 +300,7 @@ class Listener:
             return Status.OUT_OF_RESOURCES, "spool below free-space floor"
         relative = self.spool.relative_path(verdict.study_uid, verdict.sop_instance_uid)
         try:
-            size = self.spool.write(relative, (encoded,))
+            size = self.spool.adopt(received, relative)
         except SpoolError as exc:
             bound.error("spool_write_failed", error=str(exc))
             return Status.OUT_OF_RESOURCES, "cannot write to the spool"
@@ -310,7 +311,7 @@ class Listener:
                     series_uid=verdict.series_uid,
                     sop_instance_uid=verdict.sop_instance_uid,
                     sop_class_uid=verdict.sop_class_uid,
-                    transfer_syntax_uid=str(context.transfer_syntax),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
                     modality=verdict.modality,
                     path=relative,
                     size_bytes=size,
@@ -378,17 +379,6 @@ class Listener:
             )
         except Exception as exc:
             log.error("association_audit_failed", error=_one_line(exc))
-
-
-def _encode_file_header(meta: Dataset) -> bytes:
-    from io import BytesIO
-
-    from pydicom.filebase import DicomFileLike
-
-    buffer = BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(DicomFileLike(buffer), meta, enforce_standard=True)
-    return buffer.getvalue()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -35,25 +36,27 @@ class Rejected:
     reason: str
 
 
-def read_header(encoded_file: bytes) -> Dataset:
-    """Parse a Part 10 byte string without loading large values (pixel data stays deferred)."""
-    return dcmread(BytesIO(encoded_file), defer_size=4096)
+def read_header(source: str | os.PathLike[str] | bytes) -> Dataset:
+    """Parse a Part 10 file (path or bytes) without loading large values such as pixel data."""
+    if isinstance(source, bytes):
+        return dcmread(BytesIO(source), defer_size=4096)
+    return dcmread(source, defer_size=4096)
 
 
 def check_instance(
-    encoded_file: bytes,
+    source: str | os.PathLike[str] | bytes,
     affected_sop_class: str,
     affected_sop_instance: str,
     image_classes: frozenset[str],
 ) -> Accepted | Rejected:
-    """Validate a received instance (a complete Part 10 byte string).
+    """Validate a received instance (a Part 10 file, as a path or bytes).
 
     Rejects (with the status a PACS expects) an unreadable data set (0xC000), a missing or
     malformed UID (0xC001), a SOP Instance UID other than the request's (0xC002), and a data set
     that does not match its SOP class: another class, or an image class without pixels (0xA900).
     """
     try:
-        dataset = read_header(encoded_file)
+        dataset = read_header(source)
         values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality")}
     except Exception as exc:  # pydicom raises many types on corrupt input
         return Rejected(Status.UNREADABLE, f"unreadable data set: {type(exc).__name__}")

@@ -89,6 +89,39 @@ class Spool:
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
         return size
 
+    @property
+    def temp_dir(self) -> Path:
+        """Where files are written before they are adopted (same filesystem as the spool)."""
+        return self._tmp
+
+    def adopt(self, temp_path: str | os.PathLike[str], relative: str) -> int:
+        """Make a fully written file under :attr:`temp_dir` durable at *relative*; returns size.
+
+        fsync of the file, a hard link to the final name (the caller's temp name stays valid
+        for whoever cleans it up), fsync of the folder. If the final name already exists it
+        holds the same SOP instance, written and synced by an earlier attempt: it is kept.
+        """
+        final = self.root / relative
+        try:
+            fd = os.open(temp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            folder = final.parent
+            try:
+                folder.mkdir()
+                _fsync_dir(self.root)
+            except FileExistsError:
+                pass
+            with contextlib.suppress(FileExistsError):
+                os.link(temp_path, final)
+            _fsync_dir(folder)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
+        return size
+
     def remove(self, relative: str) -> None:
         """Delete a spooled file (and its study folder when it becomes empty)."""
         path = self.root / relative

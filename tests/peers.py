@@ -1,0 +1,241 @@
+"""Real peers for tests: the daemon as a process, DCMTK clients, free ports on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's DCMTK leaves Nagle on (FACTS.md)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """Render a Python value as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write a TOML config; list values of table arrays (``destinations``) become [[…]]."""
+    lines: list[str] = []
+    for name, body in sections.items():
+        if isinstance(body, list):
+            for entry in body:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+            continue
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+    tomllib.loads(path.read_text())  # fail here, not in the daemon, on a harness mistake
+    return path
+
+
+@dataclass
+class Daemon:
+    """`triage serve` in a child process with its own config, folder and log file."""
+
+    workdir: Path
+    sections: dict[str, dict[str, Any]]
+    command: str = "serve"
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        dicom = self.sections.setdefault("dicom", {})
+        dicom.setdefault("bind", "127.0.0.1")
+        dicom.setdefault("port", free_port())
+        store = self.sections.setdefault("store", {})
+        store.setdefault("url", f"sqlite:///{self.workdir / 'triage.db'}")
+        store.setdefault("spool_dir", str(self.workdir / "spool"))
+        store.setdefault("min_free_mb", 1)
+        self.sections.setdefault("log", {}).setdefault("level", "debug")
+        self.config_path = write_config(self.workdir / "triage.toml", self.sections)
+
+    @property
+    def port(self) -> int:
+        return int(self.sections["dicom"]["port"])
+
+    @property
+    def ae_title(self) -> str:
+        return str(self.sections["dicom"].get("ae_title", "TRIAGE"))
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "daemon.log"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> Daemon:
+        """Start the process; with *wait*, return once it logged ``ready``."""
+        self.starts += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+        env.update(self.env)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log.write(f"--- start {self.starts} ---\n".encode())
+        log.flush()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "triage", "--config", str(self.config_path), self.command],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        if wait:
+            self.wait_for_log('"event": "ready"', timeout, occurrence=self.starts)
+        return self
+
+    def wait_for_log(self, needle: str, timeout: float = 30.0, occurrence: int = 1) -> None:
+        """Wait until the log holds *needle* at least *occurrence* times."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_text().count(needle) >= occurrence:
+                return
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
+                )
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {needle!r}:\n{self.log_text()[-4000:]}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and every process in its session (listener children)."""
+        if self.process is None:
+            return
+        children = _children_of(self.process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def store(self):  # type: ignore[no-untyped-def]
+        """A Store on the daemon's database, for assertions."""
+        from triage.store.db import make_engine
+        from triage.store.repository import Store
+
+        return Store(make_engine(self.sections["store"]["url"]))
+
+
+def _children_of(pid: int) -> list[int]:
+    result = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in result.stdout.split()]
+
+
+@dataclass
+class StoreRun:
+    """What DCMTK storescu did."""
+
+    returncode: int
+    output: str
+
+    @property
+    def acknowledged(self) -> int:
+        """Instances the peer acknowledged with success."""
+        return self.output.count("Received Store Response (Success)")
+
+    @property
+    def failure_statuses(self) -> list[str]:
+        """The status codes of failed store responses (e.g. ``0xa700``)."""
+        return re.findall(r"Received Store Response \((?!Success)[^)]*?(0x[0-9a-fA-F]{4})", self.output)
+
+
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    calling: str = "STORESCU",
+    called: str = "TRIAGE",
+    extra: list[str] | None = None,
+    timeout: float = 120.0,
+) -> StoreRun:
+    """Send *files* with DCMTK storescu over one association."""
+    args = ["storescu", "-v", "-aet", calling, "-aec", called, *(extra or [])]
+    args += ["127.0.0.1", str(port), *map(str, files)]
+    result = subprocess.run(
+        args, capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout, check=False
+    )
+    return StoreRun(result.returncode, result.stdout + result.stderr)
+
+
+def storescu_background(
+    port: int, files: list[Path], log: Path, *, calling: str = "STORESCU", called: str = "TRIAGE"
+) -> subprocess.Popen[bytes]:
+    """Start storescu without waiting; its verbose output goes to *log*."""
+    handle = open(log, "wb")  # noqa: SIM115 - handed to the child
+    args = ["storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+    process = subprocess.Popen(
+        [*args, *map(str, files)], stdout=handle, stderr=subprocess.STDOUT, env=DCMTK_ENV
+    )
+    handle.close()
+    return process
+
+
+def echoscu(
+    port: int, *, calling: str = "ECHOSCU", called: str = "TRIAGE", extra: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One C-ECHO with DCMTK echoscu."""
+    return subprocess.run(
+        ["echoscu", "-v", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=60,
+        check=False,
+    )
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "") -> Any:  # type: ignore[no-untyped-def]
+    """Poll *predicate* until it returns something truthy; fail after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s: {message}")
+        time.sleep(interval)

@@ -1,0 +1,165 @@
+"""The store suite, on SQLite and on the PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from triage.store.db import current_revision, head_revision, make_engine, upgrade_schema
+from triage.store.models import AssociationOutcome, Base, StudyState, utcnow
+from triage.store.repository import InstanceMeta, Store
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+def meta(sop: str, study: str = STUDY) -> InstanceMeta:
+    return InstanceMeta(
+        study_uid=study,
+        series_uid=study + ".1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="CR",
+        path=f"{study}/{sop}.dcm",
+        size_bytes=1000,
+    )
+
+
+@pytest.fixture
+def store(store_url: str) -> Store:
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def test_upgrade_from_empty_reaches_head_and_matches_models(store_url: str) -> None:
+    engine = make_engine(store_url)
+    assert current_revision(engine) is None
+    assert upgrade_schema(engine) == head_revision()
+    assert upgrade_schema(engine) == head_revision()  # idempotent
+    tables = set(inspect(engine).get_table_names())
+    assert {"studies", "instances", "study_events", "associations"} <= tables
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    # The migrations create exactly what the models declare (types compared loosely).
+    assert [d for d in diff if d[0] not in ("modify_type",)] == []
+    engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'wal.db'}")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    engine.dispose()
+
+
+def test_first_instance_opens_study_and_duplicates_are_idempotent(store: Store) -> None:
+    first = store.record_instance(meta("1.2.3.1"), None)
+    assert (first.duplicate, first.revision, first.study_change) == (False, 1, "opened")
+    second = store.record_instance(meta("1.2.3.2"), None)
+    assert (second.duplicate, second.study_change) == (False, "")
+    again = store.record_instance(meta("1.2.3.1"), None)
+    assert again.duplicate and again.revision == 1
+    assert store.instance_exists("1.2.3.1")
+    assert len(store.study_instances(STUDY)) == 2
+    study = store.get_study(STUDY)
+    assert study is not None and study.state is StudyState.RECEIVING
+
+
+def test_quiet_period_queues_then_late_instance_opens_revision_2(store: Store) -> None:
+    store.record_instance(meta("1.2.3.1"), None)
+    assert store.queue_quiet_studies(10.0) == []  # not quiet yet
+    moved = store.queue_quiet_studies(10.0, now=utcnow() + timedelta(seconds=11))
+    assert [(m.study_uid, m.to_state) for m in moved] == [(STUDY, StudyState.QUEUED)]
+    late = store.record_instance(meta("1.2.3.9"), None)
+    assert (late.revision, late.study_change) == (2, "reopened")
+    study = store.get_study(STUDY)
+    assert study.state is StudyState.RECEIVING and study.revision == 2
+    # A duplicate of an old instance does not reopen anything.
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    assert store.record_instance(meta("1.2.3.1"), None).duplicate
+    assert store.get_study(STUDY).state is StudyState.QUEUED
+    history = [(e.from_state, e.to_state, e.revision) for e in store.study_history(STUDY)]
+    assert history == [
+        (None, StudyState.RECEIVING, 1),
+        (StudyState.RECEIVING, StudyState.QUEUED, 1),
+        (StudyState.QUEUED, StudyState.RECEIVING, 2),
+        (StudyState.RECEIVING, StudyState.QUEUED, 2),
+    ]
+    instances = store.study_instances(STUDY)
+    assert [i.revision for i in instances] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "state", [StudyState.SCORING, StudyState.DONE, StudyState.FAILED, StudyState.SKIPPED]
+)
+def test_late_instance_reopens_every_completed_state(store: Store, state: StudyState) -> None:
+    store.record_instance(meta("1.2.3.1"), None)
+    with store.session() as session, session.begin():
+        from sqlalchemy import update
+
+        from triage.store.models import Study
+
+        session.execute(update(Study).values(state=state))
+    result = store.record_instance(meta("1.2.3.2"), None)
+    assert result.revision == 2
+    assert store.get_study(STUDY).state is StudyState.RECEIVING
+
+
+def test_cancelled_study_keeps_instances_but_stays_cancelled(store: Store) -> None:
+    store.record_instance(meta("1.2.3.1"), None)
+    with store.session() as session, session.begin():
+        from sqlalchemy import update
+
+        from triage.store.models import Study
+
+        session.execute(update(Study).values(state=StudyState.CANCELLED))
+    result = store.record_instance(meta("1.2.3.2"), None)
+    assert not result.duplicate and result.revision == 1
+    assert store.get_study(STUDY).state is StudyState.CANCELLED
+    assert len(store.study_instances(STUDY)) == 2
+
+
+def test_concurrent_writers_race_on_one_study(store: Store) -> None:
+    """Eight threads store the same 40 instances of one study at once: one study, 40 rows."""
+    sops = [f"1.2.3.{n}" for n in range(40)]
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            for sop in sops:
+                store.record_instance(meta(sop), None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(store.study_instances(STUDY)) == 40
+    assert store.counts_by_state() == {StudyState.RECEIVING: 1}
+    assert len(store.study_history(STUDY)) == 1
+
+
+def test_association_audit_rows(store: Store) -> None:
+    record = store.open_association("PACS", "TRIAGE", "127.0.0.1", 40000, False, 123)
+    store.record_instance(meta("1.2.3.1"), record)
+    store.close_association(
+        record, AssociationOutcome.RELEASED, stored=1, duplicate=2, bytes_stored=1000, echoes=1
+    )
+    other = store.open_association("PACS", "TRIAGE", "127.0.0.1", 40001, True, 456)
+    assert store.close_abandoned_associations({456}) == 1
+    rows = {row.id: row for row in store.associations()}
+    assert rows[record].outcome is AssociationOutcome.RELEASED
+    assert (rows[record].instances_stored, rows[record].instances_duplicate) == (1, 2)
+    assert rows[other].outcome is AssociationOutcome.ABORTED and rows[other].tls
+    assert store.study_instances(STUDY)[0].association_id == record

@@ -1,0 +1,138 @@
+"""Listener processes: each runs one :class:`Listener`; the daemon supervises them.
+
+The listener always runs in its own process(es): ingest never competes with scoring for the
+GIL, the process never imports torch, and its temp folder can be the spool's. With more than
+one process they share the port with SO_REUSEPORT and the kernel spreads associations.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from types import FrameType
+
+from triage.config import Config
+from triage.logs import configure_logging, get_logger
+
+log = get_logger("triage.listener")
+
+
+def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> None:
+    """Entry point of one listener process: bind, report, serve until SIGTERM/SIGINT."""
+    configure_logging(config.log.level, config.log.format)
+    from triage.dicom.listener import Listener
+    from triage.store.db import make_engine
+    from triage.store.repository import Store
+    from triage.store.spool import Spool
+
+    stop = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    engine = make_engine(config.store.url)
+    spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
+    listener = Listener(config.dicom, Store(engine), spool, reuse_port=reuse_port)
+    try:
+        listener.start()
+    except OSError as exc:
+        conn.send(
+            (
+                "error",
+                f"cannot listen on {config.dicom.bind}:{config.dicom.port}: {exc.strerror or exc}",
+            )
+        )
+        return
+    except Exception as exc:  # e.g. a TLS certificate that does not load
+        conn.send(("error", f"listener cannot start: {type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", listener.port))
+    log.info("listener_started", pid=os.getpid(), port=listener.port)
+    stop.wait()
+    listener.stop(config.dicom.shutdown_grace_s)
+    engine.dispose()
+    log.info("listener_stopped", pid=os.getpid())
+
+
+class ListenerStartError(RuntimeError):
+    """A listener process could not bind or start; the message is one line."""
+
+
+class ListenerPool:
+    """Starts, supervises and stops the listener processes of one daemon."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.count = config.dicom.listener_processes
+        self._context = multiprocessing.get_context("spawn")
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self.port = config.dicom.port
+
+    def _spawn(self, timeout: float = 60.0) -> multiprocessing.process.BaseProcess:
+        parent, child = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=run_listener_process,
+            args=(self.config, child, self.count > 1),
+            name="triage-listener",
+            daemon=False,
+        )
+        process.start()
+        child.close()
+        if not parent.poll(timeout):
+            process.kill()
+            raise ListenerStartError("listener process did not start in time")
+        try:
+            kind, value = parent.recv()
+        except EOFError:
+            process.join(5)
+            raise ListenerStartError(
+                f"listener process exited during start (exit code {process.exitcode})"
+            ) from None
+        if kind != "ready":
+            process.join(5)
+            raise ListenerStartError(str(value))
+        self.port = int(value)
+        return process
+
+    def start(self) -> None:
+        """Start every listener process; raises ListenerStartError (after cleaning up)."""
+        try:
+            for _ in range(self.count):
+                self._processes.append(self._spawn())
+        except ListenerStartError:
+            self.stop(0)
+            raise
+
+    def supervise(self) -> None:
+        """Restart any listener process that died (the daemon calls this every second)."""
+        for index, process in enumerate(self._processes):
+            if process.is_alive():
+                continue
+            log.error("listener_process_died", pid=process.pid, exitcode=process.exitcode)
+            try:
+                self._processes[index] = self._spawn()
+            except ListenerStartError as exc:
+                log.error("listener_restart_failed", error=str(exc))
+
+    def alive(self) -> bool:
+        """True while every listener process runs."""
+        return all(p.is_alive() for p in self._processes) and bool(self._processes)
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM every process; they finish their associations for *grace_s*, then die."""
+        for process in self._processes:
+            if process.is_alive() and process.pid:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s + 5
+        for process in self._processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        self._processes.clear()
