@@ -163,3 +163,16 @@ def test_association_audit_rows(store: Store) -> None:
     assert (rows[record].instances_stored, rows[record].instances_duplicate) == (1, 2)
     assert rows[other].outcome is AssociationOutcome.ABORTED and rows[other].tls
     assert store.study_instances(STUDY)[0].association_id == record
+
+
+def test_migrations_downgrade_to_empty_and_up_again(store_url: str) -> None:
+    from alembic import command
+
+    from triage.store.db import _alembic_config
+
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    command.downgrade(_alembic_config(engine), "base")
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    assert upgrade_schema(engine) == head_revision()
+    engine.dispose()

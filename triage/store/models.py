@@ -8,7 +8,18 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Enum, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -69,6 +80,16 @@ class Study(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     state_changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    #: The MURA study type once the worker decided it (``XR_WRIST`` …).
+    study_type: Mapped[str | None] = mapped_column(String(16))
+    #: Why the study is SKIPPED, FAILED or CANCELLED, or the last scoring error.
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    #: Scoring attempts in the current revision (a study fails after ``max_attempts``).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The worker claim: a token per claim, its owner, and when it expires.
+    lease_token: Mapped[str | None] = mapped_column(String(36), index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     events: Mapped[list[StudyEvent]] = relationship(
@@ -154,3 +175,117 @@ class AssociationRecord(Base):
         )
     )
     reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Result(Base):
+    """The score of one study revision (the mean of its view probabilities)."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("study_id", "revision", name="uq_results_study_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    study_type: Mapped[str] = mapped_column(String(16))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    abnormal: Mapped[bool] = mapped_column(Boolean)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_validated: Mapped[bool] = mapped_column(Boolean)
+    views_scored: Mapped[int] = mapped_column(Integer)
+    views_skipped: Mapped[int] = mapped_column(Integer)
+    scoring_ms: Mapped[float] = mapped_column(Float)
+    scored_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+    views: Mapped[list[ViewScore]] = relationship(back_populates="result", order_by="ViewScore.id")
+
+
+class ViewScore(Base):
+    """One view of a scored study: its probability, or why it was not scored."""
+
+    __tablename__ = "view_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    #: How the pixels were interpreted ("first of 3 frames" …), or why the view was skipped.
+    note: Mapped[str] = mapped_column(Text, default="")
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    result: Mapped[Result] = relationship(back_populates="views")
+
+
+class Output(Base):
+    """A DICOM object the daemon made for a study revision (SR, SC overlay, parametric map)."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    #: Path relative to the spool root (``outbox/…``).
+    path: Mapped[str] = mapped_column(String(200))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="output")
+
+
+class DeliveryState(enum.StrEnum):
+    """Where one object is on its way to one destination."""
+
+    PENDING = "PENDING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class Delivery(Base):
+    """One output to one destination: attempts, backoff and the peer's last answer."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination", name="uq_deliveries_output_destination"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(
+            DeliveryState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda values: [v.value for v in values],
+        ),
+        index=True,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class WorkerRecord(Base):
+    """A worker process and its heartbeat (for `triage-admin status` and lease expiry)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
