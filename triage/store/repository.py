@@ -72,8 +72,9 @@ class Store:
         """A new session (callers use ``with store.session() as s, s.begin(): …``)."""
         return self._sessions()
 
-    def _transaction(self, work: Callable[[Session], T], retries: int = 3) -> T:
-        """Run *work* in one transaction, retrying when a concurrent writer wins a race."""
+    def transaction(self, work: Callable[[Session], T], retries: int = 3) -> T:
+        """Run *work(session)* in one transaction; retried when a concurrent insert wins a
+        unique-key race (the retry then sees the winner's row)."""
         for attempt in range(retries):
             with self._sessions() as session:
                 try:
@@ -130,14 +131,18 @@ class Store:
                 )
                 session.add(study)
                 session.flush()
-                _add_event(session, study, None, "first instance received", now)
+                add_event(session, study, None, "first instance received", now)
                 change = "opened"
             elif study.state in REOPENED_BY_LATE_INSTANCE:
                 previous = study.state
                 study.revision += 1
                 study.state = StudyState.RECEIVING
                 study.state_changed_at = now
-                _add_event(session, study, previous, "late instance: new revision", now)
+                # A worker still scoring the old revision loses its claim with the token.
+                study.attempts = 0
+                study.lease_token = study.lease_owner = study.lease_expires_at = None
+                study.state_reason = ""
+                add_event(session, study, previous, "late instance: new revision", now)
                 change = "reopened"
             study.last_instance_at = now
             session.add(
@@ -158,7 +163,7 @@ class Store:
             session.flush()
             return RecordResult(False, study.study_uid, study.revision, change)
 
-        return self._transaction(work)
+        return self.transaction(work)
 
     # --- study completion ---------------------------------------------------------------
 
@@ -182,7 +187,7 @@ class Store:
                 )
             return moved
 
-        return self._transaction(work)
+        return self.transaction(work)
 
     def _move(
         self, session: Session, study: Study, to_state: StudyState, reason: str, now: datetime
@@ -190,7 +195,7 @@ class Store:
         previous = study.state
         study.state = to_state
         study.state_changed_at = now
-        _add_event(session, study, previous, reason, now)
+        add_event(session, study, previous, reason, now)
         return Transition(study.study_uid, study.revision, previous, to_state)
 
     # --- associations (audit) -----------------------------------------------------------
@@ -227,7 +232,7 @@ class Store:
             session.flush()
             return record.id
 
-        return self._transaction(work)
+        return self.transaction(work)
 
     def close_association(
         self,
@@ -256,7 +261,7 @@ class Store:
             record.echoes = echoes
             record.reason = reason
 
-        self._transaction(work)
+        self.transaction(work)
 
     def close_abandoned_associations(self, listener_pids: set[int] | None = None) -> int:
         """Mark ACTIVE audit rows left by a crashed process as ABORTED; returns how many."""
@@ -275,7 +280,7 @@ class Store:
                 count += 1
             return count
 
-        return self._transaction(work)
+        return self.transaction(work)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -324,9 +329,10 @@ class Store:
             )
 
 
-def _add_event(
+def add_event(
     session: Session, study: Study, previous: StudyState | None, reason: str, now: datetime
 ) -> None:
+    """Append a history row: *study* moved from *previous* to its current state."""
     session.add(
         StudyEvent(
             study_id=study.id,

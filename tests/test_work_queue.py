@@ -1,0 +1,222 @@
+"""The scoring queue on SQLite and PostgreSQL: claims, leases, results, retries."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.models import Delivery, DeliveryState, Output, Result, StudyState, utcnow
+from triage.store.repository import InstanceMeta, Store
+from triage.store.work_queue import OutputFile, WorkQueue
+from triage.study_types import StudyType
+
+MODEL = ModelInfo(name="demo", version="0.1", validated=False)
+
+
+@pytest.fixture
+def store(store_url: str) -> Store:
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def queued_study(store: Store, n: int, views: int = 2) -> str:
+    study = f"1.2.826.0.1.3680043.8.498.{n}"
+    for v in range(views):
+        sop = f"{study}.{v}"
+        store.record_instance(
+            InstanceMeta(
+                study,
+                study + ".9",
+                sop,
+                "1.2.840.10008.5.1.4.1.1.1",
+                "1.2.840.10008.1.2.1",
+                "CR",
+                f"{study}/{sop}.dcm",
+                10,
+            ),
+            None,
+        )
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    return study
+
+
+def result_for(claim, probability: float = 0.7) -> StudyResult:
+    views = tuple(
+        ViewResult(i.sop_instance_uid, probability, np.zeros((7, 7), np.float32))
+        for i in claim.instances[:-1]
+    )
+    skipped = (SkippedView(claim.instances[-1].sop_instance_uid, "undecodable: bad JPEG"),)
+    return StudyResult(
+        claim.study_uid, claim.revision, StudyType.WRIST, probability, 0.5, views, skipped
+    )
+
+
+def outputs_for(claim) -> list[OutputFile]:
+    return [
+        OutputFile(
+            "sr",
+            "1.2.840.10008.5.1.4.1.1.88.34",
+            f"2.25.{claim.study_id}{claim.revision}1",
+            "2.25.77",
+            None,
+            f"outbox/{claim.study_uid}/sr.dcm",
+            100,
+        ),
+    ]
+
+
+def test_claim_complete_and_deliveries(store: Store) -> None:
+    queue = WorkQueue(store)
+    study = queued_study(store, 1, views=3)
+    [claim] = queue.claim("w1", limit=5, lease_s=60)
+    assert claim.study_uid == study and claim.attempt == 1 and len(claim.instances) == 3
+    assert queue.claim("w2", limit=5, lease_s=60) == []
+    assert queue.complete(
+        claim, result_for(claim), MODEL, outputs_for(claim), ["pacs", "archive"], 12.0
+    )
+    row = store.get_study(study)
+    assert row.state is StudyState.DELIVERING and row.study_type == "XR_WRIST"
+    assert row.lease_token is None
+    with store.session() as session:
+        result = session.query(Result).one()
+        assert (result.probability, result.abnormal, result.views_scored, result.views_skipped) == (
+            0.7,
+            True,
+            2,
+            1,
+        )
+        assert [v.skipped for v in result.views] == [False, False, True]
+        deliveries = session.query(Delivery).all()
+        assert sorted(d.destination for d in deliveries) == ["archive", "pacs"]
+        assert {d.state for d in deliveries} == {DeliveryState.PENDING}
+    # Completing twice (a stale worker) is refused.
+    assert not queue.complete(claim, result_for(claim), MODEL, outputs_for(claim), ["pacs"], 1.0)
+
+
+def test_no_destination_means_done(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 2)
+    [claim] = queue.claim("w1", 1, 60)
+    assert queue.complete(claim, result_for(claim, 0.2), MODEL, outputs_for(claim), [], 5.0)
+    assert store.get_study(claim.study_uid).state is StudyState.DONE
+
+
+def test_skip_records_the_reason(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 3)
+    [claim] = queue.claim("w1", 1, 60)
+    assert queue.skip(claim, "not an upper-extremity radiograph: CHEST")
+    study = store.get_study(claim.study_uid)
+    assert study.state is StudyState.SKIPPED and "CHEST" in study.state_reason
+
+
+def test_errors_retry_then_fail(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 4)
+    for attempt in (1, 2):
+        [claim] = queue.claim("w1", 1, 60)
+        assert claim.attempt == attempt
+        assert queue.fail_attempt(claim, "boom", max_attempts=3) is StudyState.QUEUED
+    [claim] = queue.claim("w1", 1, 60)
+    assert queue.fail_attempt(claim, "boom", max_attempts=3) is StudyState.FAILED
+    assert "3 attempts: boom" in store.get_study(claim.study_uid).state_reason
+
+
+def test_expired_lease_is_claimed_again_and_the_old_holder_is_refused(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 5)
+    [first] = queue.claim("crashed", 1, lease_s=30)
+    assert queue.expire_leases(3) == []  # not expired yet
+    moved = queue.expire_leases(3, now=utcnow() + timedelta(seconds=31))
+    assert [(m.from_state, m.to_state) for m in moved] == [(StudyState.SCORING, StudyState.QUEUED)]
+    [second] = queue.claim("w2", 1, 30)
+    assert second.attempt == 2 and second.token != first.token
+    assert not queue.complete(first, result_for(first), MODEL, [], [], 1.0)
+    assert queue.renew([first], 30) == 0 and queue.renew([second], 30) == 1
+    assert queue.complete(second, result_for(second), MODEL, [], [], 1.0)
+
+
+def test_late_instance_during_scoring_discards_the_old_result(store: Store) -> None:
+    queue = WorkQueue(store)
+    study = queued_study(store, 6)
+    [claim] = queue.claim("w1", 1, 60)
+    late = InstanceMeta(
+        study,
+        study + ".9",
+        study + ".77",
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.1.2.1",
+        "CR",
+        f"{study}/late.dcm",
+        10,
+    )
+    assert store.record_instance(late, None).revision == 2
+    assert not queue.complete(claim, result_for(claim), MODEL, outputs_for(claim), ["pacs"], 1.0)
+    row = store.get_study(study)
+    assert row.state is StudyState.RECEIVING and row.revision == 2 and row.attempts == 0
+
+
+def test_rescoring_a_revision_reuses_output_rows(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 7)
+    [claim] = queue.claim("w1", 1, 60)
+    queue.complete(claim, result_for(claim), MODEL, outputs_for(claim), ["pacs"], 1.0)
+    with store.session() as session, session.begin():
+        from sqlalchemy import update
+
+        from triage.store.models import Study
+
+        session.execute(update(Study).values(state=StudyState.QUEUED))
+    [again] = queue.claim("w1", 1, 60)
+    assert queue.complete(again, result_for(again, 0.3), MODEL, outputs_for(claim), ["pacs"], 1.0)
+    with store.session() as session:
+        assert session.query(Output).count() == 1
+        assert session.query(Delivery).count() == 1
+        assert session.query(Result).one().probability == 0.3
+
+
+def test_concurrent_workers_never_claim_the_same_study(store: Store) -> None:
+    queue = WorkQueue(store)
+    for n in range(40):
+        queued_study(store, 100 + n, views=1)
+    claimed: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        mine = claimed.setdefault(name, [])
+        try:
+            while True:
+                claims = queue.claim(name, limit=3, lease_s=60)
+                if not claims:
+                    return
+                mine.extend(c.study_uid for c in claims)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    everything = [uid for uids in claimed.values() for uid in uids]
+    assert len(everything) == 40 and len(set(everything)) == 40
+
+
+def test_worker_heartbeats(store: Store) -> None:
+    queue = WorkQueue(store)
+    queue.heartbeat("host:1:abc", "cpu", "0.1")
+    queue.heartbeat("host:1:abc", "cpu", "0.1")
+    queue.worker_stopped("host:1:abc")
+    from triage.store.models import WorkerRecord
+
+    with store.session() as session:
+        record = session.get(WorkerRecord, "host:1:abc")
+        assert record.device == "cpu" and record.stopped_at is not None
