@@ -10,12 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+_FAILED_RESPONSE = re.compile(r"Received Store Response \((?!Success)[^)]*?(0x[0-9a-fA-F]{4})")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's DCMTK leaves Nagle on (FACTS.md)
 
 
@@ -181,7 +181,7 @@ class StoreRun:
     @property
     def failure_statuses(self) -> list[str]:
         """The status codes of failed store responses (e.g. ``0xa700``)."""
-        return re.findall(r"Received Store Response \((?!Success)[^)]*?(0x[0-9a-fA-F]{4})", self.output)
+        return _FAILED_RESPONSE.findall(self.output)
 
 
 def storescu(

@@ -167,7 +167,6 @@ def test_association_audit_rows(store: Store) -> None:
 
 def test_migrations_downgrade_to_empty_and_up_again(store_url: str) -> None:
     from alembic import command
-
     from triage.store.db import _alembic_config
 
     engine = make_engine(store_url)
