@@ -79,3 +79,42 @@ def test_wrong_keys_and_values_give_one_line_naming_the_key(tmp_path, toml, env,
 def test_missing_config_file_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def test_destinations_from_file_and_from_the_environment(tmp_path) -> None:
+    path = tmp_path / "d.toml"
+    path.write_text(
+        '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
+        '[[destinations]]\nname = "archive"\nae_title = "ARCH"\nhost = "10.0.0.9"\n'
+    )
+    config = load_config(path, env={}, base_dir=tmp_path)
+    assert [(d.name, d.ae_title, d.port) for d in config.destinations] == [
+        ("pacs", "ORTHANC", 4242),
+        ("archive", "ARCH", 104),
+    ]
+    env = {"TRIAGE_DESTINATIONS": '[{name="x", ae_title="X", host="h", port=11112}]'}
+    assert [d.name for d in load_config(path, env=env, base_dir=tmp_path).destinations] == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[[destinations]]\nname = "p"\nhost = "h"\n', "[destinations.p] ae_title: not a valid AE"),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\n', "[destinations.p] host: required"),
+        (
+            '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nprot = 1\n',
+            "[destinations.p] prot: unknown key",
+        ),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\n' * 2, "duplicated ['p']"),
+        ('[model]\ndevice = "tpu"\n', "[model] device: must be auto, cpu or cuda"),
+        ('[model]\ncard = "nope.toml"\n', "[model] card: no such file"),
+        ("[outputs]\nopacity = 2.0\n", "[outputs] opacity: must be 0..1"),
+        ("[delivery]\nbackoff_factor = 0.5\n", "[delivery] backoff_factor: must be >= 1"),
+    ],
+)
+def test_wrong_destination_model_and_delivery_values(tmp_path, toml, message) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=None) as caught:
+        load_config(path, env={}, base_dir=tmp_path)
+    assert message in str(caught.value)

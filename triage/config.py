@@ -174,6 +174,154 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The scoring model (``[model]``)."""
+
+    #: The model card (TOML). The default is the demo card shipped with msk-triage.
+    card: str = "models/demo/card.toml"
+    #: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
+    device: str = "auto"
+    #: ``auto`` (bf16 on CUDA and on CPUs with bf16 support, else fp32), ``fp32`` or ``bf16``.
+    precision: str = "auto"
+    #: Views per forward pass; views of several studies share a batch.
+    batch_size: int = 16
+    #: How long a partial batch waits for more views before it runs.
+    batch_wait_ms: float = 20.0
+    #: Run a model whose card says ``validated = false`` (the demo model). Not for clinical use.
+    allow_unvalidated: bool = False
+    #: torch.compile the model at start (pays off on a GPU; compiling takes a minute or more).
+    compile: bool = False
+    #: CPU threads for torch (0: torch's default).
+    threads: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a wrong value."""
+        if not self.card:
+            _fail("model", "card", "must name a model card file")
+        if not Path(self.card).is_file():
+            _fail("model", "card", f"no such file: {self.card}")
+        if self.device not in {"auto", "cpu", "cuda"}:
+            _fail("model", "device", f"must be auto, cpu or cuda (got {self.device!r})")
+        if self.precision not in {"auto", "fp32", "bf16"}:
+            _fail("model", "precision", f"must be auto, fp32 or bf16 (got {self.precision!r})")
+        if not 1 <= self.batch_size <= 1024:
+            _fail("model", "batch_size", f"must be 1..1024 (got {self.batch_size})")
+        if self.batch_wait_ms < 0:
+            _fail("model", "batch_wait_ms", "must be >= 0")
+        if self.threads < 0:
+            _fail("model", "threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The scoring worker (``[worker]``)."""
+
+    #: Run the worker inside `triage serve` (off on ingest-only hosts).
+    enabled: bool = True
+    #: Processes decoding pixel data (0: one per CPU core but one, at least one).
+    decode_processes: int = 0
+    #: Scoring attempts per study revision before it is FAILED.
+    max_attempts: int = 3
+    #: A claimed study returns to the queue when its worker stops renewing for this long.
+    lease_s: float = 120.0
+    #: How often an idle worker looks for queued studies.
+    poll_interval_s: float = 0.5
+    #: Studies claimed at a time.
+    claim_batch: int = 8
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a wrong value."""
+        if not 0 <= self.decode_processes <= 256:
+            _fail("worker", "decode_processes", "must be 0..256")
+        if self.max_attempts < 1:
+            _fail("worker", "max_attempts", "must be >= 1")
+        if self.lease_s < 5:
+            _fail("worker", "lease_s", "must be >= 5")
+        _check_positive("worker", "poll_interval_s", self.poll_interval_s)
+        if not 1 <= self.claim_batch <= 256:
+            _fail("worker", "claim_batch", "must be 1..256")
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """What is sent back for a scored study (``[outputs]``); the SR is always made."""
+
+    #: A secondary-capture image of each view with the CAM overlaid.
+    overlays: bool = True
+    #: A parametric map (float CAM) per view, for viewers that display them.
+    parametric_maps: bool = False
+    #: Heat-map opacity over the image, 0..1.
+    opacity: float = 0.4
+    #: Longest side of an overlay image, in pixels.
+    max_side: int = 1024
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a wrong value."""
+        if not 0.0 <= self.opacity <= 1.0:
+            _fail("outputs", "opacity", f"must be 0..1 (got {self.opacity})")
+        if not 128 <= self.max_side <= 8192:
+            _fail("outputs", "max_side", f"must be 128..8192 (got {self.max_side})")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retries of result delivery (``[delivery]``)."""
+
+    backoff_start_s: float = 5.0
+    backoff_factor: float = 2.0
+    backoff_max_s: float = 300.0
+    #: Attempts before a delivery is FAILED (`triage-admin retry` starts it again).
+    max_attempts: int = 10
+    #: Network timeout towards a destination.
+    timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a wrong value."""
+        _check_positive("delivery", "backoff_start_s", self.backoff_start_s)
+        if self.backoff_factor < 1:
+            _fail("delivery", "backoff_factor", "must be >= 1")
+        if self.backoff_max_s < self.backoff_start_s:
+            _fail("delivery", "backoff_max_s", "must be >= backoff_start_s")
+        if self.max_attempts < 1:
+            _fail("delivery", "max_attempts", "must be >= 1")
+        _check_positive("delivery", "timeout_s", self.timeout_s)
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """A DICOM node the results are sent to (``[[destinations]]``)."""
+
+    name: str = ""
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    #: Our AE title towards this node (default: ``[dicom] ae_title``).
+    calling_ae: str = ""
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a wrong value."""
+        section = f"destinations.{self.name or '?'}"
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
+            _fail(section, "name", "must be 1-64 letters, digits, '_', '.' or '-'")
+        _check_ae_title(section, "ae_title", self.ae_title)
+        if self.calling_ae:
+            _check_ae_title(section, "calling_ae", self.calling_ae)
+        if not self.host:
+            _fail(section, "host", "required")
+        _check_port(section, "port", self.port)
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                _fail(section, key, f"no such file: {path}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            _fail(section, "tls_key", "tls_cert and tls_key go together")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -181,6 +329,11 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
     #: The file it was read from, if any (for messages).
     source: str = ""
 
@@ -195,7 +348,14 @@ SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "study": StudyConfig,
     "log": LogConfig,
+    "model": ModelConfig,
+    "worker": WorkerConfig,
+    "outputs": OutputsConfig,
+    "delivery": DeliveryConfig,
 }
+#: Arrays of tables (``[[destinations]]``); the environment overrides the whole array with a
+#: TOML inline array, e.g. ``TRIAGE_DESTINATIONS='[{name="pacs", ae_title="PACS", …}]'``.
+TABLE_ARRAYS: dict[str, type] = {"destinations": DestinationConfig}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -275,6 +435,7 @@ def _check_env_names(env: Mapping[str, str]) -> None:
         for section, cls in SECTIONS.items()
         for key in _field_types(cls)
     }
+    known |= {f"{ENV_PREFIX}{name.upper()}" for name in TABLE_ARRAYS}
     for name in env:
         if name.startswith(ENV_PREFIX) and name not in known and name not in RESERVED_ENV:
             raise ConfigError(f"config error: unknown environment override {name}")
@@ -294,11 +455,35 @@ def _absolute_paths(config: Config, base: Path) -> Config:
         for key in ("tls_cert", "tls_key", "tls_ca")
         if getattr(dicom, key)
     }
+    destinations = tuple(
+        dataclasses.replace(
+            d,
+            **{
+                key: str((base / getattr(d, key)).resolve())
+                for key in ("tls_ca", "tls_cert", "tls_key")
+                if getattr(d, key)
+            },
+        )
+        for d in config.destinations
+    )
     return dataclasses.replace(
         config,
         store=dataclasses.replace(store, url=url, spool_dir=spool),
         dicom=dataclasses.replace(dicom, **tls_paths),
+        model=dataclasses.replace(config.model, card=_find_card(config.model.card, base)),
+        destinations=destinations,
     )
+
+
+def _find_card(card: str, base: Path) -> str:
+    """A relative card path is looked up in *base*, then in the msk-triage checkout/install."""
+    if not card or Path(card).is_absolute():
+        return card
+    candidate = (base / card).resolve()
+    if candidate.is_file():
+        return str(candidate)
+    shipped = Path(__file__).resolve().parents[1] / card
+    return str(shipped) if shipped.is_file() else str(candidate)
 
 
 def load_config(
@@ -324,29 +509,64 @@ def load_config(
     _check_env_names(env)
     sections: dict[str, Any] = {}
     for name, values in raw.items():
+        if name in TABLE_ARRAYS:
+            if not isinstance(values, list):
+                raise ConfigError(f"config error: [[{name}]]: must be an array of tables")
+            continue
         if name not in SECTIONS:
             raise ConfigError(f"config error: [{name}]: unknown section")
         if not isinstance(values, dict):
             raise ConfigError(f"config error: [{name}]: must be a table")
     for name, cls in SECTIONS.items():
         sections[name] = _build_section(name, cls, raw.get(name, {}), env)
+    for name, cls in TABLE_ARRAYS.items():
+        sections[name] = _build_table_array(name, cls, raw.get(name, []), env)
     config = _absolute_paths(
         Config(**sections, source=str(path or "")), Path(base_dir or os.getcwd())
     )
     for name in SECTIONS:
         getattr(config, name).validate()
+    names = [d.name for d in config.destinations]
+    for destination in config.destinations:
+        destination.validate()
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise ConfigError(f"config error: [[destinations]] name: duplicated {sorted(duplicated)}")
     return config
 
 
-def describe(config: Config) -> dict[str, dict[str, Any]]:
+def _build_table_array(
+    name: str, cls: type, entries: list[Any], env: Mapping[str, str]
+) -> tuple[Any, ...]:
+    env_name = f"{ENV_PREFIX}{name.upper()}"
+    if env_name in env:
+        try:
+            entries = tomllib.loads(f"v = {env[env_name]}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {env_name}: not a TOML array: {exc}") from None
+        if not isinstance(entries, list):
+            raise ConfigError(f"config error: {env_name}: must be a TOML array of tables")
+    built = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config error: [[{name}]] #{index + 1}: must be a table")
+        label = f"{name}.{entry.get('name') or index + 1}"
+        built.append(_build_section(label, cls, entry, {}))
+    return tuple(built)
+
+
+def describe(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data (for ``triage config`` and start-up logs)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in SECTIONS:
-        section = getattr(config, name)
-        out[name] = {
+
+    def plain(section: Any) -> dict[str, Any]:
+        return {
             key: list(value) if isinstance(value, tuple) else value
             for key, value in dataclasses.asdict(section).items()
         }
+
+    out: dict[str, Any] = {name: plain(getattr(config, name)) for name in SECTIONS}
+    for name in TABLE_ARRAYS:
+        out[name] = [plain(entry) for entry in getattr(config, name)]
     return out
 
 

@@ -244,6 +244,8 @@ class DeliveryState(enum.StrEnum):
     PENDING = "PENDING"
     DONE = "DONE"
     FAILED = "FAILED"
+    #: The study was re-opened by a late instance: a newer revision supersedes this output.
+    CANCELLED = "CANCELLED"
 
 
 class Delivery(Base):

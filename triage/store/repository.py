@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,7 +15,10 @@ from triage.store.models import (
     REOPENED_BY_LATE_INSTANCE,
     AssociationOutcome,
     AssociationRecord,
+    Delivery,
+    DeliveryState,
     Instance,
+    Output,
     Study,
     StudyEvent,
     StudyState,
@@ -142,6 +145,7 @@ class Store:
                 study.attempts = 0
                 study.lease_token = study.lease_owner = study.lease_expires_at = None
                 study.state_reason = ""
+                _cancel_pending_deliveries(session, study.id, study.revision)
                 add_event(session, study, previous, "late instance: new revision", now)
                 change = "reopened"
             study.last_instance_at = now
@@ -327,6 +331,16 @@ class Store:
                     select(AssociationRecord).order_by(AssociationRecord.id.desc()).limit(limit)
                 )
             )
+
+
+def _cancel_pending_deliveries(session: Session, study_id: int, revision: int) -> None:
+    """Outputs of older revisions are superseded: stop sending them."""
+    older_outputs = select(Output.id).where(Output.study_id == study_id, Output.revision < revision)
+    session.execute(
+        update(Delivery)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.output_id.in_(older_outputs))
+        .values(state=DeliveryState.CANCELLED, last_error=f"superseded by revision {revision}")
+    )
 
 
 def add_event(

@@ -1,0 +1,155 @@
+"""Delivery bookkeeping on SQLite and PostgreSQL: claims, backoff, DONE only when all arrived."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from triage.scoring.result import ModelInfo, StudyResult, ViewResult
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.models import DeliveryState, StudyState, utcnow
+from triage.store.outbox import Backoff, Outbox
+from triage.store.repository import InstanceMeta, Store
+from triage.store.work_queue import OutputFile, WorkQueue
+from triage.study_types import StudyType
+
+BACKOFF = Backoff(start_s=5, factor=2, max_s=30, max_attempts=3)
+
+
+@pytest.fixture
+def store(store_url: str) -> Store:
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def delivering_study(store: Store, n: int = 1, destinations=("pacs", "archive")) -> str:
+    study = f"1.2.826.0.1.3680043.8.498.{n}"
+    sop = f"{study}.1"
+    store.record_instance(
+        InstanceMeta(
+            study,
+            study + ".9",
+            sop,
+            "1.2.840.10008.5.1.4.1.1.1",
+            "1.2.840.10008.1.2.1",
+            "CR",
+            f"{study}/{sop}.dcm",
+            10,
+        ),
+        None,
+    )
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    queue = WorkQueue(store)
+    [claim] = queue.claim("w", 1, 60)
+    result = StudyResult(
+        study,
+        claim.revision,
+        StudyType.HAND,
+        0.8,
+        0.5,
+        (ViewResult(sop, 0.8, np.zeros((7, 7), np.float32)),),
+    )
+    outputs = [
+        OutputFile(
+            "sr",
+            "1.2.840.10008.5.1.4.1.1.88.34",
+            f"2.25.{n}{claim.revision}1",
+            "2.25.1",
+            None,
+            "outbox/sr.dcm",
+            10,
+        ),
+        OutputFile(
+            "sc",
+            "1.2.840.10008.5.1.4.1.1.7",
+            f"2.25.{n}{claim.revision}2",
+            "2.25.2",
+            sop,
+            "outbox/sc.dcm",
+            10,
+        ),
+    ]
+    assert queue.complete(
+        claim, result, ModelInfo("demo", "1", False), outputs, list(destinations), 1.0
+    )
+    return study
+
+
+def test_study_is_done_only_when_every_destination_has_every_object(store: Store) -> None:
+    outbox = Outbox(store)
+    study = delivering_study(store)
+    pacs = outbox.claim_due("pacs", 10, lease_s=60)
+    assert len(pacs) == 2 and {d.kind for d in pacs} == {"sr", "sc"}
+    assert outbox.claim_due("pacs", 10, lease_s=60) == []  # leased
+    assert [outbox.delivered(d.delivery_id) for d in pacs] == [None, None]
+    assert store.get_study(study).state is StudyState.DELIVERING
+    archive = outbox.claim_due("archive", 10, lease_s=60)
+    assert outbox.delivered(archive[0].delivery_id) is None
+    assert outbox.delivered(archive[1].delivery_id) == study
+    assert store.get_study(study).state is StudyState.DONE
+    assert outbox.delivered(archive[1].delivery_id) is None  # idempotent
+
+
+def test_backoff_then_failed_then_admin_retry(store: Store) -> None:
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs",))
+    [first, _] = outbox.claim_due("pacs", 10, lease_s=60)
+    before = utcnow()
+    assert outbox.failed(first.delivery_id, "cannot connect", BACKOFF) is DeliveryState.PENDING
+    [(delivery, _output)] = [r for r in outbox.deliveries(study) if r[0].id == first.delivery_id]
+    wait = (delivery.next_attempt_at - before).total_seconds()
+    assert 4.5 <= wait <= 6  # first retry after backoff_start_s
+    assert BACKOFF.delay(1) == 5 and BACKOFF.delay(2) == 10 and BACKOFF.delay(5) == 30
+    for _ in range(2):
+        with store.session() as session, session.begin():
+            from sqlalchemy import update
+
+            from triage.store.models import Delivery
+
+            session.execute(update(Delivery).values(next_attempt_at=utcnow()))
+        [again] = [
+            d for d in outbox.claim_due("pacs", 10, 60) if d.delivery_id == first.delivery_id
+        ]
+        state = outbox.failed(again.delivery_id, "cannot connect", BACKOFF)
+    assert state is DeliveryState.FAILED  # third attempt was the last
+    row = store.get_study(study)
+    assert row.state is StudyState.FAILED and "delivery to pacs failed" in row.state_reason
+    assert outbox.retry(study_uid=study) == 1
+    assert store.get_study(study).state is StudyState.DELIVERING
+    [retried] = [d for d in outbox.claim_due("pacs", 10, 60) if d.delivery_id == first.delivery_id]
+    assert retried.attempt == 1
+
+
+def test_permanent_failure_keeps_the_peer_status(store: Store) -> None:
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs",))
+    [item, _] = outbox.claim_due("pacs", 10, 60)
+    state = outbox.failed(item.delivery_id, "status 0xA900", BACKOFF, status=0xA900, permanent=True)
+    assert state is DeliveryState.FAILED
+    [(delivery, _)] = [r for r in outbox.deliveries(study) if r[0].id == item.delivery_id]
+    assert delivery.last_status == 0xA900 and delivery.last_error == "status 0xA900"
+
+
+def test_late_instance_cancels_pending_deliveries_of_the_old_revision(store: Store) -> None:
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs",))
+    store.record_instance(
+        InstanceMeta(
+            study,
+            study + ".9",
+            study + ".2",
+            "1.2.840.10008.5.1.4.1.1.1",
+            "1.2.840.10008.1.2.1",
+            "CR",
+            f"{study}/late.dcm",
+            10,
+        ),
+        None,
+    )
+    assert outbox.claim_due("pacs", 10, 60) == []
+    states = {d.state for d, _ in outbox.deliveries(study)}
+    assert states == {DeliveryState.CANCELLED}

@@ -1,0 +1,255 @@
+"""The sender: C-STORE of results to every configured destination, with retries.
+
+One thread per destination, so a node that is down never delays the others. Each round claims
+the due deliveries, opens one association with a presentation context per SOP class, sends, and
+records every answer as it comes. Statuses of the 0xA7xx family (out of resources), refused
+associations, timeouts and connection errors are retried with exponential backoff; any other
+failure status is final (FAILED with the peer's status) until `triage-admin retry`.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Sequence
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from triage import failpoints
+from triage.config import Config, DestinationConfig
+from triage.logs import get_logger
+from triage.store.outbox import Backoff, DueDelivery, Outbox
+from triage.store.repository import Store
+from triage.store.spool import Spool
+
+log = get_logger("triage.sender")
+
+#: Objects sent per association.
+BATCH = 64
+
+
+def _is_transient(status: int) -> bool:
+    """Out-of-resources answers (0xA7xx) say "try later"; other failures will not go away."""
+    return 0xA700 <= status <= 0xA7FF
+
+
+def client_tls_context(destination: DestinationConfig) -> ssl.SSLContext | None:
+    """The TLS context towards *destination*, or ``None`` for plain DICOM."""
+    if not destination.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=destination.tls_ca or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if destination.tls_cert:
+        context.load_cert_chain(destination.tls_cert, destination.tls_key)
+    return context
+
+
+class Sender:
+    """Delivers outputs to the configured destinations until stopped."""
+
+    def __init__(self, config: Config, store: Store, spool: Spool) -> None:
+        self.config = config
+        self.outbox = Outbox(store)
+        self.spool = spool
+        delivery = config.delivery
+        self.backoff = Backoff(
+            delivery.backoff_start_s,
+            delivery.backoff_factor,
+            delivery.backoff_max_s,
+            delivery.max_attempts,
+        )
+        self._stop = threading.Event()
+        self._wake = {d.name: threading.Event() for d in config.destinations}
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """One delivery thread per destination."""
+        for destination in self.config.destinations:
+            thread = threading.Thread(
+                target=self._run, args=(destination,), name=f"sender-{destination.name}"
+            )
+            thread.daemon = True
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New outputs are ready: look now instead of at the next poll."""
+        for event in self._wake.values():
+            event.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the round in progress and stop."""
+        self._stop.set()
+        self.wake()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def alive(self) -> bool:
+        """True while every delivery thread runs."""
+        return all(t.is_alive() for t in self._threads)
+
+    def _run(self, destination: DestinationConfig) -> None:
+        wake = self._wake[destination.name]
+        while not self._stop.is_set():
+            try:
+                sent = self.deliver_once(destination)
+            except Exception as exc:  # keep delivering; the next round retries
+                log.exception("delivery_round_failed", destination=destination.name, error=str(exc))
+                sent = 0
+            if sent == 0:
+                wake.wait(1.0)
+                wake.clear()
+
+    def deliver_once(self, destination: DestinationConfig) -> int:
+        """Send what is due to *destination* over one association; returns objects attempted."""
+        lease_s = self.config.delivery.timeout_s * 4 + 60
+        due = self.outbox.claim_due(destination.name, BATCH, lease_s)
+        if not due:
+            return 0
+        self._send(destination, due)
+        return len(due)
+
+    def _send(self, destination: DestinationConfig, due: Sequence[DueDelivery]) -> None:
+        ae = AE(ae_title=destination.calling_ae or self.config.dicom.ae_title)
+        timeout = self.config.delivery.timeout_s
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
+        ae.maximum_pdu_size = self.config.dicom.max_pdu_size
+        datasets = {}
+        for item in due:
+            try:
+                datasets[item.delivery_id] = dcmread(self.spool.path(item.path))
+            except Exception as exc:  # a missing or broken outbox file will not heal
+                self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
+        if not datasets:
+            return
+        sop_classes: dict[str, set[str]] = {}
+        for dataset in datasets.values():
+            syntaxes = sop_classes.setdefault(str(dataset.SOPClassUID), set())
+            syntaxes.add(str(dataset.file_meta.TransferSyntaxUID))
+        for sop_class, syntaxes in sop_classes.items():
+            ordered = [*sorted(syntaxes), ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            ae.add_requested_context(sop_class, list(dict.fromkeys(ordered)))
+        tls = client_tls_context(destination)
+        try:
+            assoc = ae.associate(
+                destination.host,
+                destination.port,
+                ae_title=destination.ae_title,
+                tls_args=(tls, destination.host) if tls else None,
+            )
+        except Exception as exc:
+            assoc = None
+            reason = f"cannot connect: {type(exc).__name__}: {exc}"
+        else:
+            reason = _association_failure(assoc)
+        if assoc is None or not assoc.is_established:
+            # A permanent rejection (unknown calling AE …) needs an administrator, not retries.
+            permanent = assoc is not None and _rejected_permanently(assoc)
+            for item in due:
+                if item.delivery_id in datasets:
+                    self._failed(destination, item, reason, permanent=permanent)
+            return
+        try:
+            for item in due:
+                dataset = datasets.get(item.delivery_id)
+                if dataset is None:
+                    continue
+                if not assoc.is_established:
+                    self._failed(destination, item, "association ended during the transfer")
+                    continue
+                self._store_one(assoc, destination, item, dataset)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _store_one(self, assoc, destination: DestinationConfig, item: DueDelivery, dataset) -> None:  # type: ignore[no-untyped-def]
+        try:
+            response = assoc.send_c_store(dataset)
+        except Exception as exc:
+            self._failed(destination, item, f"C-STORE failed: {type(exc).__name__}: {exc}")
+            return
+        status = getattr(response, "Status", None)
+        if status is None:
+            self._failed(destination, item, "no response (timeout or aborted association)")
+            return
+        failpoints.hit("after_send")
+        if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success, or warning (stored)
+            finished = self.outbox.delivered(item.delivery_id, int(status))
+            log.info(
+                "object_delivered",
+                study_uid=item.study_uid,
+                revision=item.revision,
+                kind=item.kind,
+                sop_instance_uid=item.sop_instance_uid,
+                destination=destination.name,
+                status=f"0x{status:04X}",
+            )
+            if finished:
+                log.info("study_done", study_uid=finished, revision=item.revision)
+            return
+        comment = str(getattr(response, "ErrorComment", "") or "")
+        reason = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
+        self._failed(
+            destination, item, reason, status=int(status), permanent=not _is_transient(status)
+        )
+
+    def _failed(
+        self,
+        destination: DestinationConfig,
+        item: DueDelivery,
+        reason: str,
+        *,
+        status: int | None = None,
+        permanent: bool = False,
+    ) -> None:
+        state = self.outbox.failed(
+            item.delivery_id, reason, self.backoff, status=status, permanent=permanent
+        )
+        log.warning(
+            "delivery_failed",
+            study_uid=item.study_uid,
+            revision=item.revision,
+            kind=item.kind,
+            destination=destination.name,
+            attempt=item.attempt,
+            error=reason,
+            final=state is not None and state.value == "FAILED",
+        )
+
+
+def _rejected_permanently(assoc) -> bool:  # type: ignore[no-untyped-def]
+    primitive = assoc.acceptor.primitive if assoc.is_rejected else None
+    return primitive is not None and primitive.result == 0x01
+
+
+_REJECT_DIAGNOSTICS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x01): "no reason given (ACSE)",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded",
+}
+
+
+def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
+    if assoc.is_established:
+        return ""
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        if primitive is not None:
+            kind = "permanently" if primitive.result == 0x01 else "transiently"
+            why = _REJECT_DIAGNOSTICS.get(
+                (primitive.result_source, primitive.diagnostic),
+                f"diagnostic {primitive.diagnostic}",
+            )
+            return f"association rejected {kind}: {why}"
+        return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted by the peer"
+    return "cannot connect (peer down or unreachable)"

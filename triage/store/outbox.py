@@ -1,0 +1,234 @@
+"""Delivery bookkeeping: which output goes to which destination, attempts and backoff.
+
+A sender claims due deliveries by pushing their ``next_attempt_at`` past a lease, sends them,
+then records each answer. A sender that dies between sending and recording leaves the delivery
+due again after the lease: the same SOP instances (deterministic UIDs) are sent again, never new
+ones. A study reaches DONE only when every destination acknowledged every object of its current
+revision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from triage.store.models import Delivery, DeliveryState, Output, Study, StudyState, utcnow
+from triage.store.repository import Store, add_event
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """One object to send to one destination now."""
+
+    delivery_id: int
+    study_uid: str
+    revision: int
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: start, start·factor, … capped, for at most max_attempts."""
+
+    start_s: float
+    factor: float
+    max_s: float
+    max_attempts: int
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after the *attempt*-th failed attempt (1-based)."""
+        return min(self.max_s, self.start_s * self.factor ** max(0, attempt - 1))
+
+
+class Outbox:
+    """Delivery operations on a :class:`Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._postgres = store.engine.dialect.name == "postgresql"
+
+    def claim_due(self, destination: str, limit: int, lease_s: float) -> list[DueDelivery]:
+        """Deliveries to *destination* that are due, for the current revision of their study."""
+
+        def work(session: Session) -> list[DueDelivery]:
+            now = utcnow()
+            statement = (
+                select(Delivery, Output, Study)
+                .join(Output, Delivery.output_id == Output.id)
+                .join(Study, Output.study_id == Study.id)
+                .where(
+                    Delivery.destination == destination,
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= now,
+                    Output.revision == Study.revision,
+                    Study.state == StudyState.DELIVERING,
+                )
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+            )
+            if self._postgres:
+                statement = statement.with_for_update(of=Delivery, skip_locked=True)
+            due = []
+            for delivery, output, study in session.execute(statement).all():
+                delivery.attempts += 1
+                delivery.next_attempt_at = now + timedelta(seconds=lease_s)
+                due.append(
+                    DueDelivery(
+                        delivery_id=delivery.id,
+                        study_uid=study.study_uid,
+                        revision=output.revision,
+                        kind=output.kind,
+                        sop_class_uid=output.sop_class_uid,
+                        sop_instance_uid=output.sop_instance_uid,
+                        path=output.path,
+                        attempt=delivery.attempts,
+                    )
+                )
+            return due
+
+        return self.store.transaction(work)
+
+    def delivered(self, delivery_id: int, status: int = 0) -> str | None:
+        """Record an acknowledged delivery; returns the study UID if the study is now DONE."""
+
+        def work(session: Session) -> str | None:
+            delivery = session.get(Delivery, delivery_id)
+            if delivery is None or delivery.state is not DeliveryState.PENDING:
+                return None
+            now = utcnow()
+            delivery.state = DeliveryState.DONE
+            delivery.delivered_at = now
+            delivery.last_status = status
+            delivery.last_error = ""
+            return self._finish_study_if_delivered(session, delivery.output_id, now)
+
+        return self.store.transaction(work)
+
+    def _finish_study_if_delivered(
+        self, session: Session, output_id: int, now: datetime
+    ) -> str | None:
+        output = session.get(Output, output_id)
+        assert output is not None
+        study = session.scalar(self._locked(select(Study).where(Study.id == output.study_id)))
+        if study is None or study.state is not StudyState.DELIVERING:
+            return None
+        if output.revision != study.revision:
+            return None
+        outstanding = session.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .join(Output, Delivery.output_id == Output.id)
+            .where(
+                Output.study_id == study.id,
+                Output.revision == study.revision,
+                Delivery.state != DeliveryState.DONE,
+            )
+        )
+        if outstanding:
+            return None
+        previous = study.state
+        study.state = StudyState.DONE
+        study.state_changed_at = now
+        add_event(session, study, previous, "every destination acknowledged every object", now)
+        return study.study_uid
+
+    def _locked(self, statement):  # type: ignore[no-untyped-def]
+        return statement.with_for_update() if self._postgres else statement
+
+    def failed(
+        self,
+        delivery_id: int,
+        error: str,
+        backoff: Backoff,
+        *,
+        status: int | None = None,
+        permanent: bool = False,
+    ) -> DeliveryState | None:
+        """Record a failed attempt: retry after the backoff, or FAILED (and the study too)."""
+
+        def work(session: Session) -> DeliveryState | None:
+            delivery = session.get(Delivery, delivery_id)
+            if delivery is None or delivery.state is not DeliveryState.PENDING:
+                return None
+            now = utcnow()
+            delivery.last_status = status
+            delivery.last_error = error[:1000]
+            if permanent or delivery.attempts >= backoff.max_attempts:
+                delivery.state = DeliveryState.FAILED
+                output = session.get(Output, delivery.output_id)
+                assert output is not None
+                study = session.scalar(
+                    self._locked(select(Study).where(Study.id == output.study_id))
+                )
+                if (
+                    study is not None
+                    and study.state is StudyState.DELIVERING
+                    and study.revision == output.revision
+                ):
+                    reason = f"delivery to {delivery.destination} failed: {error}"
+                    study.state = StudyState.FAILED
+                    study.state_reason = reason
+                    study.state_changed_at = now
+                    add_event(session, study, StudyState.DELIVERING, reason, now)
+            else:
+                delivery.next_attempt_at = now + timedelta(seconds=backoff.delay(delivery.attempts))
+            return delivery.state
+
+        return self.store.transaction(work)
+
+    def retry(
+        self,
+        *,
+        delivery_ids: Sequence[int] | None = None,
+        study_uid: str | None = None,
+    ) -> int:
+        """Start FAILED deliveries again (one, a study's, or all); their studies go back to
+        DELIVERING. Returns how many deliveries were restarted."""
+
+        def work(session: Session) -> int:
+            now = utcnow()
+            statement = (
+                select(Delivery, Output, Study)
+                .join(Output, Delivery.output_id == Output.id)
+                .join(Study, Output.study_id == Study.id)
+                .where(Delivery.state == DeliveryState.FAILED, Output.revision == Study.revision)
+            )
+            if delivery_ids is not None:
+                statement = statement.where(Delivery.id.in_(list(delivery_ids)))
+            if study_uid is not None:
+                statement = statement.where(Study.study_uid == study_uid)
+            count = 0
+            for delivery, _output, study in session.execute(statement).all():
+                delivery.state = DeliveryState.PENDING
+                delivery.attempts = 0
+                delivery.next_attempt_at = now
+                delivery.last_error = ""
+                count += 1
+                if study.state is StudyState.FAILED:
+                    study.state = StudyState.DELIVERING
+                    study.state_reason = ""
+                    study.state_changed_at = now
+                    add_event(session, study, StudyState.FAILED, "delivery retried", now)
+            return count
+
+        return self.store.transaction(work)
+
+    def deliveries(self, study_uid: str) -> list[tuple[Delivery, Output]]:
+        """Every delivery of a study with its output, oldest first."""
+        with self.store.session() as session:
+            rows = session.execute(
+                select(Delivery, Output)
+                .join(Output, Delivery.output_id == Output.id)
+                .join(Study, Output.study_id == Study.id)
+                .where(Study.study_uid == study_uid)
+                .order_by(Output.revision, Output.id, Delivery.destination)
+            ).all()
+            return [(delivery, output) for delivery, output in rows]
