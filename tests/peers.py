@@ -15,8 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_FAILED_RESPONSE = re.compile(r"Received Store Response \((?!Success)[^)]*?(0x[0-9a-fA-F]{4})")
+#: ``storescu -v`` prints this per acknowledged instance; ``-d`` prints the status code instead.
+ACKNOWLEDGED = "Received Store Response (Success)"
+_DEBUG_STATUS = re.compile(r"DIMSE Status\s*: (0x[0-9a-fA-F]{4})")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's DCMTK leaves Nagle on (FACTS.md)
+
+
+def dcmtk(tool: str) -> str:
+    """The DCMTK binary *tool*. pynetdicom installs look-alike ``storescu``/``echoscu``
+    scripts into the virtual environment, which come first on PATH: skip those."""
+    venv_bin = Path(sys.prefix).resolve() / "bin"
+    for folder in os.get_exec_path():
+        candidate = Path(folder) / tool
+        if candidate.resolve().parent == venv_bin or Path(folder).resolve() == venv_bin:
+            continue
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise FileNotFoundError(f"DCMTK's {tool} is not installed (apt install dcmtk)")
 
 
 def free_port() -> int:
@@ -176,12 +191,36 @@ class StoreRun:
     @property
     def acknowledged(self) -> int:
         """Instances the peer acknowledged with success."""
-        return self.output.count("Received Store Response (Success)")
+        codes = _DEBUG_STATUS.findall(self.output)
+        return self.output.count(ACKNOWLEDGED) + codes.count("0x0000")
+
+    @property
+    def acknowledged_files(self) -> list[str]:
+        """Paths of the files the peer acknowledged with success, in sending order."""
+        return acknowledged_files(self.output)
 
     @property
     def failure_statuses(self) -> list[str]:
         """The status codes of failed store responses (e.g. ``0xa700``)."""
-        return _FAILED_RESPONSE.findall(self.output)
+        return [code.lower() for code in _DEBUG_STATUS.findall(self.output) if code != "0x0000"]
+
+
+def _is_debug_success(line: str) -> bool:
+    match = _DEBUG_STATUS.search(line)
+    return bool(match) and match.group(1) == "0x0000"
+
+
+def acknowledged_files(output: str) -> list[str]:
+    """From ``storescu -v`` output: the files answered with success (storescu sorts its input,
+    so the order is not the command line's)."""
+    acknowledged, current = [], None
+    for line in output.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = line[len("I: Sending file: ") :].strip()
+        elif current and (line.startswith("I: " + ACKNOWLEDGED) or _is_debug_success(line)):
+            acknowledged.append(current)
+            current = None
+    return acknowledged
 
 
 def storescu(
@@ -193,8 +232,8 @@ def storescu(
     extra: list[str] | None = None,
     timeout: float = 120.0,
 ) -> StoreRun:
-    """Send *files* with DCMTK storescu over one association."""
-    args = ["storescu", "-v", "-aet", calling, "-aec", called, *(extra or [])]
+    """Send *files* with DCMTK storescu over one association (debug output: status codes)."""
+    args = [dcmtk("storescu"), "-d", "-aet", calling, "-aec", called, *(extra or [])]
     args += ["127.0.0.1", str(port), *map(str, files)]
     result = subprocess.run(
         args, capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout, check=False
@@ -207,7 +246,7 @@ def storescu_background(
 ) -> subprocess.Popen[bytes]:
     """Start storescu without waiting; its verbose output goes to *log*."""
     handle = open(log, "wb")  # noqa: SIM115 - handed to the child
-    args = ["storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+    args = [dcmtk("storescu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
     process = subprocess.Popen(
         [*args, *map(str, files)], stdout=handle, stderr=subprocess.STDOUT, env=DCMTK_ENV
     )
@@ -220,7 +259,17 @@ def echoscu(
 ) -> subprocess.CompletedProcess[str]:
     """One C-ECHO with DCMTK echoscu."""
     return subprocess.run(
-        ["echoscu", "-v", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port)],
+        [
+            dcmtk("echoscu"),
+            "-v",
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            *(extra or []),
+            "127.0.0.1",
+            str(port),
+        ],
         capture_output=True,
         text=True,
         env=DCMTK_ENV,

@@ -1,0 +1,498 @@
+"""The listener as a real process, driven by DCMTK echoscu/storescu."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.peers import (
+    ACKNOWLEDGED,
+    acknowledged_files,
+    echoscu,
+    storescu,
+    storescu_background,
+    wait_until,
+)
+from triage.store.models import AssociationOutcome, StudyState
+from triage.testing.synth import make_study, write_study
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def study_files(
+    folder: Path, views: int = 3, seed: int = 1, rows: int = 256, cols: int = 256, **kwargs
+) -> list[Path]:
+    """A synthetic CR/DX study written to *folder*."""
+    datasets = make_study(views=views, seed=seed, rows=rows, cols=cols, **kwargs)
+    return write_study(datasets, folder)
+
+
+def same_study_more_views(files: list[Path], folder: Path, count: int) -> list[Path]:
+    """Extra instances for the study of *files* (new SOP Instance UIDs): late arrivals."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in range(count):
+        ds = pydicom.dcmread(files[0])
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = 100 + n
+        path = folder / f"late{n}.dcm"
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+def rewrite(source: Path, target: Path, **changes) -> Path:
+    """A copy of *source* with attributes changed (``None`` deletes)."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(target)
+    return target
+
+
+def test_echo_and_config_check(daemon_factory) -> None:
+    daemon = daemon_factory().start()
+    result = echoscu(daemon.port)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Received Echo Response (Success)" in result.stdout + result.stderr
+    wait_until(
+        lambda: any(r.echoes == 1 for r in daemon.store().associations()),
+        message="echo recorded in the association audit",
+    )
+    assert daemon.stop() == 0
+
+
+def test_multi_view_study_is_stored_grouped_and_idempotent(daemon_factory, tmp_path) -> None:
+    daemon = daemon_factory().start()
+    files = study_files(tmp_path / "in", views=3)
+    run = storescu(daemon.port, files)
+    assert run.acknowledged == 3, run.output
+    store = daemon.store()
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    instances = store.study_instances(study_uid)
+    assert len(instances) == 3
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in files}
+    assert {i.sop_instance_uid for i in instances} == set(by_uid)
+    for instance in instances:
+        stored = pydicom.dcmread(spool / instance.path)
+        source = pydicom.dcmread(by_uid[instance.sop_instance_uid])
+        assert stored.PixelData == source.PixelData
+        assert stored.PatientName == source.PatientName
+    # The same study again: every instance acknowledged, nothing stored twice.
+    again = storescu(daemon.port, files)
+    assert again.acknowledged == 3
+    assert len(store.study_instances(study_uid)) == 3
+    audits = wait_until(
+        lambda: (
+            [a for a in store.associations() if a.outcome is AssociationOutcome.RELEASED][:2]
+            if len([a for a in store.associations() if a.outcome is AssociationOutcome.RELEASED])
+            >= 2
+            else None
+        ),
+        message="both associations audited",
+    )
+    assert sorted((a.instances_stored, a.instances_duplicate) for a in audits) == [(0, 3), (3, 0)]
+    assert daemon.stop() == 0
+
+
+def test_compressed_transfer_syntaxes_are_accepted(daemon_factory, tmp_path) -> None:
+    from triage.testing.synth import available_encodings
+
+    daemon = daemon_factory().start()
+    encodings = [e for e in available_encodings() if e != "explicit"]
+    assert "rle" in encodings and "jpeg2000" in encodings
+    for n, encoding in enumerate(encodings):
+        files = write_study(
+            make_study(views=1, seed=100 + n, rows=128, cols=128), tmp_path / encoding, encoding
+        )
+        # storescu proposes uncompressed syntaxes unless told which one to propose.
+        flags = {
+            "implicit": ["-xi"],
+            "deflated": ["-xd"],
+            "rle": ["-xr"],
+            "jpeg2000": ["-xv"],
+            "jpeg-ls": ["-xt"],
+            "jpeg-lossless": ["-xs"],
+        }[encoding]
+        run = storescu(daemon.port, files, extra=flags)
+        assert run.acknowledged == 1, f"{encoding}: {run.output}"
+        stored = daemon.store().study_instances(str(pydicom.dcmread(files[0]).StudyInstanceUID))
+        assert (
+            stored[0].transfer_syntax_uid == pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID
+        )
+    assert daemon.stop() == 0
+
+
+def test_calling_ae_allow_list_with_and_without_host(daemon_factory) -> None:
+    daemon = daemon_factory(
+        {"dicom": {"allowed_peers": ["PACS", "ROUTER@127.0.0.1", "FARAWAY@192.0.2.7"]}}
+    ).start()
+    assert echoscu(daemon.port, calling="PACS").returncode == 0
+    assert echoscu(daemon.port, calling="ROUTER").returncode == 0
+    for stranger in ("INTRUDER", "FARAWAY"):
+        result = echoscu(daemon.port, calling=stranger)
+        assert result.returncode != 0
+        assert "Association Rejected" in result.stdout + result.stderr
+    # The called AE title is checked too.
+    wrong_called = echoscu(daemon.port, calling="PACS", called="NOTTRIAGE")
+    assert wrong_called.returncode != 0
+    store = daemon.store()
+    rejected = wait_until(
+        lambda: (
+            [a for a in store.associations() if a.outcome is AssociationOutcome.REJECTED]
+            if len([a for a in store.associations() if a.outcome is AssociationOutcome.REJECTED])
+            >= 3
+            else None
+        ),
+        message="rejections audited",
+    )
+    reasons = sorted(a.reason for a in rejected)
+    assert reasons == [
+        "called AE title not recognised",
+        "calling AE title not allowed from this host",
+        "calling AE title not allowed from this host",
+    ]
+    assert daemon.stop() == 0
+
+
+def test_invalid_input_gets_the_right_status_and_the_daemon_keeps_running(
+    daemon_factory, tmp_path
+) -> None:
+    daemon = daemon_factory().start()
+    good = study_files(tmp_path / "in", views=1)[0]
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    traversal = rewrite(good, bad_dir / "traversal.dcm", StudyInstanceUID="../../x")
+    no_series = rewrite(good, bad_dir / "noseries.dcm", SeriesInstanceUID=None)
+    no_pixels = rewrite(good, bad_dir / "nopixels.dcm", PixelData=None)
+    cases = {traversal: "0xc001", no_series: "0xc001", no_pixels: "0xa900"}
+    for path, status in cases.items():
+        run = storescu(daemon.port, [path])
+        assert run.acknowledged == 0
+        assert run.failure_statuses == [status], run.output
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    assert not (spool.parent / "x").exists()
+    assert not any(p.suffix == ".dcm" for p in spool.rglob("*"))
+    # Still serving, and a good instance still goes through.
+    assert storescu(daemon.port, [good]).acknowledged == 1
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert '"event": "instance_rejected"' in log and "missing or invalid StudyInstanceUID" in log
+
+
+def test_non_image_sop_class_is_not_negotiated(daemon_factory, tmp_path) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    daemon = daemon_factory().start()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    run = storescu(daemon.port, [path])
+    assert run.acknowledged == 0
+    assert run.returncode != 0
+    assert "No presentation context" in run.output or "no acceptable" in run.output.lower()
+    assert daemon.store().counts_by_state() == {}
+    assert echoscu(daemon.port).returncode == 0
+    assert daemon.stop() == 0
+
+
+def test_dataset_of_another_sop_class_is_refused_with_a900(daemon_factory, tmp_path) -> None:
+    """A CR data set in a file labelled DX, sent under the DX context → 0xA900.
+
+    DCMTK's storescu always sends a data set under its own SOP class, so it cannot make this
+    mistake; pynetdicom sends a file's encoded data set under the class its meta names, as a
+    misconfigured router would.
+    """
+    from pynetdicom import AE
+
+    daemon = daemon_factory().start()
+    good = study_files(tmp_path / "in", views=1, modality="CR")[0]
+    ds = pydicom.dcmread(good)
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX for presentation
+    mislabelled = tmp_path / "mislabelled.dcm"
+    ds.save_as(mislabelled)
+    ae = AE(ae_title="ROUTER")
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file as is, class from its meta
+    try:
+        response = assoc.send_c_store(mislabelled)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    assert response.Status == 0xA900
+    assert "SOP Class UID differs" in response.ErrorComment
+    assert daemon.store().counts_by_state() == {}
+    assert daemon.stop() == 0
+
+
+def test_low_disk_space_answers_a700_and_stores_nothing(daemon_factory, tmp_path) -> None:
+    daemon = daemon_factory({"store": {"min_free_mb": 1_000_000_000}}).start()
+    files = study_files(tmp_path / "in", views=2)
+    run = storescu(daemon.port, files, extra=["--no-halt"])
+    assert run.acknowledged == 0
+    assert run.failure_statuses == ["0xa700", "0xa700"], run.output
+    assert daemon.store().counts_by_state() == {}
+    assert daemon.stop() == 0
+
+
+def test_quiet_period_queues_and_a_late_instance_opens_revision_2(daemon_factory, tmp_path) -> None:
+    daemon = daemon_factory({"study": {"quiet_period_s": 1.0, "check_interval_s": 0.2}}).start()
+    files = study_files(tmp_path / "in", views=2)
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert storescu(daemon.port, files).acknowledged == 2
+    store = daemon.store()
+    assert store.get_study(study_uid).state in (StudyState.RECEIVING, StudyState.QUEUED)
+    wait_until(lambda: store.get_study(study_uid).state is StudyState.QUEUED, 15, message="queued")
+    late = same_study_more_views(files, tmp_path / "late", 1)
+    assert storescu(daemon.port, late).acknowledged == 1
+    study = store.get_study(study_uid)
+    assert study.revision == 2
+    wait_until(lambda: store.get_study(study_uid).state is StudyState.QUEUED, 15, message="rev 2")
+    assert [(e.to_state.value, e.revision) for e in store.study_history(study_uid)] == [
+        ("RECEIVING", 1),
+        ("QUEUED", 1),
+        ("RECEIVING", 2),
+        ("QUEUED", 2),
+    ]
+    assert daemon.stop() == 0
+    log_lines = [
+        json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")
+    ]
+    queued = [line for line in log_lines if line["event"] == "study_queued"]
+    assert [line["study_uid"] for line in queued] == [study_uid, study_uid]
+
+
+def big_series(folder: Path, count: int, rows: int = 1024, cols: int = 1024) -> list[Path]:
+    """*count* instances of one study (one rendered image, new UIDs): a long transfer."""
+    [first] = write_study(make_study(views=1, seed=7, rows=rows, cols=cols), folder)
+    return [first, *same_study_more_views([first], folder, count - 1)]
+
+
+def test_sigterm_during_a_transfer_finishes_the_association_then_exits_0(
+    daemon_factory, tmp_path
+) -> None:
+    daemon = daemon_factory().start()
+    files = big_series(tmp_path / "in", 60)
+    log = tmp_path / "storescu.log"
+    sender = storescu_background(daemon.port, files, log)
+    wait_until(lambda: log.read_text().count(ACKNOWLEDGED) >= 5, 60, 0.02)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(90) == 0
+    assert sender.wait(60) == 0
+    acknowledged = log.read_text().count(ACKNOWLEDGED)
+    assert acknowledged == 60
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert len(daemon.store().study_instances(study_uid)) == 60
+    # New associations are refused once the stop began.
+    assert echoscu(daemon.port).returncode != 0
+
+
+def test_kill_9_during_a_transfer_loses_no_acknowledged_instance(daemon_factory, tmp_path) -> None:
+    daemon = daemon_factory().start()
+    files = big_series(tmp_path / "in", 60)
+    log = tmp_path / "storescu.log"
+    sender = storescu_background(daemon.port, files, log)
+    wait_until(lambda: log.read_text().count(ACKNOWLEDGED) >= 20, 60, 0.01)
+    daemon.kill()
+    sender.wait(60)
+    acknowledged = acknowledged_files(log.read_text())
+    assert 20 <= len(acknowledged) < 60
+    daemon.start()  # restart on the same store and spool
+    store = daemon.store()
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    for path in acknowledged:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert store.instance_exists(str(ds.SOPInstanceUID)), f"lost {path.name}"
+        stored = pydicom.dcmread(spool / f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm")
+        assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    assert not any((spool / "tmp").iterdir())  # temp files of the crash were cleaned
+    # The rest is resent by the PACS and completes the study.
+    rest = storescu(daemon.port, files)
+    assert rest.acknowledged == 60
+    assert len(store.study_instances(str(pydicom.dcmread(files[0]).StudyInstanceUID))) == 60
+    assert daemon.stop() == 0
+
+
+def _make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=msk-triage test CA",
+    )
+    for name in ("server", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        ext = folder / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            ext.name,
+        )
+    return {
+        n: folder / n for n in ("ca.pem", "server.key", "server.pem", "client.key", "client.pem")
+    }
+
+
+def test_tls_echo_and_store_with_client_certificates(daemon_factory, tmp_path) -> None:
+    pki = _make_pki(tmp_path / "pki")
+    daemon = daemon_factory(
+        {
+            "dicom": {
+                "tls": True,
+                "tls_cert": str(pki["server.pem"]),
+                "tls_key": str(pki["server.key"]),
+                "tls_ca": str(pki["ca.pem"]),
+                "tls_verify_client": True,
+            }
+        }
+    ).start()
+    tls = ["+tls", str(pki["client.key"]), str(pki["client.pem"]), "+cf", str(pki["ca.pem"])]
+    echo = echoscu(daemon.port, extra=tls)
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    files = study_files(tmp_path / "in", views=2)
+    run = storescu(daemon.port, files, extra=tls)
+    assert run.acknowledged == 2, run.output
+    # Without a client certificate the handshake fails; plain DICOM is refused too.
+    anonymous = echoscu(daemon.port, extra=["+tla", "+cf", str(pki["ca.pem"])])
+    assert anonymous.returncode != 0
+    assert echoscu(daemon.port).returncode != 0
+    # The listener survived all of it.
+    assert echoscu(daemon.port, extra=tls).returncode == 0
+    records = daemon.store().associations()
+    assert any(r.tls and r.instances_stored == 2 for r in records)
+    assert daemon.stop() == 0
+
+
+def test_several_listener_processes_share_the_port(daemon_factory, tmp_path) -> None:
+    daemon = daemon_factory({"dicom": {"listener_processes": 2}}).start()
+    daemon.wait_for_log('"event": "listener_started"', 60)
+    studies = [study_files(tmp_path / f"s{n}", views=2, seed=200 + n) for n in range(6)]
+    senders = [
+        storescu_background(daemon.port, files, tmp_path / f"log{n}")
+        for n, files in enumerate(studies)
+    ]
+    assert [s.wait(120) for s in senders] == [0] * 6
+    store = daemon.store()
+    for files in studies:
+        uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert len(store.study_instances(uid)) == 2
+    assert daemon.stop() == 0
+
+
+def test_phi_never_reaches_the_log(daemon_factory, tmp_path) -> None:
+    daemon = daemon_factory({"study": {"quiet_period_s": 0.5, "check_interval_s": 0.2}}).start()
+    files = study_files(
+        tmp_path / "in",
+        views=2,
+        patient_name="Zyxwv^Quentinella",
+        patient_id="PID-99887766",
+        patient_birth_date="19451231",
+    )
+    assert storescu(daemon.port, files).acknowledged == 2
+    daemon.wait_for_log('"event": "study_queued"')
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    for secret in ("Zyxwv", "Quentinella", "PID-99887766", "19451231"):
+        assert secret not in log
+
+
+def test_wrong_config_stops_with_one_line_naming_the_key(tmp_path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[dicom]\nport = 70000\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "triage", "--config", str(config), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "triage: config error: [dicom] port: must be a TCP port 0..65535 (got 70000)"
+    )
+    config.write_text("[dicom]\nprot = 104\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "triage", "--config", str(config), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2 and "[dicom] prot: unknown key" in result.stderr
+
+
+def test_port_in_use_fails_with_a_clear_message(daemon_factory) -> None:
+    first = daemon_factory(name="first").start()
+    second = daemon_factory({"dicom": {"port": first.port}}, name="second")
+    second.start(wait=False)
+    assert second.process.wait(60) == 1
+    assert "cannot listen on 127.0.0.1:" in second.log_text()
+    assert first.stop() == 0
+    time.sleep(0)
