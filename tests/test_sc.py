@@ -1,0 +1,322 @@
+"""CAM overlays (Secondary Capture) and parametric maps: valid, referenced, and showing the heat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests.dicom_validate import (
+    dciodvfy,
+    display_of,
+    make_radiograph,
+    make_result,
+    make_study,
+    peaked_cam,
+    require_tools,
+    write_dataset,
+)
+from triage.dicom import colormap
+from triage.dicom.pmap import (
+    build_parametric_map,
+    parametric_map_series_uid,
+    parametric_map_sop_instance_uid,
+)
+from triage.dicom.sc import build_cam_overlay, overlay_sop_instance_uid
+from triage.scoring.result import ModelInfo, StudyResult
+
+VALIDATED = ModelInfo(name="densenet169-mura", version="1.2.0", validated=True)
+UNVALIDATED = ModelInfo(name="densenet169-mura", version="1.2.0-rc1", validated=False)
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+PM_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
+HOT_CELL = (1, 5)  # row, column on the 7×7 grid: upper right
+COLD_CELL = (5, 1)  # lower left
+
+
+@pytest.fixture(params=["CR", "DX"])
+def study(request: pytest.FixtureRequest) -> list[pydicom.Dataset]:
+    """Two left-wrist views: CR in MONOCHROME1, DX in MONOCHROME2."""
+    photometric = "MONOCHROME1" if request.param == "CR" else "MONOCHROME2"
+    return make_study(request.param, views=("PA", "LL"), photometric=photometric)
+
+
+@pytest.fixture
+def dx_study() -> list[pydicom.Dataset]:
+    """The DX study alone, for what does not depend on the modality."""
+    return make_study("DX", views=("PA", "LL"))
+
+
+def _overlay(
+    source: pydicom.Dataset, result: StudyResult, model: ModelInfo = VALIDATED, **kwargs: object
+) -> pydicom.Dataset:
+    view = next(v for v in result.views if v.sop_instance_uid == source.SOPInstanceUID)
+    return build_cam_overlay(source, display_of(source), view, result, model, **kwargs)
+
+
+def _validate(dataset: pydicom.Dataset, path: Path) -> None:
+    require_tools("dciodvfy")
+    result = dciodvfy(write_dataset(dataset, path))
+    assert not result.errors, f"dciodvfy errors:\n{result.output}"
+    print(result.output)  # the warnings, shown with -s or on a later failure
+
+
+def _image_part(sc: pydicom.Dataset, source: pydicom.Dataset) -> np.ndarray:
+    """The overlay's pixels below the label band (the band is added above the image)."""
+    scale = sc.Columns / source.Columns
+    rows = round(source.Rows * scale)
+    return sc.pixel_array[sc.Rows - rows :]
+
+
+def _heat(source: pydicom.Dataset, cam: np.ndarray) -> np.ndarray:
+    """How far the overlay with *cam* departs from the plain radiograph, per pixel (0..765).
+
+    The plain radiograph is the overlay of a CAM far below the threshold: nothing blended in.
+    """
+    images = [
+        _image_part(_overlay(source, make_result([source], [grid])), source).astype(int)
+        for grid in (cam, np.full_like(cam, -20.0))
+    ]
+    return np.abs(images[0] - images[1]).sum(axis=-1)
+
+
+def _cell(image: np.ndarray, cell: tuple[int, int], grid: int = 7) -> np.ndarray:
+    """The central half of one CAM cell's area of *image*."""
+    rows, cols = image.shape[:2]
+    r0, c0 = cell[0] * rows // grid, cell[1] * cols // grid
+    h, w = rows // grid, cols // grid
+    return image[r0 + h // 4 : r0 + 3 * h // 4, c0 + w // 4 : c0 + 3 * w // 4]
+
+
+# --- secondary capture ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [VALIDATED, UNVALIDATED], ids=["validated", "unvalidated"])
+def test_overlay_passes_dciodvfy(
+    study: list[pydicom.Dataset], model: ModelInfo, tmp_path: Path
+) -> None:
+    result = make_result(study)
+    for index, source in enumerate(study):
+        _validate(_overlay(source, result, model), tmp_path / f"sc{index}.dcm")
+
+
+def test_overlay_is_an_rgb_capture_of_the_view_in_the_study(study: list[pydicom.Dataset]) -> None:
+    result = make_result(study)
+    source = study[1]
+    sc = _overlay(source, result)
+
+    assert sc.SOPClassUID == SC_STORAGE
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientID == source.PatientID
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.Modality == "OT"
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel) == ("RGB", 3)
+    assert (sc.BitsAllocated, sc.BitsStored) == (8, 8)
+    assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.InstanceNumber == 2
+    [reference] = sc.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == source.SOPClassUID
+    assert sc.Laterality == "L"
+    assert list(sc.PatientOrientation) == list(source.PatientOrientation)
+    assert "AI HEAT MAP" in sc.ImageComments
+
+
+@pytest.mark.parametrize(("rows", "cols", "max_side"), [(1300, 1000, 512), (600, 900, 400)])
+def test_longest_side_is_capped(rows: int, cols: int, max_side: int) -> None:
+    source = make_study("DX", views=("PA",), rows=rows, cols=cols)[0]
+    sc = _overlay(source, make_result([source]), max_side=max_side)
+    assert max(sc.Rows, sc.Columns) <= max_side
+    assert max(sc.Rows, sc.Columns) >= max_side - 2  # and the space is used
+
+
+def test_small_display_is_not_upscaled() -> None:
+    source = make_study("DX", views=("PA",), rows=300, cols=240)[0]
+    sc = _overlay(source, make_result([source]), max_side=1024)
+    assert sc.Columns == 240
+    assert _image_part(sc, source).shape[:2] == (300, 240)
+    assert sc.Rows > 300  # the label band above the image
+
+
+def test_heat_is_stronger_where_the_cam_is_higher(study: list[pydicom.Dataset]) -> None:
+    cam = peaked_cam(HOT_CELL, high=6.0, low=-1.0)
+    cam[COLD_CELL] = -3.0
+    heat = _heat(study[0], cam)
+    assert _cell(heat, HOT_CELL).mean() > 60
+    assert _cell(heat, COLD_CELL).mean() < 1  # below the threshold: the radiograph untouched
+
+
+def test_mapping_is_fixed_not_stretched_per_image(dx_study: list[pydicom.Dataset]) -> None:
+    """A weaker CAM of the same shape shows less heat (a per-image min–max would not)."""
+    strong = _cell(_heat(dx_study[0], peaked_cam(HOT_CELL, high=6.0)), HOT_CELL).mean()
+    weak = _cell(_heat(dx_study[0], peaked_cam(HOT_CELL, high=2.0)), HOT_CELL).mean()
+    assert strong > 1.5 * weak > 0
+
+
+def test_unvalidated_overlay_is_labelled_in_red(dx_study: list[pydicom.Dataset]) -> None:
+    source = dx_study[0]
+    result = make_result([source])
+    unvalidated = _overlay(source, result, UNVALIDATED)
+    validated = _overlay(source, result, VALIDATED)
+
+    def red_label_pixels(sc: pydicom.Dataset) -> int:
+        band = sc.pixel_array[: sc.Rows - _image_part(sc, source).shape[0]]
+        r, g, b = (band[..., i].astype(int) for i in range(3))
+        return int(np.count_nonzero((r > 180) & (g < 140) & (b < 140)))
+
+    assert "NOT VALIDATED" in unvalidated.ImageComments
+    assert "NOT VALIDATED" in unvalidated.SeriesDescription
+    assert red_label_pixels(unvalidated) > 50
+    assert "NOT VALIDATED" not in validated.ImageComments
+    assert red_label_pixels(validated) == 0
+
+
+def test_overlay_uids_are_deterministic(dx_study: list[pydicom.Dataset]) -> None:
+    result = make_result(dx_study)
+    one, two = _overlay(dx_study[0], result), _overlay(dx_study[0], result)
+    other_view = _overlay(dx_study[1], result)
+    revised = _overlay(dx_study[0], make_result(dx_study, revision=2))
+
+    assert one.SOPInstanceUID == two.SOPInstanceUID
+    assert one.SOPInstanceUID == overlay_sop_instance_uid(result, VALIDATED, result.views[0])
+    assert other_view.SOPInstanceUID != one.SOPInstanceUID
+    assert other_view.SeriesInstanceUID == one.SeriesInstanceUID  # one series per revision
+    assert revised.SOPInstanceUID != one.SOPInstanceUID
+    assert revised.SeriesInstanceUID != one.SeriesInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("modality", "photometric"), [("CR", "MONOCHROME1"), ("DX", "MONOCHROME2")]
+)
+def test_outputs_of_a_synthetic_study_pass_dciodvfy(
+    modality: str, photometric: str, tmp_path: Path
+) -> None:
+    """The same with the project's synthetic studies (14-bit DX, rescaled values), if present."""
+    synth = pytest.importorskip("triage.testing.synth")
+    study = synth.make_study(
+        views=2, modality=modality, photometric=photometric, rows=256, cols=200
+    )
+    result = make_result(study)
+    for index, source in enumerate(study):
+        _validate(_overlay(source, result, UNVALIDATED), tmp_path / f"sc{index}.dcm")
+    pm = build_parametric_map(study[0], result.views[0], result, UNVALIDATED)
+    _validate(pm, tmp_path / "pm.dcm")
+
+
+def test_left_and_right_views_get_separate_overlay_series() -> None:
+    left = make_study("DX", views=("PA",), laterality="L")[0]
+    right = make_radiograph(
+        "DX", study_uid=left.StudyInstanceUID, laterality="R", instance_number=2
+    )
+    result = make_result([left, right])
+    overlays = [_overlay(ds, result) for ds in (left, right)]
+    assert [sc.Laterality for sc in overlays] == ["L", "R"]
+    assert overlays[0].SeriesInstanceUID != overlays[1].SeriesInstanceUID
+
+
+@pytest.mark.parametrize("laterality", ["U", "B", ""])
+def test_outputs_without_orientation_or_side_pass_dciodvfy(laterality: str, tmp_path: Path) -> None:
+    """CR may carry neither PatientOrientation nor a laterality; B and U are not one side."""
+    source = make_study("CR", views=("PA",), laterality=laterality or "L")[0]
+    del source.PatientOrientation
+    if not laterality:
+        del source.Laterality
+    result = make_result([source])
+    sc = _overlay(source, result)
+    pm = build_parametric_map(source, result.views[0], result, VALIDATED)
+    _validate(sc, tmp_path / "sc.dcm")
+    _validate(pm, tmp_path / "pm.dcm")
+    for dataset in (sc, pm):
+        assert dataset.Laterality in (None, "")  # not one side: present, empty (Type 2C)
+
+
+def test_bad_inputs_are_refused(dx_study: list[pydicom.Dataset]) -> None:
+    result = make_result(dx_study)
+    view = result.views[0]
+    with pytest.raises(ValueError, match="different images"):
+        build_cam_overlay(dx_study[1], display_of(dx_study[1]), view, result, VALIDATED)
+    with pytest.raises(ValueError, match="colour map"):
+        _overlay(dx_study[0], result, colormap="jet")
+    with pytest.raises(ValueError, match="2-D"):
+        build_cam_overlay(dx_study[0], np.zeros((4, 4, 3)), view, result, VALIDATED)
+
+
+@pytest.mark.parametrize("name", colormap.NAMES)
+def test_colour_maps_rise_in_lightness(name: str) -> None:
+    table = colormap.lut(name).astype(float) / 255.0
+    linear = np.where(table <= 0.04045, table / 12.92, ((table + 0.055) / 1.055) ** 2.4)
+    luminance = linear @ np.array([0.2126, 0.7152, 0.0722])
+    assert table.shape == (256, 3)
+    assert np.all(np.diff(luminance) >= -1e-3)
+    assert luminance[-1] - luminance[0] > 0.7
+
+
+# --- parametric map ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [VALIDATED, UNVALIDATED], ids=["validated", "unvalidated"])
+def test_parametric_map_passes_dciodvfy(
+    study: list[pydicom.Dataset], model: ModelInfo, tmp_path: Path
+) -> None:
+    result = make_result(study)
+    pm = build_parametric_map(study[0], result.views[0], result, model)
+    _validate(pm, tmp_path / "pm.dcm")
+
+
+def test_parametric_map_matches_the_source_and_carries_the_cam(
+    study: list[pydicom.Dataset],
+) -> None:
+    source = study[0]
+    cam = peaked_cam(HOT_CELL, high=6.0, low=-1.0)
+    result = make_result([source], [cam])
+    pm = build_parametric_map(source, result.views[0], result, UNVALIDATED)
+
+    assert pm.SOPClassUID == PM_STORAGE
+    assert (pm.Rows, pm.Columns, int(pm.NumberOfFrames)) == (source.Rows, source.Columns, 1)
+    assert pm.StudyInstanceUID == source.StudyInstanceUID
+    assert pm.SeriesInstanceUID != source.SeriesInstanceUID
+    assert pm.ContentQualification == "RESEARCH"
+    assert "NOT VALIDATED" in pm.SeriesDescription
+    frame = pm.PerFrameFunctionalGroupsSequence[0]
+    [derivation] = frame.DerivationImageSequence
+    assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
+    assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == ("130402", "DCM")
+
+    values = pm.pixel_array.astype(np.float32)
+    assert values.shape == (source.Rows, source.Columns)
+    assert values.min() >= cam.min() - 1e-5 and values.max() <= cam.max() + 1e-5
+    assert _cell(values, HOT_CELL).mean() > _cell(values, COLD_CELL).mean() + 3
+
+
+def test_each_parametric_map_has_its_own_series_and_frame_of_reference(
+    dx_study: list[pydicom.Dataset],
+) -> None:
+    result = make_result(dx_study)
+    maps = [
+        build_parametric_map(ds, view, result, VALIDATED)
+        for ds, view in zip(dx_study, result.views, strict=True)
+    ]
+    assert maps[0].SeriesInstanceUID != maps[1].SeriesInstanceUID
+    assert maps[0].FrameOfReferenceUID != maps[1].FrameOfReferenceUID
+    assert {pm.FrameOfReferenceUID for pm in maps}.isdisjoint(
+        {ds.get("FrameOfReferenceUID") for ds in dx_study}
+    )
+
+
+def test_parametric_map_uids_are_deterministic(dx_study: list[pydicom.Dataset]) -> None:
+    result = make_result(dx_study)
+    view = result.views[0]
+    one = build_parametric_map(dx_study[0], view, result, VALIDATED)
+    two = build_parametric_map(dx_study[0], view, result, VALIDATED)
+    revised_result = make_result(dx_study, revision=2)
+    revised = build_parametric_map(dx_study[0], revised_result.views[0], revised_result, VALIDATED)
+
+    assert one.SOPInstanceUID == two.SOPInstanceUID
+    assert one.SOPInstanceUID == parametric_map_sop_instance_uid(result, VALIDATED, view)
+    assert one.SeriesInstanceUID == parametric_map_series_uid(result, VALIDATED, view)
+    assert one.FrameOfReferenceUID == two.FrameOfReferenceUID
+    assert revised.SOPInstanceUID != one.SOPInstanceUID

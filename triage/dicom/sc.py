@@ -1,0 +1,306 @@
+"""CAM overlays: each scored view with the model's class activation map as a heat map, as an
+RGB Secondary Capture in the source study, with the label burned in.
+
+How the heat is computed: one fixed mapping for every image (a per-image min–max stretch would
+make the faintest evidence in a normal view glow as brightly as a fracture):
+
+- The CAM is in logit units and its spatial mean plus the classifier bias is the view's logit
+  (see :class:`~triage.scoring.result.ViewResult`), so the bias is recovered from the view's
+  probability: ``bias = logit(p) - mean(cam)``. ``cam + bias`` is a *local logit*: the logit
+  the model would give if the whole image looked like that spot.
+- The CAM grid (e.g. 7×7) is upsampled bicubically to the image in logit space and turned into
+  a *local probability* ``sigmoid(cam + bias)``.
+- Only evidence above the study's operating point is drawn: the heat level is
+  ``(local probability - threshold) / (1 - threshold)``, clipped to 0..1. It picks the colour
+  from a perceptual map (:mod:`triage.dicom.colormap`) and the blending opacity
+  ``opacity × level``, so below the threshold the radiograph shows through untouched and
+  *opacity* is the most the overlay ever covers.
+
+The label (AI heat map, model, view and study probability, NOT VALIDATED when so) is drawn on
+a black band added above the image, so it hides no anatomy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.uid import ExplicitVRLittleEndian
+
+from triage.dicom import colormap as colormaps
+from triage.dicom.sr import (
+    MANUFACTURER,
+    laterality_of,
+    series_description,
+    software_versions,
+)
+from triage.scoring.result import ModelInfo, StudyResult, ViewResult
+from triage.uids import derived_uid
+
+#: Series number of the overlays (the SR is 9900).
+SC_SERIES_NUMBER = 9901
+
+_SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+# Probabilities are clipped away from 0 and 1 so their logit stays finite.
+_P_EPS = 1e-6
+_LABEL_BACKGROUND = (0, 0, 0)
+_LABEL_TEXT = (255, 255, 255)
+_LABEL_WARNING = (255, 80, 80)
+
+
+def classifier_bias(view: ViewResult) -> float:
+    """The classifier bias, recovered from the view: ``logit(probability) - mean(cam)``."""
+    cam = np.asarray(view.cam, dtype=np.float64)
+    if cam.ndim != 2 or cam.size == 0:
+        raise ValueError(f"CAM of view {view.sop_instance_uid} is not a 2-D grid: {cam.shape}")
+    p = min(max(float(view.probability), _P_EPS), 1.0 - _P_EPS)
+    return math.log(p / (1.0 - p)) - float(cam.mean())
+
+
+def local_logits(view: ViewResult) -> np.ndarray:
+    """The view's CAM plus the classifier bias: per-cell logits, float32 on the CAM grid."""
+    return (np.asarray(view.cam, dtype=np.float64) + classifier_bias(view)).astype(np.float32)
+
+
+def upsample(grid: np.ndarray, rows: int, cols: int, *, smooth: bool = True) -> np.ndarray:
+    """*grid* (2-D) resampled to ``rows × cols`` float32, cell centres on pixel-area centres.
+
+    *smooth* uses bicubic interpolation (no visible cell seams; may overshoot the grid's range
+    slightly), otherwise bilinear (values stay within the range of neighbouring cells).
+    """
+    image = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32))
+    method = Image.Resampling.BICUBIC if smooth else Image.Resampling.BILINEAR
+    return np.asarray(image.resize((cols, rows), method), dtype=np.float32)
+
+
+def local_probability(view: ViewResult, rows: int, cols: int) -> np.ndarray:
+    """sigmoid(CAM + bias) at ``rows × cols``, float32 0..1 (bicubic upsampling in logit space)."""
+    logits = upsample(local_logits(view), rows, cols, smooth=True).astype(np.float64)
+    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)  # sigmoid, overflow-free
+
+
+def heat_level(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """How far a local probability is above *threshold*, rescaled to 0..1 (0 at or below it)."""
+    threshold = min(max(float(threshold), 0.0), 0.99)
+    level = (np.asarray(probability, dtype=np.float32) - threshold) / (1.0 - threshold)
+    return np.clip(level, 0.0, 1.0)
+
+
+def blend(
+    grey: np.ndarray, level: np.ndarray, *, opacity: float, colormap: str = colormaps.DEFAULT
+) -> np.ndarray:
+    """*grey* (0..1) with *level* (0..1) coloured over it at ``opacity × level``: uint8 RGB."""
+    colour = colormaps.apply(level, colormap).astype(np.float32) / 255.0
+    alpha = (opacity * level)[..., None]
+    blended = grey[..., None] * (1.0 - alpha) + colour * alpha
+    return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def overlay_series_uid(result: StudyResult, model: ModelInfo, laterality: str = "") -> str:
+    """SeriesInstanceUID of the overlays of one laterality ("" when unknown) of a revision.
+
+    Laterality is a series attribute, so a study with left and right views gets two series.
+    """
+    return derived_uid(result.study_uid, result.revision, model.version, "sc", "series", laterality)
+
+
+def overlay_sop_instance_uid(result: StudyResult, model: ModelInfo, view: ViewResult) -> str:
+    """SOPInstanceUID of the overlay of *view* (the same on every rebuild)."""
+    return derived_uid(
+        result.study_uid, result.revision, model.version, "sc", view.sop_instance_uid
+    )
+
+
+def build_cam_overlay(
+    source: pydicom.Dataset,
+    display: np.ndarray,
+    view: ViewResult,
+    result: StudyResult,
+    model: ModelInfo,
+    *,
+    opacity: float = 0.4,
+    max_side: int = 1024,
+    colormap: str = colormaps.DEFAULT,
+    series_number: int = SC_SERIES_NUMBER,
+    instance_number: int | None = None,
+    created: datetime.datetime | None = None,
+) -> hd.sc.SCImage:
+    """The CAM overlay of one view as an RGB 8-bit Secondary Capture image.
+
+    *display* is the view as displayed (float 2-D, 0..1, after the Modality/VOI LUTs, with
+    MONOCHROME1 inverted), at any resolution with the source's aspect ratio; the result's
+    longest side is at most *max_side* (never upscaled), label band included. *opacity* is the
+    most the heat ever covers the image; *colormap* is one of :data:`colormap.NAMES`.
+    *instance_number* defaults to the view's position in *result*. The label says it is an AI
+    heat map, with the view's and the study's probability, and NOT VALIDATED for an
+    unvalidated model.
+    """
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be within 0..1, not {opacity}")
+    if max_side < 128:
+        raise ValueError(f"max_side {max_side} is too small for a readable overlay")
+    if np.ndim(display) != 2 or min(np.shape(display)) < 1:
+        raise ValueError(f"display must be a 2-D image, not shape {np.shape(display)}")
+    colormaps.lut(colormap)  # an unknown name fails here, before any pixel work
+    if str(source.SOPInstanceUID) != view.sop_instance_uid:
+        raise ValueError("source and view are different images")
+    if str(source.StudyInstanceUID) != result.study_uid:
+        raise ValueError(f"source is not in study {result.study_uid}")
+    if instance_number is None:
+        instance_number = _view_position(result, view)
+
+    lines = _label_lines(view, result, model)
+    font, band = _label_font(lines, np.shape(display), max_side)
+    grey = _fit(display, max_side - band, max_side)
+    rows, cols = grey.shape
+    level = heat_level(local_probability(view, rows, cols), result.threshold)
+    rgb = blend(grey, level, opacity=opacity, colormap=colormap)
+    rgb = _add_label(rgb, lines, font, band, warn=not model.validated)
+
+    laterality = laterality_of(source)
+    series_laterality = laterality if laterality in ("R", "L") else ""
+    created = created or datetime.datetime.now()
+    description = series_description("heat map", result, model)
+    if series_laterality:
+        description = f"{description} {series_laterality}"[:64]
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=overlay_series_uid(result, model, series_laterality),
+        series_number=series_number,
+        sop_instance_uid=overlay_sop_instance_uid(result, model, view),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        laterality=series_laterality or None,
+        # highdicom only takes single-letter orientations; the source's own value replaces it
+        # below (no flips or rotations happen here, so the orientation is the source's).
+        patient_orientation=_single_letter_orientation(source),
+        manufacturer_model_name="msk-triage",
+        software_versions=software_versions(model),
+        series_description=description,
+        content_date=created.date(),
+        content_time=created.time(),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    orientation = list(source.get("PatientOrientation") or [])
+    sc.PatientOrientation = orientation if len(orientation) == 2 else None
+    set_series_laterality(sc, laterality)
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.ImageComments = "; ".join(lines)
+    sc.DerivationDescription = (
+        f"Class activation map of {model.name} {model.version}: sigmoid(CAM + bias) above "
+        f"threshold {result.threshold:.2f}, bicubic upsampling, blended at up to "
+        f"{opacity:.0%} opacity, colour map {colormap}, label band added above the image"
+    )[:1024]
+    reference = pydicom.Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
+    sc.SourceImageSequence = [reference]
+    return sc
+
+
+def set_series_laterality(dataset: pydicom.Dataset, laterality: str) -> None:
+    """General Series Laterality (Type 2C, for paired body parts) from a view's laterality.
+
+    R or L as is, otherwise present and empty: every MURA body part is paired, so the
+    attribute is required, and it cannot express both sides (B); U on an upper extremity
+    means the side is not known.
+    """
+    dataset.Laterality = laterality if laterality in ("R", "L") else None
+
+
+def _fit(display: np.ndarray, max_rows: int, max_cols: int) -> np.ndarray:
+    """*display* as float32 0..1, downsampled (area-averaged) to fit max_rows × max_cols."""
+    grey = np.clip(np.nan_to_num(np.asarray(display, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    rows, cols = grey.shape
+    scale = min(max_rows / rows, max_cols / cols)
+    if scale < 1.0:
+        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+        # BOX averages every source pixel into the output: no aliasing of fine trabeculae.
+        image = Image.fromarray(np.ascontiguousarray(grey))
+        grey = np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
+        grey = np.clip(grey, 0.0, 1.0)
+    return grey
+
+
+def _label_lines(view: ViewResult, result: StudyResult, model: ModelInfo) -> list[str]:
+    finding = "ABNORMAL" if result.abnormal else "normal"
+    lines = [
+        f"AI HEAT MAP (class activation) - {model.name} {model.version}",
+        f"view p={view.probability:.2f}   study p={result.probability:.2f} "
+        f"(threshold {result.threshold:.2f}): {finding}",
+    ]
+    if not model.validated:
+        lines.append("NOT VALIDATED - NOT FOR DIAGNOSIS")
+    return lines
+
+
+def _label_font(
+    lines: list[str], shape: tuple[int, ...], max_side: int
+) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int]:
+    """The largest font (9..36 px) whose longest line fits the output width, and band height.
+
+    The band takes rows from *max_side*, which can narrow the image, so the size is settled
+    by shrinking until the text fits the width the image gets with that band.
+    """
+    rows, cols = shape[0], shape[1]
+    size = 36
+    while True:
+        font = ImageFont.load_default(size=size)
+        band = _margin(size) + (size + _margin(size)) * len(lines)
+        width = round(cols * min(1.0, (max_side - band) / rows, max_side / cols))
+        longest = max(font.getlength(text) for text in lines)
+        if size <= 9 or longest <= width - 2 * _margin(size):
+            return font, band
+        size -= 1
+
+
+def _margin(size: int) -> int:
+    return max(2, size // 4)
+
+
+def _add_label(
+    rgb: np.ndarray,
+    lines: list[str],
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    band: int,
+    *,
+    warn: bool,
+) -> np.ndarray:
+    """*rgb* under a black band of *band* rows carrying *lines* (the last one red if *warn*)."""
+    rows, cols = rgb.shape[:2]
+    canvas = Image.new("RGB", (cols, rows + band), _LABEL_BACKGROUND)
+    canvas.paste(Image.fromarray(rgb), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    size = int(getattr(font, "size", 11))
+    margin = _margin(size)
+    for index, text in enumerate(lines):
+        colour = _LABEL_WARNING if warn and index == len(lines) - 1 else _LABEL_TEXT
+        draw.text((margin, margin + index * (size + margin)), text, fill=colour, font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _single_letter_orientation(source: pydicom.Dataset) -> tuple[str, str]:
+    # The dominant direction comes first in a PatientOrientation value ("FL" is mostly F).
+    values = [str(v).strip().upper() for v in (source.get("PatientOrientation") or [])]
+    if len(values) == 2 and all(v and v[0] in "APRLHF" for v in values):
+        return values[0][0], values[1][0]
+    return ("L", "F")  # placeholder for highdicom; replaced (or emptied) by the caller
+
+
+def _view_position(result: StudyResult, view: ViewResult) -> int:
+    for index, candidate in enumerate(result.views, start=1):
+        if candidate.sop_instance_uid == view.sop_instance_uid:
+            return index
+    raise ValueError(f"view {view.sop_instance_uid} is not among the study's scored views")

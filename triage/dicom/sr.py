@@ -1,0 +1,302 @@
+"""The study's result as a DICOM Structured Report: TID 1500, the IHE AI Results way.
+
+One Comprehensive 3D SR per scored study revision, in the source study, in its own series::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer Type = Device (UID, name with software version, manufacturer, model)
+      Procedure reported = Plain radiography
+      Image Library: every scored view (when their headers allow; it is optional)
+      Imaging Measurements
+        Measurement Group "study"          finding site = the study type's anatomy
+          Algorithm Name / Version / Family / Manufacturer (TID 4019)
+          Probability (UCUM 1), derivation Mean      the mean of the view probabilities
+          Threshold Value (UCUM 1)                   abnormal when Probability > it
+          Finding = Abnormal | Normal
+          Comment: NOT VALIDATED …                   only for a model that is not validated
+          Comment: Image … not scored: …             one per skipped view
+          Source: every scored view
+        Measurement Group "view n (PA)"   one per scored view
+          finding site (+ laterality), algorithm, Probability, Comment: note, Source: the view
+
+The threshold is a measurement (DCM 122411 "Threshold Value") rather than an algorithm
+parameter so that a consumer can compare the two numbers without parsing text. Views have no
+Finding of their own: MURA's decision is per study, and a per-view "Abnormal" next to a study
+"Normal" would read as a contradiction. Skipped views are free-text qualitative evaluations of
+the study group (TID 1501 allows TEXT there); they are not evidence, since nothing was derived
+from them.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from triage import __version__
+from triage.scoring.result import ModelInfo, StudyResult
+from triage.uids import derived_uid
+
+#: Manufacturer of every object msk-triage writes (General Equipment).
+MANUFACTURER = "msk-triage"
+#: Series numbers of the outputs: high, so they sort after the modality's series.
+SR_SERIES_NUMBER = 9900
+
+_PLAIN_RADIOGRAPHY = hd.sr.CodedConcept("168537006", "SCT", "Plain radiography")
+_THRESHOLD_VALUE = hd.sr.CodedConcept("122411", "DCM", "Threshold Value")
+_NO_UNITS = codes.UCUM.NoUnits
+_LATERALITY_CODES = {
+    "R": codes.SCT.Right,
+    "L": codes.SCT.Left,
+    "B": hd.sr.CodedConcept("51440002", "SCT", "Right and left"),
+}
+
+
+def not_validated_statement(model: ModelInfo) -> str:
+    """The sentence every output of an unvalidated model carries."""
+    return (
+        f"NOT VALIDATED: model {model.name} {model.version} has not been validated for "
+        "clinical use; this result must not be used for diagnosis."
+    )
+
+
+def series_description(kind: str, result: StudyResult, model: ModelInfo) -> str:
+    """A SeriesDescription ("AI triage SR - NOT VALIDATED (rev 2)"), at most 64 characters.
+
+    ASCII only: the outputs inherit the sources' character set, which may be the default one.
+    """
+    text = f"AI triage {kind}"
+    if not model.validated:
+        text += " - NOT VALIDATED"
+    if result.revision > 1:
+        text += f" (rev {result.revision})"
+    return text[:64]
+
+
+def software_versions(model: ModelInfo) -> list[str]:
+    """SoftwareVersions: msk-triage's version, then the model's name and version."""
+    return [f"msk-triage {__version__}"[:64], f"{model.name} {model.version}"[:64]]
+
+
+def laterality_of(source: pydicom.Dataset) -> str:
+    """The view's laterality (R, L, B or U) from ImageLaterality or Laterality, "" if unknown."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value:
+            return value
+    return ""
+
+
+def sr_series_uid(result: StudyResult, model: ModelInfo) -> str:
+    """SeriesInstanceUID of the SR of this study revision (the same on every rebuild)."""
+    return derived_uid(result.study_uid, result.revision, model.version, "sr", "series")
+
+
+def sr_sop_instance_uid(result: StudyResult, model: ModelInfo) -> str:
+    """SOPInstanceUID of the SR of this study revision (the same on every rebuild)."""
+    return derived_uid(result.study_uid, result.revision, model.version, "sr")
+
+
+def build_sr(
+    sources: Sequence[pydicom.Dataset],
+    result: StudyResult,
+    model: ModelInfo,
+    *,
+    device_uid: str,
+    predecessor: pydicom.Dataset | None = None,
+    device_name: str = "msk-triage",
+    institution_name: str | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    created: datetime.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The Structured Report of one scored study revision.
+
+    *sources* are the study's images (headers suffice); every scored view of *result* must be
+    among them, others are ignored. *device_uid* identifies this msk-triage installation as
+    the observer. *predecessor* is the SR of the previous revision, named in
+    PredecessorDocumentsSequence. *created* is the ContentDate/Time (default: now); UIDs do
+    not depend on it, so a rebuild after a crash replaces the same instance.
+    """
+    if not result.views:
+        raise ValueError(f"study {result.study_uid} has no scored views: nothing to report")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    missing = [
+        view.sop_instance_uid for view in result.views if view.sop_instance_uid not in by_uid
+    ]
+    if missing:
+        raise ValueError(f"no source dataset for scored views {', '.join(missing)}")
+    evidence = [by_uid[view.sop_instance_uid] for view in result.views]
+    other_study = [ds for ds in evidence if str(ds.StudyInstanceUID) != result.study_uid]
+    if other_study:
+        raise ValueError(f"sources are not all in study {result.study_uid}")
+
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        family=codes.DCM.ArtificialIntelligence,
+        manufacturer=model.manufacturer,
+    )
+    site_code, site_meaning = result.study_type.finding_site
+    anatomy = hd.sr.CodedConcept(site_code, "SCT", site_meaning)
+    lateralities = {laterality_of(ds) for ds in evidence}
+    study_laterality = lateralities.pop() if len(lateralities) == 1 else ""
+
+    study_group = _group(
+        tracking=("study", _tracking_uid(result, "study")),
+        site=_finding_site(anatomy, study_laterality),
+        algorithm=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=_rounded(result.probability),
+                unit=_NO_UNITS,
+                derivation=codes.SCT.Mean,
+            ),
+            hd.sr.Measurement(
+                name=_THRESHOLD_VALUE, value=_rounded(result.threshold), unit=_NO_UNITS
+            ),
+        ],
+        finding=codes.SCT.Abnormal if result.abnormal else codes.SCT.Normal,
+        comments=(
+            ([] if model.validated else [not_validated_statement(model)])
+            + [
+                f"Image {skipped.sop_instance_uid} not scored: {skipped.reason}"
+                for skipped in result.skipped_views
+            ]
+        ),
+        images=evidence,
+    )
+    view_groups = [
+        _group(
+            tracking=(_view_label(index, source), _tracking_uid(result, view.sop_instance_uid)),
+            site=_finding_site(anatomy, laterality_of(source)),
+            algorithm=algorithm,
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.DCM.Probability, value=_rounded(view.probability), unit=_NO_UNITS
+                )
+            ],
+            finding=None,
+            comments=[view.note] if view.note else [],
+            images=[source],
+        )
+        for index, (view, source) in enumerate(zip(result.views, evidence, strict=True), start=1)
+    ]
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=f"{device_name} {__version__}",
+            manufacturer_name=MANUFACTURER,
+            model_name=model.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_PLAIN_RADIOGRAPHY,
+        imaging_measurements=[study_group, *view_groups],
+        referenced_images=evidence if _describable(evidence) else None,
+    )
+    created = created or datetime.datetime.now()
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=sr_series_uid(result, model),
+        series_number=series_number,
+        sop_instance_uid=sr_sop_instance_uid(result, model),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="msk-triage",
+        software_versions=software_versions(model),
+        series_description=series_description("SR", result, model),
+        institution_name=institution_name,
+        # The algorithm has run over every view it could; the report is not a physician's.
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        content_date=created.date(),
+        content_time=created.time(),
+    )
+
+
+def _describable(images: Sequence[pydicom.Dataset]) -> bool:
+    """Whether highdicom can describe every image in a TID 1600 Image Library.
+
+    The library is optional; its entries for projection radiographs need PatientOrientation
+    and ImagerPixelSpacing, which a CR may lack, and the report is worth more than the library.
+    """
+    try:
+        hd.sr.ImageLibrary(images)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _rounded(value: float) -> float:
+    # Six decimals are beyond any meaningful precision of a probability, and keep the DS
+    # readable ("0.82", not "0.82000000000000" from a float sum).
+    return round(float(value), 6)
+
+
+def _tracking_uid(result: StudyResult, subject: str) -> str:
+    # Without revision or model version: a revision's group tracks the same subject (the study,
+    # one view) as the previous revision's, which TID 4108 tracking identifiers are for.
+    return derived_uid(result.study_uid, "tracking", subject)
+
+
+def _view_label(index: int, source: pydicom.Dataset) -> str:
+    position = str(source.get("ViewPosition", "") or "").strip()
+    return f"view {index} ({position})" if position else f"view {index}"
+
+
+def _finding_site(anatomy: hd.sr.CodedConcept, laterality: str) -> hd.sr.FindingSite:
+    # U (unpaired) and unknown lateralities get no laterality modifier.
+    return hd.sr.FindingSite(
+        anatomic_location=anatomy, laterality=_LATERALITY_CODES.get(laterality)
+    )
+
+
+def _group(
+    *,
+    tracking: tuple[str, str],
+    site: hd.sr.FindingSite,
+    algorithm: hd.sr.AlgorithmIdentification,
+    measurements: list[hd.sr.Measurement],
+    finding: Code | None,
+    comments: list[str],
+    images: Sequence[pydicom.Dataset],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 measurement group, with TID 1501 row-12 TEXT evaluations for comments."""
+    label, uid = tracking
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label),
+        algorithm_id=algorithm,
+        finding_sites=[site],
+        measurements=measurements,
+        qualitative_evaluations=(
+            [hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=finding)]
+            if finding is not None
+            else None
+        ),
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images
+        ],
+    )
+    items = group[0].ContentSequence
+    # Comments go after the evaluations and before the source images, as TID 1501 orders them.
+    position = len(items) - len(images)
+    for offset, text in enumerate(comments):
+        items.insert(
+            position + offset,
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=text,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        )
+    return group
