@@ -13,6 +13,9 @@ from sqlalchemy.engine import make_url
 
 from alembic import command
 
+#: Execution option marking a read-only connection (SQLite then skips BEGIN IMMEDIATE).
+READ_ONLY = "triage_read_only"
+
 
 class StoreUnavailable(RuntimeError):
     """The database cannot be reached or its schema cannot be brought up to date."""
@@ -58,7 +61,9 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Reads (see Store.read_session) need no write lock: deferred BEGIN.
+            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -223,7 +223,7 @@ class Outbox:
 
     def deliveries(self, study_uid: str) -> list[tuple[Delivery, Output]]:
         """Every delivery of a study with its output, oldest first."""
-        with self.store.session() as session:
+        with self.store.read_session() as session:
             rows = session.execute(
                 select(Delivery, Output)
                 .join(Output, Delivery.output_id == Output.id)

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage.store.db import READ_ONLY
 from triage.store.models import (
     REOPENED_BY_LATE_INSTANCE,
     AssociationOutcome,
@@ -69,11 +70,18 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = sessionmaker(
+            engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
         self._postgres = engine.dialect.name == "postgresql"
 
     def session(self) -> Session:
-        """A new session (callers use ``with store.session() as s, s.begin(): …``)."""
+        """A new session for writing (``with store.session() as s, s.begin(): …``)."""
         return self._sessions()
+
+    def read_session(self) -> Session:
+        """A new session for reading only (no write lock on SQLite)."""
+        return self._readers()
 
     def transaction(self, work: Callable[[Session], T], retries: int = 3) -> T:
         """Run *work(session)* in one transaction; retried when a concurrent insert wins a
@@ -96,7 +104,7 @@ class Store:
 
     def instance_exists(self, sop_instance_uid: str) -> bool:
         """True if this SOP instance is already stored (duplicates are idempotent)."""
-        with self._sessions() as session:
+        with self._readers() as session:
             found = session.scalar(
                 select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
             )
@@ -290,12 +298,12 @@ class Store:
 
     def get_study(self, study_uid: str) -> Study | None:
         """The study row, or ``None``."""
-        with self._sessions() as session:
+        with self._readers() as session:
             return session.scalar(select(Study).where(Study.study_uid == study_uid))
 
     def study_instances(self, study_uid: str) -> list[Instance]:
         """The instances of a study, oldest first."""
-        with self._sessions() as session:
+        with self._readers() as session:
             return list(
                 session.scalars(
                     select(Instance)
@@ -307,7 +315,7 @@ class Store:
 
     def study_history(self, study_uid: str) -> list[StudyEvent]:
         """The state changes of a study, oldest first."""
-        with self._sessions() as session:
+        with self._readers() as session:
             return list(
                 session.scalars(
                     select(StudyEvent)
@@ -319,13 +327,13 @@ class Store:
 
     def counts_by_state(self) -> dict[StudyState, int]:
         """How many studies are in each state."""
-        with self._sessions() as session:
+        with self._readers() as session:
             rows = session.execute(select(Study.state, func.count()).group_by(Study.state))
             return {state: count for state, count in rows}
 
     def associations(self, limit: int = 100) -> list[AssociationRecord]:
         """The newest association audit rows."""
-        with self._sessions() as session:
+        with self._readers() as session:
             return list(
                 session.scalars(
                     select(AssociationRecord).order_by(AssociationRecord.id.desc()).limit(limit)
