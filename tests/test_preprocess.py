@@ -1,0 +1,535 @@
+"""Pixels → display image → model input: known content, every transfer syntax, bad input."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import shutil
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import compress, get_encoder
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from triage.dicom.sop import DX_FOR_PRESENTATION, SECONDARY_CAPTURE
+from triage.scoring.card import IMAGENET_MEAN, IMAGENET_STD
+from triage.scoring.preprocess import (
+    DecodedView,
+    UndecodableView,
+    decode_view,
+    display_pixels,
+    downsample_display,
+    init_decode_worker,
+    prepare_array,
+    to_luminance,
+)
+
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+_STD = np.asarray(STD, dtype=np.float32)[:, None, None]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two shared cores: keep torch from spinning up threads the other tests need.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_ds(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    sop_class: str = DX_FOR_PRESENTATION,
+    **attributes: object,
+) -> Dataset:
+    """An uncompressed DX (or other class) data set holding *pixels* ([F,]R,C[,3])."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "DX"
+    colour = photometric in ("RGB", "YBR_FULL")
+    frames = pixels.shape[0] if pixels.ndim == (4 if colour else 3) else 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    shape = pixels.shape[1:] if frames > 1 else pixels.shape
+    ds.Rows, ds.Columns = int(shape[0]), int(shape[1])
+    ds.SamplesPerPixel = 3 if colour else 1
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> str:
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def phantom(rows: int = 192, columns: int = 160, top: int = 4095) -> np.ndarray:
+    """A radiograph-like test image: smooth structure plus sharp edges, 0..top."""
+    y, x = np.mgrid[0:rows, 0:columns]
+    image = 0.5 + 0.3 * np.sin(x / 9.0) * np.cos(y / 13.0) + 0.15 * ((x // 20 + y // 20) % 2)
+    dtype = np.uint8 if top <= 255 else np.uint16
+    return (image * top * 0.8).clip(0, top).astype(dtype)
+
+
+# --- known content ----------------------------------------------------------------------------
+
+
+def test_8bit_without_voi_is_display_values_like_a_png():
+    pixels = phantom(top=255)
+    display, note = display_pixels(make_ds(pixels, sop_class=SECONDARY_CAPTURE))
+    assert note == ""
+    assert display.dtype == np.float32 and display.shape == pixels.shape
+    np.testing.assert_array_equal(display, pixels.astype(np.float32) * np.float32(1 / 255))
+    # A MURA PNG wrapped in DICOM gives training's input exactly.
+    np.testing.assert_array_equal(
+        prepare_array(display, 224, MEAN, STD), prepare_array(pixels, 224, MEAN, STD)
+    )
+
+
+def test_monochrome1_is_inverted():
+    pixels = phantom(top=255)
+    display, _ = display_pixels(make_ds(pixels, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(display, 1.0 - pixels / 255.0, atol=1e-6)
+
+
+def test_presentation_lut_inverse_inverts_monochrome2_and_says_so():
+    pixels = phantom(top=255)
+    display, note = display_pixels(make_ds(pixels, PresentationLUTShape="INVERSE"))
+    np.testing.assert_allclose(display, 1.0 - pixels / 255.0, atol=1e-6)
+    assert "INVERSE" in note
+
+
+# Stored 50, 100, 150, 200 → rescale 2x − 100 → 0, 100, 200, 300 → window 150.5/201:
+# y = (v − 150) / 200 + 0.5 → −0.25, 0.25, 0.75, 1.25 → clipped 0, 0.25, 0.75, 1.
+_STORED = np.array([[50, 100], [150, 200]], dtype=np.uint16)
+_EXPECTED = np.array([[0.0, 0.25], [0.75, 1.0]], dtype=np.float32)
+
+
+def test_rescale_then_window():
+    ds = make_ds(
+        _STORED,
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=150.5,
+        WindowWidth=201,
+    )
+    display, note = display_pixels(ds)
+    np.testing.assert_allclose(display, _EXPECTED, atol=1e-6)
+    assert note == ""
+
+
+def test_several_windows_first_is_used_and_noted():
+    ds = make_ds(
+        _STORED,
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=[150.5, 2000],
+        WindowWidth=[201, 10],
+    )
+    display, note = display_pixels(ds)
+    np.testing.assert_allclose(display, _EXPECTED, atol=1e-6)
+    assert note == "window 1 of 2 used"
+
+
+def test_window_on_monochrome1_is_inverted_after_windowing():
+    ds = make_ds(
+        _STORED,
+        photometric="MONOCHROME1",
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=150.5,
+        WindowWidth=201,
+    )
+    display, _ = display_pixels(ds)
+    np.testing.assert_allclose(display, 1.0 - _EXPECTED, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        # LINEAR_EXACT: (v − c) / w + 0.5 with c = 150, w = 200 over 0, 100, 200, 300.
+        ("LINEAR_EXACT", [[0.0, 0.25], [0.75, 1.0]]),
+        # SIGMOID: 1 / (1 + exp(−4 (v − c) / w)).
+        ("SIGMOID", 1 / (1 + np.exp(-4 * (np.array([[0, 100], [200, 300]]) - 150) / 200))),
+    ],
+)
+def test_voi_lut_functions(function: str, expected: object):
+    ds = make_ds(
+        _STORED,
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=150,
+        WindowWidth=200,
+        VOILUTFunction=function,
+    )
+    display, _ = display_pixels(ds)
+    np.testing.assert_allclose(display, np.asarray(expected, dtype=np.float32), atol=1e-6)
+
+
+def _lut_item(first: int, data: list[int], bits: int) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(data), first, bits]
+    item.LUTData = data
+    item["LUTData"].VR = "US"
+    return item
+
+
+def test_voi_lut_sequence_first_of_several():
+    # Stored 10..13 → LUT entries 0, 1000, 3000, 4095 of a 12-bit LUT.
+    pixels = np.array([[10, 11], [12, 13]], dtype=np.uint16)
+    ds = make_ds(pixels, bits_stored=12, WindowCenter=5000, WindowWidth=10)
+    ds.VOILUTSequence = DicomSequence(
+        [_lut_item(10, [0, 1000, 3000, 4095], 12), _lut_item(10, [4095, 0, 0, 0], 12)]
+    )
+    display, note = display_pixels(ds)
+    np.testing.assert_allclose(display, np.array([[0, 1000], [3000, 4095]]) / 4095, atol=1e-6)
+    assert note == "VOI LUT 1 of 2 used"
+
+
+def test_modality_lut_sequence_then_window():
+    pixels = np.array([[0, 1], [2, 3]], dtype=np.uint16)
+    ds = make_ds(pixels, bits_stored=12, WindowCenter=150.5, WindowWidth=201)
+    ds.ModalityLUTSequence = DicomSequence([_lut_item(0, [0, 100, 200, 300], 16)])
+    ds.ModalityLUTSequence[0].ModalityLUTType = "OD"
+    display, _ = display_pixels(ds)
+    np.testing.assert_allclose(display, np.array([[0.0, 0.25], [0.75, 1.0]]), atol=1e-6)
+
+
+def test_raw_data_without_voi_is_stretched_between_percentiles_ignoring_padding():
+    rows, columns = 200, 100
+    ramp = np.tile(np.linspace(1000, 3000, columns), (rows, 1)).astype(np.uint16)
+    padded = ramp.copy()
+    padded[:, :30] = 0  # collimator padding: must not drag the lower percentile to 0
+    display, note = display_pixels(make_ds(padded, bits_stored=12, PixelPaddingValue=0))
+    assert note == ""
+    inside = display[:, 30:]
+    low, high = np.percentile(ramp[:, 30:], [0.5, 99.5])
+    expected = np.clip((ramp[:, 30:] - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(inside, expected, atol=1e-5)
+    assert inside.min() == 0.0 and inside.max() == 1.0
+
+
+def test_a_window_outside_the_data_falls_back_to_percentiles_with_a_note():
+    pixels = phantom()  # 12-bit data, window from a 16-bit world
+    display, note = display_pixels(
+        make_ds(pixels, bits_stored=12, WindowCenter=40000, WindowWidth=1000)
+    )
+    assert "percentile" in note
+    assert 0.3 < float(display.mean()) < 0.7
+
+
+def test_multi_frame_uses_the_first_frame():
+    frames = np.stack([phantom(top=255), 255 - phantom(top=255), np.zeros((192, 160), np.uint8)])
+    display, note = display_pixels(make_ds(frames))
+    np.testing.assert_allclose(display, frames[0] / 255.0, atol=1e-6)
+    assert note == "first of 3 frames"
+
+
+def test_rgb_is_converted_to_luminance():
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    rgb[0, 0] = (255, 255, 255)
+    display, note = display_pixels(make_ds(rgb, photometric="RGB", sop_class=SECONDARY_CAPTURE))
+    assert note == "colour (RGB) converted to luminance"
+    expected = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255
+    np.testing.assert_allclose(display[1:, 1:], expected, atol=1e-6)
+    assert display[0, 0] == pytest.approx(1.0, abs=1e-6)
+    # The same conversion PIL applies to an RGB PNG (within its integer rounding).
+    pil = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 255
+    np.testing.assert_allclose(display, pil, atol=1 / 255)
+
+
+def test_to_luminance_weights():
+    assert to_luminance(np.array([[[1.0, 0.0, 0.0]]]))[0, 0] == pytest.approx(0.299)
+    assert to_luminance(np.array([[[0.0, 1.0, 0.0]]]))[0, 0] == pytest.approx(0.587)
+    assert to_luminance(np.array([[[0.0, 0.0, 1.0]]]))[0, 0] == pytest.approx(0.114)
+
+
+# --- prepare_array ------------------------------------------------------------------------------
+
+
+def test_prepare_array_shape_and_normalisation():
+    out = prepare_array(np.full((300, 200), 0.5, dtype=np.float32), 224, MEAN, STD)
+    assert out.shape == (3, 224, 224) and out.dtype == np.float32
+    for channel in range(3):
+        np.testing.assert_allclose(out[channel], (0.5 - MEAN[channel]) / STD[channel], atol=1e-5)
+
+
+def test_prepare_array_leaves_its_input_alone():
+    pixels = np.full((224, 224), 1.5, dtype=np.float32)  # already the input size: no resize
+    out = prepare_array(pixels, 224, MEAN, STD)
+    assert float(pixels.max()) == 1.5
+    np.testing.assert_allclose(out[1], (1.0 - MEAN[1]) / STD[1], atol=1e-6)  # clipped to 1
+
+
+def test_prepare_array_same_for_uint8_and_unit_float():
+    pixels = phantom(top=255)
+    np.testing.assert_allclose(
+        prepare_array(pixels, 224, MEAN, STD),
+        prepare_array(pixels.astype(np.float32) / 255, 224, MEAN, STD),
+        atol=1e-6,
+    )
+
+
+def test_prepare_array_antialiases():
+    # A one-pixel checkerboard shrunk 4×: averaged to grey when antialiased, aliased otherwise.
+    checker = (np.indices((896, 896)).sum(axis=0) % 2).astype(np.float32)
+    out = prepare_array(checker, 224, MEAN, STD)
+    grey = out[0] * STD[0] + MEAN[0]
+    assert np.abs(grey - 0.5).max() < 0.02
+
+
+def test_prepare_array_close_to_pil_bilinear():
+    pixels = phantom(rows=500, columns=410, top=255)
+    ours = prepare_array(pixels, 224, MEAN, STD)[0] * STD[0] + MEAN[0]
+    pil = Image.fromarray(pixels).resize((224, 224), Image.Resampling.BILINEAR)
+    theirs = np.asarray(pil, dtype=np.float32) / 255
+    assert np.abs(ours - theirs).max() < 2.5 / 255
+
+
+def test_downsample_display_bounds_the_longest_side():
+    display = downsample_display(np.linspace(0, 1, 3000 * 1200).reshape(3000, 1200), 1024)
+    assert display.dtype == np.uint8 and display.shape == (1024, 410)
+    small = downsample_display(np.zeros((100, 80), np.float32), 1024)
+    assert small.shape == (100, 80)
+
+
+# --- compressed transfer syntaxes ------------------------------------------------------------
+
+
+def _dcmtk(tool: str, *options: str) -> Callable[[Path, Path], None]:
+    def run(source: Path, target: Path) -> None:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+        subprocess.run([tool, *options, str(source), str(target)], check=True, capture_output=True)
+
+    return run
+
+
+def _pydicom(syntax: str, **options: object) -> Callable[[Path, Path], None]:
+    def run(source: Path, target: Path) -> None:
+        encoder = get_encoder(syntax)
+        if not encoder.is_available:
+            pytest.skip(f"no pydicom encoder for {syntax.name}: {encoder.missing_dependencies}")
+        ds = pydicom.dcmread(source)
+        compress(ds, syntax, **options)
+        ds.save_as(target, enforce_file_format=True)
+
+    return run
+
+
+# (name, bits of the source, encoder, max |Δ| and mean |Δ| in display units): 0 = lossless.
+_CODECS = [
+    ("jpeg-baseline", 8, _dcmtk("dcmcjpeg", "+eb"), 0.05, 0.005),
+    ("jpeg-baseline-from-12-bit", 12, _dcmtk("dcmcjpeg", "+eb"), 0.05, 0.005),
+    ("jpeg-extended-12-bit", 12, _dcmtk("dcmcjpeg", "+ee"), 0.01, 0.001),
+    ("jpeg-lossless-sv1", 12, _dcmtk("dcmcjpeg", "+e1"), 0, 0),
+    ("jpeg-lossless-process-14", 12, _dcmtk("dcmcjpeg", "+el"), 0, 0),
+    ("jpeg-ls-lossless", 12, _dcmtk("dcmcjpls", "+el"), 0, 0),
+    ("jpeg-ls-near-lossless", 12, _dcmtk("dcmcjpls", "+en"), 0.005, 0.001),
+    ("jpeg-ls-near-lossless-pydicom", 12, _pydicom(JPEGLSNearLossless, jls_error=3), 0.005, 0.001),
+    ("jpeg-2000-lossless", 12, _pydicom(JPEG2000Lossless), 0, 0),
+    ("jpeg-2000-lossy", 12, _pydicom(JPEG2000, j2k_cr=[10]), 0.02, 0.003),
+    ("rle-dcmtk", 12, _dcmtk("dcmcrle"), 0, 0),
+    ("rle-pydicom", 12, _pydicom(RLELossless), 0, 0),
+    ("deflate", 12, _dcmtk("dcmconv", "+td"), 0, 0),
+    ("explicit-big-endian", 12, _dcmtk("dcmconv", "+tb"), 0, 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("bits", "encode", "max_error", "mean_error"),
+    [pytest.param(*codec[1:], id=codec[0]) for codec in _CODECS],
+)
+def test_compressed_syntax_round_trips_to_the_same_tensor(
+    tmp_path: Path, bits: int, encode, max_error: float, mean_error: float
+):
+    top = 2**bits - 1
+    ds = make_ds(phantom(top=top), bits_stored=bits, WindowCenter=top * 0.45, WindowWidth=top * 0.7)
+    source = tmp_path / "source.dcm"
+    target = tmp_path / "encoded.dcm"
+    save(ds, source)
+    encode(source, target)
+    syntax = pydicom.dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax != ExplicitVRLittleEndian, "the encoder left the file uncompressed"
+    original = decode_view(str(source), 224, MEAN, STD)
+    decoded = decode_view(str(target), 224, MEAN, STD)
+    difference = np.abs(decoded.array - original.array) * _STD  # back in display units
+    if max_error == 0:
+        np.testing.assert_array_equal(decoded.array, original.array)
+    else:
+        assert float(difference.max()) <= max_error
+        assert float(difference.mean()) <= mean_error
+    assert (decoded.rows, decoded.columns) == (original.rows, original.columns)
+
+
+def test_multi_frame_rle_decodes_first_frame(tmp_path: Path):
+    frames = np.stack([phantom(), 4095 - phantom()]).astype(np.uint16)
+    ds = make_ds(frames, bits_stored=12, WindowCenter=2000, WindowWidth=3000)
+    single = make_ds(frames[0], bits_stored=12, WindowCenter=2000, WindowWidth=3000)
+    source = save(ds, tmp_path / "multi.dcm")
+    target = tmp_path / "multi-rle.dcm"
+    _dcmtk("dcmcrle")(Path(source), target)
+    decoded = decode_view(str(target), 224, MEAN, STD)
+    assert decoded.note == "first of 2 frames"
+    expected = decode_view(save(single, tmp_path / "single.dcm"), 224, MEAN, STD)
+    np.testing.assert_array_equal(decoded.array, expected.array)
+
+
+def test_rgb_jpeg_baseline_becomes_luminance(tmp_path: Path):
+    grey = phantom(top=255)
+    rgb = np.stack([grey, grey // 2, 255 - grey], axis=-1).astype(np.uint8)
+    ds = make_ds(rgb, photometric="RGB", sop_class=SECONDARY_CAPTURE)
+    source = save(ds, tmp_path / "rgb.dcm")
+    target = tmp_path / "rgb-jpeg.dcm"
+    _dcmtk("dcmcjpeg", "+eb")(Path(source), target)
+    header = pydicom.dcmread(target, stop_before_pixels=True)
+    assert header.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    decoded = decode_view(str(target), 224, MEAN, STD)
+    original = decode_view(source, 224, MEAN, STD)
+    assert "converted to luminance" in decoded.note
+    assert float((np.abs(decoded.array - original.array) * _STD).max()) <= 0.05
+
+
+# --- decode_view and failures ----------------------------------------------------------------
+
+
+def test_decode_view_result(tmp_path: Path):
+    pixels = phantom(rows=2600, columns=2000)
+    ds = make_ds(pixels, bits_stored=12, WindowCenter=1800, WindowWidth=2800)
+    path = save(ds, tmp_path / "large.dcm")
+    view = decode_view(path, 224, MEAN, STD, display_max_side=512)
+    assert isinstance(view, DecodedView)
+    assert view.sop_instance_uid == ds.SOPInstanceUID
+    assert view.array.shape == (3, 224, 224) and view.array.dtype == np.float32
+    assert view.display.dtype == np.uint8 and max(view.display.shape) == 512
+    assert (view.rows, view.columns) == (2600, 2000)
+    assert view.note == ""
+    # The overlay image is the displayed image, shrunk.
+    full, _ = display_pixels(ds)
+    expected = np.asarray(
+        Image.fromarray(full).resize(view.display.shape[::-1], Image.Resampling.BILINEAR)
+    )
+    assert np.abs(view.display.astype(np.float32) / 255 - expected).mean() < 0.01
+
+
+def test_decode_view_in_a_process_pool(tmp_path: Path):
+    paths = [save(make_ds(phantom(top=255)), tmp_path / f"{i}.dcm") for i in range(2)]
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not dicom at all")
+    # spawn: a forked child of a process that already ran OpenMP threads can hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=init_decode_worker) as pool:
+        views = list(pool.map(decode_view, paths, [224] * 2, [MEAN] * 2, [STD] * 2))
+        failure = pool.submit(decode_view, str(broken), 224, MEAN, STD)
+        with pytest.raises(UndecodableView) as caught:
+            failure.result()
+    assert [v.array.shape for v in views] == [(3, 224, 224)] * 2
+    assert "not a DICOM file" in caught.value.reason
+
+
+def test_undecodable_view_pickles_with_its_reason():
+    error = pickle.loads(pickle.dumps(UndecodableView("cannot decode pixel data")))
+    assert isinstance(error, UndecodableView) and error.reason == "cannot decode pixel data"
+
+
+def _reason(path: str) -> str:
+    with pytest.raises(UndecodableView) as caught:
+        decode_view(path, 224, MEAN, STD)
+    reason = caught.value.reason
+    assert reason and "\n" not in reason
+    return reason
+
+
+def test_missing_and_non_dicom_files(tmp_path: Path):
+    assert "file missing" in _reason(str(tmp_path / "absent.dcm"))
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 50)
+    assert "DICOM" in _reason(str(junk))
+
+
+def test_no_pixel_data(tmp_path: Path):
+    ds = make_ds(phantom(top=255))
+    del ds.PixelData
+    assert _reason(save(ds, tmp_path / "nopix.dcm")) == "no pixel data"
+
+
+def test_constant_image_has_no_content(tmp_path: Path):
+    ds = make_ds(np.full((64, 64), 700, dtype=np.uint16), bits_stored=12)
+    assert "no image content" in _reason(save(ds, tmp_path / "flat.dcm"))
+
+
+def test_corrupt_jpeg_says_it_cannot_decode(tmp_path: Path):
+    source = save(make_ds(phantom(top=255)), tmp_path / "ok.dcm")
+    target = tmp_path / "jpeg.dcm"
+    _dcmtk("dcmcjpeg", "+eb")(Path(source), target)
+    ds = pydicom.dcmread(target)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xdb" + b"\x00" * 64 + b"\xff\xd9"])
+    assert "cannot decode pixel data (JPEG Baseline" in _reason(save(ds, tmp_path / "bad.dcm"))
+
+
+def test_unsupported_transfer_syntax(tmp_path: Path):
+    ds = make_ds(phantom(top=255))
+    ds.PixelData = encapsulate([b"\x00" * 128])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
+    path = save(ds, tmp_path / "mpeg.dcm")
+    assert "no decoder" in _reason(path)
+
+
+def test_unsupported_photometric(tmp_path: Path):
+    ds = make_ds(phantom(top=255), photometric="HSV")
+    assert "photometric interpretation HSV" in _reason(save(ds, tmp_path / "hsv.dcm"))
+
+
+def test_malformed_voi_lut_says_it_cannot_interpret(tmp_path: Path):
+    ds = make_ds(np.array([[10, 11], [12, 13]], dtype=np.uint16), bits_stored=12)
+    ds.VOILUTSequence = DicomSequence([_lut_item(10, [0, 1, 2, 3], 5)])  # 5-bit entries: invalid
+    assert "cannot interpret the pixels" in _reason(save(ds, tmp_path / "lut.dcm"))
+
+
+def test_zero_window_width_is_ignored_with_a_note():
+    pixels = phantom()
+    display, note = display_pixels(
+        make_ds(pixels, bits_stored=12, WindowCenter=2000, WindowWidth=0)
+    )
+    assert note == "invalid window width 0 ignored"
+    assert display.min() == 0.0 and display.max() == 1.0  # percentile-stretched instead

@@ -1,0 +1,290 @@
+"""Study type from headers, view eligibility, and the study-level decision."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from triage.dicom.sop import (
+    CR_IMAGE_STORAGE,
+    DX_FOR_PRESENTATION,
+    DX_FOR_PROCESSING,
+    SECONDARY_CAPTURE,
+)
+from triage.dicom.study_type import (
+    check_view,
+    decide_study,
+    detect_study_type,
+    detect_study_type_from,
+    parse_anatomy,
+)
+from triage.study_types import StudyType
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ELBOW, FINGER, FOREARM, HAND = (
+    StudyType.ELBOW,
+    StudyType.FINGER,
+    StudyType.FOREARM,
+    StudyType.HAND,
+)
+HUMERUS, SHOULDER, WRIST = StudyType.HUMERUS, StudyType.SHOULDER, StudyType.WRIST
+
+
+def header(
+    sop_class: str = DX_FOR_PRESENTATION, modality: str = "DX", **attributes: str
+) -> Dataset:
+    """The header of one view, as the worker reads it (no pixels)."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("XR WRIST 3V", WRIST),
+        ("XR WRIST 3+ VIEWS LEFT", WRIST),
+        ("wrist", WRIST),
+        ("Dx Wrist, Left", WRIST),
+        ("XRWRIST", WRIST),
+        ("WRIST-RT", WRIST),
+        ("WRISTRT", WRIST),
+        ("SCAPHOID SERIES", WRIST),
+        ("XR SCAPHOID L", WRIST),
+        ("CARPAL TUNNEL VIEW", WRIST),
+        ("DISTAL RADIUS", WRIST),
+        ("XR HAND 3+ VIEWS", HAND),
+        ("HAND2V", HAND),
+        ("CR L-HAND", HAND),
+        ("BILATERAL HANDS", HAND),
+        ("XR HAND AND WRIST", HAND),  # the first part named decides
+        ("METACARPAL", HAND),
+        ("XR FINGER(S) 2+ VIEWS", FINGER),
+        ("FINGERS RIGHT", FINGER),
+        ("THUMB", FINGER),
+        ("XR THUMB LT 2V", FINGER),
+        ("DIGIT 5 RIGHT HAND", FINGER),
+        ("XR FOREARM 2 VIEWS", FOREARM),
+        ("FORE-ARM", FOREARM),
+        ("LOWER ARM", FOREARM),
+        ("RADIUS ULNA", FOREARM),
+        ("RAD/ULNA", FOREARM),
+        ("Radius and Ulna", FOREARM),
+        ("XR HUMERUS 2V", HUMERUS),
+        ("UPPER ARM", HUMERUS),
+        ("ARM", HUMERUS),
+        ("XR ARM LT", HUMERUS),
+        ("HUMERUS, RIGHT", HUMERUS),
+        ("XR ELBOW 3V", ELBOW),
+        ("ELBOW (BILAT)", ELBOW),
+        ("RADIAL HEAD VIEW", ELBOW),
+        ("XR SHOULDER 3+ VIEWS", SHOULDER),
+        ("SHOULDER, LEFT; AXIAL", SHOULDER),
+        ("RT SHLDR", SHOULDER),
+        ("SHOULDER SCAPULA Y", SHOULDER),  # a MURA part wins over other anatomy in one text
+        ("DX SHOULDER/HUMERUS", SHOULDER),
+    ],
+)
+def test_description_variants(text: str, expected: StudyType):
+    assert parse_anatomy(text)[0] is expected
+    decision = detect_study_type_from(study_description=text)
+    assert decision.study_type is expected
+    assert decision.source == "StudyDescription"
+    assert expected.display in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("body_part", "expected"),
+    [
+        ("WRIST", WRIST),
+        ("HAND", HAND),
+        ("FINGER", FINGER),
+        ("THUMB", FINGER),
+        ("FOREARM", FOREARM),
+        ("HUMERUS", HUMERUS),
+        ("ARM", HUMERUS),
+        ("UPPER_ARM", HUMERUS),
+        ("ELBOW", ELBOW),
+        ("SHOULDER", SHOULDER),
+        ("Shoulder", SHOULDER),
+    ],
+)
+def test_body_part_examined(body_part: str, expected: StudyType):
+    decision = detect_study_type_from(body_part=body_part)
+    assert (decision.study_type, decision.source) == (expected, "BodyPartExamined")
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("CHEST PA AND LAT", "chest"),
+        ("XR KNEE 3V", "knee"),
+        ("PELVIS AP", "pelvis"),
+        ("XR FOOT 3V", "foot"),
+        ("FOOT DIGIT 2", "foot"),  # a digit of the foot is not a finger
+        ("TOE PHALANX", "toe"),
+        ("ANKLE", "ankle"),
+        ("C-SPINE", "spine"),
+        ("CLAVICLE", "clavicle"),
+    ],
+)
+def test_other_anatomy_is_none_with_a_reason(text: str, named: str):
+    decision = detect_study_type_from(study_description=text)
+    assert decision.study_type is None and decision.other_anatomy
+    assert "not an upper-extremity radiograph" in decision.reason
+    assert named in decision.reason
+
+
+def test_body_part_comes_first():
+    decision = detect_study_type_from(
+        body_part="HAND", study_description="XR WRIST", series_description="ELBOW"
+    )
+    assert (decision.study_type, decision.source) == (HAND, "BodyPartExamined")
+    # A body part outside MURA decides too: a mislabelled study is skipped, never mis-scored.
+    chest = detect_study_type_from(body_part="CHEST", study_description="XR WRIST")
+    assert chest.study_type is None and chest.source == "BodyPartExamined"
+
+
+def test_sources_naming_nothing_are_passed_over():
+    decision = detect_study_type_from(
+        body_part="EXTREMITY",
+        study_description="RADIOGRAPH 2 VIEWS",
+        series_description="AP",
+        protocol_name="XR ELBOW",
+    )
+    assert (decision.study_type, decision.source) == (ELBOW, "ProtocolName")
+    series = detect_study_type_from(
+        study_description="OUTSIDE FILMS", series_description="LT WRIST"
+    )
+    assert (series.study_type, series.source) == (WRIST, "SeriesDescription")
+
+
+def test_nothing_named():
+    empty = detect_study_type_from()
+    assert empty.study_type is None and empty.reason == "no body part or description in the headers"
+    vague = detect_study_type_from(body_part="EXTREMITY", study_description="XR 2 VIEWS")
+    assert vague.study_type is None and not vague.other_anatomy
+    assert "EXTREMITY" in vague.reason and "XR 2 VIEWS" in vague.reason
+
+
+def test_detect_from_dataset():
+    ds = header(BodyPartExamined="", StudyDescription="XR SHOULDER 2V", ProtocolName="CHEST")
+    decision = detect_study_type(ds)
+    assert (decision.study_type, decision.source) == (SHOULDER, "StudyDescription")
+
+
+# --- eligibility ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality", "attributes"),
+    [
+        (CR_IMAGE_STORAGE, "CR", {}),
+        (DX_FOR_PRESENTATION, "DX", {}),
+        (SECONDARY_CAPTURE, "CR", {}),
+        (SECONDARY_CAPTURE, "DX", {}),
+        (SECONDARY_CAPTURE, "OT", {"SeriesDescription": "XR WRIST 2V"}),
+        (SECONDARY_CAPTURE, "OT", {"BodyPartExamined": "HAND", "ConversionType": "DI"}),
+    ],
+)
+def test_radiographs_are_eligible(sop_class: str, modality: str, attributes: dict[str, str]):
+    assert check_view(header(sop_class, modality, **attributes)).eligible
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality", "attributes", "reason"),
+    [
+        (DX_FOR_PROCESSING, "DX", {}, "DX For Processing"),
+        (CT_IMAGE_STORAGE, "CT", {}, "SOP class CT Image Storage is not a radiograph"),
+        (DX_FOR_PRESENTATION, "MG", {}, "modality MG is not a radiograph"),
+        (SECONDARY_CAPTURE, "US", {}, "Secondary Capture of modality US"),
+        (SECONDARY_CAPTURE, "OT", {"SeriesDescription": "REQUISITION"}, "own headers name no"),
+        (SECONDARY_CAPTURE, "DX", {"ConversionType": "SD"}, "a scanned document"),
+        (SECONDARY_CAPTURE, "OT", {"Manufacturer": "msk-triage"}, "an output of msk-triage"),
+    ],
+)
+def test_other_views_are_not_eligible(
+    sop_class: str, modality: str, attributes: dict[str, str], reason: str
+):
+    eligibility = check_view(header(sop_class, modality, StudyDescription="XR WRIST", **attributes))
+    assert not eligibility.eligible
+    assert reason in eligibility.reason
+
+
+# --- study-level decision ------------------------------------------------------------------
+
+
+def test_majority_of_typed_views_decides_and_untyped_views_are_scored():
+    views = [
+        header(SeriesDescription="HAND PA"),
+        header(SeriesDescription="WRIST PA"),
+        header(SeriesDescription="WRIST LAT"),
+        header(SeriesDescription="OBLIQUE"),
+    ]
+    decision = decide_study(views)
+    assert decision.study_type is WRIST
+    assert "2 of 3 typed views" in decision.reason and "XR_HAND 1" in decision.reason
+    assert decision.scored_uids == tuple(v.SOPInstanceUID for v in views)
+
+
+def test_a_tie_goes_to_the_earliest_view():
+    views = [header(SeriesDescription="ELBOW AP"), header(SeriesDescription="FOREARM AP")]
+    assert decide_study(views).study_type is ELBOW
+    assert decide_study(views[::-1]).study_type is FOREARM
+
+
+def test_study_description_types_every_view():
+    views = [header(StudyDescription="XR FINGER(S) 2+ VIEWS") for _ in range(3)]
+    decision = decide_study(views)
+    assert decision.study_type is FINGER and "3 of 3" in decision.reason
+
+
+def test_ineligible_and_other_anatomy_views_are_skipped_with_reasons():
+    processing = header(DX_FOR_PROCESSING, StudyDescription="XR WRIST")
+    chest = header(BodyPartExamined="CHEST")
+    wrist = header(StudyDescription="XR WRIST")
+    decision = decide_study([processing, chest, wrist])
+    assert decision.study_type is WRIST
+    assert decision.scored_uids == (wrist.SOPInstanceUID,)
+    reasons = {v.sop_instance_uid: v.reason for v in decision.skipped_views}
+    assert "DX For Processing" in reasons[processing.SOPInstanceUID]
+    assert "chest" in reasons[chest.SOPInstanceUID]
+
+
+def test_chest_study_is_none_with_a_reason():
+    decision = decide_study([header("1.2.840.10008.5.1.4.1.1.1", "CR", BodyPartExamined="CHEST")])
+    assert decision.study_type is None and not decision.scored_uids
+    assert decision.reason.startswith("no scorable view")
+    assert "chest" in decision.reason
+
+
+def test_only_dx_for_processing_is_none():
+    views = [header(DX_FOR_PROCESSING, StudyDescription="XR HAND") for _ in range(2)]
+    decision = decide_study(views)
+    assert decision.study_type is None
+    assert "2× DX For Processing" in decision.reason
+
+
+def test_no_part_named_anywhere_is_none():
+    decision = decide_study([header(StudyDescription="OUTSIDE FILMS")])
+    assert decision.study_type is None
+    assert decision.reason.startswith("no upper-extremity part named")
+
+
+def test_type_the_model_does_not_cover_is_none():
+    views = [header(StudyDescription="XR ELBOW")]
+    decision = decide_study(views, covered=[WRIST, HAND])
+    assert decision.study_type is None
+    assert "does not cover XR_ELBOW" in decision.reason
+    assert not decision.scored_uids
+    assert decide_study(views, covered=list(StudyType)).study_type is ELBOW
+
+
+def test_empty_study():
+    decision = decide_study([])
+    assert decision.study_type is None and decision.reason == "no scorable view: no views"

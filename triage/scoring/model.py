@@ -1,0 +1,348 @@
+"""The MURA DenseNet-169 and the scoring model the worker runs.
+
+:func:`build_densenet169` is the network the training code trains and the daemon loads: a
+torchvision ``densenet169`` whose classifier is one logit. :func:`load_model` loads it from a
+model card and wraps it in a :class:`ScoringModel`, whose forward pass gives each view's logit and
+its class activation map (CAM) from the *same* pass::
+
+    f    = ReLU(features(x))            # [N, K, h, w], K = 1664, h = w = S/32
+    CAM  = Σ_k w_k · f_k                # the classifier's weights over the feature maps
+    logit = mean_hw(CAM) + b            # exactly the network's own logit (pool, then linear)
+
+Precision: on CUDA the weights run in bf16 with channels_last (optionally ``torch.compile``);
+on a CPU, fp32 — or bf16 autocast with channels_last when the CPU has native bf16 (AVX-512 BF16
+or AMX), where it is ≈3× faster. The CAM and the logit are always accumulated in fp32 from the
+features. bf16 moves a logit by at most :data:`BF16_LOGIT_TOLERANCE` on the demo model (measured
+2.8e-3 here, 8e-3 in FACTS.md; the tests assert the bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from triage.scoring.card import SEEDED_INIT, CardError, ModelCard
+from triage.scoring.result import ModelInfo
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+#: Largest |logit(bf16) − logit(fp32)| the tests accept on the demo model (measured ≤ 8e-3).
+BF16_LOGIT_TOLERANCE = 0.03
+#: Channels of DenseNet-169's last feature map (the classifier's input width).
+FEATURE_CHANNELS = 1664
+
+# torchvision's ImageNet files predate the module names: "denselayer1.norm.1.weight" is now
+# "denselayer1.norm1.weight" (torchvision.models.densenet._load_state_dict does the same).
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def build_densenet169(imagenet_weights: str | None = None) -> nn.Module:
+    """torchvision's DenseNet-169 with a one-logit classifier.
+
+    *imagenet_weights* is a local torchvision ImageNet state-dict file
+    (``densenet169-b2777c0a.pth``); its feature weights are loaded strictly and its 1000-class
+    classifier is dropped. Nothing is ever downloaded. Raises ``ValueError`` when the file does
+    not hold DenseNet-169 features.
+    """
+    net = torchvision.models.densenet169(weights=None, num_classes=1)
+    if imagenet_weights is not None:
+        state = torch.load(imagenet_weights, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{imagenet_weights}: not a state dict")
+        features: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            match = _LEGACY_KEY.match(key)
+            if match:
+                key = match.group(1) + match.group(2)
+            if key.startswith("features."):
+                features[key.removeprefix("features.")] = value
+        problem = _state_dict_mismatch(net.features, features)
+        if problem:
+            raise ValueError(f"{imagenet_weights}: not DenseNet-169 ImageNet weights: {problem}")
+        net.features.load_state_dict(features, strict=True)
+    return net
+
+
+def _state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """'' when *state* loads strictly into *module*, else one line saying which keys do not."""
+    expected = module.state_dict()
+    # Files older than PyTorch 0.4 have no num_batches_tracked; BatchNorm fills it in on load.
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
+    ]
+
+    def listing(label: str, items: list[str]) -> str:
+        shown = ", ".join(items[:4]) + (f", … ({len(items)} in all)" if len(items) > 4 else "")
+        return f"{label}: {shown}"
+
+    parts = [
+        listing(label, items)
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch (file vs model)", shapes),
+        )
+        if items
+    ]
+    return "; ".join(parts)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16, AMX, or Arm BF16).
+
+    Without it oneDNN emulates bf16 and is *slower* than fp32 (measured here on AVX-512
+    without BF16: 5.4 img/s bf16 vs 10.5 img/s fp32 at batch 8).
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for probe in probes:
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith(("flags", "features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU raises ``ValueError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+        return torch.device(device)
+    raise ValueError(f"device must be auto, cpu or cuda (got {device!r})")
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """``auto`` → bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32."""
+    if precision in ("fp32", "bf16"):
+        return cast(Literal["fp32", "bf16"], precision)
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32 or bf16 (got {precision!r})")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+class ScoringModel:
+    """A loaded DenseNet-169 that gives per-view logits and CAMs from one forward pass.
+
+    Always in eval mode; every call runs under ``torch.inference_mode``. Call it from one
+    thread (the worker's inference loop).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        card: ModelCard,
+        device: torch.device,
+        precision: Literal["fp32", "bf16"],
+        compile: bool = False,
+    ) -> None:
+        """Wrap *net* (already holding the card's weights) for inference on *device*."""
+        self.card = card
+        self.device = device
+        self.precision = precision
+        net = net.eval().requires_grad_(False)
+        classifier = cast(nn.Linear, net.classifier)
+        if classifier.out_features != 1:
+            raise ValueError("the network must have a one-logit classifier")
+        # The CAM is accumulated in fp32 whatever the features' precision, so the CAM's mean
+        # plus the bias is the logit to fp32 rounding.
+        self._weight = classifier.weight.detach()[0].to(device=device, dtype=torch.float32)
+        self._bias = float(classifier.bias.detach()[0])
+        # channels_last pays off with bf16 kernels (CUDA, or oneDNN's native bf16 on a CPU); fp32
+        # convolutions on a CPU were 3× slower in channels_last here, so they stay contiguous.
+        self.channels_last = precision == "bf16"
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        features = net.features.to(device=device, memory_format=memory_format)
+        # On CUDA the weights themselves are cast to bf16 (FACTS: 7,700 img/s at batch 256 on an
+        # H200); on a CPU autocast runs oneDNN's bf16 kernels and leaves the fp32 weights alone.
+        # Both gave the same logits to the last bit on the CPU here.
+        self._cast_input: torch.dtype | None = None
+        self._autocast: Callable[[], contextlib.AbstractContextManager[None]]
+        if precision == "bf16" and device.type == "cuda":
+            features = features.to(torch.bfloat16)
+            self._cast_input = torch.bfloat16
+            self._autocast = contextlib.nullcontext
+        elif precision == "bf16":
+            self._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        else:
+            self._autocast = contextlib.nullcontext
+        self._features = features
+        self._memory_format = memory_format
+        self.compiled = compile
+        self._run: Callable[[torch.Tensor], torch.Tensor] = self._relu_features
+        if compile:
+            # Default mode: max-autotune took > 5 min on an H200 (FACTS), too slow for start-up.
+            # Each new batch shape recompiles once; the worker keeps batch sizes few.
+            self._run = cast(
+                Callable[[torch.Tensor], torch.Tensor], torch.compile(self._relu_features)
+            )
+
+    def _relu_features(self, x: torch.Tensor) -> torch.Tensor:
+        # features() ends in norm5; torchvision applies the (in-place) ReLU in forward().
+        return F.relu(self._features(x))
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model as results and SRs name it (from the card)."""
+        return self.card.info
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input the model expects."""
+        return self.card.input_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        """Per-channel normalisation mean (for :func:`triage.scoring.preprocess.prepare_array`)."""
+        return self.card.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        """Per-channel normalisation std (for :func:`triage.scoring.preprocess.prepare_array`)."""
+        return self.card.std
+
+    @property
+    def bias(self) -> float:
+        """The classifier bias: a view's logit is its CAM's spatial mean plus this."""
+        return self._bias
+
+    def make_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Stack prepared views (each float32 [3,S,S]) into a batch, pinned for a CUDA copy."""
+        batch = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N] and CAMs [N, h, w] (both float32, on the CPU) for a batch [N, 3, S, S].
+
+        Each CAM is in logit units on the feature grid (7×7 at S = 224): its spatial mean plus
+        :attr:`bias` is the view's logit, which equals the network's own output.
+        """
+        size = self.card.input_size
+        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
+            raise ValueError(f"expected a batch [N, 3, {size}, {size}], got {list(batch.shape)}")
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self._cast_input is not None:
+                x = x.to(self._cast_input)
+            x = x.contiguous(memory_format=self._memory_format)
+            with self._autocast():
+                features = self._run(x)
+            cams = torch.einsum("nkhw,k->nhw", features.float(), self._weight)
+            logits = cams.mean(dim=(1, 2)) + self._bias
+            return logits.cpu(), cams.cpu()
+
+    __call__ = forward
+
+    def probabilities(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities [N] (sigmoid of the logits) and CAMs [N, h, w] from one forward pass."""
+        logits, cams = self.forward(batch)
+        return torch.sigmoid(logits), cams
+
+
+def _load_weights(card: ModelCard) -> nn.Module:
+    """The card's network on the CPU in fp32, with its weights checked against the card."""
+    if card.init == SEEDED_INIT:
+        # Deterministic: torchvision's initialisation under the card's seed, without touching
+        # the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cast(int, card.seed))
+            return build_densenet169()
+    weights = cast(Path, card.weights_path)
+    try:
+        blob = weights.read_bytes()
+    except OSError as exc:
+        raise CardError(
+            f"model card {card.path}: weights file unreadable: {weights}: {exc.strerror or exc}"
+        ) from None
+    # Hash the very bytes that are loaded: the file may have changed since the card was read.
+    if hashlib.sha256(blob).hexdigest() != card.weights_sha256:
+        raise CardError(
+            f"model card {card.path}: weights file {weights.name} changed: its sha256 no longer "
+            "matches the card"
+        )
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a state dict
+        message = " ".join(str(exc).split())[:200]
+        raise CardError(
+            f"model card {card.path}: weights file {weights.name} is not a torch state dict: "
+            f"{type(exc).__name__}: {message}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CardError(
+            f"model card {card.path}: weights file {weights.name} is not a state dict "
+            f"(got {type(state).__name__})"
+        )
+    net = build_densenet169()
+    problem = _state_dict_mismatch(net, state)
+    if problem:
+        raise CardError(
+            f"model card {card.path}: weights do not fit {card.architecture}: {problem}"
+        )
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def load_model(
+    card: ModelCard,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+) -> ScoringModel:
+    """Load the card's weights into a :class:`ScoringModel` on *device* at *precision*.
+
+    *device*: ``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda``. *precision*:
+    ``auto`` (bf16 on CUDA and on CPUs with native bf16, else fp32), ``fp32`` or ``bf16``.
+    *compile* wraps the feature extractor in ``torch.compile`` (CUDA start-up costs ~90 s).
+    Raises :class:`CardError` when the weights do not check out or do not fit the architecture,
+    ``ValueError`` for a bad device or precision.
+    """
+    resolved = resolve_device(device)
+    chosen = resolve_precision(precision, resolved)
+    net = _load_weights(card)
+    return ScoringModel(net, card, resolved, chosen, compile=compile)
+
+
+__all__ = [
+    "BF16_LOGIT_TOLERANCE",
+    "FEATURE_CHANNELS",
+    "ScoringModel",
+    "build_densenet169",
+    "cpu_has_native_bf16",
+    "load_model",
+    "resolve_device",
+    "resolve_precision",
+]

@@ -1,0 +1,538 @@
+"""Pixels to model input: the view as displayed, then the MURA input tensor.
+
+Two steps, kept apart so that training and the daemon share the second one exactly:
+
+* :func:`display_pixels` turns a DICOM image into what a reader sees: a float32 2-D image in
+  0..1, higher = brighter. Modality LUT or rescale, then the VOI LUT or window (the first when
+  there are several), MONOCHROME1 inverted. A window defines the display range, so it is used
+  as is; raw data with no VOI (e.g. 12–16-bit CR) is stretched between its 0.5 and 99.5
+  percentiles (padding pixels excluded); 8-bit data with no VOI and no rescale (a secondary
+  capture, a converted PNG) is already display values and is only divided by 255, so a MURA PNG
+  wrapped in DICOM gives exactly what training saw. Multi-frame → first frame, colour →
+  luminance (ITU-R 601, what PIL's ``convert("L")`` uses); the returned note says when such a
+  choice was made.
+* :func:`prepare_array` resizes (antialiased bilinear, to S×S without keeping the aspect ratio,
+  as the paper did), replicates to 3 channels and normalises. The training code calls it on the
+  MURA PNGs, the daemon on :func:`display_pixels`' output.
+
+:func:`decode_view` does both from a file and is made for a process pool (top-level, picklable
+arguments and result; :func:`init_decode_worker` as the pool initialiser).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+
+#: ITU-R BT.601 luma weights (the Y of YBR, and PIL's RGB → L conversion).
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+#: Percentiles that bound raw data with no VOI (robust to a few hot or dead pixels).
+PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: Default largest side of the display image kept for CAM overlays.
+DISPLAY_MAX_SIDE = 1024
+#: decode_view resizes the model input from the display image shrunk to this longest side.
+MODEL_SOURCE_MAX_SIDE = 1024
+#: A window that leaves fewer pixels than this fraction strictly between black and white is
+#: taken to be wrong for the data (e.g. a 16-bit window on 12-bit pixels).
+_MIN_GREY_FRACTION = 0.01
+#: Statistics are taken on a strided subsample of about this many pixels (keeps them ~1 ms).
+_SAMPLE_PIXELS = 1 << 18
+#: Integer images whose value range is at most this wide go through a lookup table when their
+#: mapping is not a plain affine one.
+_MAX_LUT_ENTRIES = 1 << 20
+
+
+class UndecodableView(Exception):
+    """A view whose pixels cannot be decoded or make no image; :attr:`reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        """Carry *reason*, a short one-line explanation for the store and the SR."""
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedView:
+    """One decoded view, ready for the model and for the CAM overlay."""
+
+    sop_instance_uid: str
+    #: Model input, float32 [3, S, S], normalised.
+    array: np.ndarray
+    #: The displayed image, uint8 [h, w], longest side at most the requested maximum.
+    display: np.ndarray
+    #: How the pixels were interpreted when that was a choice ("" when nothing was chosen).
+    note: str
+    #: Size of the decoded frame (the source image), for upsampling CAMs onto it.
+    rows: int
+    columns: int
+
+
+def _first(value: object) -> float:
+    """The first value of a DS/IS element that may be multi-valued."""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
+
+
+def _count(value: object) -> int:
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return len(value)
+    return 1
+
+
+def _oneline(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _sample(frame: np.ndarray) -> np.ndarray:
+    step = max(1, int(math.sqrt(frame.size / _SAMPLE_PIXELS)))
+    return frame[::step, ::step]
+
+
+def to_luminance(rgb: np.ndarray) -> np.ndarray:
+    """Luminance (ITU-R 601) of an [H, W, 3] (or RGBA) image, float32 in the input's units."""
+    channels = rgb[..., :3].astype(np.float32, copy=False)
+    out = channels[..., 0] * np.float32(LUMA_WEIGHTS[0])
+    out += channels[..., 1] * np.float32(LUMA_WEIGHTS[1])
+    out += channels[..., 2] * np.float32(LUMA_WEIGHTS[2])
+    return out
+
+
+# --- grayscale display mapping ---------------------------------------------------------------
+
+
+@dataclass
+class _Mapping:
+    """Stored value → display value in 0..1, as ``clip(a·x + b)``, ``sigmoid(a·x + b)`` or a
+    lookup table over the integer values ``lo .. lo + len(lut) - 1``."""
+
+    kind: str  # "affine" | "sigmoid" | "lut"
+    a: float = 1.0
+    b: float = 0.0
+    lo: int = 0
+    lut: np.ndarray | None = None
+
+    def inverted(self) -> _Mapping:
+        if self.kind in ("affine", "sigmoid"):
+            # 1 - clip(z) = clip(1 - z); 1 - sigmoid(z) = sigmoid(-z).
+            b = 1.0 - self.b if self.kind == "affine" else -self.b
+            return _Mapping(self.kind, -self.a, b)
+        assert self.lut is not None
+        return _Mapping(self.kind, lo=self.lo, lut=(1.0 - self.lut).astype(np.float32))
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        if self.kind == "affine":
+            out = np.multiply(values, np.float32(self.a), dtype=np.float32)
+            out += np.float32(self.b)
+            return np.clip(out, 0.0, 1.0, out=out)
+        if self.kind == "sigmoid":
+            z = values.astype(np.float32) * np.float32(self.a) + np.float32(self.b)
+            return (1.0 / (1.0 + np.exp(-z))).astype(np.float32, copy=False)
+        assert self.lut is not None
+        index = values.astype(np.int64) - self.lo
+        np.clip(index, 0, len(self.lut) - 1, out=index)
+        return self.lut[index]
+
+
+def _modality_is_linear(ds: Dataset) -> bool:
+    return not ds.get("ModalityLUTSequence")
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    return (
+        1.0 if slope in (None, "") else _first(slope),
+        0.0 if intercept in (None, "") else _first(intercept),
+    )
+
+
+def _window(ds: Dataset, notes: list[str]) -> tuple[float, float, str] | None:
+    """The first valid (centre, width, function) of the data set, or None."""
+    centres, widths = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centres in (None, "") or widths in (None, ""):
+        return None
+    try:
+        centre, width = _first(centres), _first(widths)
+    except (TypeError, ValueError, IndexError):
+        notes.append("unreadable window ignored")
+        return None
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        notes.append(f"unknown VOI LUT function {function} treated as LINEAR")
+        function = "LINEAR"
+    # LINEAR needs a width of at least 1 (PS3.3 C.11.2.1.2.1); the others any positive width.
+    if (function == "LINEAR" and width < 1) or width <= 0:
+        notes.append(f"invalid window width {width:g} ignored")
+        return None
+    if min(_count(centres), _count(widths)) > 1:
+        notes.append(f"window 1 of {min(_count(centres), _count(widths))} used")
+    return centre, width, function
+
+
+def _window_mapping(slope: float, intercept: float, centre: float, width: float, function: str):
+    """Compose rescale (x → slope·x + intercept) with a PS3.3 C.11.2.1.2 window onto 0..1."""
+    if function == "LINEAR":
+        # y = ((v − (c − 0.5)) / (w − 1) + 0.5), clipped; w = 1 is a threshold at c − 0.5.
+        scale = 1.0 / (width - 1) if width > 1 else 1e6
+        a = slope * scale
+        b = (intercept - (centre - 0.5)) * scale + 0.5
+        return _Mapping("affine", a, b)
+    if function == "LINEAR_EXACT":
+        a = slope / width
+        b = (intercept - centre) / width + 0.5
+        return _Mapping("affine", a, b)
+    # SIGMOID: y = 1 / (1 + exp(−4 (v − c) / w)).
+    a = 4.0 * slope / width
+    b = 4.0 * (intercept - centre) / width
+    return _Mapping("sigmoid", a, b)
+
+
+def _padding_mask(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
+    """True where *values* (stored) are padding (PixelPaddingValue … RangeLimit)."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None or isinstance(pad, bytes):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None or isinstance(limit, bytes):
+        return values == pad
+    low, high = min(pad, limit), max(pad, limit)
+    return (values >= low) & (values <= high)
+
+
+def _percentile_mapping(
+    ds: Dataset, frame: np.ndarray, modality: _Mapping | None, slope: float, intercept: float
+) -> _Mapping:
+    """Stretch the modality output between its robust percentiles (no usable VOI)."""
+    sample = _sample(frame)
+    mask = _padding_mask(ds, sample)
+    if mask is not None and not mask.all():
+        sample = sample[~mask]
+    sample = sample.ravel()
+    if modality is not None:  # a Modality LUT Sequence: percentiles of its output
+        sample = modality.apply(sample)
+    else:
+        sample = sample.astype(np.float64) * slope + intercept
+    low, high = np.percentile(sample, PERCENTILES)
+    if high <= low:  # mostly one value: fall back to the full range of the image
+        full = frame if modality is None else modality.apply(frame)
+        low, high = float(full.min()), float(full.max())
+        if modality is None:
+            low, high = sorted((low * slope + intercept, high * slope + intercept))
+        if high <= low:
+            raise UndecodableView(f"no image content: every pixel has the value {low:g}")
+    span = high - low
+    if modality is not None:
+        assert modality.lut is not None
+        lut = np.clip((modality.lut - low) / span, 0.0, 1.0).astype(np.float32)
+        return _Mapping("lut", lo=modality.lo, lut=lut)
+    # clip((slope·x + intercept − low) / span)
+    return _Mapping("affine", slope / span, (intercept - low) / span)
+
+
+def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping, float] | None:
+    """Modality LUT (and the VOI LUT when *voi*) tabulated over the image's integer values.
+
+    Returns the mapping (display 0..1 when *voi*, else modality output units) and the
+    normalising denominator used; None when the image is not integer or its range too wide.
+    """
+    if frame.dtype.kind not in "iu":
+        return None
+    lo, hi = int(frame.min()), int(frame.max())
+    if hi - lo + 1 > _MAX_LUT_ENTRIES:
+        return None
+    values = np.arange(lo, hi + 1, dtype=np.int64)
+    out = apply_modality_lut(values, ds)
+    denominator = 1.0
+    if voi:
+        out = apply_voi(np.rint(out).astype(np.int64), ds, index=0)
+        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        denominator = float(2**depth - 1)
+        top = float(out.max()) if out.size else 0.0
+        if top > denominator:  # LUT data wider than its descriptor says
+            denominator = float(2 ** math.ceil(math.log2(top + 1)) - 1)
+        out = out / denominator
+    return _Mapping("lut", lo=lo, lut=np.asarray(out, dtype=np.float32)), denominator
+
+
+def _grey_fraction(mapping: _Mapping, frame: np.ndarray) -> float:
+    shown = mapping.apply(_sample(frame))
+    return float(np.count_nonzero((shown > 0.0) & (shown < 1.0))) / max(1, shown.size)
+
+
+def _grayscale(ds: Dataset, frame: np.ndarray, notes: list[str]) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    invert = photometric == "MONOCHROME1"
+    if photometric == "MONOCHROME2" and str(ds.get("PresentationLUTShape", "")) == "INVERSE":
+        invert = True
+        notes.append("inverted (Presentation LUT Shape INVERSE)")
+    slope, intercept = _rescale(ds)
+    mapping: _Mapping | None = None
+    window_rejected = False
+    voi_luts = ds.get("VOILUTSequence")
+
+    if voi_luts:
+        tabulated = _lut_over_range(ds, frame, voi=True)
+        if tabulated is None:
+            raise UndecodableView("VOI LUT on non-integer or very wide-range pixel data")
+        mapping = tabulated[0]
+        if len(voi_luts) > 1:
+            notes.append(f"VOI LUT 1 of {len(voi_luts)} used")
+    else:
+        window = _window(ds, notes)
+        if window is not None:
+            centre, width, function = window
+            if _modality_is_linear(ds):
+                mapping = _window_mapping(slope, intercept, centre, width, function)
+            else:
+                tabulated = _lut_over_range(ds, frame, voi=False)
+                if tabulated is None:
+                    raise UndecodableView("Modality LUT on non-integer or very wide-range data")
+                modality_lut = tabulated[0]
+                assert modality_lut.lut is not None
+                windowed = _window_mapping(1.0, 0.0, centre, width, function)
+                mapping = _Mapping("lut", lo=modality_lut.lo, lut=windowed.apply(modality_lut.lut))
+            if _grey_fraction(mapping, frame) < _MIN_GREY_FRACTION:
+                notes.append(
+                    f"window {centre:g}/{width:g} leaves no grey levels; "
+                    "percentile scaling used instead"
+                )
+                mapping = None
+                window_rejected = True
+    if mapping is None:
+        bits = int(ds.get("BitsStored", 0) or 0)
+        identity = _modality_is_linear(ds) and slope == 1.0 and intercept == 0.0
+        if not window_rejected and identity and 0 < bits <= 8 and frame.dtype.kind == "u":
+            # Already display values (a secondary capture, a converted PNG): keep them as is.
+            mapping = _Mapping("affine", 1.0 / (2**bits - 1), 0.0)
+        else:
+            modality = None
+            if not _modality_is_linear(ds):
+                tabulated = _lut_over_range(ds, frame, voi=False)
+                if tabulated is None:
+                    raise UndecodableView("Modality LUT on non-integer or very wide-range data")
+                modality = tabulated[0]
+            mapping = _percentile_mapping(ds, frame, modality, slope, intercept)
+    if invert:
+        mapping = mapping.inverted()
+    return mapping.apply(frame)
+
+
+def _colour(ds: Dataset, frame: np.ndarray, photometric: str, notes: list[str]) -> np.ndarray:
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(frame, ds)
+        top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "iu" else 1.0
+        notes.append("palette colour converted to luminance")
+    else:
+        rgb = frame
+        bits = int(ds.get("BitsStored", 8) or 8)
+        top = float(2**bits - 1)
+        # pydicom has already converted YBR_* to RGB.
+        notes.append(f"colour ({photometric}) converted to luminance")
+    out = to_luminance(rgb)
+    out *= np.float32(1.0 / top)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _display_from_frame(ds: Dataset, frame: np.ndarray, notes: list[str]) -> np.ndarray:
+    if frame.size == 0 or frame.ndim not in (2, 3):
+        raise UndecodableView(f"no image in the pixel data (shape {list(frame.shape)})")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if frame.ndim != 2:
+            raise UndecodableView(f"{photometric} with {frame.shape[-1]} samples per pixel")
+        out = _grayscale(ds, frame, notes)
+    elif photometric == "PALETTE COLOR" or (
+        frame.ndim == 3 and frame.shape[-1] == 3 and photometric.startswith(("RGB", "YBR"))
+    ):
+        out = _colour(ds, frame, photometric, notes)
+    else:
+        raise UndecodableView(f"unsupported photometric interpretation {photometric or '(none)'}")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
+    notes: list[str] = []
+    if not any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)):
+        raise UndecodableView("no pixel data")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", None) or str(syntax or "no transfer syntax")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns on harmless header/codestream mismatches it then resolves.
+            warnings.simplefilter("ignore")
+            frame = pixel_array(ds, index=0)
+    except NotImplementedError as exc:
+        raise UndecodableView(f"no decoder for {name}: {_oneline(str(exc))}") from None
+    except Exception as exc:  # codecs raise many types on corrupt data
+        raise UndecodableView(
+            f"cannot decode pixel data ({name}): {type(exc).__name__}: {_oneline(str(exc))}"
+        ) from None
+    if frames > 1:
+        notes.append(f"first of {frames} frames")
+    return frame, notes
+
+
+def display_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
+    """The view as displayed: float32 [rows, columns] in 0..1 (higher = brighter), and a note.
+
+    The note says which choice was made when there was one (``"first of 3 frames; window 1 of
+    2 used"``), ``""`` otherwise. Raises :class:`UndecodableView` when the pixels cannot be
+    decoded or hold no image.
+    """
+    frame, notes = _decode_first_frame(ds)
+    try:
+        out = _display_from_frame(ds, frame, notes)
+    except UndecodableView:
+        raise
+    except Exception as exc:  # a malformed LUT, window or palette: say what broke
+        raise UndecodableView(
+            f"cannot interpret the pixels: {type(exc).__name__}: {_oneline(str(exc))}"
+        ) from None
+    return out, "; ".join(notes)
+
+
+def _as_unit_float(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        top = float(np.iinfo(pixels.dtype).max) if pixels.dtype.kind in "iu" else 1.0
+        return to_luminance(pixels) / np.float32(top)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D grey or [H, W, 3] colour image, got {pixels.shape}")
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) * np.float32(1 / 255)
+    if pixels.dtype == np.uint16:
+        return pixels.astype(np.float32) * np.float32(1 / 65535)
+    if pixels.dtype.kind in "fb":
+        return pixels.astype(np.float32, copy=False)
+    raise ValueError(f"unsupported pixel type {pixels.dtype} (use uint8, uint16 or float 0..1)")
+
+
+def _resize(image: np.ndarray, rows: int, columns: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a float32 2-D image (torch's, which matches PIL's)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
+    if tuple(image.shape) == (rows, columns):
+        return tensor[0, 0]
+    return F.interpolate(
+        tensor, size=(rows, columns), mode="bilinear", antialias=True, align_corners=False
+    )[0, 0]
+
+
+def prepare_array(
+    pixels: np.ndarray, input_size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """Model input float32 [3, S, S] from an image: resize to S×S, 3 channels, normalise.
+
+    *pixels*: 2-D grey (uint8 → /255, uint16 → /65535, float already in 0..1) or [H, W, 3|4]
+    colour (converted to luminance). The resize is antialiased bilinear to exactly S×S (the
+    aspect ratio is not kept, as in the MURA paper); values are clipped to 0..1 before the
+    per-channel ``(x − mean) / std``. Training and the daemon both go through here.
+    """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std need 3 values (one per channel)")
+    image = _as_unit_float(pixels)
+    if image.size == 0:
+        raise ValueError("empty image")
+    # Not in place: without a resize the tensor is the caller's array.
+    resized = torch.clamp(_resize(image, input_size, input_size), 0.0, 1.0).numpy()
+    out = np.empty((3, input_size, input_size), dtype=np.float32)
+    for channel in range(3):
+        np.subtract(resized, np.float32(mean[channel]), out=out[channel])
+        out[channel] *= np.float32(1.0 / std[channel])
+    return out
+
+
+def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """*image* (float32 2-D) shrunk with antialiasing so its longest side is ≤ *max_side*."""
+    rows, columns = image.shape
+    scale = max_side / max(rows, columns)
+    if scale >= 1.0:
+        return image
+    target = (max(1, round(rows * scale)), max(1, round(columns * scale)))
+    return _resize(image, *target).numpy()
+
+
+def downsample_display(pixels: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """A float 0..1 display image as uint8, shrunk (antialiased) so its longest side ≤ max_side."""
+    image = _shrink(np.asarray(pixels, dtype=np.float32), max_side)
+    out = np.multiply(image, np.float32(255.0), dtype=np.float32)
+    out += np.float32(0.5)
+    np.clip(out, 0.0, 255.0, out=out)
+    return out.astype(np.uint8)
+
+
+def init_decode_worker() -> None:
+    """Process-pool initialiser: one torch thread per decoding process (the pool is the
+    parallelism; more threads per process only contend for the same cores)."""
+    torch.set_num_threads(1)
+
+
+def decode_view(
+    path: str,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    display_max_side: int = DISPLAY_MAX_SIDE,
+) -> DecodedView:
+    """Read a DICOM file and return its model input and display image.
+
+    Top-level and picklable, for a process pool. Raises :class:`UndecodableView` with a reason
+    when the file cannot be read or its pixels cannot be decoded.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise UndecodableView(f"file missing: {os.path.basename(path)}") from None
+    except InvalidDicomError as exc:
+        raise UndecodableView(f"not a DICOM file: {_oneline(str(exc))}") from None
+    except Exception as exc:  # truncated or corrupt files raise many types
+        raise UndecodableView(
+            f"unreadable DICOM file: {type(exc).__name__}: {_oneline(str(exc))}"
+        ) from None
+    pixels, note = display_pixels(ds)
+    rows, columns = pixels.shape
+    # The model input is resized from a ≤ 1024-px intermediate rather than the full frame: the
+    # MURA PNGs it was trained on were such exports (≈ 512 px), and the intermediate is the
+    # overlay image too, so one antialiased pass over the full frame serves both (≈ 2× faster).
+    source = _shrink(pixels, max(MODEL_SOURCE_MAX_SIDE, input_size))
+    return DecodedView(
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        array=prepare_array(source, input_size, mean, std),
+        display=downsample_display(source, display_max_side),
+        note=note,
+        rows=int(rows),
+        columns=int(columns),
+    )
+
+
+__all__ = [
+    "DISPLAY_MAX_SIDE",
+    "LUMA_WEIGHTS",
+    "MODEL_SOURCE_MAX_SIDE",
+    "PERCENTILES",
+    "DecodedView",
+    "UndecodableView",
+    "decode_view",
+    "display_pixels",
+    "downsample_display",
+    "init_decode_worker",
+    "prepare_array",
+    "to_luminance",
+]
