@@ -93,6 +93,8 @@ class Daemon:
         store.setdefault("spool_dir", str(self.workdir / "spool"))
         store.setdefault("min_free_mb", 1)
         self.sections.setdefault("log", {}).setdefault("level", "debug")
+        # Ingest tests need no model; scoring tests turn the worker on.
+        self.sections.setdefault("worker", {}).setdefault("enabled", False)
         self.config_path = write_config(self.workdir / "triage.toml", self.sections)
 
     @property

@@ -1,5 +1,6 @@
-"""`triage serve`: listener processes and the scheduler (and, as they land, the worker and
-the sender), with a clean shutdown on SIGTERM/SIGINT."""
+"""`triage serve`: listener processes, scheduler, worker and sender in one daemon, with a clean
+shutdown on SIGTERM/SIGINT; and `triage worker`, the worker alone (GPU hosts sharing one
+PostgreSQL store and spool)."""
 
 from __future__ import annotations
 
@@ -58,19 +59,32 @@ class Daemon:
             closed = store.close_abandoned_associations()
             if closed:
                 log.warning("abandoned_associations_closed", count=closed)
+        worker = sender = None
+        if config.destinations:
+            from triage.dicom.sender import Sender
+
+            sender = Sender(config, store, spool)
+        if config.worker.enabled:
+            worker = _make_worker(config, store, spool, sender.wake if sender else None)
         listeners = ListenerPool(config)
         try:
             listeners.start()
         except ListenerStartError as exc:
             raise StartupError(str(exc)) from exc
-        scheduler = Scheduler(config, store)
+        scheduler = Scheduler(config, store, on_queued=worker.wake if worker else None)
         scheduler.start()
+        if worker:
+            worker.start()
+        if sender:
+            sender.start()
         if not spool.has_room():
             log.warning("spool_below_free_space_floor", free_bytes=spool.free_bytes())
         if not config.dicom.allowed_peers:
             log.warning("any_calling_ae_allowed", hint="set [dicom] allowed_peers")
         log.info(
             "ready",
+            worker=bool(worker),
+            destinations=[d.name for d in config.destinations],
             ae_title=config.dicom.ae_title,
             bind=config.dicom.bind,
             port=listeners.port,
@@ -83,6 +97,44 @@ class Daemon:
         log.info("stopping")
         listeners.stop(config.dicom.shutdown_grace_s)
         scheduler.stop()
+        if worker:
+            worker.stop(config.dicom.shutdown_grace_s)
+        if sender:
+            sender.stop(config.delivery.timeout_s + 5)
         engine.dispose()
         log.info("stopped")
         return 0
+
+
+def _make_worker(config: Config, store: Store, spool: Spool, on_scored):  # type: ignore[no-untyped-def]
+    # torch is imported here, not at module level: listener processes must never load it.
+    from triage.scoring.worker import ModelRefused, Worker, load_configured_model
+
+    try:
+        model = load_configured_model(config)
+    except ModelRefused as exc:
+        raise StartupError(str(exc)) from exc
+    except Exception as exc:  # CardError, a CUDA device that is not there …
+        raise StartupError(f"cannot load the model: {exc}") from exc
+    return Worker(config, store, spool, model, on_scored=on_scored)
+
+
+def run_worker(config: Config) -> int:
+    """`triage worker`: only the worker, until SIGTERM/SIGINT; returns the exit code."""
+    stop = stop_event_on_signals()
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
+    spool.prepare()
+    worker = _make_worker(config, store, spool, None)
+    worker.start()
+    log.info("ready", role="worker", worker=worker.owner)
+    while not stop.wait(1.0):
+        if not worker.alive():
+            log.error("worker_loop_died")
+            break
+    worker.stop(config.dicom.shutdown_grace_s)
+    engine.dispose()
+    log.info("stopped")
+    return 0

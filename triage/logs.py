@@ -80,7 +80,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     root.setLevel(level.upper())
     # pynetdicom logs PDUs and, at debug level, whole datasets (PHI): keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # APScheduler warns about every late or coalesced run; our jobs log their own failures.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -1,5 +1,8 @@
-"""Periodic jobs of the daemon (APScheduler): study completion now; lease expiry, delivery
-retries and purging join as those parts land."""
+"""Periodic jobs of the daemon (APScheduler): study completion and worker-lease expiry.
+
+Several daemons on one PostgreSQL database may all run these jobs: each job is one transaction
+that locks the rows it moves (SKIP LOCKED), so running it twice moves nothing twice.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from triage.config import Config
 from triage.logs import get_logger
 from triage.store.repository import Store
+from triage.store.work_queue import WorkQueue
 
 log = get_logger("triage.scheduler")
 
@@ -18,11 +22,16 @@ log = get_logger("triage.scheduler")
 class Scheduler:
     """Runs the daemon's periodic jobs in background threads; a failing job logs and retries."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(
+        self, config: Config, store: Store, on_queued: Callable[[], None] | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        self.on_queued = on_queued
+        self.work_queue = WorkQueue(store)
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self.add_job("queue_quiet_studies", self.queue_quiet_studies, config.study.check_interval_s)
+        self.add_job("expire_leases", self.expire_leases, max(1.0, config.worker.lease_s / 10))
 
     def add_job(self, name: str, job: Callable[[], object], every_s: float) -> None:
         """Run *job* every *every_s* seconds, never two at once, starting now."""
@@ -48,6 +57,22 @@ class Scheduler:
         moved = self.store.queue_quiet_studies(self.config.study.quiet_period_s)
         for change in moved:
             log.info("study_queued", study_uid=change.study_uid, revision=change.revision)
+        if moved and self.on_queued:
+            self.on_queued()
+        return len(moved)
+
+    def expire_leases(self) -> int:
+        """Studies whose worker died go back to QUEUED (or FAILED after max_attempts)."""
+        moved = self.work_queue.expire_leases(self.config.worker.max_attempts)
+        for change in moved:
+            log.warning(
+                "lease_expired",
+                study_uid=change.study_uid,
+                revision=change.revision,
+                state=change.to_state.value,
+            )
+        if moved and self.on_queued:
+            self.on_queued()
         return len(moved)
 
     def start(self) -> None:

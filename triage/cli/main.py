@@ -30,6 +30,21 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from triage.daemon import StartupError, run_worker
+    from triage.logs import configure_logging, get_logger
+    from triage.store.db import StoreUnavailable
+
+    config = load_config(_config_path(args))
+    configure_logging(config.log.level, config.log.format)
+    try:
+        return run_worker(config)
+    except (StartupError, StoreUnavailable) as exc:
+        get_logger("triage.daemon").error("startup_failed", error=str(exc))
+        print(f"triage: {exc}", file=sys.stderr)
+        return 1
+
+
 def _show_config(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     print(json.dumps(describe(config), indent=2))
@@ -49,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", help="TOML config file (default: $TRIAGE_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the daemon").set_defaults(func=_serve)
+    commands.add_parser(
+        "worker", help="run only the scoring worker (hosts sharing a PostgreSQL store)"
+    ).set_defaults(func=_worker)
     commands.add_parser(
         "config", help="validate the configuration and print the effective values"
     ).set_defaults(func=_show_config)

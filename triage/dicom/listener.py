@@ -291,6 +291,12 @@ class Listener:
             return verdict.status, verdict.reason
         assert isinstance(verdict, Accepted)
         bound = log.bind(study_uid=verdict.study_uid, sop_instance_uid=verdict.sop_instance_uid)
+        if verdict.own_output:
+            # A PACS routing the whole study back to us: acknowledge, but never as a new view
+            # (it would re-open the study and loop).
+            tally.duplicate += 1
+            bound.info("own_output_ignored")
+            return Status.SUCCESS, ""
         if self.store.instance_exists(verdict.sop_instance_uid):
             tally.duplicate += 1
             bound.debug("instance_duplicate")

@@ -36,12 +36,13 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+import triage
 from triage import __version__
 from triage.scoring.result import ModelInfo, StudyResult
 from triage.uids import derived_uid
 
 #: Manufacturer of every object msk-triage writes (General Equipment).
-MANUFACTURER = "msk-triage"
+MANUFACTURER = triage.MANUFACTURER
 #: Series numbers of the outputs: high, so they sort after the modality's series.
 SR_SERIES_NUMBER = 9900
 

@@ -9,6 +9,7 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from triage import MANUFACTURER
 from triage.dicom.sop import Status
 from triage.uids import is_valid_uid
 
@@ -26,6 +27,8 @@ class Accepted:
     sop_instance_uid: str
     sop_class_uid: str
     modality: str | None
+    #: An object msk-triage made itself (a CAM overlay a PACS routed back): never a new view.
+    own_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def check_instance(
     """
     try:
         dataset = read_header(source)
-        values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality")}
+        values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality", "Manufacturer")}
     except Exception as exc:  # pydicom raises many types on corrupt input
         return Rejected(Status.UNREADABLE, f"unreadable data set: {type(exc).__name__}")
     bad = [key for key in _REQUIRED_UIDS if not is_valid_uid(_text(values[key]))]
@@ -85,6 +88,7 @@ def check_instance(
         sop_instance_uid=sop_instance,
         sop_class_uid=sop_class,
         modality=modality[:16] if modality else None,
+        own_output=_text(values["Manufacturer"]) == MANUFACTURER,
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from triage import MANUFACTURER
 from triage.study_types import StudyType
 
 
@@ -18,7 +19,7 @@ class ModelInfo:
     validated: bool
     #: Operating point: a study is abnormal if its probability is > threshold.
     threshold: float = 0.5
-    manufacturer: str = "msk-triage"
+    manufacturer: str = MANUFACTURER
 
 
 @dataclass(frozen=True)

@@ -75,14 +75,9 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            folder = final.parent
-            try:
-                folder.mkdir()
-                _fsync_dir(self.root)
-            except FileExistsError:
-                pass
+            self._make_folders(final.parent)
             os.replace(temp, final)
-            _fsync_dir(folder)
+            _fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 temp.unlink()
@@ -109,18 +104,24 @@ class Spool:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            folder = final.parent
-            try:
-                folder.mkdir()
-                _fsync_dir(self.root)
-            except FileExistsError:
-                pass
+            self._make_folders(final.parent)
             with contextlib.suppress(FileExistsError):
                 os.link(temp_path, final)
-            _fsync_dir(folder)
+            _fsync_dir(final.parent)
         except OSError as exc:
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
         return size
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create *folder* and missing parents under the root, each made durable in its parent."""
+        if folder == self.root or folder.is_dir():
+            return
+        self._make_folders(folder.parent)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            return
+        _fsync_dir(folder.parent)
 
     def remove(self, relative: str) -> None:
         """Delete a spooled file (and its study folder when it becomes empty)."""

@@ -315,6 +315,20 @@ class WorkQueue:
 
         return self.store.transaction(work)
 
+    def release(self, claim: Claim, reason: str) -> bool:
+        """Give a claimed study back to the queue without counting the attempt (clean stop)."""
+
+        def work(session: Session) -> bool:
+            study = self._held(session, claim)
+            if study is None:
+                return False
+            _release(study, "")
+            study.attempts = max(0, study.attempts - 1)
+            self._move(session, study, StudyState.QUEUED, reason)
+            return True
+
+        return self.store.transaction(work)
+
     def expire_leases(self, max_attempts: int, now: datetime | None = None) -> list[Transition]:
         """Studies whose worker stopped renewing go back to QUEUED (or FAILED)."""
         now = now or utcnow()
@@ -348,6 +362,20 @@ class WorkQueue:
             study.state_reason = reason
         add_event(session, study, previous, reason, now)
         return Transition(study.study_uid, study.revision, previous, state)
+
+    def previous_sr(self, claim: Claim) -> str | None:
+        """The outbox path of the newest SR of an earlier revision (the new SR's predecessor)."""
+        with self.store.read_session() as session:
+            return session.scalar(
+                select(Output.path)
+                .where(
+                    Output.study_id == claim.study_id,
+                    Output.kind == "sr",
+                    Output.revision < claim.revision,
+                )
+                .order_by(Output.revision.desc(), Output.id.desc())
+                .limit(1)
+            )
 
     # --- worker heartbeats -------------------------------------------------------------
 

@@ -1,0 +1,89 @@
+"""The objects sent back for a scored study: SR, CAM overlays, parametric maps, in the outbox.
+
+Files go to ``<spool>/outbox/<study UID>/<SOP instance UID>.dcm`` with durable
+writes; their SOP Instance UIDs are deterministic, so rebuilding after a crash writes the same
+instances again.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+from pydicom import Dataset, dcmread
+
+from triage.config import Config
+from triage.dicom.pmap import build_parametric_map
+from triage.dicom.sc import build_cam_overlay
+from triage.dicom.sr import build_sr
+from triage.scoring.result import ModelInfo, StudyResult
+from triage.store.spool import Spool
+from triage.store.work_queue import OutputFile
+from triage.uids import derived_uid
+
+
+def installation_uid(config: Config) -> str:
+    """The device UID of this msk-triage installation (the SR's observer)."""
+    return derived_uid("msk-triage device", socket.gethostname(), config.dicom.ae_title)
+
+
+@dataclass(frozen=True)
+class ViewPixels:
+    """What the overlay of one view needs: its header and its display image (uint8)."""
+
+    header: Dataset
+    display: np.ndarray
+
+
+def _write(spool: Spool, dataset: Dataset, kind: str, source_uid: str | None) -> OutputFile:
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    study_uid = str(dataset.StudyInstanceUID)
+    sop_uid = str(dataset.SOPInstanceUID)
+    relative = f"outbox/{study_uid}/{sop_uid}.dcm"
+    size = spool.write(relative, (buffer.getbuffer(),))
+    return OutputFile(
+        kind=kind,
+        sop_class_uid=str(dataset.SOPClassUID),
+        sop_instance_uid=sop_uid,
+        series_uid=str(dataset.SeriesInstanceUID),
+        source_sop_instance_uid=source_uid,
+        path=relative,
+        size_bytes=size,
+    )
+
+
+def build_outputs(
+    config: Config,
+    spool: Spool,
+    result: StudyResult,
+    model: ModelInfo,
+    views: Mapping[str, ViewPixels],
+    predecessor_path: str | None,
+) -> list[OutputFile]:
+    """Build and durably write the SR (always), overlays and parametric maps (as configured)."""
+    predecessor = dcmread(spool.path(predecessor_path)) if predecessor_path else None
+    headers: Sequence[Dataset] = [views[v.sop_instance_uid].header for v in result.views]
+    device_uid = installation_uid(config)
+    sr = build_sr(headers, result, model, device_uid=device_uid, predecessor=predecessor)
+    outputs = [_write(spool, sr, "sr", None)]
+    for view in result.views:
+        pixels = views[view.sop_instance_uid]
+        if config.outputs.overlays:
+            overlay = build_cam_overlay(
+                pixels.header,
+                pixels.display.astype(np.float32) / 255.0,
+                view,
+                result,
+                model,
+                opacity=config.outputs.opacity,
+                max_side=config.outputs.max_side,
+            )
+            outputs.append(_write(spool, overlay, "sc", view.sop_instance_uid))
+        if config.outputs.parametric_maps:
+            pmap = build_parametric_map(pixels.header, view, result, model, device_uid=device_uid)
+            outputs.append(_write(spool, pmap, "pm", view.sop_instance_uid))
+    return outputs

@@ -1,0 +1,399 @@
+"""The worker: QUEUED studies → decoded views → batched forward passes → results and outputs.
+
+Three stages run concurrently:
+
+- the **claim loop** claims studies (with a lease), reads their headers, decides the study type
+  (SKIPPED when it is not an upper-extremity radiograph) and hands every scorable view to a
+  pool of decode **processes** (the GIL must not serialise decoding);
+- the **batch loop** gathers decoded views of *any* studies into one batch (up to
+  ``[model] batch_size``, waiting at most ``batch_wait_ms`` for a partial one) and takes each
+  view's probability and CAM from the same forward pass;
+- the **finisher** averages a study's views, builds the SR and overlays, and writes result,
+  outputs and deliveries in one transaction. A failure is retried (``max_attempts``) and then
+  the study is FAILED with the reason.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from queue import Empty, Queue
+
+import numpy as np
+import torch
+from pydicom import Dataset, dcmread
+
+from triage import failpoints
+from triage.config import Config
+from triage.dicom.study_type import decide_study
+from triage.logs import get_logger
+from triage.scoring.model import ScoringModel
+from triage.scoring.outputs import ViewPixels, build_outputs
+from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
+from triage.scoring.result import SkippedView, StudyResult, ViewResult
+from triage.store.repository import Store
+from triage.store.spool import Spool
+from triage.store.work_queue import Claim, WorkQueue, worker_id
+from triage.study_types import StudyType
+
+log = get_logger("triage.worker")
+
+_HEARTBEAT_S = 10.0
+
+
+def decode_process_count(configured: int) -> int:
+    """Decode processes: as configured, else one per core but one (at least one)."""
+    if configured > 0:
+        return configured
+    return max(1, (multiprocessing.cpu_count() or 2) - 1)
+
+
+@dataclass
+class _InFlight:
+    """A claimed study on its way through the pipeline."""
+
+    claim: Claim
+    study_type: StudyType
+    threshold: float
+    headers: dict[str, Dataset]
+    order: list[str]
+    started: float
+    pending: int
+    scored: dict[str, ViewResult] = field(default_factory=dict)
+    pixels: dict[str, ViewPixels] = field(default_factory=dict)
+    skipped: list[SkippedView] = field(default_factory=list)
+    error: str = ""
+
+
+class Worker:
+    """Scores queued studies until stopped; safe to run next to other workers on PostgreSQL."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        spool: Spool,
+        model: ScoringModel,
+        on_scored: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.model = model
+        self.queue = WorkQueue(store)
+        self.owner = worker_id()
+        self.on_scored = on_scored
+        self._in_flight: dict[int, _InFlight] = {}
+        self._lock = threading.Lock()
+        self._decoded: Queue[tuple[_InFlight, str, Future[DecodedView]]] = Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._processes = decode_process_count(config.worker.decode_processes)
+        self._pool = self._new_pool()
+        self._pool_broken = False
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: a forked child of a process that ran OpenMP threads can hang.
+        return ProcessPoolExecutor(
+            max_workers=self._processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_decode_worker,
+        )
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the claim and batch loops."""
+        self.queue.heartbeat(self.owner, str(self.model.device), self.model.info.version)
+        for target, name in (
+            (self._claim_loop, "worker-claim"),
+            (self._batch_loop, "worker-batch"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "worker_started",
+            worker=self.owner,
+            device=str(self.model.device),
+            precision=self.model.precision,
+            batch_size=self.config.model.batch_size,
+            decode_processes=self._processes,
+            model=self.model.info.name,
+            model_version=self.model.info.version,
+        )
+
+    def wake(self) -> None:
+        """Studies were queued: claim now instead of at the next poll."""
+        self._wake.set()
+
+    def alive(self) -> bool:
+        """True while both loops run."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop claiming, let studies in flight finish for *grace_s*, give the rest back."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + grace_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        with self._lock:
+            leftovers = list(self._in_flight.values())
+            self._in_flight.clear()
+        for study in leftovers:
+            self.queue.release(study.claim, "worker stopped")
+        self._finisher.shutdown(wait=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.worker_stopped(self.owner)
+        log.info("worker_stopped", worker=self.owner, released=len(leftovers))
+
+    # --- claiming -----------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        last_renew = last_heartbeat = time.monotonic()
+        renew_every = self.config.worker.lease_s / 3
+        while not self._stop.is_set():
+            claimed = 0
+            try:
+                if self._pool_broken:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new_pool()
+                    self._pool_broken = False
+                room = self.config.worker.claim_batch - len(self._in_flight)
+                if room > 0:
+                    claims = self.queue.claim(self.owner, room, self.config.worker.lease_s)
+                    claimed = len(claims)
+                    for claim in claims:
+                        self._begin(claim)
+                now = time.monotonic()
+                if now - last_renew > renew_every:
+                    with self._lock:
+                        claims = [s.claim for s in self._in_flight.values()]
+                    self.queue.renew(claims, self.config.worker.lease_s)
+                    last_renew = now
+                if now - last_heartbeat > _HEARTBEAT_S:
+                    self.queue.heartbeat(
+                        self.owner, str(self.model.device), self.model.info.version
+                    )
+                    last_heartbeat = now
+            except Exception as exc:  # the store may be down for a while: keep trying
+                log.error("claim_loop_error", error=f"{type(exc).__name__}: {exc}")
+            if claimed == 0:
+                self._wake.wait(self.config.worker.poll_interval_s)
+                self._wake.clear()
+
+    def _begin(self, claim: Claim) -> None:
+        bound = log.bind(study_uid=claim.study_uid, revision=claim.revision)
+        headers: dict[str, Dataset] = {}
+        skipped: list[SkippedView] = []
+        paths = {}
+        for instance in claim.instances:
+            try:
+                headers[instance.sop_instance_uid] = dcmread(
+                    self.spool.path(instance.path), stop_before_pixels=True
+                )
+                paths[instance.sop_instance_uid] = instance.path
+            except Exception as exc:
+                skipped.append(SkippedView(instance.sop_instance_uid, f"unreadable: {exc}"))
+        decision = decide_study(list(headers.values()), covered=self.model.card.study_types)
+        if decision.study_type is None:
+            if self.queue.skip(claim, decision.reason):
+                bound.info("study_skipped", reason=decision.reason)
+            return
+        skipped += [SkippedView(v.sop_instance_uid, v.reason) for v in decision.skipped_views]
+        scored_uids = list(decision.scored_uids)
+        study = _InFlight(
+            claim=claim,
+            study_type=decision.study_type,
+            threshold=self.model.card.threshold_for(decision.study_type),
+            headers=headers,
+            order=scored_uids,
+            started=time.monotonic(),
+            pending=len(scored_uids),
+            skipped=skipped,
+        )
+        with self._lock:
+            self._in_flight[claim.study_id] = study
+        bound.info(
+            "study_claimed",
+            study_type=decision.study_type.value,
+            views=len(scored_uids),
+            attempt=claim.attempt,
+        )
+        card = self.model
+        for uid in scored_uids:
+            future = self._pool.submit(
+                decode_view,
+                str(self.spool.path(paths[uid])),
+                card.input_size,
+                card.mean,
+                card.std,
+                self.config.outputs.max_side,
+            )
+            future.add_done_callback(lambda f, s=study, u=uid: self._decoded.put((s, u, f)))
+
+    # --- batching -----------------------------------------------------------------------
+
+    def _next_batch(self) -> list[tuple[_InFlight, str, Future[DecodedView]]]:
+        try:
+            first = self._decoded.get(timeout=0.2)
+        except Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.config.model.batch_wait_ms / 1000
+        while len(batch) < self.config.model.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(
+                    self._decoded.get(timeout=remaining)
+                    if remaining > 0
+                    else self._decoded.get_nowait()
+                )
+            except Empty:
+                break
+        return batch
+
+    def _batch_loop(self) -> None:
+        while not (self._stop.is_set() and not self._in_flight):
+            items = self._next_batch()
+            if not items:
+                continue
+            ready: list[tuple[_InFlight, DecodedView]] = []
+            for study, uid, future in items:
+                try:
+                    ready.append((study, future.result()))
+                except UndecodableView as exc:
+                    study.skipped.append(SkippedView(uid, f"undecodable: {exc.reason}"))
+                    self._view_done(study)
+                except BrokenProcessPool:
+                    self._pool_broken = True
+                    study.error = "a decode process died"
+                    self._view_done(study)
+                except Exception as exc:
+                    study.error = f"decoding failed: {type(exc).__name__}: {exc}"
+                    self._view_done(study)
+            if ready:
+                self._score(ready)
+
+    def _score(self, ready: list[tuple[_InFlight, DecodedView]]) -> None:
+        try:
+            batch = self.model.make_batch([view.array for _, view in ready])
+            logits, cams = self.model.forward(batch)
+        except Exception as exc:
+            log.exception("forward_failed", views=len(ready))
+            for study, _view in ready:
+                study.error = f"model forward failed: {type(exc).__name__}: {exc}"
+                self._view_done(study)
+            return
+        probabilities = torch.sigmoid(logits).tolist()
+        cam_arrays = cams.numpy()
+        for (study, view), probability, cam in zip(ready, probabilities, cam_arrays, strict=True):
+            uid = view.sop_instance_uid
+            study.scored[uid] = ViewResult(uid, float(probability), np.array(cam), view.note)
+            study.pixels[uid] = ViewPixels(study.headers[uid], view.display)
+            self._view_done(study)
+
+    def _view_done(self, study: _InFlight) -> None:
+        study.pending -= 1
+        if study.pending == 0:
+            self._finisher.submit(self._finish, study)
+
+    # --- finishing ----------------------------------------------------------------------
+
+    def _finish(self, study: _InFlight) -> None:
+        claim = study.claim
+        bound = log.bind(study_uid=claim.study_uid, revision=claim.revision)
+        try:
+            if study.error:
+                raise RuntimeError(study.error)
+            views = tuple(study.scored[uid] for uid in study.order if uid in study.scored)
+            if not views:
+                reasons = "; ".join(s.reason for s in study.skipped) or "no views"
+                self.queue.fail_attempt(
+                    claim, f"no view could be scored: {reasons}", max_attempts=1
+                )
+                bound.warning("study_failed", reason="no view could be scored")
+                return
+            probability = float(np.mean([v.probability for v in views]))
+            result = StudyResult(
+                study_uid=claim.study_uid,
+                revision=claim.revision,
+                study_type=study.study_type,
+                probability=probability,
+                threshold=study.threshold,
+                views=views,
+                skipped_views=tuple(study.skipped),
+            )
+            info = self.model.info
+            outputs = build_outputs(
+                self.config, self.spool, result, info, study.pixels, self.queue.previous_sr(claim)
+            )
+            failpoints.hit("before_complete")
+            elapsed_ms = (time.monotonic() - study.started) * 1000
+            destinations = [d.name for d in self.config.destinations]
+            if not self.queue.complete(claim, result, info, outputs, destinations, elapsed_ms):
+                bound.info("result_discarded", reason="study changed while it was scored")
+                return
+            bound.info(
+                "study_scored",
+                study_type=study.study_type.value,
+                probability=round(probability, 4),
+                abnormal=result.abnormal,
+                threshold=study.threshold,
+                views=len(views),
+                skipped_views=len(study.skipped),
+                outputs=len(outputs),
+                ms=round(elapsed_ms, 1),
+            )
+            if self.on_scored:
+                self.on_scored()
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
+            bound.error("scoring_failed", error=reason, state=state.value if state else None)
+        finally:
+            with self._lock:
+                self._in_flight.pop(claim.study_id, None)
+            self._wake.set()
+
+
+class ModelRefused(RuntimeError):
+    """The configured model may not run here; the message is one line for the operator."""
+
+
+def load_configured_model(config: Config) -> ScoringModel:
+    """Load the model the config names, refusing an unvalidated one unless allowed."""
+    from triage.scoring.card import load_card
+    from triage.scoring.model import load_model
+
+    card = load_card(config.model.card)
+    if not card.validated and not config.model.allow_unvalidated:
+        raise ModelRefused(
+            f"model {card.name} {card.version} is not validated; set [model] allow_unvalidated"
+            " = true to run it anyway (not for clinical use)"
+        )
+    if config.model.threads > 0:
+        torch.set_num_threads(config.model.threads)
+    model = load_model(
+        card,
+        device=config.model.device,
+        precision=config.model.precision,
+        compile=config.model.compile,
+    )
+    if not card.validated:
+        log.warning(
+            "unvalidated_model_in_use",
+            model=card.name,
+            version=card.version,
+            note="results are labelled NOT VALIDATED; not for clinical use",
+        )
+    return model

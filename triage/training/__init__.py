@@ -1,0 +1,1 @@
+"""Training (`triage train`) and evaluation (`triage evaluate`) of the MURA DenseNet-169."""

@@ -1,0 +1,524 @@
+"""The MURA training recipe (Rajpurkar et al. 2017, section 3.1).
+
+DenseNet-169 with one logit, optionally initialised from a local ImageNet file; weighted
+binary cross-entropy per study type (w_T,1 = |N_T|/(|A_T|+|N_T|) on abnormal images,
+w_T,0 = |A_T|/(|A_T|+|N_T|) on normal ones, counted on the training images); Adam
+(β = 0.9, 0.999), learning rate 1e-4, mini-batches of 8; the learning rate divided by 10 when
+the validation loss plateaus after an epoch; random lateral flips and rotations; the weights
+with the lowest validation loss are kept.
+
+Outputs in the output folder: ``weights.pt`` (the best state dict, what the daemon loads),
+``card.toml`` (unvalidated, metrics from the validation set), ``checkpoint.pt`` (everything
+needed to resume), ``valid_report.json`` (the full validation evaluation) and
+``history.json``.
+
+Determinism: the shuffling and each image's augmentation derive from (seed, epoch, index)
+and the network's initialisation from the seed, so two CPU runs with the same seed and thread
+count give identical losses, with any number of loader workers and across a resume. CUDA runs
+(bf16 autocast, channels_last, cuDNN autotuning) are fast, not bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from triage.study_types import StudyType
+from triage.training.data import (
+    Augment,
+    DataError,
+    EpochSampler,
+    Preprocessing,
+    View,
+    ViewDataset,
+    check_patient_split,
+    class_weights,
+    image_counts,
+    one_class_types,
+    steps_per_epoch,
+)
+from triage.training.evaluate import card_metrics, evaluate_table, study_table
+from triage.training.metrics import auroc
+
+WEIGHTS_FILE = "weights.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainOptions:
+    """Everything that shapes a training run (defaults: the paper's recipe)."""
+
+    out_dir: Path
+    name: str = "mura-densenet169"
+    version: str = field(default_factory=lambda: date.today().strftime("%Y.%m.%d"))
+    image_size: int = 224
+    #: The paper does not state its epoch count; the plateau schedule makes more harmless.
+    epochs: int = 10
+    #: Stop after this many optimiser steps in all (None: run all epochs).
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    #: Epochs without a validation-loss improvement before the LR is divided by 10.
+    #: 0 = "each time the validation loss plateaus after an epoch", read literally.
+    plateau_patience: int = 0
+    flip: bool = True
+    max_rotation: float = 30.0
+    workers: int = 0
+    device: str = "auto"
+    #: auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU.
+    precision: str = "auto"
+    seed: int = 0
+    imagenet_weights: str | None = None
+    #: Resume from ``out_dir/checkpoint.pt`` when it exists.
+    resume: bool = False
+    #: Also checkpoint every this many steps inside an epoch (0: only at epoch ends).
+    checkpoint_every: int = 0
+    log_every: int = 50
+    #: Keep prepared images in memory (small data sets, workers = 0).
+    cache_images: bool = False
+    eval_batch_size: int = 32
+    bootstrap_resamples: int = 10_000
+    description: str = ""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    card_path: Path
+    weights_path: Path
+    best_epoch: int
+    best_valid_loss: float
+    steps: int
+    #: One entry per validation: epoch, step, train loss, validation loss, AUROC, LR.
+    history: list[dict[str, Any]]
+    #: The evaluation of the best weights on the validation set (evaluate.evaluate_table).
+    report: dict[str, Any]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    from triage.scoring.model import resolve_device as resolve
+
+    return resolve(name)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    # A crash mid-write must never leave a truncated checkpoint or weights file behind.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Contiguous fp32 CPU tensors: the daemon loads them on any device and memory format.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain lists and tensors only, so the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The paper's loss, averaged over the batch.
+
+    ``binary_cross_entropy_with_logits`` computes log σ stably (no log(0) for confident
+    predictions, the unclamped-log bug of some reimplementations); ``weights`` carries w_T,y
+    per image.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), weight=weights)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How a step runs: device, bf16 autocast, channels_last memory format."""
+
+    device: torch.device
+    bf16: bool = False
+    channels_last: bool = False
+
+
+def step_config(device: torch.device, precision: str = "auto") -> StepConfig:
+    """``auto``: bf16 autocast + channels_last on CUDA, fp32 on a CPU.
+
+    A CPU without native bf16 emulates it and is slower than fp32, and fp32 convolutions are
+    slower in channels_last there (measured in :mod:`triage.scoring.model`); so the CPU
+    default stays fp32 and contiguous, which is also what makes CPU runs reproducible.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16 (got {precision!r})")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return StepConfig(device, bf16=bf16, channels_last=bf16 and device.type == "cuda")
+
+
+def forward_logits(model: nn.Module, x: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
+    """The model's logits [N] (float32) for a batch [N, 3, S, S]."""
+    x = x.to(cfg.device, non_blocking=True)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if cfg.bf16:
+        with torch.autocast(cfg.device.type, dtype=torch.bfloat16):
+            return model(x).reshape(-1).float()
+    return model(x).reshape(-1)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    cfg: StepConfig,
+) -> torch.Tensor:
+    """One optimiser step on a batch; returns the (detached, on-device) loss."""
+    logits = forward_logits(model, x, cfg)
+    loss = weighted_bce(
+        logits, y.to(cfg.device, non_blocking=True), w.to(cfg.device, non_blocking=True)
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def predict(
+    model: nn.Module,
+    dataset: ViewDataset,
+    cfg: StepConfig,
+    *,
+    batch_size: int,
+    workers: int,
+) -> tuple[np.ndarray, float]:
+    """(view probabilities in dataset order, mean weighted BCE) of ``model`` on ``dataset``."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=cfg.device.type == "cuda",
+    )
+    was_training = model.training
+    model.eval()
+    probs = np.empty(len(dataset), dtype=np.float64)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for x, y, w, idx in loader:
+            logits = forward_logits(model, x, cfg).float().cpu()
+            losses = F.binary_cross_entropy_with_logits(
+                logits, y.float(), weight=w.float(), reduction="none"
+            )
+            total += float(losses.sum())
+            count += len(y)
+            probs[idx.numpy()] = torch.sigmoid(logits).double().numpy()
+    model.train(was_training)
+    return probs, total / max(count, 1)
+
+
+def _describe_views(views: Sequence[View]) -> str:
+    studies = len({v.study_id for v in views})
+    abnormal = len({v.study_id for v in views if v.label == 1})
+    return f"{len(views)} images, {studies} studies ({abnormal} abnormal)"
+
+
+def train(
+    train_views: Sequence[View],
+    valid_views: Sequence[View],
+    options: TrainOptions,
+    *,
+    training_data: str,
+    log: Callable[[str], None] = _stderr,
+) -> TrainResult:
+    """Train the recipe on ``train_views``, select on ``valid_views``; write weights and card.
+
+    ``training_data`` describes the source for the card (e.g. "MURA-v1.1 at /data").
+    Raises DataError when a patient is in both sets or a set is empty.
+    """
+    from triage.scoring.card import write_card
+    from triage.scoring.model import build_densenet169
+
+    if not train_views or not valid_views:
+        raise DataError("training and validation sets must both have images")
+    check_patient_split({"train": train_views, "valid": valid_views})
+    out = Path(options.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(options.device)
+    prep = Preprocessing(input_size=options.image_size)
+    weights = class_weights(train_views)
+    for t in one_class_types(train_views):
+        log(f"warning: {t.value} has a single class in training; the other gets weight 0")
+    counts = image_counts(train_views)
+    log(
+        "class weights (w0 normal, w1 abnormal) from training images: "
+        + ", ".join(
+            f"{t.value} N={counts[t][0]} A={counts[t][1]} w0={w0:.3f} w1={w1:.3f}"
+            for t, (w0, w1) in weights.items()
+        )
+    )
+
+    seed_everything(options.seed)
+    train_ds = ViewDataset(
+        train_views,
+        prep,
+        weights=weights,
+        augment=Augment(flip=options.flip, max_rotation=options.max_rotation),
+        seed=options.seed,
+        cache=options.cache_images,
+    )
+    # Validation is weighted with the *training* weights: the same loss, measured elsewhere.
+    valid_ds = ViewDataset(valid_views, prep, weights=weights, cache=options.cache_images)
+
+    model = build_densenet169(options.imagenet_weights)
+    cfg = step_config(device, options.precision)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.1, patience=options.plateau_patience
+    )
+
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    best_loss, best_epoch = math.inf, -1
+    best_probs: np.ndarray | None = None
+    history: list[dict[str, Any]] = []
+    ckpt_path = out / CHECKPOINT_FILE
+    weights_path = out / WEIGHTS_FILE
+    if options.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path}: unknown checkpoint format {ckpt.get('format')!r}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        best_loss, best_epoch = ckpt["best_loss"], ckpt["best_epoch"]
+        if ckpt["best_probs"] is not None:
+            best_probs = ckpt["best_probs"].numpy()
+        history = json.loads(ckpt["history"])
+        _set_rng_state(ckpt["rng"])
+        log(f"resumed from {ckpt_path}: epoch {epoch + 1}, step {global_step}")
+
+    def checkpoint() -> None:
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "step": global_step,
+                "best_loss": best_loss,
+                "best_epoch": best_epoch,
+                "best_probs": None if best_probs is None else torch.from_numpy(best_probs),
+                "history": json.dumps(history),
+                "rng": _rng_state(),
+                "options": json.dumps(asdict(options), default=str),
+            },
+            ckpt_path,
+        )
+
+    spe = steps_per_epoch(len(train_ds), options.batch_size)
+    max_steps = options.max_steps if options.max_steps is not None else options.epochs * spe
+    log(
+        f"training {options.name} on {device} ({_describe_views(train_views)}; validation "
+        f"{_describe_views(valid_views)}), {options.image_size} px, batch {options.batch_size}, "
+        f"{spe} steps/epoch"
+    )
+    model.train()
+    while epoch < options.epochs and global_step < max_steps:
+        sampler = EpochSampler(
+            len(train_ds), options.seed, epoch, skip=step_in_epoch * options.batch_size
+        )
+        loader = DataLoader(
+            train_ds,
+            batch_size=options.batch_size,
+            sampler=sampler,
+            num_workers=options.workers,
+            pin_memory=device.type == "cuda",
+        )
+        window_loss: float | torch.Tensor = 0.0
+        epoch_loss: float | torch.Tensor = 0.0
+        window_n, window_images, epoch_n = 0, 0, 0
+        window_start = time.perf_counter()
+        for x, y, w, _ in loader:
+            loss = train_step(model, optimizer, x, y, w, cfg)
+            global_step += 1
+            step_in_epoch += 1
+            # Summed on the device: a float() per step would synchronise CUDA every step.
+            window_loss = window_loss + loss
+            epoch_loss = epoch_loss + loss
+            window_n += 1
+            epoch_n += 1
+            window_images += len(y)
+            if global_step % options.log_every == 0 or step_in_epoch == spe:
+                elapsed = time.perf_counter() - window_start
+                log(
+                    f"epoch {epoch + 1}/{options.epochs} step {step_in_epoch}/{spe} "
+                    f"(total {global_step}) loss {float(window_loss) / window_n:.4f} "
+                    f"lr {optimizer.param_groups[0]['lr']:.1e} "
+                    f"{window_images / max(elapsed, 1e-9):.1f} img/s"
+                )
+                window_loss, window_n, window_images = 0.0, 0, 0
+                window_start = time.perf_counter()
+            if options.checkpoint_every and global_step % options.checkpoint_every == 0:
+                checkpoint()
+            if global_step >= max_steps:
+                break
+
+        probs, valid_loss = predict(
+            model,
+            valid_ds,
+            cfg,
+            batch_size=options.eval_batch_size,
+            workers=options.workers,
+        )
+        table = study_table(valid_views, probs)
+        valid_auroc = float(auroc(table.labels, table.probs)[0])
+        finished_epoch = step_in_epoch >= spe
+        entry = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "epoch_complete": finished_epoch,
+            "train_loss": float(epoch_loss) / max(epoch_n, 1),
+            "valid_loss": valid_loss,
+            "valid_auroc": valid_auroc,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(entry)
+        improved = valid_loss < best_loss
+        if improved:
+            best_loss, best_epoch, best_probs = valid_loss, epoch + 1, probs
+            _atomic_save(_cpu_state_dict(model), weights_path)
+        log(
+            f"epoch {epoch + 1} validation: loss {valid_loss:.4f} study AUROC {valid_auroc:.4f}"
+            + (" (best so far, weights saved)" if improved else "")
+        )
+        if finished_epoch:
+            # The plateau schedule is judged only on whole epochs, as in the paper.
+            scheduler.step(valid_loss)
+            epoch += 1
+            step_in_epoch = 0
+        checkpoint()
+        _atomic_write_text(json.dumps(history, indent=2), out / "history.json")
+
+    if best_probs is None:
+        raise RuntimeError("no validation was run (epochs or max_steps is 0)")
+    report = evaluate_table(
+        study_table(valid_views, best_probs),
+        n_resamples=options.bootstrap_resamples,
+        seed=options.seed,
+    )
+    report["valid_loss"] = best_loss
+    report["best_epoch"] = best_epoch
+    _atomic_write_text(json.dumps(report, indent=2), out / "valid_report.json")
+
+    init = (
+        f"ImageNet initialisation from {Path(options.imagenet_weights).name}"
+        if options.imagenet_weights
+        else f"random initialisation (seed {options.seed})"
+    )
+    notes = (
+        f"DenseNet-169, {init}; weighted BCE per study type; Adam lr {options.lr:g} "
+        f"(÷10 on validation-loss plateau, patience {options.plateau_patience}); "
+        f"batch {options.batch_size}; {options.image_size} px; "
+        f"{'bf16 autocast' if cfg.bf16 else 'fp32'} on {device.type}; "
+        f"flips {'on' if options.flip else 'off'}, rotations ±{options.max_rotation:g}°; "
+        f"{global_step} steps; best epoch {best_epoch} (validation loss {best_loss:.4f}); "
+        f"seed {options.seed}.\nMetrics: validation set, threshold 0.5."
+    )
+    card = write_card(
+        out / "card.toml",
+        name=options.name,
+        version=options.version,
+        weights_file=weights_path,
+        training_data=(
+            f"{training_data}; training {_describe_views(train_views)}, "
+            f"validation {_describe_views(valid_views)}"
+        ),
+        input_size=options.image_size,
+        study_types=study_types_of(train_views),
+        validated=False,
+        metrics={**card_metrics(report), "valid_loss": best_loss},
+        description=options.description,
+        training_notes=notes,
+    )
+    log(f"wrote {card.path} (unvalidated) and {weights_path}")
+    return TrainResult(
+        card_path=card.path,
+        weights_path=weights_path,
+        best_epoch=best_epoch,
+        best_valid_loss=best_loss,
+        steps=global_step,
+        history=history,
+        report=report,
+    )
+
+
+def study_types_of(views: Sequence[View]) -> list[StudyType]:
+    """The study types present, in enum order."""
+    present = {v.study_type for v in views}
+    return [t for t in StudyType if t in present]
