@@ -112,7 +112,7 @@ class Daemon:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, wait: bool = True, timeout: float = 60.0) -> Daemon:
+    def start(self, wait: bool = True, timeout: float = 180.0) -> Daemon:
         """Start the process; with *wait*, return once it logged ``ready``."""
         self.starts += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
@@ -290,3 +290,60 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, message:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s: {message}")
         time.sleep(interval)
+
+
+@dataclass
+class Storescp:
+    """DCMTK storescp as a PACS that receives our results, on a free port."""
+
+    folder: Path
+    ae_title: str = "PACS"
+    port: int = field(default_factory=free_port)
+    extra: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Storescp:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                dcmtk("storescp"),
+                "-v",
+                "-od",
+                str(self.folder),
+                "-aet",
+                self.ae_title,
+                *self.extra,
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=DCMTK_ENV,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise AssertionError("storescp did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+    def log_text(self) -> str:
+        path = self.folder.parent / f"storescp-{self.port}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def received(self) -> list[Any]:
+        """The data sets received so far (storescp names files by modality and SOP UID)."""
+        import pydicom
+
+        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+    def destination(self, name: str = "pacs") -> dict[str, Any]:
+        """The ``[[destinations]]`` entry pointing at this peer."""
+        return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}

@@ -250,6 +250,7 @@ def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
             )
             return f"association rejected {kind}: {why}"
         return "association rejected"
-    if assoc.is_aborted:
+    if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return "association aborted by the peer"
+    # pynetdicom reports a refused or timed-out connection as an abort without any answer.
     return "cannot connect (peer down or unreachable)"

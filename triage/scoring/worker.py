@@ -16,6 +16,7 @@ Three stages run concurrently:
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from triage import failpoints
 from triage.config import Config
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
+from triage.procutil import die_with_parent
 from triage.scoring.model import ScoringModel
 from triage.scoring.outputs import ViewPixels, build_outputs
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
@@ -51,6 +53,17 @@ def decode_process_count(configured: int) -> int:
     if configured > 0:
         return configured
     return max(1, (multiprocessing.cpu_count() or 2) - 1)
+
+
+def _init_decode_process() -> None:
+    """Decode processes die with the worker and use one torch thread each."""
+    die_with_parent(signal.SIGKILL)
+    init_decode_worker()
+
+
+def _decode_process_ready() -> bool:
+    """Runs in a decode process: the pool's initializer has imported everything by now."""
+    return True
 
 
 @dataclass
@@ -103,13 +116,25 @@ class Worker:
         return ProcessPoolExecutor(
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_decode_worker,
+            initializer=_init_decode_process,
         )
 
     # --- life cycle ---------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Start every decode process and run one forward pass, so the first study does not
+        pay for process start-up, imports and lazy initialisation."""
+        started = time.monotonic()
+        warmers = [self._pool.submit(_decode_process_ready) for _ in range(self._processes)]
+        size = self.model.input_size
+        self.model.forward(self.model.make_batch([np.zeros((3, size, size), np.float32)]))
+        for warmer in warmers:
+            warmer.result()
+        log.info("worker_warm", seconds=round(time.monotonic() - started, 2))
+
     def start(self) -> None:
-        """Start the claim and batch loops."""
+        """Warm up, then start the claim and batch loops."""
+        self.warm_up()
         self.queue.heartbeat(self.owner, str(self.model.device), self.model.info.version)
         for target, name in (
             (self._claim_loop, "worker-claim"),

@@ -718,8 +718,13 @@ def _tube_values(
     ex = rx - u * dx
     ey = ry - u * dy
     d2 = ex * ex + ey * ey
-    w0, w1 = _flare_weights(u)
-    rr = tube.r * (1.0 + tube.flare0 * w0 + tube.flare1 * w1)
+    if tube.flare0 == tube.flare1 == 0.0:
+        # Soft tissue and wires, the largest windows: skip the per-pixel flare profile.
+        w0 = w1 = 0.0
+        rr: Any = tube.r
+    else:
+        w0, w1 = _flare_weights(u)
+        rr = tube.r * (1.0 + tube.flare0 * w0 + tube.flare1 * w1)
     outer = np.sqrt(np.maximum(rr * rr - d2, 0.0))
     if tube.cortex >= 1.0:
         values = (2.0 * tube.mu_c) * outer
@@ -1229,7 +1234,11 @@ def render_phantom_with_findings(
             bone[got[1]] += got[0] * per_px
     for hole in scene.holes:
         _apply_hole(bone, hole)
-    bone *= 1.0 + 0.1 * _smooth_field(detector_rng, rows, cols, 48)
+    texture = _smooth_field(detector_rng, rows, cols, 48)
+    texture *= 0.1
+    texture += 1.0
+    bone *= texture
+    del texture
 
     attenuation = soft
     attenuation += bone
@@ -1246,15 +1255,19 @@ def render_phantom_with_findings(
     gain = float(detector_rng.uniform(1.2, 2.0))
     floor = float(detector_rng.uniform(0.02, 0.08))
     top = float(detector_rng.uniform(0.82, 0.9))
-    attenuation *= gain / reference
-    image = -np.expm1(-attenuation)
-    image *= (top - floor) / (-math.expm1(-gain))
+    # In place from here on: these are the only full-image passes left (1 - exp(-x) tone).
+    attenuation *= -gain / reference
+    image = np.expm1(attenuation, out=attenuation)
+    image *= -(top - floor) / (-math.expm1(-gain))
     image += floor
     # Heel effect and scatter: a gentle low-frequency exposure gradient.
-    image += 0.02 * _smooth_field(detector_rng, rows, cols, 4)
-    image += detector_rng.standard_normal(shape, dtype=np.float32) * np.float32(
-        detector_rng.uniform(0.006, 0.014)
-    )
+    heel = _smooth_field(detector_rng, rows, cols, 4)
+    heel *= 0.02
+    image += heel
+    noise = detector_rng.standard_normal(shape, dtype=np.float32)
+    noise *= np.float32(detector_rng.uniform(0.006, 0.014))
+    image += noise
+    del heel, noise
     if detector_rng.random() < 0.3:
         _collimate(image, detector_rng)
     if detector_rng.random() < 0.6:

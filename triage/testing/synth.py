@@ -754,12 +754,16 @@ def _write_one(ds: Dataset, path: Path, encoding: str, how: str) -> None:
         _write_dcmtk(ds, path, ["dcmcjpeg", "--encode-lossless-sv1", "--true-lossless"])
 
 
-@functools.cache
 def available_encodings() -> list[str]:
     """Encodings that write and decode back to identical pixels on this machine.
 
     Each candidate is tried once per process on a small 12- and a 16-bit image.
     """
+    return list(_probe_encodings())
+
+
+@functools.cache
+def _probe_encodings() -> tuple[str, ...]:
     probe = make_study(StudyType.FINGER, views=1, rows=40, cols=32, bits_stored=16, seed=1)[0]
     probe_12 = make_study(StudyType.FINGER, views=1, rows=40, cols=32, bits_stored=12, seed=2)[0]
     working = []
@@ -780,7 +784,7 @@ def available_encodings() -> list[str]:
                 ok = False
             if ok:
                 working.append(encoding)
-    return working
+    return tuple(working)
 
 
 def write_study(
@@ -1168,7 +1172,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if (args.mura or args.labelled_dicom) and isinstance(args.body_part, str):
+    other_part = args.body_part is not None and not isinstance(args.body_part, StudyType)
+    if (args.mura or args.labelled_dicom) and other_part:
         parser.error("training data holds the seven MURA study types only")
     types = [args.body_part] if isinstance(args.body_part, StudyType) else list(StudyType)
     try:
