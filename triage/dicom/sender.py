@@ -153,21 +153,23 @@ class Sender:
                     self._failed(destination, item, reason, permanent=permanent)
             return
         try:
-            for item in due:
+            for message_id, item in enumerate(due, start=1):
                 dataset = datasets.get(item.delivery_id)
                 if dataset is None:
                     continue
                 if not assoc.is_established:
                     self._failed(destination, item, "association ended during the transfer")
                     continue
-                self._store_one(assoc, destination, item, dataset)
+                self._store_one(assoc, destination, item, dataset, message_id)
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _store_one(self, assoc, destination: DestinationConfig, item: DueDelivery, dataset) -> None:  # type: ignore[no-untyped-def]
+    def _store_one(  # type: ignore[no-untyped-def]
+        self, assoc, destination: DestinationConfig, item: DueDelivery, dataset, message_id: int
+    ) -> None:
         try:
-            response = assoc.send_c_store(dataset)
+            response = assoc.send_c_store(dataset, msg_id=message_id)
         except Exception as exc:
             self._failed(destination, item, f"C-STORE failed: {type(exc).__name__}: {exc}")
             return
