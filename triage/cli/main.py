@@ -45,6 +45,13 @@ def _worker(args: argparse.Namespace) -> int:
         return 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from triage.cli.demo import run_demo
+
+    config = load_config(_config_path(args))
+    return run_demo(config, args.studies, args.timeout, args.host)
+
+
 def _show_config(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     print(json.dumps(describe(config), indent=2))
@@ -70,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "config", help="validate the configuration and print the effective values"
     ).set_defaults(func=_show_config)
+    demo = commands.add_parser(
+        "demo", help="send synthetic studies to the running daemon and print the worklist"
+    )
+    demo.add_argument("--studies", type=int, default=8, help="how many studies (default 8)")
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+    demo.add_argument("--host", default=None, help="the daemon's host (default: from the config)")
+    demo.set_defaults(func=_demo)
     synth = commands.add_parser(
         "synth", help="write synthetic studies (see `triage synth -- --help`)", add_help=False
     )
