@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydicom import Dataset, dcmread
 
-from triage import failpoints
+from triage import failpoints, metrics
 from triage.config import Config
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
@@ -153,6 +153,11 @@ class Worker:
             model=self.model.info.name,
             model_version=self.model.info.version,
         )
+
+    @property
+    def decode_processes(self) -> int:
+        """How many processes decode pixel data."""
+        return self._processes
 
     def wake(self) -> None:
         """Studies were queued: claim now instead of at the next poll."""
@@ -310,6 +315,7 @@ class Worker:
                 self._score(ready)
 
     def _score(self, ready: list[tuple[_InFlight, DecodedView]]) -> None:
+        started = time.monotonic()
         try:
             batch = self.model.make_batch([view.array for _, view in ready])
             logits, cams = self.model.forward(batch)
@@ -321,6 +327,7 @@ class Worker:
             return
         probabilities = torch.sigmoid(logits).tolist()
         cam_arrays = cams.numpy()
+        metrics.observe_views(time.monotonic() - started, len(ready))
         for (study, view), probability, cam in zip(ready, probabilities, cam_arrays, strict=True):
             uid = view.sop_instance_uid
             study.scored[uid] = ViewResult(uid, float(probability), np.array(cam), view.note)
@@ -368,6 +375,9 @@ class Worker:
             if not self.queue.complete(claim, result, info, outputs, destinations, elapsed_ms):
                 bound.info("result_discarded", reason="study changed while it was scored")
                 return
+            metrics.STUDY_SCORING_SECONDS.observe(elapsed_ms / 1000)
+            if not (outputs and destinations):  # complete() made it DONE: nothing to send
+                metrics.observe_study_done(self.queue.store, claim.study_uid)
             bound.info(
                 "study_scored",
                 study_type=study.study_type.value,

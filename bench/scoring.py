@@ -1,0 +1,197 @@
+"""Scoring benchmark: the daemon's scoring path against the bare model, same run, same batch.
+
+- **bare model**: torchvision DenseNet-169 forward on ready tensors (no decoding, no CAM, no
+  store), at the batch size and precision the worker uses;
+- **scoring path**: the worker as the daemon runs it — spool files → decode processes → batched
+  forward with CAM → SR and CAM overlays written to the outbox → result rows committed — timed
+  from the first claim to the last study DONE, with and without overlay images.
+
+    python -m bench.scoring --studies 24 --views 2 --size-mb 10 --batch 16
+    python -m bench.scoring --device cuda --batch 256 --studies 400 --size-mb 2   # on a GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from triage.config import load_config  # noqa: E402
+from triage.scoring.card import load_card  # noqa: E402
+from triage.scoring.model import _load_weights, load_model  # noqa: E402
+from triage.scoring.worker import Worker  # noqa: E402
+from triage.store.db import make_engine, upgrade_schema  # noqa: E402
+from triage.store.models import StudyState, utcnow  # noqa: E402
+from triage.store.repository import InstanceMeta, Store  # noqa: E402
+from triage.store.spool import Spool  # noqa: E402
+from triage.testing.synth import write_benchmark_files  # noqa: E402
+
+
+def bare_model(card_path: str, device: str, precision: str, batch: int, images: int) -> float:
+    """Images/s of a plain torchvision forward (the model loaded the way the worker loads it)."""
+    card = load_card(card_path)
+    scoring = load_model(card, device=device, precision=precision)
+    net = _load_weights(card).eval().to(scoring.device)
+    dtype = torch.bfloat16 if scoring.precision == "bf16" else torch.float32
+    fmt = torch.channels_last if scoring.channels_last else torch.contiguous_format
+    on_cuda = scoring.device.type == "cuda"
+    if on_cuda and dtype == torch.bfloat16:
+        net = net.to(dtype)
+    net = net.to(memory_format=fmt)
+    x = torch.randn(batch, 3, card.input_size, card.input_size).to(scoring.device)
+    x = x.to(dtype if on_cuda else torch.float32).contiguous(memory_format=fmt)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if scoring.precision == "bf16" and not on_cuda
+        else torch.autocast("cpu", enabled=False)
+    )
+
+    def run() -> None:
+        with torch.inference_mode(), autocast:
+            net(x)
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    run()  # warm-up
+    rounds = max(1, images // batch)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        run()
+    return rounds * batch / (time.perf_counter() - start)
+
+
+def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[float, int, str]:
+    """Views/s of the worker from queued studies to DONE; also returns views and decode procs."""
+    spool_dir = work / "spool"
+    files = write_benchmark_files(
+        spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
+    )
+    base = load_config(None, env={}, base_dir=work)
+    config = dataclasses.replace(
+        base,
+        store=dataclasses.replace(
+            base.store,
+            url=f"sqlite:///{work / 'bench.db'}",
+            spool_dir=str(spool_dir),
+            min_free_mb=0,
+        ),
+        model=dataclasses.replace(
+            base.model,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch,
+            batch_wait_ms=args.wait_ms,
+            allow_unvalidated=True,
+        ),
+        worker=dataclasses.replace(
+            base.worker,
+            decode_processes=args.decode_processes,
+            claim_batch=max(args.batch // args.views * 2, 4),
+            poll_interval_s=0.05,
+        ),
+        outputs=dataclasses.replace(base.outputs, overlays=overlays),
+    )
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(spool_dir)
+    spool.prepare()
+    for path in files:
+        relative = path.relative_to(spool_dir)
+        study_uid, sop = relative.parent.name, relative.stem
+        store.record_instance(
+            InstanceMeta(
+                study_uid,
+                "1.2.3",
+                sop,
+                "1.2.840.10008.5.1.4.1.1.1.1",
+                "1.2.840.10008.1.2.1",
+                "DX",
+                str(relative),
+                path.stat().st_size,
+            ),
+            None,
+        )
+    model = load_model(load_card(config.model.card), device=args.device, precision=args.precision)
+    worker = Worker(config, store, spool, model)
+    worker.warm_up()
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    start = time.perf_counter()
+    worker.start()  # warms up again (already warm: fast), then claims
+    while store.counts_by_state().get(StudyState.DONE, 0) < args.studies:
+        if store.counts_by_state().get(StudyState.FAILED, 0):
+            raise RuntimeError("a study FAILED: see the log")
+        time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    worker.stop(10)
+    engine.dispose()
+    return len(files) / seconds, worker.decode_processes, str(model.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both measurements and print the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", type=int, default=24)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--size-mb", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--wait-ms", type=float, default=20.0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--decode-processes", type=int, default=0)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the bare model")
+    args = parser.parse_args(argv)
+    from triage.logs import configure_logging
+
+    configure_logging("warning", "console")
+    card = str(ROOT / "models" / "demo" / "card.toml")
+    views = args.studies * args.views
+    work = Path(tempfile.mkdtemp(prefix="triage-bench-scoring-"))
+    try:
+        bare = [
+            bare_model(card, args.device, args.precision, args.batch, views)
+            for _ in range(args.reps)
+        ]
+        full, processes, device = scoring_path(args, True, work / "full")
+        sr_only, _, _ = scoring_path(args, False, work / "sr")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    reference = statistics.median(bare)
+    print(
+        f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}, device {device}, "
+        f"torch threads {torch.get_num_threads()}, decode processes {processes}"
+    )
+    if device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    print(f"{args.studies} studies × {args.views} views of {args.size_mb:g} MB, batch {args.batch}")
+    print()
+    print(f"{'path':<44} {'views/s':>8} {'vs bare':>8}")
+    print("-" * 62)
+    print(
+        f"{'bare torchvision forward (ready tensors)':<44} {reference:>8.1f} {1.0:>7.2f}x"
+        f"   (min {min(bare):.1f}, max {max(bare):.1f})"
+    )
+    print(f"{'scoring path: results + SR':<44} {sr_only:>8.1f} {sr_only / reference:>7.2f}x")
+    print(
+        f"{'scoring path: results + SR + CAM overlays':<44} {full:>8.1f} {full / reference:>7.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
