@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 
 
 def scoring_config(*destinations: dict[str, Any], **overrides: dict[str, Any]) -> dict[str, Any]:
@@ -73,13 +74,16 @@ def test_scored_study_comes_back_as_sr_and_overlays_in_the_same_study(
     daemon_factory, tmp_path
 ) -> None:
     pacs = Storescp(tmp_path / "pacs").start()
-    daemon = daemon_factory(scoring_config(pacs.destination())).start()
+    config = scoring_config(pacs.destination(), outputs={"parametric_maps": True})
+    daemon = daemon_factory(config).start()
     study_uid, files = send_study(daemon, tmp_path / "in", body_part="WRIST", views=3, seed=11)
     wait_state(daemon, study_uid, StudyState.DONE)
     received = pacs.received()
     srs = [ds for ds in received if ds.SOPClassUID == SR_CLASS]
     scs = [ds for ds in received if ds.SOPClassUID == SC_CLASS]
-    assert len(srs) == 1 and len(scs) == 3
+    pms = [ds for ds in received if ds.SOPClassUID == PM_CLASS]
+    assert len(srs) == 1 and len(scs) == 3 and len(pms) == 3
+    assert {(ds.Rows, ds.Columns) for ds in pms} == {(320, 256)}
     sources = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
     for ds in received:
         assert ds.StudyInstanceUID == study_uid

@@ -496,3 +496,28 @@ def test_port_in_use_fails_with_a_clear_message(daemon_factory) -> None:
     assert "cannot listen on 127.0.0.1:" in second.log_text()
     assert first.stop() == 0
     time.sleep(0)
+
+
+def test_associations_beyond_the_maximum_are_rejected(daemon_factory) -> None:
+    from pynetdicom import AE
+
+    daemon = daemon_factory({"dicom": {"max_associations": 1}}).start()
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert held.is_established
+    try:
+        result = echoscu(daemon.port)
+        assert result.returncode != 0
+        assert "Association Rejected" in result.stdout + result.stderr
+    finally:
+        held.release()
+    assert echoscu(daemon.port).returncode == 0
+    records = wait_until(
+        lambda: [
+            r for r in daemon.store().associations() if r.outcome is AssociationOutcome.REJECTED
+        ],
+        message="rejection audited",
+    )
+    assert records[0].reason == "local limit exceeded (maximum associations)"
+    assert daemon.stop() == 0

@@ -131,9 +131,11 @@ def build_parametric_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=mappings,
         voi_lut_transformations=[
+            # LINEAR_EXACT: a CAM's range is often narrower than 1, which plain LINEAR forbids.
             hd.VOILUTTransformation(
                 window_center=(low + high) / 2,
                 window_width=high - low,
+                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
             )
         ],
         content_label="CAM",
