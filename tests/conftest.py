@@ -66,3 +66,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(store_url: str):  # type: ignore[no-untyped-def]
+    """A Store on a freshly migrated database of each engine."""
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.repository import Store
+
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    yield Store(engine)
+    engine.dispose()

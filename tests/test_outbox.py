@@ -5,10 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import numpy as np
-import pytest
 
 from triage.scoring.result import ModelInfo, StudyResult, ViewResult
-from triage.store.db import make_engine, upgrade_schema
 from triage.store.models import DeliveryState, StudyState, utcnow
 from triage.store.outbox import Backoff, Outbox
 from triage.store.repository import InstanceMeta, Store
@@ -16,14 +14,6 @@ from triage.store.work_queue import OutputFile, WorkQueue
 from triage.study_types import StudyType
 
 BACKOFF = Backoff(start_s=5, factor=2, max_s=30, max_attempts=3)
-
-
-@pytest.fixture
-def store(store_url: str) -> Store:
-    engine = make_engine(store_url)
-    upgrade_schema(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def delivering_study(store: Store, n: int = 1, destinations=("pacs", "archive")) -> str:

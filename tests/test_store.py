@@ -30,14 +30,6 @@ def meta(sop: str, study: str = STUDY) -> InstanceMeta:
     )
 
 
-@pytest.fixture
-def store(store_url: str) -> Store:
-    engine = make_engine(store_url)
-    upgrade_schema(engine)
-    yield Store(engine)
-    engine.dispose()
-
-
 def test_upgrade_from_empty_reaches_head_and_matches_models(store_url: str) -> None:
     engine = make_engine(store_url)
     assert current_revision(engine) is None

@@ -6,24 +6,14 @@ import threading
 from datetime import timedelta
 
 import numpy as np
-import pytest
 
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
-from triage.store.db import make_engine, upgrade_schema
 from triage.store.models import Delivery, DeliveryState, Output, Result, StudyState, utcnow
 from triage.store.repository import InstanceMeta, Store
 from triage.store.work_queue import OutputFile, WorkQueue
 from triage.study_types import StudyType
 
 MODEL = ModelInfo(name="demo", version="0.1", validated=False)
-
-
-@pytest.fixture
-def store(store_url: str) -> Store:
-    engine = make_engine(store_url)
-    upgrade_schema(engine)
-    yield Store(engine)
-    engine.dispose()
 
 
 def queued_study(store: Store, n: int, views: int = 2) -> str:
