@@ -93,6 +93,8 @@ class Daemon:
         store.setdefault("spool_dir", str(self.workdir / "spool"))
         store.setdefault("min_free_mb", 1)
         self.sections.setdefault("log", {}).setdefault("level", "debug")
+        # Port 0: several daemons (and several test runs) never fight over the HTTP port.
+        self.sections.setdefault("http", {}).setdefault("port", 0)
         # Ingest tests need no model; scoring tests turn the worker on.
         self.sections.setdefault("worker", {}).setdefault("enabled", False)
         self.config_path = write_config(self.workdir / "triage.toml", self.sections)

@@ -288,6 +288,23 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP endpoints ``/healthz``, ``/readyz`` and ``/metrics`` (``[http]``)."""
+
+    enabled: bool = True
+    #: Loopback by default: the endpoints have no authentication.
+    bind: str = "127.0.0.1"
+    #: 0 picks a free port (tests); the bound port is logged (``http_ready``).
+    port: int = 8080
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a wrong value."""
+        _check_port("http", "port", self.port, allow_zero=True)
+        if not self.bind:
+            _fail("http", "bind", "must not be empty")
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     """A DICOM node the results are sent to (``[[destinations]]``)."""
 
@@ -333,6 +350,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     #: The file it was read from, if any (for messages).
     source: str = ""
@@ -352,6 +370,7 @@ SECTIONS: dict[str, type] = {
     "worker": WorkerConfig,
     "outputs": OutputsConfig,
     "delivery": DeliveryConfig,
+    "http": HttpConfig,
 }
 #: Arrays of tables (``[[destinations]]``); the environment overrides the whole array with a
 #: TOML inline array, e.g. ``TRIAGE_DESTINATIONS='[{name="pacs", ae_title="PACS", …}]'``.

@@ -8,9 +8,13 @@ import signal
 import threading
 from types import FrameType
 
+from triage import metrics
 from triage.config import Config
 from triage.dicom.listener_process import ListenerPool, ListenerStartError
+from triage.health import Health
+from triage.httpd import HttpServer
 from triage.logs import get_logger
+from triage.notify import Notifier
 from triage.scheduler import Scheduler
 from triage.store.db import is_sqlite, make_engine, upgrade_schema
 from triage.store.repository import Store
@@ -46,6 +50,7 @@ class Daemon:
         """Start everything, serve until SIGTERM/SIGINT, stop cleanly; returns the exit code."""
         config = self.config
         stop = stop_event_on_signals()
+        notifier = Notifier()
         engine = make_engine(config.store.url)
         revision = upgrade_schema(engine)
         log.info("store_ready", engine=engine.dialect.name, schema=revision)
@@ -59,6 +64,18 @@ class Daemon:
             closed = store.close_abandoned_associations()
             if closed:
                 log.warning("abandoned_associations_closed", count=closed)
+        health = Health(store, spool)
+        http = None
+        if config.http.enabled:
+            # Bound before anything else starts: a taken port stops start-up right here.
+            try:
+                http = HttpServer(config.http, health)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve HTTP on {config.http.bind}:{config.http.port}:"
+                    f" {exc.strerror or exc}"
+                ) from exc
+        metrics.register_store(store, spool)
         worker = sender = None
         if config.destinations:
             from triage.dicom.sender import Sender
@@ -66,6 +83,7 @@ class Daemon:
             sender = Sender(config, store, spool)
         if config.worker.enabled:
             worker = _make_worker(config, store, spool, sender.wake if sender else None)
+        _publish_model(config, worker)
         listeners = ListenerPool(config)
         try:
             listeners.start()
@@ -81,6 +99,17 @@ class Daemon:
             log.warning("spool_below_free_space_floor", free_bytes=spool.free_bytes())
         if not config.dicom.allowed_peers:
             log.warning("any_calling_ae_allowed", hint="set [dicom] allowed_peers")
+        health.add("listener", listeners)
+        health.listener_port = listeners.port
+        health.add("scheduler", scheduler)
+        if worker:
+            health.add("worker", worker)
+            health.worker_enabled = True
+        if sender:
+            health.add("sender", sender)
+        if http:
+            http.start()
+            log.info("http_ready", bind=config.http.bind, port=http.port)
         log.info(
             "ready",
             worker=bool(worker),
@@ -91,9 +120,26 @@ class Daemon:
             listener_processes=listeners.count,
             tls=config.dicom.tls,
             spool=str(spool.root),
+            http_port=http.port if http else None,
         )
-        while not stop.wait(1.0):
+        notifier.ready(f"ready: {config.dicom.ae_title} on port {listeners.port}")
+        # The watchdog is fed only while every loop is alive (systemd restarts us otherwise).
+        watchdog_s = notifier.watchdog_s
+        tick = 1.0 if watchdog_s is None else max(0.05, min(1.0, watchdog_s / 4))
+        was_live = True
+        while not stop.wait(tick):
             listeners.supervise()
+            live, loops = health.live()
+            if live and watchdog_s is not None:
+                notifier.watchdog()
+            if live != was_live:
+                if live:
+                    log.info("loops_alive_again")
+                else:
+                    dead = sorted(name for name, ok in loops.items() if not ok)
+                    log.error("loop_dead", loops=dead, watchdog=watchdog_s is not None)
+                was_live = live
+        notifier.stopping("stopping")
         log.info("stopping")
         listeners.stop(config.dicom.shutdown_grace_s)
         scheduler.stop()
@@ -101,9 +147,28 @@ class Daemon:
             worker.stop(config.dicom.shutdown_grace_s)
         if sender:
             sender.stop(config.delivery.timeout_s + 5)
+        if http:
+            http.stop()
+        health.close()
         engine.dispose()
         log.info("stopped")
         return 0
+
+
+def _publish_model(config: Config, worker) -> None:  # type: ignore[no-untyped-def]
+    """``triage_model_info``: the worker's model and device, else the card (device "none")."""
+    if worker is not None:
+        info = worker.model.info
+        metrics.set_model(info.name, info.version, info.validated, str(worker.model.device))
+        return
+    try:
+        from triage.scoring.card import load_card
+
+        card = load_card(config.model.card, verify_weights=False)
+    except Exception as exc:  # only a metric: the daemon runs without a worker anyway
+        log.warning("model_card_unreadable", card=config.model.card, error=str(exc))
+        return
+    metrics.set_model(card.name, card.version, card.validated, "none")
 
 
 def _make_worker(config: Config, store: Store, spool: Spool, on_scored):  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""Periodic jobs of the daemon (APScheduler): study completion and worker-lease expiry.
+"""Periodic jobs of the daemon (APScheduler): study completion, worker-lease expiry and the
+purge of finished studies past ``[store] retention_days``.
 
 Several daemons on one PostgreSQL database may all run these jobs: each job is one transaction
 that locks the rows it moves (SKIP LOCKED), so running it twice moves nothing twice.
@@ -13,10 +14,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from triage.config import Config
 from triage.logs import get_logger
+from triage.store.operations import purge
 from triage.store.repository import Store
+from triage.store.spool import Spool
 from triage.store.work_queue import WorkQueue
 
 log = get_logger("triage.scheduler")
+
+#: How often finished studies past retention are purged (the first run is at start).
+PURGE_EVERY_S = 3600.0
 
 
 class Scheduler:
@@ -32,6 +38,7 @@ class Scheduler:
         self._scheduler = BackgroundScheduler(timezone=UTC)
         self.add_job("queue_quiet_studies", self.queue_quiet_studies, config.study.check_interval_s)
         self.add_job("expire_leases", self.expire_leases, max(1.0, config.worker.lease_s / 10))
+        self.add_job("purge", self.purge_expired, PURGE_EVERY_S)
 
     def add_job(self, name: str, job: Callable[[], object], every_s: float) -> None:
         """Run *job* every *every_s* seconds, never two at once, starting now."""
@@ -74,6 +81,28 @@ class Scheduler:
         if moved and self.on_queued:
             self.on_queued()
         return len(moved)
+
+    def purge_expired(self) -> int:
+        """Remove finished studies older than ``[store] retention_days`` (as `triage-admin
+        purge` does); returns how many."""
+        report = purge(
+            self.store, Spool(self.config.spool_path), float(self.config.store.retention_days)
+        )
+        if report.study_uids or report.workers:
+            log.info(
+                "purged",
+                studies=len(report.study_uids),
+                files=report.files,
+                bytes=report.bytes,
+                workers=report.workers,
+                retention_days=self.config.store.retention_days,
+            )
+        return len(report.study_uids)
+
+    def alive(self) -> bool:
+        """True while the scheduler's thread runs."""
+        thread = getattr(self._scheduler, "_thread", None)
+        return bool(self._scheduler.running) and (thread is None or thread.is_alive())
 
     def start(self) -> None:
         """Start the jobs in the background."""

@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from triage import failpoints
+from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
 from triage.logs import get_logger
 from triage.store.outbox import Backoff, DueDelivery, Outbox
@@ -180,6 +180,7 @@ class Sender:
         failpoints.hit("after_send")
         if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success, or warning (stored)
             finished = self.outbox.delivered(item.delivery_id, int(status))
+            metrics.DELIVERY_ATTEMPTS.labels(destination.name, "delivered").inc()
             log.info(
                 "object_delivered",
                 study_uid=item.study_uid,
@@ -191,6 +192,7 @@ class Sender:
             )
             if finished:
                 log.info("study_done", study_uid=finished, revision=item.revision)
+                metrics.observe_study_done(self.outbox.store, finished)
             return
         comment = str(getattr(response, "ErrorComment", "") or "")
         reason = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
@@ -210,6 +212,9 @@ class Sender:
         state = self.outbox.failed(
             item.delivery_id, reason, self.backoff, status=status, permanent=permanent
         )
+        final = state is not None and state.value == "FAILED"
+        if state is not None:  # None: the delivery was no longer pending (superseded)
+            metrics.DELIVERY_ATTEMPTS.labels(destination.name, "failed" if final else "retry").inc()
         log.warning(
             "delivery_failed",
             study_uid=item.study_uid,

@@ -1,0 +1,728 @@
+"""`triage-admin` against real stores (SQLite and PostgreSQL) holding studies in every state.
+
+The store is filled through the same APIs the daemon uses (Store, WorkQueue, Outbox, the
+operator actions), with real DICOM files in the spool; the commands run through `main()` (and
+once as the installed `triage-admin` script beside a running daemon). Every command is checked
+in both output forms, its JSON schema and its exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import update
+
+from tests.peers import Storescp, free_port, write_config
+from triage.cli.admin import main
+from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.models import DeliveryState, Study, StudyState, utcnow
+from triage.store.operations import cancel
+from triage.store.outbox import Backoff, Outbox
+from triage.store.repository import InstanceMeta, Store
+from triage.store.spool import Spool
+from triage.store.work_queue import OutputFile, WorkQueue
+from triage.study_types import StudyType
+from triage.testing.synth import make_study, write_study
+from triage.uids import derived_uid
+
+MODEL = ModelInfo(name="mura-densenet169-demo", version="0.0.0-demo", validated=False)
+PATIENT = {"name": "Quixote^Alonso", "id": "PID-7741-ZZ", "birth": "19470913"}
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class Site:
+    """A config file, its store and spool, and which study is in which state."""
+
+    config: Path
+    store: Store
+    spool: Spool
+    url: str
+    uids: dict[str, str] = field(default_factory=dict)
+    failed_delivery_id: int = 0
+    #: Runs `triage-admin --config … ARGS` in-process: (exit code, stdout, stderr).
+    admin: Callable[..., tuple[int, str, str]] = field(default=lambda *args: (0, "", ""))
+
+
+def _spool_study(spool: Spool, seed: int, body_part: str = "WRIST", views: int = 2) -> list:
+    """Write a small synthetic study into the spool; returns its data sets."""
+    datasets = make_study(
+        body_part=body_part,
+        views=views,
+        rows=64,
+        cols=64,
+        seed=seed,
+        patient_name=PATIENT["name"],
+        patient_id=PATIENT["id"],
+        patient_birth_date=PATIENT["birth"],
+    )
+    written = write_study(datasets, spool.root / "incoming")
+    for ds, path in zip(datasets, written, strict=True):
+        relative = spool.relative_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+        (spool.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        path.rename(spool.root / relative)
+    return datasets
+
+
+def _receive(store: Store, spool: Spool, seed: int, **kwargs: Any) -> tuple[str, list[str]]:
+    datasets = _spool_study(spool, seed, **kwargs)
+    for ds in datasets:
+        study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        relative = spool.relative_path(study, sop)
+        store.record_instance(
+            InstanceMeta(
+                study,
+                str(ds.SeriesInstanceUID),
+                sop,
+                str(ds.SOPClassUID),
+                "1.2.840.10008.1.2.1",
+                str(ds.Modality),
+                relative,
+                (spool.root / relative).stat().st_size,
+            ),
+            None,
+        )
+    return str(datasets[0].StudyInstanceUID), [str(ds.SOPInstanceUID) for ds in datasets]
+
+
+def _claim(store: Store) -> Any:
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    [claim] = WorkQueue(store).claim("test-worker", 1, 60)
+    return claim
+
+
+def _complete(
+    store: Store, spool: Spool, claim: Any, probability: float, destinations: list[str]
+) -> None:
+    sops = [i.sop_instance_uid for i in claim.instances]
+    views = tuple(
+        ViewResult(sop, probability + 0.01 * k, np.zeros((7, 7), np.float32))
+        for k, sop in enumerate(sops[:-1])
+    )
+    skipped = (SkippedView(sops[-1], "undecodable: test"),)
+    mean = float(np.mean([v.probability for v in views]))
+    result = StudyResult(
+        claim.study_uid, claim.revision, StudyType.WRIST, mean, 0.5, views, skipped
+    )
+    outputs = []
+    for kind, sop_class, suffix in (("sr", SR_CLASS, "1"), ("sc", SC_CLASS, "2")):
+        uid = derived_uid("test output", claim.study_uid, kind, suffix)
+        relative = f"outbox/{claim.study_uid}/{uid}.dcm"
+        spool.write(relative, [b"output " + kind.encode()])
+        outputs.append(OutputFile(kind, sop_class, uid, "2.25.9", None, relative, 9))
+    assert WorkQueue(store).complete(claim, result, MODEL, outputs, destinations, 12.5)
+
+
+def build_site(tmp_path: Path, url: str) -> Site:
+    """A store with one study in each state (two FAILED: scoring and delivery), old ones too."""
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    uids: dict[str, str] = {}
+    queue = WorkQueue(store)
+    outbox = Outbox(store)
+    # DONE, scored abnormal, finished 40 days ago (purge candidate).
+    uids["DONE_OLD"], _ = _receive(store, spool, 1)
+    _complete(store, spool, _claim(store), 0.91, [])
+    # DONE, scored normal, recent.
+    uids["DONE"], _ = _receive(store, spool, 2)
+    _complete(store, spool, _claim(store), 0.12, [])
+    # DELIVERING, scored 0.55 (abnormal), two outputs to "pacs".
+    uids["DELIVERING"], _ = _receive(store, spool, 3)
+    _complete(store, spool, _claim(store), 0.55, ["pacs"])
+    # FAILED by delivery: the SR was refused for good.
+    uids["FAILED_DELIVERY"], _ = _receive(store, spool, 4)
+    _complete(store, spool, _claim(store), 0.33, ["pacs"])
+    [(sr, _)] = [(d, o) for d, o in outbox.deliveries(uids["FAILED_DELIVERY"]) if o.kind == "sr"]
+    outbox.claim_due("pacs", 10, 60)
+    outbox.failed(
+        sr.id, "status 0xC000: refused", Backoff(1, 2, 4, 3), status=0xC000, permanent=True
+    )
+    site_failed_delivery = sr.id
+    # FAILED by scoring, old.
+    uids["FAILED_OLD"], _ = _receive(store, spool, 5)
+    queue.fail_attempt(_claim(store), "model forward failed: test", max_attempts=1)
+    # SKIPPED (a chest), old.
+    uids["SKIPPED_OLD"], _ = _receive(store, spool, 6, body_part="CHEST", views=1)
+    queue.skip(_claim(store), "not an upper-extremity radiograph: chest")
+    # CANCELLED, old.
+    uids["CANCELLED_OLD"], _ = _receive(store, spool, 7)
+    cancel(store, uids["CANCELLED_OLD"], "duplicate order", actor="admin:test")
+    # SCORING (held by a worker).
+    uids["SCORING"], _ = _receive(store, spool, 8, body_part="HAND")
+    _claim(store)
+    # QUEUED.
+    uids["QUEUED"], _ = _receive(store, spool, 9, body_part="ELBOW")
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    # RECEIVING, the newest.
+    uids["RECEIVING"], _ = _receive(store, spool, 10, body_part="FINGER")
+    # Age the "old" ones: received 41 days ago, finished 40 days ago. The SCORING study is
+    # old too: purge must still never touch it.
+    long_ago = utcnow() - timedelta(days=40)
+    with store.session() as session, session.begin():
+        for key in ("DONE_OLD", "FAILED_OLD", "SKIPPED_OLD", "CANCELLED_OLD", "SCORING"):
+            session.execute(
+                update(Study)
+                .where(Study.study_uid == uids[key])
+                .values(state_changed_at=long_ago, created_at=long_ago - timedelta(days=1))
+            )
+    config = write_config(
+        tmp_path / "triage.toml",
+        {
+            "store": {"url": url, "spool_dir": str(spool.root), "retention_days": 30},
+            "model": {"allow_unvalidated": True},
+        },
+    )
+    site = Site(config, store, spool, url, uids)
+    site.failed_delivery_id = site_failed_delivery
+    return site
+
+
+@pytest.fixture
+def site(store_url: str, tmp_path: Path, capsys, monkeypatch) -> Site:
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    built = build_site(tmp_path, store_url)
+
+    def admin(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["--config", str(built.config), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    built.admin = admin
+    yield built
+    built.store.engine.dispose()
+
+
+def as_json(site: Site, *args: str, code: int = 0) -> dict[str, Any]:
+    exit_code, out, err = site.admin(*args, "--json")
+    assert exit_code == code, (out, err)
+    data = json.loads(out)
+    assert data["schema"] == "msk-triage-admin/1"
+    return data
+
+
+STUDY_ROW_KEYS = {
+    "study_uid",
+    "state",
+    "revision",
+    "study_type",
+    "instances",
+    "probability",
+    "finding",
+    "reason",
+    "created_at",
+    "last_instance_at",
+    "state_changed_at",
+    "age_s",
+    "in_state_s",
+}
+
+
+def no_patient_identity(text: str) -> None:
+    for value in (PATIENT["name"], "Quixote", "Alonso", PATIENT["id"], PATIENT["birth"]):
+        assert value not in text
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def test_status_counts_every_state_and_reports_model_spool_and_deliveries(site: Site) -> None:
+    data = as_json(site, "status")
+    assert set(data) == {
+        "schema",
+        "store",
+        "studies",
+        "oldest_queued_at",
+        "oldest_queued_age_s",
+        "workers",
+        "deliveries",
+        "failed_deliveries",
+        "model",
+        "spool",
+    }
+    assert data["studies"] == {
+        "RECEIVING": 1,
+        "QUEUED": 1,
+        "SCORING": 1,
+        "DELIVERING": 1,
+        "DONE": 2,
+        "FAILED": 2,
+        "SKIPPED": 1,
+        "CANCELLED": 1,
+    }
+    assert data["oldest_queued_age_s"] is not None and data["oldest_queued_age_s"] >= 0
+    assert data["deliveries"] == {"PENDING": 3, "DONE": 0, "FAILED": 1, "CANCELLED": 0}
+    [failed] = data["failed_deliveries"]
+    assert failed["study_uid"] == site.uids["FAILED_DELIVERY"]
+    assert failed["id"] == site.failed_delivery_id
+    assert failed["last_error"] == "status 0xC000: refused" and failed["last_status"] == 0xC000
+    assert data["model"]["name"] == "mura-densenet169-demo"
+    assert data["model"]["validated"] is False and data["model"]["runs"] is True
+    assert data["spool"]["free_bytes"] > 0 and data["spool"]["below_floor"] is False
+    assert data["store"]["schema_revision"] == data["store"]["head_revision"]
+    assert data["workers"] == []
+    code, out, _ = site.admin("status")
+    assert code == 0
+    assert "mura-densenet169-demo" in out and "NOT VALIDATED" in out
+    assert site.uids["FAILED_DELIVERY"] in out and "0xC000" in out
+    for state in ("RECEIVING", "CANCELLED"):
+        assert state in out
+
+
+def test_status_shows_worker_heartbeats(site: Site) -> None:
+    queue = WorkQueue(site.store)
+    queue.heartbeat("host-a:1:abc", "cpu", "0.0.0-demo")
+    queue.heartbeat("host-b:2:def", "cuda:0", "0.0.0-demo")
+    queue.worker_stopped("host-b:2:def")
+    workers = {w["id"]: w for w in as_json(site, "status")["workers"]}
+    assert workers["host-a:1:abc"]["state"] == "alive"
+    assert workers["host-a:1:abc"]["device"] == "cpu"
+    assert workers["host-b:2:def"]["state"] == "stopped"
+    assert workers["host-a:1:abc"]["heartbeat_age_s"] < 60
+
+
+# --- studies -------------------------------------------------------------------------------
+
+
+def test_studies_newest_first_with_filters(site: Site) -> None:
+    data = as_json(site, "studies")
+    rows = data["studies"]
+    assert data["count"] == len(rows) == 10
+    assert set(rows[0]) == STUDY_ROW_KEYS
+    assert rows[0]["study_uid"] == site.uids["RECEIVING"]
+    created = [r["created_at"] for r in rows]
+    assert created == sorted(created, reverse=True)
+    failed = as_json(site, "studies", "--state", "failed")["studies"]
+    assert {r["study_uid"] for r in failed} == {
+        site.uids["FAILED_OLD"],
+        site.uids["FAILED_DELIVERY"],
+    }
+    several = as_json(site, "studies", "--state", "queued,scoring", "--state", "RECEIVING")
+    assert {r["state"] for r in several["studies"]} == {"QUEUED", "SCORING", "RECEIVING"}
+    old = {r["study_uid"] for r in as_json(site, "studies", "--older-than", "30d")["studies"]}
+    assert old == {
+        site.uids[k] for k in ("DONE_OLD", "FAILED_OLD", "SKIPPED_OLD", "CANCELLED_OLD", "SCORING")
+    }
+    new = as_json(site, "studies", "--newer-than", "1h")["count"]
+    assert new == 10 - 5
+    scored = as_json(site, "studies", "--study-type", "wrist", "--state", "done")["studies"]
+    assert {r["study_uid"] for r in scored} == {site.uids["DONE"], site.uids["DONE_OLD"]}
+    assert {r["finding"] for r in scored} == {"abnormal", "normal"}
+    assert as_json(site, "studies", "--limit", "2")["count"] == 2
+    code, out, _ = site.admin("studies", "--state", "done")
+    assert code == 0 and site.uids["DONE"] in out and site.uids["QUEUED"] not in out
+
+
+def test_studies_bad_filters_are_usage_errors(site: Site) -> None:
+    for args in (
+        ["--state", "sleeping"],
+        ["--older-than", "3"],
+        ["--study-type", "knee"],
+        ["--limit", "0"],
+    ):
+        code, out, err = site.admin("studies", *args)
+        assert code == 2, (args, out, err)
+        assert out == "" and len(err.strip().splitlines()) == 1
+
+
+# --- study ---------------------------------------------------------------------------------
+
+
+def test_study_shows_instances_views_result_deliveries_and_history(site: Site) -> None:
+    uid = site.uids["FAILED_DELIVERY"]
+    data = as_json(site, "study", uid)
+    assert set(data) == {"schema", "study", "instances", "result", "views", "deliveries", "history"}
+    assert set(data["study"]) == STUDY_ROW_KEYS | {"attempts", "lease_owner", "lease_expires_at"}
+    assert data["study"]["state"] == "FAILED"
+    assert "delivery to pacs failed" in data["study"]["reason"]
+    assert len(data["instances"]) == 2
+    assert {i["modality"] for i in data["instances"]} == {"DX"}
+    result = data["result"]
+    assert result["finding"] == "normal" and result["probability"] == pytest.approx(0.33)
+    assert result["views_scored"] == 1 and result["views_skipped"] == 1
+    assert result["model_version"] == "0.0.0-demo" and result["model_validated"] is False
+    assert [v["skipped"] for v in data["views"]] == [False, True]
+    assert data["views"][0]["probability"] == pytest.approx(0.33)
+    assert data["views"][1]["note"] == "undecodable: test"
+    by_kind = {d["kind"]: d for d in data["deliveries"]}
+    assert by_kind["sr"]["state"] == "FAILED" and by_kind["sr"]["attempts"] == 1
+    assert by_kind["sr"]["last_error"] == "status 0xC000: refused"
+    assert by_kind["sc"]["state"] == "PENDING"
+    states = [e["to_state"] for e in data["history"]]
+    assert states == ["RECEIVING", "QUEUED", "SCORING", "DELIVERING", "FAILED"]
+    code, out, _ = site.admin("study", uid)
+    assert code == 0
+    assert uid in out and "status 0xC000: refused" in out and "undecodable: test" in out
+    assert "DELIVERING" in out and "0.330" in out
+
+
+def test_study_unknown_or_malformed_uid_is_one_line(site: Site) -> None:
+    code, out, err = site.admin("study", "1.2.3.4.5")
+    assert code == 1 and out == ""
+    assert err.strip() == "triage-admin: no study 1.2.3.4.5"
+    code, out, err = site.admin("study", "1.2.3.4.5", "--json")
+    assert code == 1
+    assert json.loads(out) == {
+        "schema": "msk-triage-admin/1",
+        "error": "no study 1.2.3.4.5",
+        "exit_code": 1,
+    }
+    code, _, err = site.admin("study", "not-a-uid")
+    assert code == 2 and "not a DICOM UID" in err and len(err.strip().splitlines()) == 1
+
+
+def test_patient_identity_only_with_the_explicit_flag(site: Site) -> None:
+    uid = site.uids["DONE"]
+    outputs = []
+    for args in (
+        ["status"],
+        ["studies"],
+        ["worklist"],
+        ["study", uid],
+        ["purge", "--dry-run"],
+    ):
+        for form in ([], ["--json"]):
+            code, out, err = site.admin(*args, *form)
+            assert code == 0, (args, err)
+            outputs.append(out + err)
+    for text in outputs:
+        no_patient_identity(text)
+    data = as_json(site, "study", uid, "--show-patient")
+    assert data["patient"]["name"] == PATIENT["name"]
+    assert data["patient"]["id"] == PATIENT["id"]
+    assert data["patient"]["birth_date"] == PATIENT["birth"]
+    assert data["patient"]["source"].startswith(uid + "/")
+    code, out, _ = site.admin("study", uid, "--show-patient")
+    assert code == 0 and PATIENT["name"] in out and PATIENT["id"] in out
+
+
+# --- worklist ------------------------------------------------------------------------------
+
+
+def test_worklist_puts_the_most_likely_abnormal_first(site: Site) -> None:
+    data = as_json(site, "worklist")
+    rows = data["worklist"]
+    assert [r["study_uid"] for r in rows] == [
+        site.uids["DONE_OLD"],
+        site.uids["DELIVERING"],
+        site.uids["FAILED_DELIVERY"],
+        site.uids["DONE"],
+    ]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {
+        "rank",
+        "study_uid",
+        "study_type",
+        "probability",
+        "threshold",
+        "finding",
+        "state",
+        "revision",
+        "model_version",
+        "model_validated",
+        "scored_at",
+        "created_at",
+        "age_s",
+    }
+    assert [r["finding"] for r in rows] == ["abnormal", "abnormal", "normal", "normal"]
+    assert rows[0]["study_type"] == "XR_WRIST" and rows[0]["age_s"] > 40 * 86400
+    assert as_json(site, "worklist", "--newer-than", "1d")["count"] == 3
+    assert as_json(site, "worklist", "--study-type", "hand")["count"] == 0
+    code, out, _ = site.admin("worklist")
+    assert code == 0
+    assert out.index(site.uids["DONE_OLD"]) < out.index(site.uids["DONE"])
+    assert "XR_WRIST" in out and "abnormal" in out
+
+
+# --- requeue, cancel -----------------------------------------------------------------------
+
+
+def test_requeue_moves_back_to_queued_and_scoring_needs_force(site: Site) -> None:
+    uid = site.uids["FAILED_OLD"]
+    data = as_json(site, "requeue", uid)
+    assert data == {
+        "schema": "msk-triage-admin/1",
+        "study_uid": uid,
+        "from_state": "FAILED",
+        "to_state": "QUEUED",
+        "changed": True,
+        "revision": 1,
+    }
+    study = site.store.get_study(uid)
+    assert study.state is StudyState.QUEUED and study.attempts == 0
+    assert "requeued by admin:" in site.store.study_history(uid)[-1].reason
+    assert as_json(site, "requeue", uid)["changed"] is False
+    scoring = site.uids["SCORING"]
+    code, _, err = site.admin("requeue", scoring)
+    assert code == 1 and "being scored by test-worker" in err and "--force" in err
+    assert site.store.get_study(scoring).state is StudyState.SCORING
+    assert as_json(site, "requeue", scoring, "--force")["to_state"] == "QUEUED"
+    study = site.store.get_study(scoring)
+    assert study.state is StudyState.QUEUED and study.lease_token is None
+    code, _, err = site.admin("requeue", "1.2.3")
+    assert code == 1 and "no study 1.2.3" in err
+
+
+def test_cancel_needs_a_reason_and_stops_pending_deliveries(site: Site) -> None:
+    uid = site.uids["DELIVERING"]
+    code, _, err = site.admin("cancel", uid)
+    assert code == 2 and "--reason" in err
+    data = as_json(site, "cancel", uid, "--reason", "wrong patient")
+    assert data["from_state"] == "DELIVERING" and data["to_state"] == "CANCELLED"
+    assert data["reason"] == "wrong patient"
+    study = site.store.get_study(uid)
+    assert study.state is StudyState.CANCELLED and "wrong patient" in study.state_reason
+    deliveries = Outbox(site.store).deliveries(uid)
+    assert {d.state for d, _ in deliveries} == {DeliveryState.CANCELLED}
+    assert as_json(site, "cancel", uid, "--reason", "again")["changed"] is False
+    code, out, _ = site.admin("cancel", site.uids["QUEUED"], "--reason", "test order")
+    assert code == 0 and "QUEUED → CANCELLED" in out
+    # A cancelled study leaves the worklist.
+    assert uid not in [r["study_uid"] for r in as_json(site, "worklist")["worklist"]]
+
+
+# --- retry ---------------------------------------------------------------------------------
+
+
+def test_retry_one_delivery_a_study_or_all_failed(site: Site) -> None:
+    uid = site.uids["FAILED_DELIVERY"]
+    code, _, err = site.admin("retry")
+    assert code == 2 and "one of the arguments" in err
+    code, _, err = site.admin("retry", "--delivery", "99999")
+    assert code == 1 and "no FAILED delivery" in err
+    code, _, err = site.admin("retry", "--study", site.uids["DONE"])
+    assert code == 1 and "has no FAILED delivery" in err
+    data = as_json(site, "retry", "--delivery", str(site.failed_delivery_id))
+    assert data == {
+        "schema": "msk-triage-admin/1",
+        "retried": 1,
+        "selector": {"deliveries": [site.failed_delivery_id]},
+    }
+    assert site.store.get_study(uid).state is StudyState.DELIVERING
+    [(sr, _)] = [(d, o) for d, o in Outbox(site.store).deliveries(uid) if o.kind == "sr"]
+    assert sr.state is DeliveryState.PENDING and sr.attempts == 0
+    assert as_json(site, "retry", "--all-failed") == {
+        "schema": "msk-triage-admin/1",
+        "retried": 0,
+        "selector": {"all_failed": True},
+    }
+    # Fail it again, then retry the whole study.
+    outbox = Outbox(site.store)
+    outbox.claim_due("pacs", 10, 60)
+    outbox.failed(sr.id, "status 0xC000: refused", Backoff(1, 2, 4, 3), permanent=True)
+    assert as_json(site, "retry", "--study", uid)["retried"] == 1
+    code, out, _ = site.admin("retry", "--all-failed")
+    assert code == 0 and "0 deliveries" in out
+
+
+# --- purge ---------------------------------------------------------------------------------
+
+
+def test_purge_removes_only_finished_old_studies_files_and_rows(site: Site) -> None:
+    old = {site.uids[k] for k in ("DONE_OLD", "FAILED_OLD", "SKIPPED_OLD", "CANCELLED_OLD")}
+    WorkQueue(site.store).heartbeat("gone:1:x", "cpu", "0")
+    WorkQueue(site.store).worker_stopped("gone:1:x")
+    with site.store.session() as session, session.begin():
+        from triage.store.models import WorkerRecord
+
+        session.execute(update(WorkerRecord).values(stopped_at=utcnow() - timedelta(days=40)))
+    files_before = sorted(p for p in site.spool.root.rglob("*.dcm"))
+    dry = as_json(site, "purge", "--older-than", "30", "--dry-run")
+    assert dry["dry_run"] is True and set(dry["study_uids"]) == old
+    assert dry["studies"] == 4 and dry["instances"] == 2 + 2 + 1 + 2
+    assert dry["outputs"] == 2 and dry["files"] == 9 and dry["bytes"] > 0
+    assert dry["workers"] == 1
+    assert set(dry) == {
+        "schema",
+        "dry_run",
+        "older_than_days",
+        "cutoff",
+        "studies",
+        "study_uids",
+        "instances",
+        "outputs",
+        "files",
+        "bytes",
+        "workers",
+    }
+    assert sorted(p for p in site.spool.root.rglob("*.dcm")) == files_before
+    assert all(site.store.get_study(uid) is not None for uid in old)
+    done = as_json(site, "purge", "--older-than", "30")
+    assert done["dry_run"] is False and set(done["study_uids"]) == old
+    assert done["files"] == 9 and done["workers"] == 1
+    for uid in old:
+        assert site.store.get_study(uid) is None
+        assert not (site.spool.root / uid).exists()
+        assert not (site.spool.root / "outbox" / uid).exists()
+    # The SCORING study is just as old but in flight: untouched, files and all.
+    scoring = site.uids["SCORING"]
+    assert site.store.get_study(scoring).state is StudyState.SCORING
+    assert len(list((site.spool.root / scoring).iterdir())) == 2
+    assert as_json(site, "studies")["count"] == 10 - 4
+    # Nothing left past 30 days; with 0 days every finished study goes, nothing in flight.
+    assert as_json(site, "purge")["studies"] == 0
+    code, out, _ = site.admin("purge", "--older-than", "0", "--dry-run")
+    assert code == 0 and "would remove 2 studies" in out
+    gone = as_json(site, "purge", "--older-than", "0")
+    assert set(gone["study_uids"]) == {site.uids["DONE"], site.uids["FAILED_DELIVERY"]}
+    left = {r["state"] for r in as_json(site, "studies")["studies"]}
+    assert left == {"RECEIVING", "QUEUED", "SCORING", "DELIVERING"}
+
+
+# --- db ------------------------------------------------------------------------------------
+
+
+def test_db_current_and_upgrade(site: Site, tmp_path: Path) -> None:
+    current = as_json(site, "db", "current")
+    assert current["current"] == current["head"] and current["up_to_date"] is True
+    assert as_json(site, "db", "upgrade")["changed"] is False
+    # A new SQLite file: upgrade creates it; before that, every command says there is none.
+    fresh = write_config(
+        tmp_path / "fresh.toml",
+        {"store": {"url": f"sqlite:///{tmp_path / 'new' / 'x.db'}", "spool_dir": "spool"}},
+    )
+    code = main(["--config", str(fresh), "status"])
+    assert code == 3
+    assert main(["--config", str(fresh), "db", "upgrade"]) == 0
+    assert main(["--config", str(fresh), "db", "current"]) == 0
+    assert main(["--config", str(fresh), "status"]) == 0
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_unreachable_store_and_config_errors_have_their_exit_codes(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    down = write_config(
+        tmp_path / "down.toml",
+        {"store": {"url": f"postgresql://postgres@127.0.0.1:{free_port()}/triage"}},
+    )
+    assert main(["--config", str(down), "status"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("triage-admin: store unreachable: postgresql://postgres@127.0.0.1:")
+    assert len(err.strip().splitlines()) == 1
+    assert main(["--config", str(down), "status", "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 3
+    missing = write_config(tmp_path / "m.toml", {"store": {"url": "sqlite:///nowhere/x.db"}})
+    assert main(["--config", str(missing), "studies"]) == 3
+    assert "no store at" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "absent.toml"), "status"]) == 2
+    assert "config error: no such file" in capsys.readouterr().err
+    monkeypatch.setenv("TRIAGE_DICOM_PORT", "many")
+    assert main(["--config", str(missing), "status"]) == 2
+    assert "[dicom] port" in capsys.readouterr().err
+    monkeypatch.delenv("TRIAGE_DICOM_PORT")
+    # $TRIAGE_CONFIG is read like the daemon reads it; --workdir anchors relative paths.
+    (tmp_path / "wd").mkdir()
+    relative = write_config(tmp_path / "rel.toml", {"store": {"url": "sqlite:///var/t.db"}})
+    monkeypatch.setenv("TRIAGE_CONFIG", str(relative))
+    assert main(["db", "upgrade", "--workdir", str(tmp_path / "wd")]) == 0
+    assert (tmp_path / "wd" / "var" / "t.db").is_file()
+    capsys.readouterr()
+    assert main(["--workdir", str(tmp_path / "wd"), "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["store"]["url"].endswith("/wd/var/t.db")
+    assert main(["bogus"]) == 2
+
+
+# --- echo ----------------------------------------------------------------------------------
+
+
+def test_echo_a_peer_by_address_or_destination_name(tmp_path: Path, capsys, monkeypatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    pacs = Storescp(tmp_path / "pacs").start()
+    refusing = Storescp(tmp_path / "refusing", ae_title="NOPE", extra=["--refuse"]).start()
+    try:
+        config = write_config(
+            tmp_path / "e.toml",
+            {
+                "store": {"url": f"sqlite:///{tmp_path / 'e.db'}"},
+                "destinations": [pacs.destination("pacs")],
+            },
+        )
+        base = ["--config", str(config)]
+        assert main([*base, "echo", f"PACS@127.0.0.1:{pacs.port}"]) == 0
+        assert "C-ECHO ok" in capsys.readouterr().out
+        assert main([*base, "echo", "pacs", "--json", "--calling-ae", "CHECKER"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["ok"] is True and data["status"] == "0x0000"
+        assert data["target"] == {
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": pacs.port,
+            "name": "pacs",
+        }
+        assert data["calling_ae"] == "CHECKER"
+        assert pacs.log_text().count("Received Echo Request") == 2
+        assert main([*base, "echo", f"NOPE@127.0.0.1:{refusing.port}"]) == 1
+        err = capsys.readouterr().err
+        assert "failed: association rejected" in err and len(err.strip().splitlines()) == 1
+        closed = free_port()
+        assert main([*base, "echo", f"X@127.0.0.1:{closed}", "--timeout", "2", "--json"]) == 1
+        out, err = capsys.readouterr()
+        assert json.loads(out)["ok"] is False and "failed: cannot connect" in err
+        assert main([*base, "echo", "nonsense"]) == 2
+        assert "neither AE@host:port nor a configured destination (pacs)" in (
+            capsys.readouterr().err
+        )
+    finally:
+        pacs.stop()
+        refusing.stop()
+
+
+# --- the installed command, beside a running daemon ----------------------------------------
+
+
+def test_installed_command_works_while_the_daemon_runs(site: Site, daemon_factory) -> None:
+    """`triage-admin` as installed (console script), on the store a live daemon is using."""
+    daemon = daemon_factory(
+        {
+            "store": {"url": site.url, "spool_dir": str(site.spool.root)},
+            "study": {"quiet_period_s": 0.2, "check_interval_s": 0.2},
+        }
+    ).start()
+    script = Path(sys.prefix) / "bin" / "triage-admin"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env["TRIAGE_CONFIG"] = str(daemon.config_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(script), *args], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    # The daemon's scheduler queues the RECEIVING study; admin sees it and acts beside it.
+    from tests.peers import wait_until
+
+    wait_until(lambda: json.loads(run("status", "--json").stdout)["studies"]["RECEIVING"] == 0, 30)
+    requeued = run("requeue", site.uids["DONE"], "--json")
+    assert requeued.returncode == 0, requeued.stderr
+    assert json.loads(requeued.stdout)["to_state"] == "QUEUED"
+    # The daemon purges at start what is past retention (30 days): the old finished ones.
+    wait_until(lambda: site.store.get_study(site.uids["DONE_OLD"]) is None, 30)
+    assert site.store.get_study(site.uids["SCORING"]) is not None
+    assert '"event": "purged"' in daemon.log_text()
+    wrong = run("study", "1.2.3.999")
+    assert wrong.returncode == 1 and wrong.stderr == "triage-admin: no study 1.2.3.999\n"
+    assert daemon.stop() == 0

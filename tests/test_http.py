@@ -1,0 +1,258 @@
+"""The daemon's HTTP endpoints, scraped over real HTTP from a running daemon.
+
+The end-to-end test runs a scoring daemon (demo model on the CPU, DCMTK storescu in, storescp
+as the PACS) and checks that /metrics shows exactly what happened: associations and their
+outcomes, instances stored/duplicate/failed, studies per state, scoring histograms, end-to-end
+latency, deliveries and the model.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pydicom
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.peers import Daemon, Storescp, echoscu, storescu, wait_until
+from tests.test_end_to_end import scoring_config, send_study, wait_state
+from triage.store.models import StudyState
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def log_events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines with this ``event``."""
+    found = []
+    for line in daemon.log_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == event:
+                found.append(record)
+    return found
+
+
+def http_port(daemon: Daemon) -> int:
+    """The HTTP port the daemon bound (the harness asks for port 0)."""
+    return int(log_events(daemon, "http_ready")[-1]["port"])
+
+
+def get(daemon: Daemon, path: str) -> tuple[int, str, str]:
+    """GET *path*: (status, content type, body)."""
+    url = f"http://127.0.0.1:{http_port(daemon)}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def scrape(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    status, content_type, body = get(daemon, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, metric: str, **labels: str) -> float:
+    return samples[(metric, tuple(sorted(labels.items())))]
+
+
+def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp_path) -> None:
+    pacs = Storescp(tmp_path / "pacs").start()
+    daemon = daemon_factory(scoring_config(pacs.destination())).start()
+    try:
+        before = scrape(daemon)
+        assert value(before, "triage_store_up") == 1
+        assert value(before, "triage_studies", state="DONE") == 0
+        assert value(before, "triage_instances_received_total", outcome="stored") == 0
+        assert (
+            value(
+                before,
+                "triage_model_info",
+                name="mura-densenet169-demo",
+                version="0.0.0-demo",
+                validated="false",
+                device="cpu",
+            )
+            == 1
+        )
+        # 1 association: two views stored.
+        study_uid, files = send_study(daemon, tmp_path / "in", body_part="WRIST", views=2, seed=21)
+        # 2: the same two again (duplicates). 3: one without a series UID (failed). 4: an echo.
+        assert storescu(daemon.port, files).acknowledged == 2
+        broken = pydicom.dcmread(files[0])
+        del broken.SeriesInstanceUID
+        broken.save_as(tmp_path / "broken.dcm")
+        assert storescu(daemon.port, [tmp_path / "broken.dcm"]).failure_statuses == ["0xc001"]
+        assert echoscu(daemon.port).returncode == 0
+        wait_state(daemon, study_uid, StudyState.DONE)
+        # Scraped while the daemon runs, after the study went through.
+        samples = wait_until(
+            lambda: (
+                (s := scrape(daemon))
+                and value(s, "triage_associations_total", outcome="released") == 4
+                and s
+            ),
+            30,
+            0.2,
+            "four released associations",
+        )
+        assert value(samples, "triage_associations_total", outcome="rejected") == 0
+        assert value(samples, "triage_associations_total", outcome="aborted") == 0
+        assert value(samples, "triage_associations_active") == 0
+        assert value(samples, "triage_instances_received_total", outcome="stored") == 2
+        assert value(samples, "triage_instances_received_total", outcome="duplicate") == 2
+        assert value(samples, "triage_instances_received_total", outcome="failed") == 1
+        assert value(samples, "triage_echoes_total") == 1
+        assert value(samples, "triage_received_bytes_total") > 0
+        assert value(samples, "triage_studies", state="DONE") == 1
+        for state in ("RECEIVING", "QUEUED", "SCORING", "DELIVERING", "FAILED", "SKIPPED"):
+            assert value(samples, "triage_studies", state=state) == 0
+        assert value(samples, "triage_oldest_queued_age_seconds") == 0
+        assert value(samples, "triage_deliveries", state="DONE") == 3  # SR + 2 overlays
+        assert value(samples, "triage_deliveries", state="PENDING") == 0
+        assert (
+            value(
+                samples, "triage_delivery_attempts_total", destination="pacs", outcome="delivered"
+            )
+            == 3
+        )
+        assert value(samples, "triage_view_scoring_seconds_count") == 2
+        assert value(samples, "triage_view_scoring_seconds_sum") > 0
+        assert value(samples, "triage_study_scoring_seconds_count") == 1
+        assert value(samples, "triage_study_latency_seconds_count") == 1
+        # First instance to DONE includes the quiet period (0.5 s) and the scoring.
+        latency = value(samples, "triage_study_latency_seconds_sum")
+        assert latency > 0.5 and latency > value(samples, "triage_study_scoring_seconds_sum")
+        assert value(samples, "triage_spool_free_bytes") > 0
+        assert value(samples, "process_resident_memory_bytes") > 0
+        # Liveness and readiness with every loop running.
+        status, content_type, body = get(daemon, "/healthz")
+        assert status == 200 and content_type == "application/json"
+        assert json.loads(body) == {
+            "status": "ok",
+            "loops": {"listener": True, "scheduler": True, "worker": True, "sender": True},
+        }
+        status, _, body = get(daemon, "/readyz")
+        ready = json.loads(body)
+        assert status == 200 and ready["status"] == "ready" and ready["failed"] == []
+        assert set(ready["checks"]) == {"store", "listener", "worker", "spool"}
+        assert ready["checks"]["listener"]["port"] == daemon.port
+        status, _, body = get(daemon, "/nope")
+        assert status == 404 and "/metrics" in body
+    finally:
+        assert daemon.stop() == 0
+        pacs.stop()
+
+
+def test_readyz_says_which_check_failed(daemon_factory, tmp_path) -> None:
+    """A spool under its free-space floor: not ready (503, "spool"), yet alive (200)."""
+    daemon = daemon_factory({"store": {"min_free_mb": 10**12}}).start()
+    status, content_type, body = get(daemon, "/readyz")
+    ready = json.loads(body)
+    assert status == 503 and content_type == "application/json"
+    assert ready["status"] == "not ready" and ready["failed"] == ["spool"]
+    assert ready["checks"]["spool"]["min_free_bytes"] == 10**12 * 1024 * 1024
+    assert ready["checks"]["store"] == {"ok": True}
+    assert "worker" not in ready["checks"]  # not enabled on this daemon
+    status, _, body = get(daemon, "/healthz")
+    assert status == 200 and json.loads(body)["loops"] == {"listener": True, "scheduler": True}
+    samples = scrape(daemon)
+    assert value(samples, "triage_spool_min_free_bytes") == 10**12 * 1024 * 1024
+    # Without a worker the model is read from the card, on no device.
+    assert any(
+        name == "triage_model_info" and ("device", "none") in labels for name, labels in samples
+    )
+    assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
+def test_readyz_reports_a_store_that_went_away(daemon_factory, pg_url) -> None:
+    """The PostgreSQL database is dropped under the daemon: /readyz says "store", /metrics
+    says triage_store_up 0 and still answers."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    daemon = daemon_factory({"store": {"url": pg_url}}).start()
+    assert get(daemon, "/readyz")[0] == 200
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    status, _, body = get(daemon, "/readyz")
+    ready = json.loads(body)
+    assert status == 503 and "store" in ready["failed"]
+    assert ready["checks"]["store"]["ok"] is False and ready["checks"]["store"]["error"]
+    samples = scrape(daemon)
+    assert value(samples, "triage_store_up") == 0
+    assert ("triage_studies", (("state", "DONE"),)) not in samples
+    daemon.kill()
+
+
+def test_http_can_be_disabled_and_a_taken_port_stops_start_up(daemon_factory) -> None:
+    off = daemon_factory({"http": {"enabled": False}}, name="off").start()
+    assert log_events(off, "http_ready") == []
+    assert log_events(off, "ready")[-1]["http_port"] is None
+    taken = http_port(daemon_factory(name="first").start())
+    second = daemon_factory({"http": {"port": taken}}, name="second")
+    second.start(wait=False)
+    assert second.process.wait(120) == 1
+    assert f"cannot serve HTTP on 127.0.0.1:{taken}" in second.log_text()
+    assert off.stop() == 0
+
+
+def test_association_totals_are_read_incrementally(store_url: str) -> None:
+    """The scrape-time collector keeps the totals of ended associations and reads only newer
+    rows: deleting already-counted rows changes nothing, an ACTIVE row is counted once it ends."""
+    from datetime import timedelta
+
+    from sqlalchemy import delete, update
+
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.models import AssociationOutcome, AssociationRecord, utcnow
+    from triage.store.queries import AssociationCounter
+    from triage.store.repository import Store
+
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    ids = [
+        store.open_association("PACS", "TRIAGE", "127.0.0.1", 1000 + n, False, 1) for n in range(4)
+    ]
+    with store.session() as session, session.begin():
+        # Settled rows (older than a minute) may move the watermark; the last one is recent.
+        session.execute(
+            update(AssociationRecord)
+            .where(AssociationRecord.id.in_(ids[:3]))
+            .values(started_at=utcnow() - timedelta(minutes=5))
+        )
+    store.close_association(ids[0], AssociationOutcome.RELEASED, stored=3, bytes_stored=300)
+    store.close_association(ids[2], AssociationOutcome.REJECTED, reason="not allowed")
+    store.close_association(ids[3], AssociationOutcome.RELEASED, echoes=1)
+    counter = AssociationCounter()
+
+    def totals():  # type: ignore[no-untyped-def]
+        with store.read_session() as session:
+            return counter.totals(session)
+
+    first = totals()
+    assert first.by_outcome == {"ACTIVE": 1, "RELEASED": 2, "ABORTED": 0, "REJECTED": 1}
+    assert (first.stored, first.bytes_stored, first.echoes) == (3, 300, 1)
+    store.close_association(ids[1], AssociationOutcome.ABORTED, stored=1, duplicate=2, failed=1)
+    second = totals()
+    assert second.by_outcome == {"ACTIVE": 0, "RELEASED": 2, "ABORTED": 1, "REJECTED": 1}
+    assert (second.stored, second.duplicate, second.failed) == (4, 2, 1)
+    # Rows 1-3 are settled and counted: gone from the table, still in the totals. Row 4 is
+    # recent and re-read each time.
+    with store.session() as session, session.begin():
+        session.execute(delete(AssociationRecord).where(AssociationRecord.id.in_(ids[:3])))
+    assert totals() == second
+    engine.dispose()

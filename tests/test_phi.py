@@ -1,0 +1,102 @@
+"""No patient identity in logs or operator output.
+
+A study with a known PatientName, PatientID, PatientBirthDate (and AccessionNumber) goes all the
+way through a scoring daemon at debug log level (DCMTK storescu in, scoring, SR and overlays to
+storescp). None of them may appear in any log line of the daemon or its listener process, in the
+HTTP endpoints, or in `triage-admin` output, unless the operator asks with ``--show-patient``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+import pytest
+
+from tests.peers import Storescp, storescu
+from tests.test_end_to_end import scoring_config, wait_state
+from tests.test_http import http_port
+from triage.cli.admin import main as admin
+from triage.store.models import StudyState
+from triage.testing.synth import make_study, write_study
+
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
+
+NAME = "Wimbleworth^Ottoline^Q"
+PATIENT_ID = "MRN-55501234"
+BIRTH_DATE = "19380517"
+ACCESSION = "ACC-7312298"
+#: Every piece of identity that must stay out (the name's parts too).
+SECRETS = ("Wimbleworth", "Ottoline", PATIENT_ID, BIRTH_DATE, ACCESSION)
+
+
+def _assert_clean(text: str, where: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"{secret!r} found in {where}"
+
+
+def test_no_patient_identity_in_logs_http_or_admin_output(
+    daemon_factory, tmp_path, capsys, monkeypatch
+) -> None:
+    pacs = Storescp(tmp_path / "pacs").start()
+    config = scoring_config(pacs.destination(), log={"level": "debug"})
+    daemon = daemon_factory(config).start()
+    datasets = make_study(
+        body_part="WRIST",
+        views=2,
+        rows=320,
+        cols=256,
+        seed=31,
+        patient_name=NAME,
+        patient_id=PATIENT_ID,
+        patient_birth_date=BIRTH_DATE,
+        accession_number=ACCESSION,
+    )
+    files = write_study(datasets, tmp_path / "in")
+    study_uid = str(datasets[0].StudyInstanceUID)
+    assert storescu(daemon.port, files).acknowledged == 2
+    wait_state(daemon, study_uid, StudyState.DONE)
+    # The results did reach the PACS, with the patient module copied as DICOM requires.
+    assert {str(ds.PatientID) for ds in pacs.received()} == {PATIENT_ID}
+    for path in ("/metrics", "/healthz", "/readyz"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port(daemon)}{path}") as response:
+            _assert_clean(response.read().decode(), path)
+
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    base = ["--config", str(daemon.config_path)]
+    outputs = {}
+    for args in (["status"], ["studies"], ["worklist"], ["study", study_uid]):
+        for form in ([], ["--json"]):
+            capsys.readouterr()
+            assert admin([*base, *args, *form]) == 0
+            out, err = capsys.readouterr()
+            outputs[" ".join(args + form)] = out + err
+    for where, text in outputs.items():
+        _assert_clean(text, f"triage-admin {where}")
+    assert study_uid in outputs["study " + study_uid]
+
+    # Only the explicit flag shows it, read from the spooled files.
+    capsys.readouterr()
+    assert admin([*base, "study", study_uid, "--show-patient", "--json"]) == 0
+    patient = json.loads(capsys.readouterr().out)["patient"]
+    assert (patient["name"], patient["id"], patient["birth_date"]) == (
+        NAME,
+        PATIENT_ID,
+        BIRTH_DATE,
+    )
+    assert admin([*base, "study", study_uid, "--show-patient"]) == 0
+    shown = capsys.readouterr().out
+    assert NAME in shown and PATIENT_ID in shown and BIRTH_DATE in shown
+
+    assert daemon.stop() == 0
+    pacs.stop()
+    log = daemon.log_text()
+    lines = log.splitlines()
+    assert len(lines) > 30, "the debug log is suspiciously short"
+    assert '"event": "study_scored"' in log and '"event": "study_done"' in log
+    assert '"event": "instance_stored"' in log  # debug lines from the listener process too
+    for number, line in enumerate(lines, 1):
+        _assert_clean(line, f"log line {number}")

@@ -1,0 +1,114 @@
+"""Liveness and readiness of a running daemon, for ``/healthz``, ``/readyz`` and the systemd
+watchdog.
+
+- **live**: every loop the daemon runs is alive — the listener process(es), the scheduler, the
+  worker (when enabled) and the sender (when destinations are configured). The watchdog is fed
+  only while this holds, so systemd restarts a daemon whose loop died.
+- **ready**: it can do its job now — the store answers, the listener is bound, the worker runs
+  (when enabled) and the spool is above its free-space floor.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol
+
+from sqlalchemy import text
+
+from triage.store.repository import Store
+from triage.store.spool import Spool
+
+#: How long /readyz waits for the store before it says it does not answer.
+STORE_CHECK_TIMEOUT_S = 3.0
+
+
+class Loop(Protocol):
+    """Anything with an ``alive()`` (listener pool, scheduler, worker, sender)."""
+
+    def alive(self) -> bool:
+        """True while the loop runs."""
+        ...  # pragma: no cover
+
+
+class Health:
+    """The daemon's components, registered as they start, and the checks over them."""
+
+    def __init__(self, store: Store, spool: Spool) -> None:
+        self.store = store
+        self.spool = spool
+        self.loops: dict[str, Loop] = {}
+        self.listener_port: int | None = None
+        self.worker_enabled = False
+        # One store check at a time: a hung database must not pile up threads.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readyz-store")
+        self._pending: Future[None] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, name: str, loop: Loop) -> None:
+        """Watch *loop* under *name* (``listener``, ``scheduler``, ``worker``, ``sender``)."""
+        self.loops[name] = loop
+
+    def live(self) -> tuple[bool, dict[str, bool]]:
+        """(all loops alive, each loop's state); False before any loop was registered."""
+        states = {}
+        for name, loop in self.loops.items():
+            try:
+                states[name] = bool(loop.alive())
+            except Exception:  # a component that cannot answer is not alive
+                states[name] = False
+        return bool(states) and all(states.values()), states
+
+    def _ping_store(self) -> None:
+        with self.store.read_session() as session:
+            session.execute(text("SELECT 1"))
+
+    def check_store(self) -> dict[str, Any]:
+        """``{"ok": …, "error": …}`` within :data:`STORE_CHECK_TIMEOUT_S`."""
+        with self._lock:
+            if self._pending is not None and not self._pending.done():
+                return {"ok": False, "error": "the previous store check has not returned yet"}
+            self._pending = future = self._pool.submit(self._ping_store)
+        try:
+            future.result(timeout=STORE_CHECK_TIMEOUT_S)
+        except FutureTimeout:
+            return {"ok": False, "error": f"no answer within {STORE_CHECK_TIMEOUT_S:g} s"}
+        except Exception as exc:
+            first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+            return {"ok": False, "error": f"{type(exc).__name__}: {first}"}
+        return {"ok": True}
+
+    def ready(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """(ready, each check with ``ok`` and details)."""
+        checks: dict[str, dict[str, Any]] = {"store": self.check_store()}
+        listener = self.loops.get("listener")
+        listening = listener is not None and _alive(listener) and self.listener_port is not None
+        checks["listener"] = {"ok": listening, "port": self.listener_port}
+        if self.worker_enabled:
+            worker = self.loops.get("worker")
+            checks["worker"] = {"ok": worker is not None and _alive(worker)}
+        try:
+            free = self.spool.free_bytes()
+            checks["spool"] = {
+                "ok": free >= self.spool.min_free_bytes,
+                "free_bytes": free,
+                "min_free_bytes": self.spool.min_free_bytes,
+            }
+        except OSError as exc:
+            checks["spool"] = {"ok": False, "error": str(exc)}
+        return all(check["ok"] for check in checks.values()), checks
+
+    def close(self) -> None:
+        """Stop the store-check thread (a hung check is abandoned)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _alive(loop: Loop) -> bool:
+    try:
+        return bool(loop.alive())
+    except Exception:
+        return False
+
+
+__all__ = ["Health", "Loop"]

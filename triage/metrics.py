@@ -1,0 +1,242 @@
+"""Prometheus metrics of the daemon (served on ``/metrics`` by :mod:`triage.httpd`).
+
+Two kinds:
+
+- **observed in-process** — histograms of scoring time per view and per study (the worker), of
+  end-to-end latency (first instance of a revision received → study DONE, observed when the
+  sender or the worker completes a study) and a counter of delivery attempts by outcome (the
+  sender);
+- **derived from the store at scrape time** (:class:`StoreCollector`) — the listener runs in
+  other processes, so association and instance counts are read from the ``associations`` audit
+  table (incrementally, see :class:`~triage.store.queries.AssociationCounter`), and studies and
+  deliveries per state, the oldest queued age and the spool's free space are read as they are.
+  These are the site's totals: every listener and worker writing to the same database counts.
+
+Every metric is named ``triage_*`` and lives in :data:`REGISTRY`, not prometheus_client's global
+registry, so importing this module twice (tests) or beside other libraries never clashes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from triage.logs import get_logger
+from triage.store.models import utcnow
+from triage.store.queries import (
+    AssociationCounter,
+    delivery_counts,
+    oldest_queued_at,
+    study_counts,
+    study_latency_s,
+)
+from triage.store.repository import Store
+from triage.store.spool import Spool
+
+log = get_logger("triage.metrics")
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+VIEW_SCORING_SECONDS = Histogram(
+    "triage_view_scoring_seconds",
+    "Model time per view: the forward pass of a batch divided by its views",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+STUDY_SCORING_SECONDS = Histogram(
+    "triage_study_scoring_seconds",
+    "Claim to result recorded, per study (decoding, model, SR and overlays)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+    registry=REGISTRY,
+)
+STUDY_LATENCY_SECONDS = Histogram(
+    "triage_study_latency_seconds",
+    "First instance of the study revision received to study DONE (quiet period included)",
+    buckets=(1.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0),
+    registry=REGISTRY,
+)
+DELIVERY_ATTEMPTS = Counter(
+    "triage_delivery_attempts",
+    "C-STORE attempts of this daemon's sender: delivered, retry (will be tried again), failed",
+    ["destination", "outcome"],
+    registry=REGISTRY,
+)
+MODEL = Info(
+    "triage_model",
+    "The scoring model in use (from its model card) and the device it runs on",
+    registry=REGISTRY,
+)
+
+
+def set_model(name: str, version: str, validated: bool, device: str) -> None:
+    """Publish the model in use (``triage_model_info``)."""
+    MODEL.info(
+        {
+            "name": name,
+            "version": version,
+            "validated": "true" if validated else "false",
+            "device": device,
+        }
+    )
+
+
+def observe_views(seconds: float, views: int) -> None:
+    """A forward pass of *views* views took *seconds*."""
+    if views > 0:
+        per_view = seconds / views
+        for _ in range(views):
+            VIEW_SCORING_SECONDS.observe(per_view)
+
+
+def observe_study_done(store: Store, study_uid: str) -> None:
+    """A study reached DONE: observe its end-to-end latency (never raises)."""
+    try:
+        latency = study_latency_s(store, study_uid)
+    except Exception as exc:  # a metric must never break delivery
+        log.warning("latency_metric_failed", study_uid=study_uid, error=str(exc))
+        return
+    if latency is not None:
+        STUDY_LATENCY_SECONDS.observe(latency)
+
+
+class StoreCollector(Collector):
+    """Metrics read from the store (and the spool) at each scrape; a few cheap queries."""
+
+    def __init__(self, store: Store, spool: Spool) -> None:
+        self.store = store
+        self.spool = spool
+        self._associations = AssociationCounter()
+        # Scrapes may overlap (threaded HTTP server); the incremental counter is not re-entrant.
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[Metric]:
+        """Nothing up front: registering must not query the store."""
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        """One read transaction; ``triage_store_up 0`` (and no store metrics) if it fails."""
+        started = time.monotonic()
+        up = GaugeMetricFamily("triage_store_up", "1 if the last scrape could read the store")
+        families: list[Metric] = []
+        try:
+            with self._lock, self.store.read_session() as session:
+                now = utcnow()
+                totals = self._associations.totals(session, now)
+                studies = study_counts(session)
+                oldest = oldest_queued_at(session)
+                deliveries = delivery_counts(session)
+        except Exception as exc:
+            log.warning("metrics_store_unavailable", error=f"{type(exc).__name__}: {exc}")
+            up.add_metric([], 0)
+        else:
+            up.add_metric([], 1)
+            associations = CounterMetricFamily(
+                "triage_associations",
+                "Incoming associations that ended, by outcome (from the audit table)",
+                labels=["outcome"],
+            )
+            for outcome, count in totals.by_outcome.items():
+                if outcome != "ACTIVE":
+                    associations.add_metric([outcome.lower()], count)
+            active = GaugeMetricFamily(
+                "triage_associations_active", "Associations in progress (audit rows still open)"
+            )
+            active.add_metric([], totals.by_outcome.get("ACTIVE", 0))
+            instances = CounterMetricFamily(
+                "triage_instances_received",
+                "C-STORE requests by outcome: stored, duplicate (already held), failed;"
+                " counted when their association ends",
+                labels=["outcome"],
+            )
+            instances.add_metric(["stored"], totals.stored)
+            instances.add_metric(["duplicate"], totals.duplicate)
+            instances.add_metric(["failed"], totals.failed)
+            received = CounterMetricFamily(
+                "triage_received_bytes", "Bytes of instances stored in the spool"
+            )
+            received.add_metric([], totals.bytes_stored)
+            echoes = CounterMetricFamily("triage_echoes", "C-ECHO requests answered")
+            echoes.add_metric([], totals.echoes)
+            by_state = GaugeMetricFamily(
+                "triage_studies", "Studies in the store by state", labels=["state"]
+            )
+            for state, count in studies.items():
+                by_state.add_metric([state], count)
+            queued = GaugeMetricFamily(
+                "triage_oldest_queued_age_seconds",
+                "How long the study waiting longest in QUEUED has waited (0 when none waits)",
+            )
+            queued.add_metric([], 0.0 if oldest is None else (now - oldest).total_seconds())
+            delivery_states = GaugeMetricFamily(
+                "triage_deliveries", "Deliveries in the store by state", labels=["state"]
+            )
+            for state, count in deliveries.items():
+                delivery_states.add_metric([state], count)
+            families += [
+                associations,
+                active,
+                instances,
+                received,
+                echoes,
+                by_state,
+                queued,
+                delivery_states,
+            ]
+        yield up
+        yield from families
+        free = GaugeMetricFamily("triage_spool_free_bytes", "Free space on the spool filesystem")
+        floor = GaugeMetricFamily(
+            "triage_spool_min_free_bytes", "C-STORE is refused below this free space"
+        )
+        try:
+            free.add_metric([], self.spool.free_bytes())
+            floor.add_metric([], self.spool.min_free_bytes)
+            yield free
+            yield floor
+        except OSError:
+            pass
+        took = GaugeMetricFamily(
+            "triage_scrape_store_seconds", "Time this scrape spent reading the store"
+        )
+        took.add_metric([], time.monotonic() - started)
+        yield took
+
+
+_collector: StoreCollector | None = None
+
+
+def register_store(store: Store, spool: Spool) -> None:
+    """Serve store-derived metrics for *store* (replaces an earlier registration)."""
+    global _collector
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    _collector = StoreCollector(store, spool)
+    REGISTRY.register(_collector)
+
+
+__all__ = [
+    "DELIVERY_ATTEMPTS",
+    "REGISTRY",
+    "STUDY_LATENCY_SECONDS",
+    "STUDY_SCORING_SECONDS",
+    "VIEW_SCORING_SECONDS",
+    "StoreCollector",
+    "observe_study_done",
+    "observe_views",
+    "register_store",
+    "set_model",
+]

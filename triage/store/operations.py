@@ -1,0 +1,301 @@
+"""Operator actions on studies: requeue, cancel, purge. Each change is one transaction and
+leaves a history row saying who did it and why.
+
+They are safe while the daemon runs: the study row is locked (PostgreSQL ``FOR UPDATE``;
+SQLite ``BEGIN IMMEDIATE``), and a worker that held a study it no longer owns finds its lease
+token gone and discards its result (see :mod:`triage.store.work_queue`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from triage.store.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Output,
+    Study,
+    StudyState,
+    WorkerRecord,
+    utcnow,
+)
+from triage.store.queries import FINISHED_STATES, iso
+from triage.store.repository import Store, add_event
+from triage.store.spool import Spool
+
+
+class StudyNotFound(LookupError):
+    """The store has no study with that StudyInstanceUID."""
+
+
+class NotAllowed(ValueError):
+    """The action does not apply to the study in its current state (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an action did to one study."""
+
+    study_uid: str
+    from_state: str
+    to_state: str
+    changed: bool
+    revision: int
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form (`triage-admin requeue/cancel --json`)."""
+        return {
+            "study_uid": self.study_uid,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "changed": self.changed,
+            "revision": self.revision,
+        }
+
+
+def _locked_study(store: Store, session: Session, study_uid: str) -> Study:
+    statement = select(Study).where(Study.study_uid == study_uid)
+    if store.engine.dialect.name == "postgresql":
+        statement = statement.with_for_update()
+    study = session.scalar(statement)
+    if study is None:
+        raise StudyNotFound(f"no study {study_uid}")
+    return study
+
+
+def _move(session: Session, study: Study, state: StudyState, reason: str) -> None:
+    now = utcnow()
+    previous = study.state
+    study.state = state
+    study.state_changed_at = now
+    # Any worker holding it loses the claim: its token no longer matches.
+    study.lease_token = study.lease_owner = study.lease_expires_at = None
+    add_event(session, study, previous, reason, now)
+
+
+def requeue(store: Store, study_uid: str, *, force: bool = False, actor: str = "") -> Change:
+    """Put a study back in QUEUED, to be scored (and delivered) again in the same revision.
+
+    A study in SCORING is refused unless *force*: its worker is then told, by its lost lease,
+    to discard what it was doing. An already QUEUED study is left as it is.
+    """
+
+    def work(session: Session) -> Change:
+        study = _locked_study(store, session, study_uid)
+        previous = study.state
+        if previous is StudyState.QUEUED:
+            return Change(study_uid, previous.value, previous.value, False, study.revision)
+        if previous is StudyState.SCORING and not force:
+            raise NotAllowed(
+                f"study {study_uid} is being scored by {study.lease_owner or 'a worker'};"
+                " use --force to requeue it anyway"
+            )
+        study.attempts = 0
+        study.state_reason = ""
+        _move(session, study, StudyState.QUEUED, f"requeued by {actor or 'operator'}")
+        return Change(study_uid, previous.value, StudyState.QUEUED.value, True, study.revision)
+
+    return store.transaction(work)
+
+
+def cancel(store: Store, study_uid: str, reason: str, *, actor: str = "") -> Change:
+    """Move a study to CANCELLED with *reason*; its pending deliveries stop.
+
+    A cancelled study stays cancelled when more instances arrive; `requeue` revives it.
+    """
+
+    def work(session: Session) -> Change:
+        study = _locked_study(store, session, study_uid)
+        previous = study.state
+        if previous is StudyState.CANCELLED:
+            return Change(study_uid, previous.value, previous.value, False, study.revision)
+        text = f"cancelled by {actor or 'operator'}: {reason}"
+        study.state_reason = text
+        _move(session, study, StudyState.CANCELLED, text)
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.output_id.in_(select(Output.id).where(Output.study_id == study.id)),
+            )
+            .values(state=DeliveryState.CANCELLED, last_error="study cancelled")
+        )
+        return Change(study_uid, previous.value, StudyState.CANCELLED.value, True, study.revision)
+
+    return store.transaction(work)
+
+
+# --- purge ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PurgeReport:
+    """What a purge removed (or, with ``dry_run``, would remove)."""
+
+    cutoff: datetime
+    older_than_days: float
+    dry_run: bool
+    study_uids: list[str] = field(default_factory=list)
+    instances: int = 0
+    outputs: int = 0
+    files: int = 0
+    bytes: int = 0
+    workers: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form (`triage-admin purge --json`)."""
+        return {
+            "dry_run": self.dry_run,
+            "older_than_days": self.older_than_days,
+            "cutoff": iso(self.cutoff),
+            "studies": len(self.study_uids),
+            "study_uids": list(self.study_uids),
+            "instances": self.instances,
+            "outputs": self.outputs,
+            "files": self.files,
+            "bytes": self.bytes,
+            "workers": self.workers,
+        }
+
+
+def _remove_file(path: Path, dry_run: bool) -> int:
+    """Size of the file removed (or that would be), -1 when it is not there."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return -1
+    if not dry_run:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return -1
+        # The study folder goes when it is empty; a file the listener is adding keeps it.
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+    return size
+
+
+def purge(
+    store: Store,
+    spool: Spool,
+    older_than_days: float,
+    *,
+    dry_run: bool = False,
+    batch: int = 100,
+    now: datetime | None = None,
+) -> PurgeReport:
+    """Remove studies that finished (DONE, SKIPPED, CANCELLED, FAILED) more than
+    *older_than_days* ago: their spooled instances, their outbox files and every row of
+    theirs (instances, history, results, views, outputs, deliveries); and worker rows stopped
+    before then. A study in any other state is never touched.
+
+    Each batch is one transaction that locks its studies while their files go, so a late
+    instance for one of them waits and then opens a new study instead of re-opening a study
+    whose files are half gone. Only files the store lists are removed: a file the listener
+    is writing for such a late instance stays. Files go before rows, so a crash in between
+    leaves rows that the next purge finishes.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(days=older_than_days)
+    report = PurgeReport(cutoff=cutoff, older_than_days=older_than_days, dry_run=dry_run)
+    postgres = store.engine.dialect.name == "postgresql"
+    after_id = 0
+
+    def one_batch(session: Session) -> int:
+        nonlocal after_id
+        statement = (
+            select(Study.id, Study.study_uid)
+            .where(
+                Study.state.in_(FINISHED_STATES),
+                Study.state_changed_at < cutoff,
+                Study.id > after_id,
+            )
+            .order_by(Study.id)
+            .limit(batch)
+        )
+        if postgres and not dry_run:
+            # Another daemon's purge takes other studies instead of waiting for these.
+            statement = statement.with_for_update(skip_locked=True)
+        rows = session.execute(statement).all()
+        if not rows:
+            return 0
+        ids = [row_id for row_id, _ in rows]
+        after_id = ids[-1]
+        paths = list(session.scalars(select(Instance.path).where(Instance.study_id.in_(ids))))
+        outputs = list(session.scalars(select(Output.path).where(Output.study_id.in_(ids))))
+        report.instances += len(paths)
+        report.outputs += len(outputs)
+        for relative in (*paths, *outputs):
+            size = _remove_file(spool.path(relative), dry_run)
+            if size >= 0:
+                report.files += 1
+                report.bytes += size
+        if not dry_run:
+            # ON DELETE CASCADE takes instances, events, results, views, outputs, deliveries.
+            session.execute(delete(Study).where(Study.id.in_(ids)))
+        report.study_uids.extend(uid for _, uid in rows)
+        return len(rows)
+
+    while True:
+        if dry_run:
+            with store.read_session() as session:
+                done = one_batch(session)
+        else:
+            done = store.transaction(one_batch, retries=1)
+        if done < batch:
+            break
+
+    def old_workers(session: Session) -> int:
+        condition = WorkerRecord.stopped_at.is_not(None) & (WorkerRecord.stopped_at < cutoff)
+        if dry_run:
+            return len(session.scalars(select(WorkerRecord.id).where(condition)).all())
+        return int(session.execute(delete(WorkerRecord).where(condition)).rowcount or 0)
+
+    if dry_run:
+        with store.read_session() as session:
+            report.workers = old_workers(session)
+    else:
+        report.workers = store.transaction(old_workers)
+    return report
+
+
+def spool_free_bytes(spool: Spool) -> int | None:
+    """Free bytes on the spool's filesystem, ``None`` when the folder is not there."""
+    try:
+        return spool.free_bytes()
+    except OSError:
+        return None
+
+
+def _os_user() -> str:
+    with contextlib.suppress(Exception):
+        import getpass
+
+        return getpass.getuser()
+    return str(os.getuid())
+
+
+def operator_name() -> str:
+    """Who runs `triage-admin`, for the history rows (``admin:alice``)."""
+    return f"admin:{_os_user()}"
+
+
+__all__ = [
+    "Change",
+    "NotAllowed",
+    "PurgeReport",
+    "StudyNotFound",
+    "cancel",
+    "operator_name",
+    "purge",
+    "requeue",
+    "spool_free_bytes",
+]
