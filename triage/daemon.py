@@ -24,7 +24,15 @@ log = get_logger("triage.daemon")
 
 
 class StartupError(RuntimeError):
-    """The daemon cannot start; the message is one line for the operator."""
+    """The daemon cannot start; the message is one line for the operator.
+
+    *exit_code* 2 means the configuration must change (systemd does not restart on it:
+    RestartPreventExitStatus=2); 1 means it may work later (a port in use, a database down).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def stop_event_on_signals() -> threading.Event:
@@ -178,9 +186,9 @@ def _make_worker(config: Config, store: Store, spool: Spool, on_scored):  # type
     try:
         model = load_configured_model(config)
     except ModelRefused as exc:
-        raise StartupError(str(exc)) from exc
+        raise StartupError(str(exc), exit_code=2) from exc
     except Exception as exc:  # CardError, a CUDA device that is not there …
-        raise StartupError(f"cannot load the model: {exc}") from exc
+        raise StartupError(f"cannot load the model: {exc}", exit_code=2) from exc
     return Worker(config, store, spool, model, on_scored=on_scored)
 
 

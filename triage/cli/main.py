@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (StartupError, StoreUnavailable) as exc:
         get_logger("triage.daemon").error("startup_failed", error=str(exc))
         print(f"triage: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -42,7 +42,7 @@ def _worker(args: argparse.Namespace) -> int:
     except (StartupError, StoreUnavailable) as exc:
         get_logger("triage.daemon").error("startup_failed", error=str(exc))
         print(f"triage: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
 
 
 def _demo(args: argparse.Namespace) -> int:
