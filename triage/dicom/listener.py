@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import DicomConfig
+from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files
 from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
 from triage.dicom.validation import Accepted, Rejected, check_instance
 from triage.logs import get_logger
@@ -176,12 +176,12 @@ class Listener:
         """Bind and serve in a background thread. Raises OSError when the port is taken.
 
         The listener owns its process: it switches pynetdicom to writing each received data
-        set straight to a file as its fragments arrive (no 10 MB buffers, the disk write
-        overlaps the transfer) and points the process's temp folder at the spool's, so an
-        accepted file only needs fsync and a link to become durable.
+        set straight to a file in the spool's temp folder as its fragments arrive (no 10 MB
+        buffers; the disk write overlaps the transfer), so an accepted file only needs fsync
+        and a link to become durable (see fast_receive).
         """
         _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.spool.temp_dir)
+        install_spool_temp_files(self.spool.temp_dir)
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -195,6 +195,7 @@ class Listener:
             ssl_context=make_tls_context(self.config),
             evt_handlers=handlers,
             server_class=_Server,
+            request_handler=FastRequestHandler,
         )
         self._server = server
         self.ae._servers.append(server)
@@ -297,11 +298,10 @@ class Listener:
             tally.duplicate += 1
             bound.info("own_output_ignored")
             return Status.SUCCESS, ""
-        if self.store.instance_exists(verdict.sop_instance_uid):
-            tally.duplicate += 1
-            bound.debug("instance_duplicate")
-            return Status.SUCCESS, ""
         if not self.spool.has_room():
+            if self.store.instance_exists(verdict.sop_instance_uid):
+                tally.duplicate += 1  # already held: still a success, even on a full disk
+                return Status.SUCCESS, ""
             bound.error("spool_below_free_space_floor", min_free_bytes=self.spool.min_free_bytes)
             return Status.OUT_OF_RESOURCES, "spool below free-space floor"
         relative = self.spool.relative_path(verdict.study_uid, verdict.sop_instance_uid)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -74,6 +76,11 @@ class Store:
             engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
         )
         self._postgres = engine.dialect.name == "postgresql"
+        # SQLite takes one writer at a time; a second thread of this process waiting inside
+        # SQLite's busy handler sleeps in steps of up to 100 ms. Queue writers here instead.
+        self._writer_lock: threading.Lock | contextlib.nullcontext[None] = (
+            contextlib.nullcontext() if self._postgres else threading.Lock()
+        )
 
     def session(self) -> Session:
         """A new session for writing (``with store.session() as s, s.begin(): …``)."""
@@ -87,7 +94,7 @@ class Store:
         """Run *work(session)* in one transaction; retried when a concurrent insert wins a
         unique-key race (the retry then sees the winner's row)."""
         for attempt in range(retries):
-            with self._sessions() as session:
+            with self._writer_lock, self._sessions() as session:
                 try:
                     with session.begin():
                         return work(session)
