@@ -148,7 +148,7 @@ class StudyConfig:
     #: A study with no new instance for this long moves RECEIVING → QUEUED.
     quiet_period_s: float = 10.0
     #: How often the scheduler looks for quiet studies.
-    check_interval_s: float = 1.0
+    check_interval_s: float = 0.25
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a wrong value."""
@@ -191,7 +191,7 @@ class ModelConfig:
     allow_unvalidated: bool = False
     #: torch.compile the model at start (pays off on a GPU; compiling takes a minute or more).
     compile: bool = False
-    #: CPU threads for torch (0: torch's default).
+    #: CPU threads for torch (0: the cores the decode processes leave, at least one).
     threads: int = 0
 
     def validate(self) -> None:
