@@ -35,7 +35,7 @@ from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent
 from triage.scoring.model import ScoringModel
-from triage.scoring.outputs import ViewPixels, build_outputs
+from triage.scoring.outputs import ViewPixels, build_outputs, warm_up_builders
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
 from triage.scoring.result import SkippedView, StudyResult, ViewResult
 from triage.store.repository import Store
@@ -128,6 +128,7 @@ class Worker:
         warmers = [self._pool.submit(_decode_process_ready) for _ in range(self._processes)]
         size = self.model.input_size
         self.model.forward(self.model.make_batch([np.zeros((3, size, size), np.float32)]))
+        warm_up_builders(self.config, self.model.info)
         for warmer in warmers:
             warmer.result()
         log.info("worker_warm", seconds=round(time.monotonic() - started, 2))
