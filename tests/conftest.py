@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers import Daemon
+from tests.peers import Daemon, Storescp
 
 #: The PostgreSQL server tests use (CI starts it). Each test session makes its own databases.
 PG_ADMIN_URL = os.environ.get("MSK_TRIAGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -78,3 +78,11 @@ def store(store_url: str):  # type: ignore[no-untyped-def]
     upgrade_schema(engine)
     yield Store(engine)
     engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _no_peer_left_behind() -> Iterator[None]:
+    """Stop every storescp a test started, whatever happened in the test."""
+    yield
+    for peer in list(Storescp.running):
+        peer.stop()

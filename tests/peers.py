@@ -13,7 +13,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 #: ``storescu -v`` prints this per acknowledged instance; ``-d`` prints the status code instead.
 ACKNOWLEDGED = "Received Store Response (Success)"
@@ -304,8 +304,12 @@ class Storescp:
     extra: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
 
+    #: Every storescp started and not yet stopped (conftest stops them after each test).
+    running: ClassVar[list[Storescp]] = []
+
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
+        Storescp.running.append(self)
         log = open(self.folder.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [
@@ -335,6 +339,8 @@ class Storescp:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(30)
+        if self in Storescp.running:
+            Storescp.running.remove(self)
 
     def log_text(self) -> str:
         path = self.folder.parent / f"storescp-{self.port}.log"
