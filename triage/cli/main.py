@@ -9,6 +9,7 @@ import sys
 
 from triage import __version__
 from triage.config import ConfigError, describe, load_config
+from triage.training.cli import add_commands as add_training_commands
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("synth_args", nargs=argparse.REMAINDER)
     synth.set_defaults(func=_synth)
+    add_training_commands(commands)
     return parser
 
 

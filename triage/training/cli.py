@@ -11,9 +11,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from triage.training.data import DataError, View
+from triage.training.errors import DataError
+
+if TYPE_CHECKING:
+    from triage.training.data import View
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -67,7 +70,9 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument(
         "--max-rotation", type=float, default=30.0, help="random rotation range ± degrees (30)"
     )
-    train.add_argument("--workers", type=int, default=0, help="data-loading processes (0)")
+    train.add_argument(
+        "--workers", type=int, help="data-loading processes (default: 0 on a CPU, 8 with CUDA)"
+    )
     train.add_argument("--device", default="auto", choices=_DEVICES, help="auto: CUDA if present")
     train.add_argument(
         "--precision",
@@ -101,7 +106,7 @@ def add_commands(subparsers: Any) -> None:
         help="study-level metrics with bootstrap CIs; reader comparison; operating point",
         description="Score studies with a model card as the daemon does (mean of view "
         "probabilities) and report AUROC, F1, kappa, sensitivity and specificity per study type "
-        "and in aggregate, with 95%% bootstrap CIs.",
+        "and in aggregate, with 95% bootstrap CIs.",
     )
     ev.add_argument("--card", required=True, help="model card (card.toml or its folder)")
     _add_data_args(ev, training=False)
@@ -114,10 +119,13 @@ def add_commands(subparsers: Any) -> None:
         "--reader-tie",
         choices=("abnormal", "normal"),
         default="abnormal",
-        help="majority-vote ties (even groups only) count as (abnormal)",
+        help="what a tied majority vote counts as (ties need an even group): abnormal",
     )
-    ev.add_argument("--threshold", type=float, help="one threshold for all (default: the card's)")
-    ev.add_argument(
+    point = ev.add_mutually_exclusive_group()
+    point.add_argument(
+        "--threshold", type=float, help="one threshold for all (default: the card's)"
+    )
+    point.add_argument(
         "--tune-threshold",
         type=float,
         metavar="SENSITIVITY",
@@ -203,7 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation_views(args: argparse.Namespace) -> tuple[list[View], str]:
+def _evaluation_views(args: argparse.Namespace, notes: list[str]) -> tuple[list[View], str]:
     from triage.training.data import find_mura_dir, load_dicom_folder, load_mura
 
     if args.mura and (args.dicom or args.labels):
@@ -213,7 +221,15 @@ def _evaluation_views(args: argparse.Namespace) -> tuple[list[View], str]:
         return load_mura(mura, args.split), f"MURA-v1.1 {args.split} split at {mura}"
     if not (args.dicom and args.labels):
         raise DataError("give --mura ROOT, or --dicom DIR with --labels CSV")
-    return load_dicom_folder(args.dicom, args.labels), f"DICOM {args.dicom}"
+    # Studies the daemon would skip are left out, as the daemon would, and counted.
+    skipped: list[tuple[str, str]] = []
+    views = load_dicom_folder(args.dicom, args.labels, skipped=skipped)
+    if skipped:
+        notes.append(
+            f"{len(skipped)} labelled studies skipped as the daemon would, e.g. "
+            f"{skipped[0][0]}: {skipped[0][1]}"
+        )
+    return views, f"DICOM {args.dicom}"
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -231,8 +247,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         card = load_card(args.card)
-        views, description = _evaluation_views(args)
         notes: list[str] = []
+        views, description = _evaluation_views(args, notes)
         covered = [v for v in views if card.covers(v.study_type)]
         if len(covered) < len(views):
             skipped = sorted(

@@ -13,7 +13,6 @@ reimplementations have shipped with the mapping inverted.
 from __future__ import annotations
 
 import csv
-import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,13 +26,34 @@ from torch.utils.data import Dataset, Sampler
 
 from triage.scoring.card import IMAGENET_MEAN, IMAGENET_STD
 from triage.study_types import StudyType
+from triage.training.errors import DataError
+
+__all__ = [
+    "MURA_DIR",
+    "Augment",
+    "DataError",
+    "EpochSampler",
+    "Preprocessing",
+    "View",
+    "ViewDataset",
+    "augment_tensor",
+    "check_patient_split",
+    "class_weights",
+    "find_mura_dir",
+    "image_counts",
+    "load_dicom_folder",
+    "load_mura",
+    "load_view_array",
+    "normalise_study_key",
+    "one_class_types",
+    "read_png_pixels",
+    "read_uid_labels",
+    "steps_per_epoch",
+    "studies_of",
+]
 
 MURA_DIR = "MURA-v1.1"
 MURA_SPLITS = ("train", "valid")
-
-
-class DataError(ValueError):
-    """The data set is malformed or inconsistent (message says where)."""
 
 
 @dataclass(frozen=True)
@@ -394,8 +414,8 @@ class Augment:
     """Training augmentation: random lateral flip and rotation (MURA paper, section 3.1)."""
 
     flip: bool = True
-    #: Rotations are uniform in ±max_rotation degrees. The paper says only "rotations"; 30° is
-    #: the figure used in the MURA authors' later work and common reimplementations.
+    #: Rotations are uniform in ±max_rotation degrees. The paper's text says only "random
+    #: lateral inversions and rotations", no angle; ±30° is the project's working figure.
     max_rotation: float = 30.0
 
 
@@ -486,8 +506,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 def steps_per_epoch(n_views: int, batch_size: int) -> int:
-    """Optimiser steps in one pass over the views (the last batch may be short)."""
-    return math.ceil(n_views / batch_size)
+    """Optimiser steps in one pass over the views.
+
+    The last partial batch is dropped (it is a different subset each epoch): a batch of one
+    makes batch normalisation fail on a 1×1 feature map and is a noisy step anyway.
+    """
+    return n_views // batch_size
 
 
 def studies_of(views: Sequence[View]) -> dict[str, list[int]]:

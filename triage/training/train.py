@@ -20,6 +20,7 @@ count give identical losses, with any number of loader workers and across a resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -80,7 +81,9 @@ class TrainOptions:
     plateau_patience: int = 0
     flip: bool = True
     max_rotation: float = 30.0
-    workers: int = 0
+    #: Data-loading processes; None: none on a CPU (they would compete with the model for
+    #: the same cores), up to 8 with CUDA (decoding would otherwise starve the GPU).
+    workers: int | None = None
     device: str = "auto"
     #: auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU.
     precision: str = "auto"
@@ -275,6 +278,20 @@ def predict(
     return probs, total / max(count, 1)
 
 
+def _data_signature(
+    train_views: Sequence[View], valid_views: Sequence[View], options: TrainOptions
+) -> str:
+    """A digest of what a resumed run must share with the run it continues."""
+    digest = hashlib.sha256()
+    for split, views in (("train", train_views), ("valid", valid_views)):
+        for v in views:
+            digest.update(
+                f"{split}|{v.path}|{v.study_id}|{v.study_type.value}|{v.label}\n".encode()
+            )
+    digest.update(f"{options.image_size}|{options.batch_size}|{options.seed}".encode())
+    return digest.hexdigest()
+
+
 def _describe_views(views: Sequence[View]) -> str:
     studies = len({v.study_id for v in views})
     abnormal = len({v.study_id for v in views if v.label == 1})
@@ -303,10 +320,14 @@ def train(
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
+    workers = options.workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     prep = Preprocessing(input_size=options.image_size)
     weights = class_weights(train_views)
     for t in one_class_types(train_views):
-        log(f"warning: {t.value} has a single class in training; the other gets weight 0")
+        # w_T,y is the *other* class's share, so a type with one class trains on weight 0.
+        log(f"warning: {t.value} has a single class in training: its images get loss weight 0")
     counts = image_counts(train_views)
     log(
         "class weights (w0 normal, w1 abnormal) from training images: "
@@ -315,6 +336,26 @@ def train(
             for t, (w0, w1) in weights.items()
         )
     )
+
+    spe = steps_per_epoch(len(train_views), options.batch_size)
+    if spe == 0:
+        raise DataError(
+            f"{len(train_views)} training images: fewer than one batch of {options.batch_size}"
+        )
+    # Checked before anything is built: a refused resume should fail fast.
+    signature = _data_signature(train_views, valid_views, options)
+    ckpt_path = out / CHECKPOINT_FILE
+    weights_path = out / WEIGHTS_FILE
+    ckpt: dict[str, Any] | None = None
+    if options.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path}: unknown checkpoint format {ckpt.get('format')!r}")
+        if ckpt["data"] != signature:
+            raise ValueError(
+                f"{ckpt_path}: written for other training/validation data or image size; "
+                "resume with the same data and options, or use another output folder"
+            )
 
     seed_everything(options.seed)
     train_ds = ViewDataset(
@@ -344,12 +385,7 @@ def train(
     best_loss, best_epoch = math.inf, -1
     best_probs: np.ndarray | None = None
     history: list[dict[str, Any]] = []
-    ckpt_path = out / CHECKPOINT_FILE
-    weights_path = out / WEIGHTS_FILE
-    if options.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: unknown checkpoint format {ckpt.get('format')!r}")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -376,12 +412,12 @@ def train(
                 "best_probs": None if best_probs is None else torch.from_numpy(best_probs),
                 "history": json.dumps(history),
                 "rng": _rng_state(),
+                "data": signature,
                 "options": json.dumps(asdict(options), default=str),
             },
             ckpt_path,
         )
 
-    spe = steps_per_epoch(len(train_ds), options.batch_size)
     max_steps = options.max_steps if options.max_steps is not None else options.epochs * spe
     log(
         f"training {options.name} on {device} ({_describe_views(train_views)}; validation "
@@ -397,7 +433,8 @@ def train(
             train_ds,
             batch_size=options.batch_size,
             sampler=sampler,
-            num_workers=options.workers,
+            drop_last=True,
+            num_workers=workers,
             pin_memory=device.type == "cuda",
         )
         window_loss: float | torch.Tensor = 0.0
@@ -434,10 +471,10 @@ def train(
             valid_ds,
             cfg,
             batch_size=options.eval_batch_size,
-            workers=options.workers,
+            workers=workers,
         )
         table = study_table(valid_views, probs)
-        valid_auroc = float(auroc(table.labels, table.probs)[0])
+        valid_auroc = float(auroc(table.labels, table.probs)[0])  # NaN with one class
         finished_epoch = step_in_epoch >= spe
         entry = {
             "epoch": epoch + 1,
@@ -445,7 +482,7 @@ def train(
             "epoch_complete": finished_epoch,
             "train_loss": float(epoch_loss) / max(epoch_n, 1),
             "valid_loss": valid_loss,
-            "valid_auroc": valid_auroc,
+            "valid_auroc": valid_auroc if math.isfinite(valid_auroc) else None,
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(entry)
