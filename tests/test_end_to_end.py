@@ -241,7 +241,7 @@ def test_crash_between_send_and_bookkeeping_resends_the_same_instances(
     assert daemon.stop() == 0
 
 
-def test_worker_killed_mid_study_is_scored_exactly_once_after_lease_expiry(
+def test_worker_killed_mid_study_is_scored_exactly_once_after_restart(
     daemon_factory, tmp_path
 ) -> None:
     pacs = Storescp(tmp_path / "pacs").start()
@@ -261,6 +261,8 @@ def test_worker_killed_mid_study_is_scored_exactly_once_after_lease_expiry(
         assert session.query(Result).count() == 1
     events = [(e.to_state.value, e.reason) for e in daemon.store().study_history(study_uid)]
     assert sum(1 for state, _ in events if state == "SCORING") == 2
-    assert any("expired" in reason for _, reason in events)
+    # On SQLite (one daemon) the restart gives the claim back at once; on PostgreSQL the lease
+    # expires (tests/test_scale_out.py).
+    assert any("released at restart" in reason for _, reason in events)
     assert len({str(ds.SOPInstanceUID) for ds in pacs.received()}) == 3
     assert daemon.stop() == 0

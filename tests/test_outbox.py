@@ -143,3 +143,12 @@ def test_late_instance_cancels_pending_deliveries_of_the_old_revision(store: Sto
     assert outbox.claim_due("pacs", 10, 60) == []
     states = {d.state for d, _ in outbox.deliveries(study)}
     assert states == {DeliveryState.CANCELLED}
+
+
+def test_restart_makes_leased_deliveries_due(store: Store) -> None:
+    outbox = Outbox(store)
+    delivering_study(store, destinations=("pacs",))
+    claimed = outbox.claim_due("pacs", 10, lease_s=600)
+    assert outbox.claim_due("pacs", 10, lease_s=600) == []
+    assert outbox.release_leases() == len(claimed)
+    assert len(outbox.claim_due("pacs", 10, lease_s=600)) == len(claimed)

@@ -210,3 +210,14 @@ def test_worker_heartbeats(store: Store) -> None:
     with store.session() as session:
         record = session.get(WorkerRecord, "host:1:abc")
         assert record.device == "cpu" and record.stopped_at is not None
+
+
+def test_restart_releases_stale_claims_keeping_the_attempt(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 8)
+    [claim] = queue.claim("dead", 1, lease_s=600)
+    assert queue.release_stale_claims("claim released at restart") == 1
+    study = store.get_study(claim.study_uid)
+    assert study.state is StudyState.QUEUED and study.attempts == 1 and study.lease_token is None
+    [again] = queue.claim("alive", 1, 600)
+    assert again.attempt == 2

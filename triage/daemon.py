@@ -68,10 +68,9 @@ class Daemon:
         if removed:
             log.warning("spool_temp_files_removed", count=removed)
         if is_sqlite(engine):
-            # Only this host writes an SQLite store: ACTIVE rows were left by a crash.
-            closed = store.close_abandoned_associations()
-            if closed:
-                log.warning("abandoned_associations_closed", count=closed)
+            # Only this daemon writes an SQLite store: whatever is still marked in progress was
+            # left by a crash. Take it back now instead of waiting for leases to expire.
+            _recover_after_crash(store)
         health = Health(store, spool)
         http = None
         if config.http.enabled:
@@ -211,3 +210,21 @@ def run_worker(config: Config) -> int:
     engine.dispose()
     log.info("stopped")
     return 0
+
+
+def _recover_after_crash(store: Store) -> None:
+    """On an SQLite store (one daemon): close audit rows, give claimed studies back to the
+    queue and make leased deliveries due, all left by a daemon that did not stop cleanly."""
+    from triage.store.outbox import Outbox
+    from triage.store.work_queue import WorkQueue
+
+    closed = store.close_abandoned_associations()
+    released = WorkQueue(store).release_stale_claims("claim released at restart")
+    due = Outbox(store).release_leases()
+    if closed or released or due:
+        log.warning(
+            "recovered_after_crash",
+            associations_closed=closed,
+            studies_requeued=released,
+            deliveries_due=due,
+        )

@@ -221,6 +221,25 @@ class Outbox:
 
         return self.store.transaction(work)
 
+    def release_leases(self) -> int:
+        """Make every claimed (or backing-off) PENDING delivery due now: for a restart of the
+        only sender. Returns how many."""
+
+        def work(session: Session) -> int:
+            now = utcnow()
+            rows = session.scalars(
+                select(Delivery).where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.attempts > 0,
+                    Delivery.next_attempt_at > now,
+                )
+            ).all()
+            for delivery in rows:
+                delivery.next_attempt_at = now
+            return len(rows)
+
+        return self.store.transaction(work)
+
     def deliveries(self, study_uid: str) -> list[tuple[Delivery, Output]]:
         """Every delivery of a study with its output, oldest first."""
         with self.store.read_session() as session:

@@ -329,6 +329,19 @@ class WorkQueue:
 
         return self.store.transaction(work)
 
+    def release_stale_claims(self, reason: str) -> int:
+        """Every SCORING study back to QUEUED (the attempt still counts): for a restart of the
+        only worker, whose claims all died with it. Returns how many."""
+
+        def work(session: Session) -> int:
+            studies = session.scalars(select(Study).where(Study.state == StudyState.SCORING)).all()
+            for study in studies:
+                _release(study, reason)
+                self._move(session, study, StudyState.QUEUED, reason)
+            return len(studies)
+
+        return self.store.transaction(work)
+
     def expire_leases(self, max_attempts: int, now: datetime | None = None) -> list[Transition]:
         """Studies whose worker stopped renewing go back to QUEUED (or FAILED)."""
         now = now or utcnow()
