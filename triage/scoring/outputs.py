@@ -89,6 +89,19 @@ def build_outputs(
     return outputs
 
 
+def build_outputs_in_process(
+    config: Config,
+    result: StudyResult,
+    model: ModelInfo,
+    views: Mapping[str, ViewPixels],
+    predecessor_path: str | None,
+) -> list[OutputFile]:
+    """:func:`build_outputs` as a top-level, picklable job for the worker's process pool:
+    building SRs and overlays is CPU-bound Python, which would hold the worker's GIL."""
+    spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
+    return build_outputs(config, spool, result, model, views, predecessor_path)
+
+
 def warm_up_builders(config: Config, model: ModelInfo) -> None:
     """Build (and discard) an SR and an overlay for a tiny synthetic view.
 

@@ -35,9 +35,9 @@ from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent
 from triage.scoring.model import ScoringModel
-from triage.scoring.outputs import ViewPixels, build_outputs, warm_up_builders
+from triage.scoring.outputs import ViewPixels, build_outputs_in_process, warm_up_builders
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
-from triage.scoring.result import SkippedView, StudyResult, ViewResult
+from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.repository import Store
 from triage.store.spool import Spool
 from triage.store.work_queue import Claim, WorkQueue, worker_id
@@ -61,8 +61,9 @@ def _init_decode_process() -> None:
     init_decode_worker()
 
 
-def _decode_process_ready() -> bool:
-    """Runs in a decode process: the pool's initializer has imported everything by now."""
+def _warm_process(config: Config, model: ModelInfo) -> bool:
+    """Runs in a pool process: imports done by the initializer, output builders warmed."""
+    warm_up_builders(config, model)
     return True
 
 
@@ -106,8 +107,11 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._processes = decode_process_count(config.worker.decode_processes)
+        # Finishing waits on output building in the pool: one waiter per pool process.
+        self._finisher = ThreadPoolExecutor(
+            max_workers=self._processes, thread_name_prefix="finish"
+        )
         self._pool = self._new_pool()
         self._pool_broken = False
 
@@ -125,10 +129,12 @@ class Worker:
         """Start every decode process and run one forward pass, so the first study does not
         pay for process start-up, imports and lazy initialisation."""
         started = time.monotonic()
-        warmers = [self._pool.submit(_decode_process_ready) for _ in range(self._processes)]
+        warmers = [
+            self._pool.submit(_warm_process, self.config, self.model.info)
+            for _ in range(self._processes)
+        ]
         size = self.model.input_size
         self.model.forward(self.model.make_batch([np.zeros((3, size, size), np.float32)]))
-        warm_up_builders(self.config, self.model.info)
         for warmer in warmers:
             warmer.result()
         log.info("worker_warm", seconds=round(time.monotonic() - started, 2))
@@ -367,9 +373,14 @@ class Worker:
                 skipped_views=tuple(study.skipped),
             )
             info = self.model.info
-            outputs = build_outputs(
-                self.config, self.spool, result, info, study.pixels, self.queue.previous_sr(claim)
-            )
+            outputs = self._pool.submit(
+                build_outputs_in_process,
+                self.config,
+                result,
+                info,
+                study.pixels,
+                self.queue.previous_sr(claim),
+            ).result()
             failpoints.hit("before_complete")
             elapsed_ms = (time.monotonic() - study.started) * 1000
             destinations = [d.name for d in self.config.destinations]
