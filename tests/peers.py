@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -34,11 +35,37 @@ def dcmtk(tool: str) -> str:
     raise FileNotFoundError(f"DCMTK's {tool} is not installed (apt install dcmtk)")
 
 
+_issued_ports: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now, on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nobody uses now and no earlier call handed out.
+
+    Ports come from below the kernel's ephemeral range: a port from ``bind(0)`` can be taken
+    by any outgoing connection (PostgreSQL clients, associations) before the server that
+    was meant to get it binds, and a restart on the same port would race the same way.
+    """
+    low, _high = _ephemeral_range()
+    first, last = (20000, low - 1) if low > 21000 else (low // 2, low - 1)
+    while True:
+        port = random.randint(first, last)
+        if port in _issued_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued_ports.add(port)
+        return port
 
 
 def toml_value(value: Any) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -494,8 +494,26 @@ def test_port_in_use_fails_with_a_clear_message(daemon_factory) -> None:
     second.start(wait=False)
     assert second.process.wait(60) == 1
     assert "cannot listen on 127.0.0.1:" in second.log_text()
+    assert "listen_port_busy_retrying" in second.log_text()
     assert first.stop() == 0
-    time.sleep(0)
+
+
+def test_start_waits_for_a_port_that_is_released_soon(daemon_factory) -> None:
+    """A restart right after a crash: the dead daemon's listener still holds the port for a
+    moment. The new daemon waits for it instead of failing."""
+    daemon = daemon_factory()
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", daemon.port))
+    holder.listen()
+    try:
+        daemon.start(wait=False)
+        daemon.wait_for_log("listen_port_busy_retrying", 60)
+    finally:
+        holder.close()
+    daemon.wait_for_log('"event": "ready"', 60)
+    assert echoscu(daemon.port).returncode == 0
+    assert daemon.stop() == 0
 
 
 def test_associations_beyond_the_maximum_are_rejected(daemon_factory) -> None:

@@ -7,6 +7,7 @@ one process they share the port with SO_REUSEPORT and the kernel spreads associa
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -44,12 +45,9 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
     try:
         listener.start()
     except OSError as exc:
-        conn.send(
-            (
-                "error",
-                f"cannot listen on {config.dicom.bind}:{config.dicom.port}: {exc.strerror or exc}",
-            )
-        )
+        kind = "busy" if exc.errno == errno.EADDRINUSE else "error"
+        message = f"cannot listen on {config.dicom.bind}:{config.dicom.port}: {exc.strerror or exc}"
+        conn.send((kind, message))
         return
     except Exception as exc:  # e.g. a TLS certificate that does not load
         conn.send(("error", f"listener cannot start: {type(exc).__name__}: {exc}"))
@@ -64,6 +62,15 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
 
 class ListenerStartError(RuntimeError):
     """A listener process could not bind or start; the message is one line."""
+
+
+class ListenerPortBusy(ListenerStartError):
+    """The port is in use, perhaps only until a predecessor's listener has exited."""
+
+
+#: How long a starting daemon waits for its port: after a crash (kill -9, OOM) the old
+#: listener process needs a moment to see its parent gone and close the socket.
+PORT_BUSY_WAIT_S = 10.0
 
 
 class ListenerPool:
@@ -98,15 +105,26 @@ class ListenerPool:
             ) from None
         if kind != "ready":
             process.join(5)
-            raise ListenerStartError(str(value))
+            raise (ListenerPortBusy if kind == "busy" else ListenerStartError)(str(value))
         self.port = int(value)
         return process
 
-    def start(self) -> None:
-        """Start every listener process; raises ListenerStartError (after cleaning up)."""
+    def start(self, port_busy_wait_s: float = PORT_BUSY_WAIT_S) -> None:
+        """Start every listener process; raises ListenerStartError (after cleaning up).
+
+        A busy port is retried for *port_busy_wait_s*: a restart right after a crash must not
+        fail because the dead daemon's listener is still closing its socket.
+        """
+        deadline = time.monotonic() + port_busy_wait_s
         try:
-            for _ in range(self.count):
-                self._processes.append(self._spawn())
+            while len(self._processes) < self.count:
+                try:
+                    self._processes.append(self._spawn())
+                except ListenerPortBusy as exc:
+                    if time.monotonic() >= deadline:
+                        raise
+                    log.warning("listen_port_busy_retrying", error=str(exc))
+                    time.sleep(0.5)
         except ListenerStartError:
             self.stop(0)
             raise
