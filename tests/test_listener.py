@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -105,6 +108,30 @@ def test_multi_view_study_is_stored_grouped_and_idempotent(daemon_factory, tmp_p
         message="both associations audited",
     )
     assert sorted((a.instances_stored, a.instances_duplicate) for a in audits) == [(0, 3), (3, 0)]
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("max_pdu_size", [4096, 131072])
+def test_data_sets_over_many_pdus_are_stored_byte_for_byte(
+    daemon_factory, tmp_path, max_pdu_size: int
+) -> None:
+    """Data-set PDVs are written straight from the socket buffer into the spool file (see
+    fast_receive): over hundreds of small PDUs or a few large ones the stored data set is the
+    one sent, element for element, and its file meta is pynetdicom's."""
+    daemon = daemon_factory({"dicom": {"max_pdu_size": max_pdu_size}}).start()
+    files = study_files(tmp_path / "in", views=2, rows=700, cols=611, seed=7)  # odd sizes
+    run = storescu(daemon.port, files)
+    assert run.acknowledged == 2, run.output
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in files}
+    for instance in daemon.store().study_instances(study_uid):
+        stored = pydicom.dcmread(spool / instance.path)
+        source = pydicom.dcmread(by_uid[instance.sop_instance_uid])
+        assert stored == source
+        assert stored.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID
+        assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+    assert list((spool / "tmp").iterdir()) == []
     assert daemon.stop() == 0
 
 
@@ -294,6 +321,64 @@ def big_series(folder: Path, count: int, rows: int = 1024, cols: int = 1024) -> 
     """*count* instances of one study (one rendered image, new UIDs): a long transfer."""
     [first] = write_study(make_study(views=1, seed=7, rows=rows, cols=cols), folder)
     return [first, *same_study_more_views([first], folder, count - 1)]
+
+
+class SlowProxy:
+    """A TCP relay to *port* that passes the client's bytes on at about *rate* bytes/s, so a
+    test can stop a sender in the middle of a data set."""
+
+    def __init__(self, port: int, rate: int) -> None:
+        self.target = port
+        self.rate = rate
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self.server.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(upstream, client, 0), daemon=True).start()
+            self._pump(client, upstream, self.rate)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, rate: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(16384):
+                sink.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp_path) -> None:
+    """The sender dies half-way through a data set: nothing was acknowledged, the partial
+    file is deleted at once (not at the next start), the association is audited ABORTED."""
+    daemon = daemon_factory().start()
+    files = study_files(tmp_path / "in", views=1, rows=2048, cols=2048)  # 8 MiB
+    proxy = SlowProxy(daemon.port, rate=2_000_000)
+    sender = storescu_background(proxy.port, files, tmp_path / "storescu.log")
+    temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
+    try:
+        wait_until(
+            lambda: any(f.stat().st_size > 1_000_000 for f in temp.iterdir()),
+            message="a partial data set in the spool's temp folder",
+        )
+    finally:
+        sender.kill()
+        sender.wait()
+        proxy.close()
+    wait_until(lambda: not list(temp.iterdir()), message="partial file deleted")
+    store = daemon.store()
+    audit = wait_until(lambda: next(iter(store.associations()), None), message="audited")
+    assert audit.outcome is AssociationOutcome.ABORTED and audit.instances_stored == 0
+    assert "partial_data_set_discarded" in daemon.log_text()
+    assert daemon.stop() == 0
 
 
 def test_sigterm_during_a_transfer_finishes_the_association_then_exits_0(

@@ -8,6 +8,7 @@ Every failure becomes a DIMSE status with an ErrorComment; no exception reaches 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -342,6 +343,7 @@ class Listener:
 
     def _on_closed(self, event: evt.Event) -> None:
         assoc = event.assoc
+        _discard_partial_data_set(assoc)
         with self._lock:
             tally = self._tallies.pop(id(assoc), None)
         if tally is None:
@@ -390,3 +392,18 @@ class Listener:
 def _one_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _discard_partial_data_set(assoc: Any) -> None:
+    """Delete the spool temp file of a data set the peer stopped sending (abort, lost
+    connection): it was never acknowledged, and nothing else would remove it before the
+    next start."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    with contextlib.suppress(OSError):
+        partial.close()
+    with contextlib.suppress(OSError):
+        os.unlink(partial.name)
+    log.info("partial_data_set_discarded", calling_ae=assoc.requestor.ae_title)
