@@ -23,6 +23,7 @@ a black band added above the image, so it hides no anatomy.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 
 import highdicom as hd
@@ -74,13 +75,17 @@ def upsample(grid: np.ndarray, rows: int, cols: int, *, smooth: bool = True) -> 
     """
     image = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32))
     method = Image.Resampling.BICUBIC if smooth else Image.Resampling.BILINEAR
-    return np.asarray(image.resize((cols, rows), method), dtype=np.float32)
+    return np.array(image.resize((cols, rows), method), dtype=np.float32)
 
 
 def local_probability(view: ViewResult, rows: int, cols: int) -> np.ndarray:
     """sigmoid(CAM + bias) at ``rows × cols``, float32 0..1 (bicubic upsampling in logit space)."""
-    logits = upsample(local_logits(view), rows, cols, smooth=True).astype(np.float64)
-    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32)  # sigmoid, overflow-free
+    half = upsample(local_logits(view), rows, cols, smooth=True)
+    half *= np.float32(0.5)
+    np.tanh(half, out=half)
+    half += np.float32(1.0)
+    half *= np.float32(0.5)
+    return half  # sigmoid(x) = (1 + tanh(x / 2)) / 2: no overflow for any logit
 
 
 def heat_level(probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -93,11 +98,38 @@ def heat_level(probability: np.ndarray, threshold: float) -> np.ndarray:
 def blend(
     grey: np.ndarray, level: np.ndarray, *, opacity: float, colormap: str = colormaps.DEFAULT
 ) -> np.ndarray:
-    """*grey* (0..1) with *level* (0..1) coloured over it at ``opacity × level``: uint8 RGB."""
-    colour = colormaps.apply(level, colormap).astype(np.float32) / 255.0
-    alpha = (opacity * level)[..., None]
-    blended = grey[..., None] * (1.0 - alpha) + colour * alpha
-    return np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """*grey* (0..1) with *level* (0..1) coloured over it at ``opacity × level``: uint8 RGB.
+
+    Both are quantised to 256 steps (the output's and the colour map's resolution) and every
+    pixel is one lookup in a 256 × 256 table of blended colours: no float work on three
+    channels per pixel.
+    """
+    table = _blend_table(float(opacity), colormap)
+    key = _steps(grey).astype(np.uint16)
+    key <<= 8
+    key |= _steps(level)
+    return table[key]
+
+
+def _steps(values: np.ndarray) -> np.ndarray:
+    """*values* in 0..1 (clipped) as 0..255 uint8, rounded."""
+    scaled = np.multiply(values, np.float32(255.0), dtype=np.float32)
+    scaled += np.float32(0.5)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def _blend_table(opacity: float, colormap: str) -> np.ndarray:
+    """``table[grey << 8 | level]``: the blended RGB of a grey step under a heat step."""
+    steps = np.arange(colormaps.SIZE, dtype=np.float64) / (colormaps.SIZE - 1)
+    alpha = opacity * steps  # per heat step
+    colour = colormaps.lut(colormap).astype(np.float64) / 255.0
+    grey = steps[:, None, None]
+    blended = grey * (1.0 - alpha)[None, :, None] + (colour * alpha[:, None])[None, :, :]
+    table = np.rint(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8).reshape(-1, 3)
+    table.flags.writeable = False
+    return table
 
 
 def overlay_series_uid(result: StudyResult, model: ModelInfo, laterality: str = "") -> str:
@@ -255,15 +287,30 @@ def _label_font(
     by shrinking until the text fits the width the image gets with that band.
     """
     rows, cols = shape[0], shape[1]
-    size = 36
-    while True:
-        font = ImageFont.load_default(size=size)
-        band = _margin(size) + (size + _margin(size)) * len(lines)
+
+    def band_of(size: int) -> int:
+        return _margin(size) + (size + _margin(size)) * len(lines)
+
+    def fits(size: int) -> bool:
+        band = band_of(size)
         width = round(cols * min(1.0, (max_side - band) / rows, max_side / cols))
-        longest = max(font.getlength(text) for text in lines)
-        if size <= 9 or longest <= width - 2 * _margin(size):
-            return font, band
-        size -= 1
+        longest = max(_font(size).getlength(text) for text in lines)
+        return longest <= width - 2 * _margin(size)
+
+    # Text width grows with the size and the width left shrinks with it: binary search.
+    low, high = 9, 36
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return _font(low), band_of(low)
+
+
+@functools.lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
 
 def _margin(size: int) -> int:
