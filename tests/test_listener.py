@@ -23,6 +23,7 @@ from tests.peers import (
     storescu,
     storescu_background,
     wait_until,
+    write_config,
 )
 from triage.store.models import AssociationOutcome, StudyState
 from triage.testing.synth import make_study, write_study
@@ -378,6 +379,49 @@ def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp
     audit = wait_until(lambda: next(iter(store.associations()), None), message="audited")
     assert audit.outcome is AssociationOutcome.ABORTED and audit.instances_stored == 0
     assert "partial_data_set_discarded" in daemon.log_text()
+    assert daemon.stop() == 0
+
+
+def test_instances_whose_rows_a_power_loss_took_are_recorded_again_at_start(
+    daemon_factory, tmp_path
+) -> None:
+    """The listener's SQLite commits do not wait for the disk (the spool file is the durable
+    copy). Simulate a power loss that took the last commits: the study's rows are gone, its
+    files are not. At start the daemon records the files again and the study goes on."""
+    daemon = daemon_factory({"study": {"quiet_period_s": 60}}).start()
+    files = study_files(tmp_path / "in", views=2, seed=31)
+    assert storescu(daemon.port, files).acknowledged == 2
+    assert daemon.stop() == 0
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    store = daemon.store()
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.exec_driver_sql("DELETE FROM studies WHERE study_uid = ?", (study_uid,))
+    assert store.get_study(study_uid) is None
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    stray = spool / generate_uid()
+    stray.mkdir()
+    (stray / f"{generate_uid()}.dcm").write_bytes(b"not DICOM")
+
+    daemon.sections["study"]["quiet_period_s"] = 0.5
+    daemon.config_path = write_config(daemon.workdir / "triage.toml", daemon.sections)
+    daemon.start()
+    study = wait_until(
+        lambda: (s := store.get_study(study_uid)) and s.state is StudyState.QUEUED and s,
+        message="recovered study queued",
+    )
+    assert study.revision == 1
+    assert {i.sop_instance_uid for i in store.study_instances(study_uid)} == {
+        str(pydicom.dcmread(f).SOPInstanceUID) for f in files
+    }
+    log = daemon.log_text()
+    assert '"instances_recorded": 2' in log and '"files_left": 1' in log
+    assert "spool_file_not_recordable" in log or "spool_file_unreadable" in log
+    # Nothing is recorded twice on the next start.
+    assert daemon.stop() == 0
+    daemon.start()
+    assert daemon.log_text().count('"event": "spool_recovered"') == 2  # the stray file again
+    assert len(store.study_instances(study_uid)) == 2
     assert daemon.stop() == 0
 
 

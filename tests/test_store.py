@@ -50,6 +50,12 @@ def test_sqlite_runs_in_wal_mode(tmp_path) -> None:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     engine.dispose()
+    # The listener's engine: its rows are rebuilt from the durable spool after a power loss.
+    listener = make_engine(f"sqlite:///{tmp_path / 'wal.db'}", spool_backed=True)
+    with listener.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    listener.dispose()
 
 
 def test_first_instance_opens_study_and_duplicates_are_idempotent(store: Store) -> None:

@@ -71,6 +71,9 @@ class Daemon:
             # Only this daemon writes an SQLite store: whatever is still marked in progress was
             # left by a crash. Take it back now instead of waiting for leases to expire.
             _recover_after_crash(store)
+            # The listener's SQLite commits do not wait for the disk: after a power loss its
+            # last rows may be gone while their (durable) spool files are there.
+            _record_spool_orphans(config, store, spool)
         health = Health(store, spool)
         http = None
         if config.http.enabled:
@@ -210,6 +213,21 @@ def run_worker(config: Config) -> int:
     engine.dispose()
     log.info("stopped")
     return 0
+
+
+def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:
+    from triage.dicom.sop import DEFAULT_STORAGE_CLASSES
+    from triage.dicom.spool_recovery import record_orphans
+
+    classes = frozenset(DEFAULT_STORAGE_CLASSES) | frozenset(config.dicom.extra_sop_classes)
+    report = record_orphans(store, spool, classes)
+    if report.recorded or report.unreadable:
+        log.warning(
+            "spool_recovered",
+            instances_recorded=report.recorded,
+            studies=len(report.study_uids),
+            files_left=report.unreadable,
+        )
 
 
 def _recover_after_crash(store: Store) -> None:

@@ -33,14 +33,22 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
     """An engine for *url*.
 
-    SQLite runs in WAL mode with ``synchronous=FULL`` (a committed row survives power loss, as
-    the spool file it points at does) and every transaction starts with ``BEGIN IMMEDIATE``, so
-    concurrent writers (listener processes, the scheduler) queue on the lock instead of failing
-    with "database is locked" when a read transaction upgrades to a write.
+    SQLite runs in WAL mode with ``synchronous=FULL`` (a committed row survives power loss)
+    and every transaction starts with ``BEGIN IMMEDIATE``, so concurrent writers (listener
+    processes, the scheduler) queue on the lock instead of failing with "database is locked"
+    when a read transaction upgrades to a write.
+
+    *spool_backed* (the listener's engine) commits with ``synchronous=NORMAL``: still atomic
+    and safe from process crashes, but after a power loss the last commits may be gone. The
+    listener only records instances whose spool file is already durable, and the daemon
+    records such files again at start (:func:`triage.store.reconcile.record_orphans`), so
+    nothing acknowledged is lost, and each C-STORE saves the WAL's fsync. Every other
+    writer's commit fsyncs the WAL, and with it every commit before it.
     """
+    synchronous = "NORMAL" if spool_backed else "FULL"
     url = normalise_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
@@ -54,7 +62,7 @@ def make_engine(url: str) -> Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

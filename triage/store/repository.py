@@ -117,6 +117,17 @@ class Store:
             )
             return found is not None
 
+    def instance_paths(self, study_uid: str) -> set[str]:
+        """The spool paths of the instances recorded for *study_uid* (any revision)."""
+        with self._readers() as session:
+            return set(
+                session.scalars(
+                    select(Instance.path)
+                    .join(Study, Study.id == Instance.study_id)
+                    .where(Study.study_uid == study_uid)
+                )
+            )
+
     def record_instance(self, meta: InstanceMeta, association_id: int | None) -> RecordResult:
         """Record a spooled instance and move its study as DESIGN.md says.
 

@@ -1,0 +1,98 @@
+"""Record again the spooled instances the store does not list (after a power loss).
+
+The listener acknowledges an instance once its spool file is durable and its row committed.
+On SQLite the listener commits without waiting for the disk (see
+:func:`triage.store.db.make_engine`), so a power loss can take the last rows back while their
+files stay. At start, before any listener runs, the daemon walks the spool and records every
+instance file no row points at, exactly as if it had just arrived: its study is opened (or
+re-opened at a new revision), completes after the quiet period and is scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from triage.dicom.validation import Accepted, check_instance, read_header
+from triage.logs import get_logger
+from triage.store.repository import InstanceMeta, Store
+from triage.store.spool import Spool
+from triage.uids import is_valid_uid
+
+log = get_logger("triage.spool")
+
+#: Spool folders that hold no received instances.
+_NOT_STUDIES = frozenset({"tmp", "outbox"})
+
+
+@dataclass
+class RecoveryReport:
+    """What :func:`record_orphans` found."""
+
+    recorded: int = 0
+    unreadable: int = 0
+    study_uids: list[str] = field(default_factory=list)
+
+
+def record_orphans(store: Store, spool: Spool, image_classes: frozenset[str]) -> RecoveryReport:
+    """Record every instance file in *spool* that the store does not list; see the module."""
+    report = RecoveryReport()
+    if not spool.root.is_dir():
+        return report
+    for folder in sorted(spool.root.iterdir()):
+        if folder.name in _NOT_STUDIES or not folder.is_dir() or not is_valid_uid(folder.name):
+            continue
+        files = sorted(f for f in folder.iterdir() if f.suffix == ".dcm" and f.is_file())
+        if not files:
+            continue
+        known = store.instance_paths(folder.name)
+        for file in files:
+            relative = f"{folder.name}/{file.name}"
+            if relative not in known and _record(store, spool, file, relative, image_classes):
+                report.recorded += 1
+                if folder.name not in report.study_uids:
+                    report.study_uids.append(folder.name)
+            elif relative not in known:
+                report.unreadable += 1
+    return report
+
+
+def _record(
+    store: Store, spool: Spool, file: Path, relative: str, image_classes: frozenset[str]
+) -> bool:
+    try:
+        meta = read_header(file).file_meta
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        sop_instance = str(meta.MediaStorageSOPInstanceUID)
+        transfer_syntax = str(meta.TransferSyntaxUID)
+    except Exception as exc:  # a file the listener wrote is readable; anything else is left
+        log.error("spool_file_unreadable", path=relative, error=type(exc).__name__)
+        return False
+    verdict = check_instance(file, sop_class, sop_instance, image_classes)
+    if not isinstance(verdict, Accepted) or verdict.own_output:
+        log.error("spool_file_not_recordable", path=relative, reason=getattr(verdict, "reason", ""))
+        return False
+    if spool.relative_path(verdict.study_uid, verdict.sop_instance_uid) != relative:
+        log.error("spool_file_misplaced", path=relative, study_uid=verdict.study_uid)
+        return False
+    result = store.record_instance(
+        InstanceMeta(
+            study_uid=verdict.study_uid,
+            series_uid=verdict.series_uid,
+            sop_instance_uid=verdict.sop_instance_uid,
+            sop_class_uid=verdict.sop_class_uid,
+            transfer_syntax_uid=transfer_syntax,
+            modality=verdict.modality,
+            path=relative,
+            size_bytes=file.stat().st_size,
+        ),
+        None,
+    )
+    log.warning(
+        "spool_instance_recorded_again",
+        study_uid=verdict.study_uid,
+        sop_instance_uid=verdict.sop_instance_uid,
+        revision=result.revision,
+        duplicate=result.duplicate,
+    )
+    return not result.duplicate
