@@ -38,38 +38,49 @@ class ViewPixels:
     display: np.ndarray
 
 
-def _write(spool: Spool, dataset: Dataset, kind: str, source_uid: str | None) -> OutputFile:
+@dataclass(frozen=True)
+class EncodedOutput:
+    """An output object encoded as a Part 10 file, not yet written."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    source_sop_instance_uid: str | None
+    path: str
+    data: bytes
+
+
+def _encode(dataset: Dataset, kind: str, source_uid: str | None) -> EncodedOutput:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     study_uid = str(dataset.StudyInstanceUID)
     sop_uid = str(dataset.SOPInstanceUID)
-    relative = f"outbox/{study_uid}/{sop_uid}.dcm"
-    size = spool.write(relative, (buffer.getbuffer(),))
-    return OutputFile(
+    return EncodedOutput(
         kind=kind,
         sop_class_uid=str(dataset.SOPClassUID),
         sop_instance_uid=sop_uid,
         series_uid=str(dataset.SeriesInstanceUID),
         source_sop_instance_uid=source_uid,
-        path=relative,
-        size_bytes=size,
+        path=f"outbox/{study_uid}/{sop_uid}.dcm",
+        data=buffer.getvalue(),
     )
 
 
-def build_outputs(
+def encode_outputs(
     config: Config,
     spool: Spool,
     result: StudyResult,
     model: ModelInfo,
     views: Mapping[str, ViewPixels],
     predecessor_path: str | None,
-) -> list[OutputFile]:
-    """Build and durably write the SR (always), overlays and parametric maps (as configured)."""
+) -> list[EncodedOutput]:
+    """Build and encode the SR (always), overlays and parametric maps (as configured)."""
     predecessor = dcmread(spool.path(predecessor_path)) if predecessor_path else None
     headers: Sequence[Dataset] = [views[v.sop_instance_uid].header for v in result.views]
     device_uid = installation_uid(config)
     sr = build_sr(headers, result, model, device_uid=device_uid, predecessor=predecessor)
-    outputs = [_write(spool, sr, "sr", None)]
+    outputs = [_encode(sr, "sr", None)]
     for view in result.views:
         pixels = views[view.sop_instance_uid]
         if config.outputs.overlays:
@@ -82,24 +93,56 @@ def build_outputs(
                 opacity=config.outputs.opacity,
                 max_side=config.outputs.max_side,
             )
-            outputs.append(_write(spool, overlay, "sc", view.sop_instance_uid))
+            outputs.append(_encode(overlay, "sc", view.sop_instance_uid))
         if config.outputs.parametric_maps:
             pmap = build_parametric_map(pixels.header, view, result, model, device_uid=device_uid)
-            outputs.append(_write(spool, pmap, "pm", view.sop_instance_uid))
+            outputs.append(_encode(pmap, "pm", view.sop_instance_uid))
     return outputs
 
 
-def build_outputs_in_process(
+def write_outputs(spool: Spool, encoded: Sequence[EncodedOutput]) -> list[OutputFile]:
+    """Write encoded outputs to the outbox, each atomically and durably."""
+    return [
+        OutputFile(
+            kind=item.kind,
+            sop_class_uid=item.sop_class_uid,
+            sop_instance_uid=item.sop_instance_uid,
+            series_uid=item.series_uid,
+            source_sop_instance_uid=item.source_sop_instance_uid,
+            path=item.path,
+            size_bytes=spool.write(item.path, (item.data,)),
+        )
+        for item in encoded
+    ]
+
+
+def build_outputs(
     config: Config,
+    spool: Spool,
     result: StudyResult,
     model: ModelInfo,
     views: Mapping[str, ViewPixels],
     predecessor_path: str | None,
 ) -> list[OutputFile]:
-    """:func:`build_outputs` as a top-level, picklable job for the worker's process pool:
-    building SRs and overlays is CPU-bound Python, which would hold the worker's GIL."""
+    """Build and durably write the SR (always), overlays and parametric maps (as configured)."""
+    return write_outputs(
+        spool, encode_outputs(config, spool, result, model, views, predecessor_path)
+    )
+
+
+def encode_outputs_in_process(
+    config: Config,
+    result: StudyResult,
+    model: ModelInfo,
+    views: Mapping[str, ViewPixels],
+    predecessor_path: str | None,
+) -> list[EncodedOutput]:
+    """:func:`encode_outputs` as a top-level, picklable job for the worker's process pool:
+    building SRs and overlays is CPU-bound Python, which would hold the worker's GIL. The
+    caller writes them (:func:`write_outputs`): the fsyncs then wait in one of its threads,
+    not in a pool process that could be building the next study's outputs."""
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-    return build_outputs(config, spool, result, model, views, predecessor_path)
+    return encode_outputs(config, spool, result, model, views, predecessor_path)
 
 
 def warm_up_builders(config: Config, model: ModelInfo) -> None:

@@ -35,8 +35,14 @@ from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent
 from triage.scoring.model import ScoringModel
-from triage.scoring.outputs import ViewPixels, build_outputs_in_process, warm_up_builders
+from triage.scoring.outputs import (
+    ViewPixels,
+    encode_outputs_in_process,
+    warm_up_builders,
+    write_outputs,
+)
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
+from triage.scoring.priority_pool import BACKGROUND, URGENT, PriorityPool
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.repository import Store
 from triage.store.spool import Spool
@@ -108,20 +114,23 @@ class Worker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._processes = decode_process_count(config.worker.decode_processes)
-        # Finishing waits on output building in the pool: one waiter per pool process.
+        # Finishing waits on output building in the pool, then on the disk (fsyncs of the
+        # outbox files): two per pool process, so a process builds while a study is written.
         self._finisher = ThreadPoolExecutor(
-            max_workers=self._processes, thread_name_prefix="finish"
+            max_workers=2 * self._processes, thread_name_prefix="finish"
         )
         self._pool = self._new_pool()
         self._pool_broken = False
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _new_pool(self) -> PriorityPool:
         # spawn, not fork: a forked child of a process that ran OpenMP threads can hang.
-        return ProcessPoolExecutor(
+        executor = ProcessPoolExecutor(
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_decode_process,
         )
+        # Decodes (the model waits for them) go before SR and overlay building.
+        return PriorityPool(executor, self._processes)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -130,7 +139,7 @@ class Worker:
         pay for process start-up, imports and lazy initialisation."""
         started = time.monotonic()
         warmers = [
-            self._pool.submit(_warm_process, self.config, self.model.info)
+            self._pool.submit(URGENT, _warm_process, self.config, self.model.info)
             for _ in range(self._processes)
         ]
         size = self.model.input_size
@@ -269,6 +278,7 @@ class Worker:
         card = self.model
         for uid in scored_uids:
             future = self._pool.submit(
+                URGENT,
                 decode_view,
                 str(self.spool.path(paths[uid])),
                 card.input_size,
@@ -373,14 +383,16 @@ class Worker:
                 skipped_views=tuple(study.skipped),
             )
             info = self.model.info
-            outputs = self._pool.submit(
-                build_outputs_in_process,
+            encoded = self._pool.submit(
+                BACKGROUND,
+                encode_outputs_in_process,
                 self.config,
                 result,
                 info,
                 study.pixels,
                 self.queue.previous_sr(claim),
             ).result()
+            outputs = write_outputs(self.spool, encoded)
             failpoints.hit("before_complete")
             elapsed_ms = (time.monotonic() - study.started) * 1000
             destinations = [d.name for d in self.config.destinations]

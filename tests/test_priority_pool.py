@@ -1,0 +1,47 @@
+"""The worker's process pool runs decodes (the model waits) before output building."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
+
+import pytest
+
+from triage.scoring.priority_pool import BACKGROUND, URGENT, PriorityPool
+
+
+def test_urgent_jobs_overtake_waiting_background_jobs() -> None:
+    gate = threading.Event()
+    ran: list[str] = []
+    pool = PriorityPool(ThreadPoolExecutor(max_workers=1), slots=1)
+    first = pool.submit(BACKGROUND, gate.wait, 10)
+    later = [pool.submit(BACKGROUND, ran.append, f"build {n}") for n in range(3)]
+    urgent = pool.submit(URGENT, ran.append, "decode")
+    assert pool.waiting() == 4  # the executor holds only the one job it can run
+    gate.set()
+    for future in (first, *later, urgent):
+        future.result(timeout=10)
+    assert ran == ["decode", "build 0", "build 1", "build 2"]  # same priority: first come
+    pool.shutdown()
+
+
+def test_results_and_errors_come_back_from_processes() -> None:
+    pool = PriorityPool(ProcessPoolExecutor(max_workers=2), slots=2)
+    squares = [pool.submit(URGENT, pow, n, 2) for n in range(6)]
+    assert [f.result(timeout=60) for f in squares] == [0, 1, 4, 9, 16, 25]
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(BACKGROUND, divmod, 1, 0).result(timeout=60)
+    pool.shutdown()
+
+
+def test_shutdown_cancels_waiting_jobs() -> None:
+    gate = threading.Event()
+    pool = PriorityPool(ThreadPoolExecutor(max_workers=1), slots=1)
+    running = pool.submit(URGENT, gate.wait, 10)
+    waiting = pool.submit(BACKGROUND, print, "never")
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert waiting.cancelled()
+    with pytest.raises(CancelledError):
+        waiting.result(timeout=1)
+    gate.set()
+    assert running.result(timeout=10) is True
