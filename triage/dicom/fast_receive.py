@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import select
+import socket
+import ssl
 import struct
 import sys
 import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,12 @@ _SYNC_FILE_RANGE_WRITE = 2
 #: Larger PDUs than this (we never offer more than 4 MiB) are read pynetdicom's way, as the
 #: data arrive: a length field alone must not make us allocate gigabytes.
 LARGEST_BUFFERED_PDU = 8 * 1024 * 1024
+
+#: Size asked for the splice(2) pipe of an association (the kernel may give less).
+PIPE_SIZE = 1024 * 1024
+_HAS_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_MOVE = getattr(os, "SPLICE_F_MOVE", 0)
+_SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 #: Nothing but the rest of the data set is expected from the peer then, so a short blocking
 #: wait delays nothing else.
@@ -159,6 +169,22 @@ def read_pdu_data(dul: Any) -> None:
         return
 
     target = _spool_target(dul) if pdu_type == _P_DATA_TF else None
+    if target is not None and _can_splice(sock.socket):
+        try:
+            pdu = _splice_data_set_payloads(dul, sock, pdu_length, target)
+        except (OSError, TimeoutError, EOFError) as exc:
+            _LOGGER.error("Connection closed before the entire PDU was received")
+            _LOGGER.exception(exc)
+            dul.event_queue.put("Evt17")
+            return
+        except ValueError as exc:
+            _LOGGER.error("Unable to decode the received PDU data")
+            _LOGGER.exception(exc)
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put("Evt10")
+        dul._recv_pdu.put(pdu)
+        return
     if target is not None and pdu_length <= LARGEST_BUFFERED_PDU:
         buffer = getattr(dul, "_triage_pdu_buffer", None)
         if buffer is None or len(buffer) < pdu_length:
@@ -213,6 +239,93 @@ def read_pdu_data(dul: Any) -> None:
     dul._recv_pdu.put(pdu)
 
 
+def _can_splice(sock: Any) -> bool:
+    # TLS data must be decrypted in user space; splice(2) is Linux only.
+    return _HAS_SPLICE and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+
+
+def _pipe_of(dul: Any) -> tuple[int, int]:
+    """The association's pipe for splice(2), made on first use, closed with the DUL."""
+    pipe = getattr(dul, "_triage_pipe", None)
+    if pipe is None:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a bigger pipe means fewer system calls
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        pipe = dul._triage_pipe = (read_end, write_end)
+        weakref.finalize(dul, _close_fds, read_end, write_end)
+    return pipe
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _recv_exactly(sock: FastAssociationSocket, count: int) -> bytearray:
+    data = sock.recv(count)
+    if len(data) != count:
+        raise EOFError(f"connection closed ({len(data)} of {count} bytes)")
+    return data
+
+
+def _splice_data_set_payloads(
+    dul: Any, sock: FastAssociationSocket, length: int, target: SpoolTempFile
+) -> P_DATA_TF:
+    """Like :func:`_split_data_set_payloads`, reading the PDU body from the socket: the
+    item headers and command PDVs with ``recv``, each data-set payload moved by splice(2)
+    from the socket through a pipe into *target* — the bytes never enter user space."""
+    raw = sock.socket
+    assert raw is not None
+    items: list[PresentationDataValueItem] = []
+    offset = 0
+    while offset < length:
+        if offset + 6 > length:
+            raise ValueError("truncated presentation data value item")
+        head = _recv_exactly(sock, 6)
+        item_length, context_id, control = struct.unpack(">LBB", head)
+        end = offset + 4 + item_length
+        if item_length < 2 or end > length:
+            raise ValueError(f"invalid presentation data value item length {item_length}")
+        item = PresentationDataValueItem()
+        item.presentation_context_id = context_id
+        if control & 1:  # command fragment: pynetdicom decodes it
+            item.presentation_data_value = bytes(head[5:6]) + bytes(
+                _recv_exactly(sock, item_length - 2)
+            )
+        else:
+            _splice_into(raw, _pipe_of(dul), target, item_length - 2)
+            item.presentation_data_value = bytes((control,))
+        items.append(item)
+        offset = end
+    pdu = P_DATA_TF()
+    pdu.presentation_data_value_items = items
+    return pdu
+
+
+def _splice_into(
+    raw: socket.socket, pipe: tuple[int, int], target: SpoolTempFile, count: int
+) -> None:
+    """Move exactly *count* bytes from *raw* into *target* through *pipe*."""
+    read_end, write_end = pipe
+    source = raw.fileno()
+    timeout = raw.gettimeout()
+    while count:
+        try:
+            moved = os.splice(
+                source, write_end, min(count, PIPE_SIZE), flags=_SPLICE_MOVE | _SPLICE_NONBLOCK
+            )
+        except BlockingIOError:
+            readable, _, _ = select.select([raw], [], [], timeout)
+            if not readable:
+                raise TimeoutError("no data from the peer within the network timeout") from None
+            continue
+        if moved == 0:
+            raise EOFError(f"connection closed with {count} bytes of the data set to come")
+        target.append_from_pipe(read_end, moved)
+        count -= moved
+
+
 def _split_data_set_payloads(buffer: bytearray, length: int, target: SpoolTempFile) -> P_DATA_TF:
     """Write the data-set PDV payloads of a P-DATA-TF PDU body into *target*; the PDU
     pynetdicom gets instead (command PDVs whole, data-set PDVs as their control header)."""
@@ -264,13 +377,27 @@ class SpoolTempFile:
         size = len(view)
         while view:
             view = view[os.write(self._fd, view) :]
+        self._account(size)
+        return size
+
+    def append_from_pipe(self, pipe: int, count: int) -> None:
+        """Move *count* bytes from the pipe *pipe* to the end of the file (splice(2))."""
+        assert self._fd is not None
+        left = count
+        while left:
+            moved = os.splice(pipe, self._fd, left, flags=_SPLICE_MOVE)
+            if moved == 0:
+                raise OSError("pipe emptied before the data were written")
+            left -= moved
+        self._account(count)
+
+    def _account(self, size: int) -> None:
         self._written += size
         if _start_writeback and self._written - self._flushed >= WRITEBACK_STEP:
             _start_writeback(
                 self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE
             )
             self._flushed = self._written
-        return size
 
     def flush(self) -> None:
         """Nothing to do: writes go straight to the file descriptor."""
