@@ -13,9 +13,11 @@ Three targeted changes to pynetdicom 3's receive path, applied only in listener 
    is still arriving, so the fsync before the C-STORE answer has little left to wait for.
 3. For every P-DATA-TF PDU pynetdicom copies each PDV into new objects (PDU decode, P-DATA
    primitive, ``data[1:]``) before the fragment reaches that file. :func:`read_pdu_data` (the
-   DUL's PDU reader in our associations) reads a P-DATA-TF PDU of a C-STORE data set being
-   received into a buffer reused for the whole association and writes each data-set PDV's
-   payload straight from it into the message's spool file. pynetdicom still sees every PDU,
+   DUL's PDU reader in our associations) takes over P-DATA-TF PDUs of a C-STORE data set
+   being received: on plain TCP it reads the item headers and moves each data-set PDV's
+   payload with splice(2) from the socket through a pipe into the message's spool file (the
+   bytes never enter user space); under TLS it reads the PDU into a buffer reused for the
+   whole association and writes the payloads from there. pynetdicom still sees every PDU,
    in order, with each PDV's message control header (so its state machine, timers and
    end-of-message logic are untouched) — only the payload bytes, already on their way to
    disk, are left out. Command PDVs, PDUs of other messages and anything unusual take
@@ -59,10 +61,6 @@ _HAS_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_MOVE = getattr(os, "SPLICE_F_MOVE", 0)
 _SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 0)
 
-#: Nothing but the rest of the data set is expected from the peer then, so a short blocking
-#: wait delays nothing else.
-DATA_SET_WAIT_S = 0.005
-
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _LOGGER = logging.getLogger("pynetdicom")
@@ -84,22 +82,6 @@ _start_writeback = _sync_file_range()
 
 class FastAssociationSocket(AssociationSocket):
     """pynetdicom's association socket, reading a PDU in as few system calls as possible."""
-
-    @property
-    def ready(self) -> bool:
-        """True if there is data to read. While a C-STORE data set is arriving, wait up to
-        :data:`DATA_SET_WAIT_S` for its next PDU: the DUL reactor otherwise sleeps a fixed
-        1 ms whenever the peer's next PDU is not there yet, tens of times per 10 MB image."""
-        if super().ready:
-            return True
-        sock = self.socket
-        if sock is None or not self._is_connected or _spool_target(self.assoc.dul) is None:
-            return False
-        try:
-            readable, _, _ = select.select([sock], [], [], DATA_SET_WAIT_S)
-        except (OSError, ValueError):
-            return False  # pynetdicom's own check reports the closed connection next time
-        return bool(readable)
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly *nr_bytes* (fewer only when the peer closed the connection)."""
@@ -133,7 +115,7 @@ class FastRequestHandler(RequestHandler):
 
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
-        # Same object, same state: only the recv() implementation changes.
+        # Same objects, same state: only how PDUs are read changes.
         assoc.dul.socket.__class__ = FastAssociationSocket
         assoc.dul._read_pdu_data = types.MethodType(read_pdu_data, assoc.dul)
         return assoc
