@@ -48,12 +48,14 @@ def record_orphans(store: Store, spool: Spool, image_classes: frozenset[str]) ->
         known = store.instance_paths(folder.name)
         for file in files:
             relative = f"{folder.name}/{file.name}"
-            if relative not in known and _record(store, spool, file, relative, image_classes):
-                report.recorded += 1
-                if folder.name not in report.study_uids:
-                    report.study_uids.append(folder.name)
-            elif relative not in known:
+            if relative in known:
+                continue
+            if not _record(store, spool, file, relative, image_classes):
                 report.unreadable += 1
+                continue
+            report.recorded += 1
+            if folder.name not in report.study_uids:
+                report.study_uids.append(folder.name)
     return report
 
 
