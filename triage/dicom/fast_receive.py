@@ -130,95 +130,63 @@ def _spool_target(dul: Any) -> SpoolTempFile | None:
     return None
 
 
+class _InvalidPdu(ValueError):
+    """A PDU that cannot be decoded (pynetdicom's Evt19)."""
+
+
+class _ClosedBetweenPdus(EOFError):
+    """The peer closed the connection where a PDU would start: the normal end."""
+
+
 def read_pdu_data(dul: Any) -> None:
     """Read one PDU for *dul* (a ``DULServiceProvider``): pynetdicom's ``_read_pdu_data``,
     with the P-DATA-TF fast path described in the module docstring."""
-    sock = dul.socket
     try:
-        header = sock.recv(6)
-    except (OSError, TimeoutError) as exc:
-        _LOGGER.error("Connection closed before the entire PDU was received")
-        _LOGGER.exception(exc)
+        event, pdu = _read_pdu(dul)
+    except _ClosedBetweenPdus:
         dul.event_queue.put("Evt17")
         return
+    except (OSError, TimeoutError, EOFError) as exc:
+        _LOGGER.error("Connection closed before the entire PDU was received: %s", exc)
+        dul.event_queue.put("Evt17")  # transport connection closed
+        return
+    except ValueError as exc:
+        _LOGGER.error("Unable to decode the received PDU data: %s", exc)
+        dul.event_queue.put("Evt19")  # invalid or unrecognised PDU
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def _read_pdu(dul: Any) -> tuple[str, Any]:
+    """The next PDU and its state-machine event; raises OSError/EOFError when the connection
+    fails, ValueError when the PDU is invalid."""
+    sock = dul.socket
+    header = sock.recv(6)
+    if not header:
+        raise _ClosedBetweenPdus
     if len(header) < 6:
-        dul.event_queue.put("Evt17")
-        return
+        raise EOFError(f"connection closed inside a PDU header ({len(header)} of 6 bytes)")
     pdu_type, _, pdu_length = struct.unpack(">BBL", header)
     if pdu_type not in _PDU_TYPES:
-        _LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-        dul.event_queue.put("Evt19")
-        return
-
+        raise _InvalidPdu(f"unknown PDU type 0x{pdu_type:02X}")
     target = _spool_target(dul) if pdu_type == _P_DATA_TF else None
     if target is not None and _can_splice(sock.socket):
-        try:
-            pdu = _splice_data_set_payloads(dul, sock, pdu_length, target)
-        except (OSError, TimeoutError, EOFError) as exc:
-            _LOGGER.error("Connection closed before the entire PDU was received")
-            _LOGGER.exception(exc)
-            dul.event_queue.put("Evt17")
-            return
-        except ValueError as exc:
-            _LOGGER.error("Unable to decode the received PDU data")
-            _LOGGER.exception(exc)
-            dul.event_queue.put("Evt19")
-            return
-        dul.event_queue.put("Evt10")
-        dul._recv_pdu.put(pdu)
-        return
+        return "Evt10", _splice_data_set_payloads(dul, sock, pdu_length, target)
     if target is not None and pdu_length <= LARGEST_BUFFERED_PDU:
         buffer = getattr(dul, "_triage_pdu_buffer", None)
         if buffer is None or len(buffer) < pdu_length:
             buffer = dul._triage_pdu_buffer = bytearray(max(pdu_length, 1 << 17))
-        try:
-            received = sock.recv_into(buffer, pdu_length)
-        except (OSError, TimeoutError) as exc:
-            _LOGGER.error("Connection closed before the entire PDU was received")
-            _LOGGER.exception(exc)
-            dul.event_queue.put("Evt17")
-            return
+        received = sock.recv_into(buffer, pdu_length)
         if received != pdu_length:
-            _LOGGER.error(
-                f"The received PDU is shorter than expected ({received + 6} of "
-                f"{pdu_length + 6} bytes received)"
-            )
-            dul.event_queue.put("Evt17")
-            return
-        try:
-            pdu = _split_data_set_payloads(buffer, pdu_length, target)
-        except (ValueError, OSError) as exc:
-            _LOGGER.error("Unable to decode the received PDU data")
-            _LOGGER.exception(exc)
-            dul.event_queue.put("Evt19")
-            return
-        dul.event_queue.put("Evt10")
-        dul._recv_pdu.put(pdu)
-        return
-
-    try:
-        bytestream = header + sock.recv(pdu_length)
-    except (OSError, TimeoutError) as exc:
-        _LOGGER.error("Connection closed before the entire PDU was received")
-        _LOGGER.exception(exc)
-        dul.event_queue.put("Evt17")
-        return
-    if len(bytestream) != 6 + pdu_length:
-        _LOGGER.error(
-            f"The received PDU is shorter than expected ({len(bytestream)} of "
-            f"{6 + pdu_length} bytes received)"
-        )
-        dul.event_queue.put("Evt17")
-        return
+            raise EOFError(f"PDU shorter than announced ({received} of {pdu_length} bytes)")
+        return "Evt10", _split_data_set_payloads(buffer, pdu_length, target)
+    bytestream = header + _recv_exactly(sock, pdu_length)
     try:
         pdu, event = dul._decode_pdu(bytestream)
-        dul.event_queue.put(event)
     except Exception as exc:
-        _LOGGER.error("Unable to decode the received PDU data")
-        _LOGGER.exception(exc)
-        dul.event_queue.put("Evt19")
-        return
-    dul._recv_pdu.put(pdu)
+        raise _InvalidPdu(f"{type(exc).__name__}: {exc}") from exc
+    return event, pdu
 
 
 def _can_splice(sock: Any) -> bool:
