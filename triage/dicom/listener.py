@@ -210,6 +210,16 @@ class Listener:
         """Associations in progress on this listener."""
         return len(self._server.active_associations) if self._server else 0
 
+    def close_listening_socket(self) -> None:
+        """Stop accepting at once, without waiting for the accept loop (the daemon is gone)."""
+        server = self._server
+        if server is None or server.socket is None:
+            return
+        with contextlib.suppress(OSError):
+            server.socket.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            server.socket.close()
+
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let associations in flight finish for *grace_s*, then abort them."""
         server = self._server

@@ -15,10 +15,14 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from triage.config import Config
 from triage.logs import configure_logging, get_logger
 from triage.procutil import die_with_parent
+
+if TYPE_CHECKING:
+    from triage.dicom.listener import Listener
 
 log = get_logger("triage.listener")
 
@@ -54,10 +58,29 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
         return
     conn.send(("ready", listener.port))
     log.info("listener_started", pid=os.getpid(), port=listener.port)
+    threading.Thread(
+        target=_watch_parent, args=(os.getppid(), listener, stop), name="parent-watch", daemon=True
+    ).start()
     stop.wait()
     listener.stop(config.dicom.shutdown_grace_s)
     engine.dispose()
     log.info("listener_stopped", pid=os.getpid())
+
+
+def _watch_parent(parent: int, listener: Listener, stop: threading.Event) -> None:
+    """Release the port at once if the daemon is gone (killed with SIGKILL, OOM): the death
+    signal alone was seen to leave a listener holding the port for over 20 s on a loaded
+    host, so a restarted daemon could not listen."""
+    while not stop.wait(PARENT_CHECK_S):
+        if os.getppid() != parent:
+            log.warning("listener_parent_gone", pid=os.getpid())
+            listener.close_listening_socket()
+            stop.set()
+            return
+
+
+#: How often a listener process checks that its daemon is still there.
+PARENT_CHECK_S = 0.2
 
 
 class ListenerStartError(RuntimeError):
