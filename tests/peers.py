@@ -109,6 +109,7 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    children: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,14 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, wait: bool = True, timeout: float = 180.0) -> Daemon:
-        """Start the process; with *wait*, return once it logged ``ready``."""
+        """Start the process; with *wait*, return once it logged ``ready``.
+
+        A restart first kills what the previous run left behind (its listener and decode
+        processes), as systemd does with the unit's control group (KillMode=control-group):
+        a daemon killed with SIGKILL cannot stop its children itself.
+        """
+        if self.process is not None and self.process.poll() is not None:
+            _kill_leftovers(self.children)
         self.starts += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
         env.update(self.env)
@@ -159,6 +167,7 @@ class Daemon:
         log.close()
         if wait:
             self.wait_for_log('"event": "ready"', timeout, occurrence=self.starts)
+            self.children = _children_of(self.process.pid)
         return self
 
     def wait_for_log(self, needle: str, timeout: float = 30.0, occurrence: int = 1) -> None:
@@ -203,6 +212,24 @@ class Daemon:
         from triage.store.repository import Store
 
         return Store(make_engine(self.sections["store"]["url"]))
+
+
+def _kill_leftovers(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGKILL those of *pids* that are still our multiprocessing children; wait until gone."""
+    alive = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing" in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            alive.append(pid)
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.05)
 
 
 def _children_of(pid: int) -> list[int]:
