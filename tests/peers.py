@@ -146,7 +146,7 @@ class Daemon:
         """Start the process; with *wait*, return once it logged ``ready``.
 
         A restart first kills what the previous run left behind (its listener and decode
-        processes), as systemd does with the unit's control group (KillMode=control-group):
+        processes), as systemd empties the unit's control group before a restart:
         a daemon killed with SIGKILL cannot stop its children itself.
         """
         if self.process is not None and self.process.poll() is not None:
