@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
+import io
 import re
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from tests.dicom_validate import (
     require_tools,
     write_dataset,
 )
+from triage.dicom import sr as sr_module
 from triage.dicom.sr import build_sr, sr_series_uid, sr_sop_instance_uid
 from triage.scoring.result import ModelInfo
 from triage.uids import derived_uid
@@ -174,6 +177,34 @@ def test_headers_without_pixels_suffice(dx_study: list[pydicom.Dataset], tmp_pat
     from_headers = build_sr(headers, result, VALIDATED, device_uid=DEVICE_UID, created=CREATED)
     from_images = build_sr(dx_study, result, VALIDATED, device_uid=DEVICE_UID, created=CREATED)
     assert from_headers.ContentSequence == from_images.ContentSequence
+
+
+def _encoded_without_creation_times(sr: pydicom.Dataset) -> bytes:
+    """The SR as written, less what highdicom stamps with the current time."""
+    sr = copy.deepcopy(sr)
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        del sr[keyword]
+    for item in sr.get("ContributingEquipmentSequence", []):
+        item.pop("ContributionDateTime", None)
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_document_equals_what_highdicoms_full_constructor_writes(
+    dx_study: list[pydicom.Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_sr hands highdicom the root container alone (speed); nothing in the output changes."""
+    first = build_sr(dx_study, make_result(dx_study[:2]), VALIDATED, device_uid=DEVICE_UID)
+    result = make_result(dx_study[:2], revision=2, skipped=[(dx_study[2], "not a radiograph")])
+    kwargs = {"device_uid": DEVICE_UID, "predecessor": first, "created": CREATED}
+    fast = build_sr(dx_study, result, UNVALIDATED, **kwargs)
+    monkeypatch.setattr(sr_module, "_without_children", lambda container: container)
+    full = build_sr(dx_study, result, UNVALIDATED, **kwargs)
+
+    assert _encoded_without_creation_times(fast) == _encoded_without_creation_times(full)
+    assert fast.content[0] == full.content[0]
+    assert len(fast.content.get_image_measurement_groups()) == 3
 
 
 def test_skipped_views_are_named_with_their_reason(dx_study: list[pydicom.Dataset]) -> None:
