@@ -86,7 +86,7 @@ def encode_outputs(
         if config.outputs.overlays:
             overlay = build_cam_overlay(
                 pixels.header,
-                pixels.display.astype(np.float32) / 255.0,
+                pixels.display,
                 view,
                 result,
                 model,
