@@ -78,7 +78,7 @@ def add_commands(subparsers: Any) -> None:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU",
+        help="auto: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, else fp32",
     )
     train.add_argument("--seed", type=int, default=0, help="random seed (0)")
     train.add_argument(

@@ -13,9 +13,9 @@ needed to resume), ``valid_report.json`` (the full validation evaluation) and
 ``history.json``.
 
 Determinism: the shuffling and each image's augmentation derive from (seed, epoch, index)
-and the network's initialisation from the seed, so two CPU runs with the same seed and thread
-count give identical losses, with any number of loader workers and across a resume. CUDA runs
-(bf16 autocast, channels_last, cuDNN autotuning) are fast, not bit-reproducible.
+and the network's initialisation from the seed, so two CPU runs with the same seed, precision
+and thread count give identical losses, with any number of loader workers and across a resume.
+CUDA runs (bf16 autocast, channels_last, cuDNN autotuning) are fast, not bit-reproducible.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from triage.scoring.model import cpu_has_native_bf16
 from triage.study_types import StudyType
 from triage.training.data import (
     Augment,
@@ -85,7 +86,7 @@ class TrainOptions:
     #: the same cores), up to 8 with CUDA (decoding would otherwise starve the GPU).
     workers: int | None = None
     device: str = "auto"
-    #: auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU.
+    #: auto: bf16 autocast + channels_last on CUDA and CPUs with native bf16, else fp32.
     precision: str = "auto"
     seed: int = 0
     imagenet_weights: str | None = None
@@ -203,16 +204,19 @@ class StepConfig:
 
 
 def step_config(device: torch.device, precision: str = "auto") -> StepConfig:
-    """``auto``: bf16 autocast + channels_last on CUDA, fp32 on a CPU.
+    """``auto``: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, else fp32.
 
     A CPU without native bf16 emulates it and is slower than fp32, and fp32 convolutions are
-    slower in channels_last there (measured in :mod:`triage.scoring.model`); so the CPU
-    default stays fp32 and contiguous, which is also what makes CPU runs reproducible.
+    slower in channels_last there (measured in :mod:`triage.scoring.model`), so such a CPU
+    stays fp32 and contiguous. With native bf16 (AVX-512 BF16, AMX) a DenseNet-169 step at
+    batch 8 took 0.37 s against 0.65 s in fp32 (128 px, two cores); CPU runs stay
+    reproducible either way (same kernels, same thread count).
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16 (got {precision!r})")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return StepConfig(device, bf16=bf16, channels_last=bf16 and device.type == "cuda")
+    native = device.type == "cuda" or cpu_has_native_bf16()
+    bf16 = precision == "bf16" or (precision == "auto" and native)
+    return StepConfig(device, bf16=bf16, channels_last=bf16 and native)
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
