@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from triage.config import load_config  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
 from triage.scoring.model import _load_weights, load_model  # noqa: E402
-from triage.scoring.worker import Worker, decode_process_count, torch_threads  # noqa: E402
+from triage.scoring.worker import Worker, torch_threads  # noqa: E402
 from triage.store.db import make_engine, upgrade_schema  # noqa: E402
 from triage.store.models import StudyState, utcnow  # noqa: E402
 from triage.store.repository import InstanceMeta, Store  # noqa: E402
@@ -164,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     views = args.studies * args.views
     work = Path(tempfile.mkdtemp(prefix="triage-bench-scoring-"))
     all_cores = torch.get_num_threads()
-    worker_threads = max(1, all_cores - decode_process_count(args.decode_processes))
+    defaults = load_config(None, env={})
+    worker_threads = torch_threads(
+        dataclasses.replace(
+            defaults,
+            model=dataclasses.replace(defaults.model, device=args.device),
+            worker=dataclasses.replace(defaults.worker, decode_processes=args.decode_processes),
+        )
+    )
     try:
         bare_all = [
             bare_model(card, args.device, args.precision, args.batch, views)

@@ -191,7 +191,8 @@ class ModelConfig:
     allow_unvalidated: bool = False
     #: torch.compile the model at start (pays off on a GPU; compiling takes a minute or more).
     compile: bool = False
-    #: CPU threads for torch (0: the cores the decode processes leave, at least one).
+    #: CPU threads for torch (0: one with a GPU; on a CPU the cores the decode processes leave,
+    #: or half the cores; see triage.scoring.worker.torch_threads).
     threads: int = 0
 
     def validate(self) -> None:
@@ -218,7 +219,8 @@ class WorkerConfig:
 
     #: Run the worker inside `triage serve` (off on ingest-only hosts).
     enabled: bool = True
-    #: Processes decoding pixel data (0: one per CPU core but one, at least one).
+    #: Processes decoding pixel data (0: one per core but one with a GPU; on a CPU one more than
+    #: the cores the model's threads leave; see triage.scoring.worker.decode_process_count).
     decode_processes: int = 0
     #: Scoring attempts per study revision before it is FAILED.
     max_attempts: int = 3

@@ -34,7 +34,7 @@ from triage.config import Config
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent
-from triage.scoring.model import ScoringModel
+from triage.scoring.model import ScoringModel, resolve_device
 from triage.scoring.outputs import (
     ViewPixels,
     encode_outputs_in_process,
@@ -54,11 +54,35 @@ log = get_logger("triage.worker")
 _HEARTBEAT_S = 10.0
 
 
-def decode_process_count(configured: int) -> int:
-    """Decode processes: as configured, else one per core but one (at least one)."""
+def decode_process_count(configured: int, on_gpu: bool = False) -> int:
+    """Decode processes: as configured, else from the cores and where the model runs.
+
+    - on a GPU host, one per core but one: decoding is what limits the path there;
+    - on a CPU host, one more than the cores the model's threads leave (see
+      :func:`torch_threads`). Each party of the path waits on the others now and then, and a
+      spare decode process fills those gaps: on 2 vCPUs, 2 decode processes beside the
+      1-thread forward scored 0.99× of the bare forward in fp32 and 0.55× in bf16, against
+      0.90× and 0.44–0.51× with one (bench/RESULTS.md, 2026-11-29).
+    """
     if configured > 0:
         return configured
-    return max(1, (multiprocessing.cpu_count() or 2) - 1)
+    cores = multiprocessing.cpu_count() or 2
+    if on_gpu:
+        return max(1, cores - 1)
+    return cores - _cpu_model_threads(cores) + 1
+
+
+def _cpu_model_threads(cores: int) -> int:
+    # Half the cores for the forward, half (plus one process) for decoding and outputs.
+    return max(1, cores // 2)
+
+
+def runs_on_gpu(config: Config) -> bool:
+    """Whether the configured model device resolves to a GPU on this host."""
+    try:
+        return resolve_device(config.model.device).type == "cuda"
+    except ValueError:  # cuda asked for without one: load_model says so
+        return False
 
 
 def _init_decode_process() -> None:
@@ -113,7 +137,9 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._processes = decode_process_count(config.worker.decode_processes)
+        self._processes = decode_process_count(
+            config.worker.decode_processes, on_gpu=model.device.type == "cuda"
+        )
         # Finishing waits on output building in the pool, then on the disk (fsyncs of the
         # outbox files): two per pool process, so a process builds while a study is written.
         self._finisher = ThreadPoolExecutor(
@@ -426,7 +452,9 @@ class Worker:
 
 
 def torch_threads(config: Config) -> int:
-    """CPU threads for the model: as configured, else the cores the decode processes leave.
+    """CPU threads for the model: as configured; else one on a GPU host, and on a CPU host
+    the cores the configured decode processes leave, or half the cores by default (see
+    :func:`decode_process_count`).
 
     torch's default (every core) fights the decode processes for the same cores: on a shared
     2-core host a batch-1 forward took 3.7 s with 2 threads and 0.25 s with 1.
@@ -434,7 +462,11 @@ def torch_threads(config: Config) -> int:
     if config.model.threads > 0:
         return config.model.threads
     cores = multiprocessing.cpu_count() or 1
-    return max(1, cores - decode_process_count(config.worker.decode_processes))
+    if runs_on_gpu(config):
+        return 1  # the forward runs on the GPU; the cores decode
+    if config.worker.decode_processes > 0:
+        return max(1, cores - config.worker.decode_processes)
+    return _cpu_model_threads(cores)
 
 
 class ModelRefused(RuntimeError):
