@@ -100,10 +100,9 @@ def blend(
 ) -> np.ndarray:
     """*grey* (uint8, or float 0..1) with *level* (0..1) coloured over it at ``opacity × level``.
 
-    Returns uint8 RGB.
-    Both are quantised to 256 steps (the output's and the colour map's resolution) and every
-    pixel is one lookup in a 256 × 256 table of blended colours: no float work on three
-    channels per pixel.
+    Returns uint8 RGB. Both are quantised to 256 steps (the output's and the colour map's
+    resolution) and every pixel is one lookup in a 256 × 256 table of blended colours: no float
+    work on three channels per pixel.
     """
     table = _blend_table(float(opacity), colormap)
     key = (grey if grey.dtype == np.uint8 else _steps(grey)).astype(np.uint16)

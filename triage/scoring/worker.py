@@ -61,8 +61,8 @@ def decode_process_count(configured: int, on_gpu: bool = False) -> int:
     - on a CPU host, one more than the cores the model's threads leave (see
       :func:`torch_threads`). Each party of the path waits on the others now and then, and a
       spare decode process fills those gaps: on 2 vCPUs, 2 decode processes beside the
-      1-thread forward scored 0.99× of the bare forward in fp32 and 0.55× in bf16, against
-      0.90× and 0.44–0.51× with one (bench/RESULTS.md, 2026-11-29).
+      1-thread forward scored 0.85–0.99× of the bare forward in fp32 and 0.53–0.55× in bf16,
+      against 0.90× and 0.44–0.51× with one (bench/RESULTS.md, 2026-11-29).
     """
     if configured > 0:
         return configured
