@@ -140,6 +140,27 @@ def test_small_display_is_not_upscaled() -> None:
     assert sc.Rows > 300  # the label band above the image
 
 
+@pytest.mark.parametrize("max_side", [1024, 256])  # as is, and shrunk to fit
+def test_uint8_display_gives_the_float_displays_overlay(
+    dx_study: list[pydicom.Dataset], max_side: int
+) -> None:
+    """The worker hands over the decoder's uint8 display image; tests mostly pass floats."""
+    source = dx_study[0]
+    result = make_result([source])
+    grey = display_of(source)
+    as_uint8 = np.rint(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
+    view = result.views[0]
+    from_float = build_cam_overlay(
+        source, as_uint8 / 255.0, view, result, VALIDATED, max_side=max_side
+    )
+    from_uint8 = build_cam_overlay(source, as_uint8, view, result, VALIDATED, max_side=max_side)
+
+    assert from_uint8.pixel_array.shape == from_float.pixel_array.shape
+    difference = np.abs(from_uint8.pixel_array.astype(int) - from_float.pixel_array.astype(int))
+    assert difference.max() <= 2  # rounding of the area average, at most one grey step blended
+    assert difference.mean() < 0.5
+
+
 def test_heat_is_stronger_where_the_cam_is_higher(study: list[pydicom.Dataset]) -> None:
     cam = peaked_cam(HOT_CELL, high=6.0, low=-1.0)
     cam[COLD_CELL] = -3.0

@@ -259,25 +259,19 @@ def _fit(display: np.ndarray, max_rows: int, max_cols: int) -> np.ndarray:
     uint8 stays uint8 (the decoder's display image: no float pass over it); anything else
     becomes float32 0..1.
     """
-    display = np.asarray(display)
-    if display.dtype == np.uint8:
-        rows, cols = display.shape
-        scale = min(max_rows / rows, max_cols / cols)
-        if scale >= 1.0:
-            return display
-        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-        image = Image.fromarray(np.ascontiguousarray(display))
-        return np.asarray(image.resize(size, Image.Resampling.BOX))
-    grey = np.clip(np.nan_to_num(np.asarray(display, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    grey = np.asarray(display)
+    if grey.dtype != np.uint8:
+        grey = np.clip(np.nan_to_num(grey.astype(np.float32), nan=0.0), 0.0, 1.0)
     rows, cols = grey.shape
     scale = min(max_rows / rows, max_cols / cols)
-    if scale < 1.0:
-        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-        # BOX averages every source pixel into the output: no aliasing of fine trabeculae.
-        image = Image.fromarray(np.ascontiguousarray(grey))
-        grey = np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
-        grey = np.clip(grey, 0.0, 1.0)
-    return grey
+    if scale >= 1.0:
+        return grey
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    # BOX averages every source pixel into the output: no aliasing of fine trabeculae.
+    shrunk = np.asarray(
+        Image.fromarray(np.ascontiguousarray(grey)).resize(size, Image.Resampling.BOX)
+    )
+    return shrunk if shrunk.dtype == np.uint8 else np.clip(shrunk, 0.0, 1.0)
 
 
 def _label_lines(view: ViewResult, result: StudyResult, model: ModelInfo) -> list[str]:
