@@ -46,6 +46,8 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from triage.dicom import prompt_reactors
+
 #: Start write-back after this many new bytes (a few PDUs' worth).
 WRITEBACK_STEP = 4 * 1024 * 1024
 
@@ -111,13 +113,16 @@ class FastAssociationSocket(AssociationSocket):
 
 
 class FastRequestHandler(RequestHandler):
-    """Creates associations whose socket is a :class:`FastAssociationSocket`."""
+    """Creates associations whose socket is a :class:`FastAssociationSocket`, whose DUL reads
+    PDUs with :func:`read_pdu_data` and whose reactors wake when there is work
+    (:mod:`triage.dicom.prompt_reactors`)."""
 
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
         # Same objects, same state: only how PDUs are read changes.
         assoc.dul.socket.__class__ = FastAssociationSocket
         assoc.dul._read_pdu_data = types.MethodType(read_pdu_data, assoc.dul)
+        prompt_reactors.attach(assoc)
         return assoc
 
 

@@ -20,9 +20,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom import _config as _pynetdicom_config
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import DicomConfig
+from triage.dicom import prompt_reactors
 from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files
 from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
 from triage.dicom.validation import Accepted, Rejected, check_instance
@@ -129,6 +131,8 @@ class _AssociationTally:
     echoes: int = 0
     reason: str = ""
     studies: set[str] = field(default_factory=set)
+    #: The association-ending reply we queued: "rejection", "release" or "abort".
+    sent: str = ""
 
 
 class Listener:
@@ -183,10 +187,12 @@ class Listener:
         """
         _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         install_spool_temp_files(self.spool.temp_dir)
+        prompt_reactors.install()
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         _Server.reuse_port = self.reuse_port
@@ -351,6 +357,11 @@ class Listener:
         bound.debug("instance_stored", size_bytes=size, revision=result.revision)
         return Status.SUCCESS, ""
 
+    def _on_acse_sent(self, event: evt.Event) -> None:
+        tally = self._tallies.get(id(event.assoc))
+        if tally is not None:
+            tally.sent = _acse_reply_kind(event.primitive) or tally.sent
+
     def _on_closed(self, event: evt.Event) -> None:
         assoc = event.assoc
         _discard_partial_data_set(assoc)
@@ -358,15 +369,17 @@ class Listener:
             tally = self._tallies.pop(id(assoc), None)
         if tally is None:
             return
-        if assoc.is_rejected:
+        # pynetdicom sets is_rejected / is_released just *after* it queues the reply, and the
+        # DUL thread may send it and see the peer hang up first: what we sent decides.
+        if assoc.is_rejected or tally.sent == "rejection":
             outcome = AssociationOutcome.REJECTED
             primitive = assoc.acceptor.primitive
             if not tally.reason and primitive is not None:
                 key = (primitive.result_source, primitive.diagnostic)
                 tally.reason = _REJECT_REASONS.get(key, f"rejected {key}")
-        elif assoc.is_aborted:
+        elif assoc.is_aborted or tally.sent == "abort":
             outcome = AssociationOutcome.ABORTED
-        elif assoc.is_released:
+        elif assoc.is_released or tally.sent == "release":
             outcome = AssociationOutcome.RELEASED
         else:
             outcome = AssociationOutcome.ABORTED
@@ -397,6 +410,17 @@ class Listener:
             )
         except Exception as exc:
             log.error("association_audit_failed", error=_one_line(exc))
+
+
+def _acse_reply_kind(primitive: Any) -> str:
+    """ "rejection", "release" (our A-RELEASE response), "abort" or "" for other primitives."""
+    if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+        return "rejection"
+    if isinstance(primitive, A_RELEASE) and primitive.result == "affirmative":
+        return "release"
+    if isinstance(primitive, A_ABORT | A_P_ABORT):
+        return "abort"
+    return ""
 
 
 def _one_line(exc: BaseException) -> str:
