@@ -46,7 +46,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from triage.dicom import prompt_reactors
+from triage.dicom import fast_commands, prompt_reactors
 
 #: Start write-back after this many new bytes (a few PDUs' worth).
 WRITEBACK_STEP = 4 * 1024 * 1024
@@ -114,8 +114,9 @@ class FastAssociationSocket(AssociationSocket):
 
 class FastRequestHandler(RequestHandler):
     """Creates associations whose socket is a :class:`FastAssociationSocket`, whose DUL reads
-    PDUs with :func:`read_pdu_data` and whose reactors wake when there is work
-    (:mod:`triage.dicom.prompt_reactors`)."""
+    PDUs with :func:`read_pdu_data`, whose reactors wake when there is work
+    (:mod:`triage.dicom.prompt_reactors`) and whose C-STORE answers are encoded byte by byte
+    (:mod:`triage.dicom.fast_commands`)."""
 
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
@@ -123,6 +124,7 @@ class FastRequestHandler(RequestHandler):
         assoc.dul.socket.__class__ = FastAssociationSocket
         assoc.dul._read_pdu_data = types.MethodType(read_pdu_data, assoc.dul)
         prompt_reactors.attach(assoc)
+        assoc.dimse.send_msg = fast_commands.fast_send_msg(assoc.dimse, assoc.dimse.send_msg)
         return assoc
 
 

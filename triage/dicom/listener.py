@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import DicomConfig
-from triage.dicom import prompt_reactors
+from triage.dicom import fast_commands, prompt_reactors
 from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files
 from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
 from triage.dicom.validation import Accepted, Rejected, check_instance
@@ -188,6 +188,7 @@ class Listener:
         _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         install_spool_temp_files(self.spool.temp_dir)
         prompt_reactors.install()
+        fast_commands.install()
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
