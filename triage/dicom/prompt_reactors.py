@@ -9,7 +9,7 @@ bench/RESULTS.md), more than our whole header check.
 
 The loops stay pynetdicom's own; only their naps become waits that can end early:
 
-- the DUL thread waits in select(2) on its socket and on a wake-up pipe written when another
+- the DUL thread waits in poll(2) on its socket and on a wake-up pipe written when another
   thread queues a primitive for it to send or an event for its state machine;
 - the reactor thread waits on an :class:`threading.Event` set when the DUL completes a DIMSE
   message or queues a primitive for the service user (a release or abort request).
@@ -22,6 +22,7 @@ listener's); every other sleep, thread and association (our C-STORE sender) is u
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import select
@@ -123,17 +124,19 @@ class _DulWaiter:
 
     def wait(self, seconds: float) -> None:
         """Sleep up to *seconds*, less when the peer sends data or :meth:`wake` is called."""
-        watched: list[Any] = [self._read_end]
+        # poll(2), not select(2): a busy listener may hold descriptors past FD_SETSIZE.
+        poller = select.poll()
+        poller.register(self._read_end, select.POLLIN)
         transport = self._dul.socket
         raw = getattr(transport, "socket", None)
-        if raw is not None and getattr(transport, "_is_connected", False):
-            watched.append(raw)
         try:
-            readable, _, _ = select.select(watched, [], [], seconds)
+            if raw is not None and getattr(transport, "_is_connected", False):
+                poller.register(raw, select.POLLIN)
+            ready = poller.poll(max(1, math.ceil(seconds * 1000)))
         except (OSError, ValueError):  # the socket was closed under us
             time.sleep(seconds)
             return
-        if self._read_end in readable:
+        if any(fd == self._read_end for fd, _events in ready):
             with contextlib.suppress(OSError):
                 os.read(self._read_end, 4096)
 
