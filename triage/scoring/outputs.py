@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 
 import numpy as np
@@ -40,30 +40,30 @@ class ViewPixels:
 
 @dataclass(frozen=True)
 class EncodedOutput:
-    """An output object encoded as a Part 10 file, not yet written."""
+    """An output object encoded as a Part 10 file, not yet written: its bytes and what the
+    store records about it once written."""
 
-    kind: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_uid: str
-    source_sop_instance_uid: str | None
-    path: str
+    file: OutputFile
     data: bytes
 
 
 def _encode(dataset: Dataset, kind: str, source_uid: str | None) -> EncodedOutput:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
     study_uid = str(dataset.StudyInstanceUID)
     sop_uid = str(dataset.SOPInstanceUID)
     return EncodedOutput(
-        kind=kind,
-        sop_class_uid=str(dataset.SOPClassUID),
-        sop_instance_uid=sop_uid,
-        series_uid=str(dataset.SeriesInstanceUID),
-        source_sop_instance_uid=source_uid,
-        path=f"outbox/{study_uid}/{sop_uid}.dcm",
-        data=buffer.getvalue(),
+        OutputFile(
+            kind=kind,
+            sop_class_uid=str(dataset.SOPClassUID),
+            sop_instance_uid=sop_uid,
+            series_uid=str(dataset.SeriesInstanceUID),
+            source_sop_instance_uid=source_uid,
+            path=f"outbox/{study_uid}/{sop_uid}.dcm",
+            size_bytes=len(data),
+        ),
+        data,
     )
 
 
@@ -75,7 +75,13 @@ def encode_outputs(
     views: Mapping[str, ViewPixels],
     predecessor_path: str | None,
 ) -> list[EncodedOutput]:
-    """Build and encode the SR (always), overlays and parametric maps (as configured)."""
+    """Build and encode the SR (always), overlays and parametric maps (as configured).
+
+    Top-level and picklable: the worker runs it in its process pool (building SRs and
+    overlays is CPU-bound Python that would hold the worker's GIL) and writes the result
+    itself (:func:`write_outputs`), so the fsyncs wait in one of its threads, not in a pool
+    process that could be building the next study's outputs.
+    """
     predecessor = dcmread(spool.path(predecessor_path)) if predecessor_path else None
     headers: Sequence[Dataset] = [views[v.sop_instance_uid].header for v in result.views]
     device_uid = installation_uid(config)
@@ -103,16 +109,7 @@ def encode_outputs(
 def write_outputs(spool: Spool, encoded: Sequence[EncodedOutput]) -> list[OutputFile]:
     """Write encoded outputs to the outbox, each atomically and durably."""
     return [
-        OutputFile(
-            kind=item.kind,
-            sop_class_uid=item.sop_class_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            series_uid=item.series_uid,
-            source_sop_instance_uid=item.source_sop_instance_uid,
-            path=item.path,
-            size_bytes=spool.write(item.path, (item.data,)),
-        )
-        for item in encoded
+        replace(item.file, size_bytes=spool.write(item.file.path, (item.data,))) for item in encoded
     ]
 
 
@@ -128,21 +125,6 @@ def build_outputs(
     return write_outputs(
         spool, encode_outputs(config, spool, result, model, views, predecessor_path)
     )
-
-
-def encode_outputs_in_process(
-    config: Config,
-    result: StudyResult,
-    model: ModelInfo,
-    views: Mapping[str, ViewPixels],
-    predecessor_path: str | None,
-) -> list[EncodedOutput]:
-    """:func:`encode_outputs` as a top-level, picklable job for the worker's process pool:
-    building SRs and overlays is CPU-bound Python, which would hold the worker's GIL. The
-    caller writes them (:func:`write_outputs`): the fsyncs then wait in one of its threads,
-    not in a pool process that could be building the next study's outputs."""
-    spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-    return encode_outputs(config, spool, result, model, views, predecessor_path)
 
 
 def warm_up_builders(config: Config, model: ModelInfo) -> None:

@@ -37,7 +37,7 @@ from triage.procutil import die_with_parent
 from triage.scoring.model import ScoringModel, resolve_device
 from triage.scoring.outputs import (
     ViewPixels,
-    encode_outputs_in_process,
+    encode_outputs,
     warm_up_builders,
     write_outputs,
 )
@@ -411,8 +411,9 @@ class Worker:
             info = self.model.info
             encoded = self._pool.submit(
                 BACKGROUND,
-                encode_outputs_in_process,
+                encode_outputs,
                 self.config,
+                self.spool,
                 result,
                 info,
                 study.pixels,
