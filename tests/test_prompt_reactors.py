@@ -149,13 +149,14 @@ def test_install_replaces_time_only_inside_the_two_pynetdicom_modules(
 ) -> None:
     monkeypatch.setattr(dul_module, "time", time)
     monkeypatch.setattr(association_module, "time", time)
+    real_sleep = time.sleep
     prompt_reactors.install()
     prompt_reactors.install()
     assert isinstance(dul_module.time, _ReactorTime)
     assert isinstance(association_module.time, _ReactorTime)
     assert not isinstance(dul_module.time.time, _ReactorTime)
     assert dul_module.time.monotonic is time.monotonic
-    assert time.sleep is not _ReactorTime.sleep
+    assert time.sleep is real_sleep  # the process-wide time module is left alone
 
 
 def test_the_reply_we_queued_decides_how_an_association_ended() -> None:
