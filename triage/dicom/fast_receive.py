@@ -9,7 +9,7 @@ Three targeted changes to pynetdicom 3's receive path, applied only in listener 
 2. In chunked mode pynetdicom writes each received fragment to a ``NamedTemporaryFile`` in the
    process's temp folder. :func:`install_spool_temp_files` makes it a file in the spool's own
    temp folder (same filesystem, so an accepted file is linked into place, never copied) and
-   asks the kernel to start writing each few megabytes back to disk while the rest of the image
+   asks the kernel to start writing each megabyte back to disk while the rest of the image
    is still arriving, so the fsync before the C-STORE answer has little left to wait for.
 3. For every P-DATA-TF PDU pynetdicom copies each PDV into new objects (PDU decode, P-DATA
    primitive, ``data[1:]``) before the fragment reaches that file. :func:`read_pdu_data` (the
@@ -48,8 +48,11 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from triage.dicom import fast_commands, prompt_reactors
 
-#: Start write-back after this many new bytes (a few PDUs' worth).
-WRITEBACK_STEP = 4 * 1024 * 1024
+#: Start write-back after this many new bytes. What is left when the last fragment arrives is
+#: what the fsync before the answer waits for: on a 10 MB image, a 4 MiB step left 1.4–1.7 ms
+#: of fsync per instance and a 1 MiB step 0.4–0.5 ms (bench/RESULTS.md, 2026-11-30 fast disk);
+#: 256 KiB was no better than 1 MiB.
+WRITEBACK_STEP = 1024 * 1024
 
 _SYNC_FILE_RANGE_WRITE = 2
 

@@ -44,7 +44,7 @@ def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
     *spool_backed* (the listener's engine) commits with ``synchronous=NORMAL``: still atomic
     and safe from process crashes, but after a power loss the last commits may be gone. The
     listener only records instances whose spool file is already durable, and the daemon
-    records such files again at start (:func:`triage.store.reconcile.record_orphans`), so
+    records such files again at start (:func:`triage.dicom.spool_recovery.record_orphans`), so
     nothing acknowledged is lost, and each C-STORE saves the WAL's fsync. Every other
     writer's commit fsyncs the WAL, and with it every commit before it.
     """
