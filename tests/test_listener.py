@@ -112,7 +112,7 @@ def test_multi_view_study_is_stored_grouped_and_idempotent(daemon_factory, tmp_p
     assert daemon.stop() == 0
 
 
-@pytest.mark.parametrize("max_pdu_size", [4096, 131072])
+@pytest.mark.parametrize("max_pdu_size", [4096, 131072, 1048576])
 def test_data_sets_over_many_pdus_are_stored_byte_for_byte(
     daemon_factory, tmp_path, max_pdu_size: int
 ) -> None:
