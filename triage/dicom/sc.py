@@ -96,20 +96,26 @@ def heat_level(probability: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def blend(
-    grey: np.ndarray, level: np.ndarray, *, opacity: float, colormap: str = colormaps.DEFAULT
+    grey: np.ndarray,
+    level: np.ndarray,
+    *,
+    opacity: float,
+    colormap: str = colormaps.DEFAULT,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """*grey* (uint8, or float 0..1) with *level* (0..1) coloured over it at ``opacity × level``.
 
-    Returns uint8 RGB. Both are quantised to 256 steps (the output's and the colour map's
-    resolution) and every pixel is one lookup in a 256 × 256 table of blended colours: no float
-    work on three channels per pixel.
+    Returns uint8 RGB, written into *out* when given (``grey.shape + (3,)``, uint8,
+    C-contiguous). Both are quantised to 256 steps (the output's and the colour map's
+    resolution) and every pixel is one lookup in a 256 × 256 table of blended colours: no
+    float work on three channels per pixel.
     """
     table = _blend_table(float(opacity), colormap)
     key = (grey if grey.dtype == np.uint8 else _steps(grey)).astype(np.uint16)
     key <<= 8
     key |= _steps(level)
     # take() gathers whole rows of the table: about 3× faster than table[key].
-    return np.take(table, key, axis=0)
+    return np.take(table, key, axis=0, out=out)
 
 
 def _steps(values: np.ndarray) -> np.ndarray:
@@ -190,9 +196,11 @@ def build_cam_overlay(
     font, band = _label_font(lines, np.shape(display), max_side)
     grey = _fit(display, max_side - band, max_side)
     rows, cols = grey.shape
+    # The image is blended straight into the rows under the label band of the output.
+    rgb = np.zeros((band + rows, cols, 3), np.uint8)
     level = heat_level(local_probability(view, rows, cols), result.threshold)
-    rgb = blend(grey, level, opacity=opacity, colormap=colormap)
-    rgb = _add_label(rgb, lines, font, band, warn=not model.validated)
+    blend(grey, level, opacity=opacity, colormap=colormap, out=rgb[band:])
+    _draw_label(rgb, lines, font, band, warn=not model.validated)
 
     laterality = laterality_of(source)
     series_laterality = laterality if laterality in ("R", "L") else ""
@@ -325,25 +333,24 @@ def _margin(size: int) -> int:
     return max(2, size // 4)
 
 
-def _add_label(
+def _draw_label(
     rgb: np.ndarray,
     lines: list[str],
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     band: int,
     *,
     warn: bool,
-) -> np.ndarray:
-    """*rgb* under a black band of *band* rows carrying *lines* (the last one red if *warn*)."""
-    rows, cols = rgb.shape[:2]
-    canvas = Image.new("RGB", (cols, rows + band), _LABEL_BACKGROUND)
-    canvas.paste(Image.fromarray(rgb), (0, band))
-    draw = ImageDraw.Draw(canvas)
+) -> None:
+    """Draw *lines* (the last one red if *warn*) on the black band of *band* rows atop *rgb*."""
+    cols = rgb.shape[1]
+    label = Image.new("RGB", (cols, band), _LABEL_BACKGROUND)
+    draw = ImageDraw.Draw(label)
     size = int(getattr(font, "size", 11))
     margin = _margin(size)
     for index, text in enumerate(lines):
         colour = _LABEL_WARNING if warn and index == len(lines) - 1 else _LABEL_TEXT
         draw.text((margin, margin + index * (size + margin)), text, fill=colour, font=font)
-    return np.asarray(canvas, dtype=np.uint8)
+    rgb[:band] = np.asarray(label, dtype=np.uint8)
 
 
 def _single_letter_orientation(source: pydicom.Dataset) -> tuple[str, str]:
