@@ -20,6 +20,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -127,16 +128,30 @@ def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[
         )
     torch.set_num_threads(torch_threads(config))  # as the daemon does
     model = load_model(load_card(config.model.card), device=args.device, precision=args.precision)
-    worker = Worker(config, store, spool, model)
+    # The end is signalled by the worker's own callback, not found by polling the store: a
+    # poll every few milliseconds is Python work in the worker's process that the daemon
+    # does not do, and it slowed the forward it shares the GIL with.
+    scored = [0]
+    all_scored = threading.Event()
+    lock = threading.Lock()
+
+    def on_scored() -> None:  # called from the worker's finisher threads
+        with lock:
+            scored[0] += 1
+            if scored[0] >= args.studies:
+                all_scored.set()
+
+    worker = Worker(config, store, spool, model, on_scored=on_scored)
     worker.warm_up()
     store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
     start = time.perf_counter()
     worker.start()  # warms up again (already warm: fast), then claims
-    while store.counts_by_state().get(StudyState.DONE, 0) < args.studies:
+    while not all_scored.wait(0.5):
         if store.counts_by_state().get(StudyState.FAILED, 0):
             raise RuntimeError("a study FAILED: see the log")
-        time.sleep(0.02)
     seconds = time.perf_counter() - start
+    if store.counts_by_state().get(StudyState.DONE, 0) != args.studies:
+        raise RuntimeError("the worker reported studies scored that are not DONE")
     worker.stop(10)
     engine.dispose()
     return len(files) / seconds, worker.decode_processes, str(model.device)
