@@ -22,9 +22,9 @@ def _config(*, device: str = "cpu", threads: int = 0, decode_processes: int = 0)
 
 @pytest.mark.parametrize(
     ("cores", "model_threads", "processes"),
-    [(1, 1, 1), (2, 1, 2), (4, 2, 3), (16, 8, 9)],
+    [(1, 1, 1), (2, 1, 1), (4, 2, 2), (16, 8, 8)],
 )
-def test_cpu_host_default_split_oversubscribes_by_one_decode_process(
+def test_cpu_host_default_split_gives_decoding_the_cores_the_model_leaves(
     monkeypatch: pytest.MonkeyPatch, cores: int, model_threads: int, processes: int
 ) -> None:
     monkeypatch.setattr(worker.multiprocessing, "cpu_count", lambda: cores)

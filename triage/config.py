@@ -221,8 +221,8 @@ class WorkerConfig:
 
     #: Run the worker inside `triage serve` (off on ingest-only hosts).
     enabled: bool = True
-    #: Processes decoding pixel data (0: one per core but one with a GPU; on a CPU one more than
-    #: the cores the model's threads leave; see triage.scoring.worker.decode_process_count).
+    #: Processes decoding pixel data (0: one per core but one with a GPU; on a CPU the cores
+    #: the model's threads leave; see triage.scoring.worker.decode_process_count).
     decode_processes: int = 0
     #: Scoring attempts per study revision before it is FAILED.
     max_attempts: int = 3

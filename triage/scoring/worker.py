@@ -58,22 +58,23 @@ def decode_process_count(configured: int, on_gpu: bool = False) -> int:
     """Decode processes: as configured, else from the cores and where the model runs.
 
     - on a GPU host, one per core but one: decoding is what limits the path there;
-    - on a CPU host, one more than the cores the model's threads leave (see
-      :func:`torch_threads`). Each party of the path waits on the others now and then, and a
-      spare decode process fills those gaps: on 2 vCPUs, 2 decode processes beside the
-      1-thread forward scored 0.85–0.99× of the bare forward in fp32 and 0.53–0.55× in bf16,
-      against 0.90× and 0.44–0.51× with one (bench/RESULTS.md, 2026-11-29).
+    - on a CPU host, the cores the model's threads leave (see :func:`torch_threads`): on 2
+      vCPUs, 1 torch thread + 1 decode process. A spare process (3 CPU-bound parties on 2
+      vCPUs) was measured both ways: up to 15% better in bf16 on one host (2026-11-29) and
+      20–30% worse, in fp32 and bf16, in four interleaved runs each on another (2026-11-30),
+      where the bf16 forward ran at 75–80 ms per view beside one decode process and 110–118
+      ms beside two (bench/RESULTS.md). Not oversubscribing loses less where it loses.
     """
     if configured > 0:
         return configured
     cores = multiprocessing.cpu_count() or 2
     if on_gpu:
         return max(1, cores - 1)
-    return cores - _cpu_model_threads(cores) + 1
+    return max(1, cores - _cpu_model_threads(cores))
 
 
 def _cpu_model_threads(cores: int) -> int:
-    # Half the cores for the forward, half (plus one process) for decoding and outputs.
+    # Half the cores for the forward, half for decoding and outputs.
     return max(1, cores // 2)
 
 
