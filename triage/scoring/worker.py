@@ -62,7 +62,7 @@ def decode_process_count(configured: int, on_gpu: bool = False) -> int:
       vCPUs, 1 torch thread + 1 decode process. A spare process (3 CPU-bound parties on 2
       vCPUs) was measured both ways: up to 15% better in bf16 on one host (2026-11-29) and
       20–30% worse, in fp32 and bf16, in four interleaved runs each on another (2026-11-30),
-      where the bf16 forward ran at 75–80 ms per view beside one decode process and 110–118
+      where the bf16 forward ran at 74–82 ms per view beside one decode process and 110–118
       ms beside two (bench/RESULTS.md). Not oversubscribing loses less where it loses.
     """
     if configured > 0:
