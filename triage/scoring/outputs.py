@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
@@ -108,9 +108,9 @@ def encode_outputs(
 
 def write_outputs(spool: Spool, encoded: Sequence[EncodedOutput]) -> list[OutputFile]:
     """Write encoded outputs to the outbox, each atomically and durably."""
-    return [
-        replace(item.file, size_bytes=spool.write(item.file.path, (item.data,))) for item in encoded
-    ]
+    for item in encoded:
+        spool.write(item.file.path, (item.data,))
+    return [item.file for item in encoded]  # size_bytes is already len(data)
 
 
 def build_outputs(
