@@ -10,12 +10,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
 
 from triage.config import Config
+from triage.dicom.part10 import encode_part10
 from triage.dicom.pmap import build_parametric_map
 from triage.dicom.sc import build_cam_overlay
 from triage.dicom.sr import build_sr
@@ -48,9 +48,7 @@ class EncodedOutput:
 
 
 def _encode(dataset: Dataset, kind: str, source_uid: str | None) -> EncodedOutput:
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
+    data = encode_part10(dataset)
     study_uid = str(dataset.StudyInstanceUID)
     sop_uid = str(dataset.SOPInstanceUID)
     return EncodedOutput(
