@@ -38,8 +38,13 @@ from pydicom.sr.coding import Code
 
 import triage
 from triage import __version__
+from triage.dicom import iod_lookup
 from triage.scoring.result import ModelInfo, StudyResult
 from triage.uids import derived_uid
+
+# Every SR, overlay and parametric map goes through highdicom's IOD table searches several
+# times; the answers never change (see iod_lookup). sc and pmap import this module.
+iod_lookup.install()
 
 #: Manufacturer of every object msk-triage writes (General Equipment).
 MANUFACTURER = triage.MANUFACTURER
