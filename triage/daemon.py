@@ -21,6 +21,8 @@ from triage.store.repository import Store
 from triage.store.spool import Spool
 
 log = get_logger("triage.daemon")
+#: `triage worker` removes only temp files older than this at start (see Spool.prepare).
+_FOREIGN_TEMP_AGE_S = 3600.0
 
 
 class StartupError(RuntimeError):
@@ -201,7 +203,8 @@ def run_worker(config: Config) -> int:
     upgrade_schema(engine)
     store = Store(engine)
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-    spool.prepare()
+    # A daemon may be receiving into (and its worker staging in) the same spool right now.
+    spool.prepare(older_than_s=_FOREIGN_TEMP_AGE_S)
     worker = _make_worker(config, store, spool, None)
     worker.start()
     log.info("ready", role="worker", worker=worker.owner)

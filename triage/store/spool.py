@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,12 +24,20 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self._tmp = self.root / "tmp"
 
-    def prepare(self) -> int:
-        """Create the folders and remove temp files a crash left behind; returns how many."""
+    def prepare(self, older_than_s: float = 0.0) -> int:
+        """Create the folders and remove temp files a crash left behind; returns how many.
+
+        With *older_than_s*, only temp files not modified for that long go: a process that
+        shares the spool with a running daemon (``triage worker`` on the same host) must not
+        remove the files the daemon is writing.
+        """
         self._tmp.mkdir(parents=True, exist_ok=True)
         removed = 0
+        cutoff = time.time() - older_than_s
         for leftover in self._tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):
+                if older_than_s and leftover.stat().st_mtime > cutoff:
+                    continue
                 leftover.unlink()
                 removed += 1
         return removed
