@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import update
 
 from tests.peers import Storescp, free_port, write_config
-from triage.cli.admin import main
+from triage.cli.admin import echo, main
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.db import make_engine, upgrade_schema
 from triage.store.models import DeliveryState, Study, StudyState, utcnow
@@ -690,6 +690,18 @@ def test_echo_a_peer_by_address_or_destination_name(tmp_path: Path, capsys, monk
     finally:
         pacs.stop()
         refusing.stop()
+
+
+def test_a_rejection_is_reported_as_one_however_fast_the_peer_hangs_up(tmp_path: Path) -> None:
+    """DCMTK closes the connection right after its A-ASSOCIATE-RJ; pynetdicom then sometimes
+    reports an abort (about 1 attempt in 10 here). The RJ must still be what the user sees."""
+    refusing = Storescp(tmp_path / "refusing", ae_title="NOPE", extra=["--refuse"]).start()
+    try:
+        target = {"ae_title": "NOPE", "host": "127.0.0.1", "port": refusing.port}
+        errors = {echo(target, "TRIAGE", 5.0)["error"] for _ in range(40)}
+    finally:
+        refusing.stop()
+    assert errors == {"association rejected permanently: no reason given"}
 
 
 # --- the installed command, beside a running daemon ----------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
@@ -227,8 +228,28 @@ class Sender:
         )
 
 
+def rejection(assoc) -> A_ASSOCIATE | None:  # type: ignore[no-untyped-def]
+    """The peer's A-ASSOCIATE-RJ for a failed association request, or None.
+
+    pynetdicom can report a rejected association as aborted: when the peer closes the
+    connection right after its A-ASSOCIATE-RJ (DCMTK does), the requestor may find the socket
+    closed before it takes the RJ primitive from the DUL's queue, and aborts
+    (``acse._negotiate_as_requestor`` checks the socket first; ~1 in 10 attempts against
+    ``storescp --refuse`` here). The primitive is still in that queue, so look there too.
+    """
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        return assoc.acceptor.primitive
+    if assoc.is_established:
+        return None
+    pending = getattr(getattr(getattr(assoc, "dul", None), "to_user_queue", None), "queue", ())
+    for primitive in list(pending):
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            return primitive
+    return None
+
+
 def _rejected_permanently(assoc) -> bool:  # type: ignore[no-untyped-def]
-    primitive = assoc.acceptor.primitive if assoc.is_rejected else None
+    primitive = rejection(assoc)
     return primitive is not None and primitive.result == 0x01
 
 
@@ -247,15 +268,15 @@ _REJECT_DIAGNOSTICS = {
 def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
     if assoc.is_established:
         return ""
+    primitive = rejection(assoc)
+    if primitive is not None:
+        kind = "permanently" if primitive.result == 0x01 else "transiently"
+        why = _REJECT_DIAGNOSTICS.get(
+            (primitive.result_source, primitive.diagnostic),
+            f"diagnostic {primitive.diagnostic}",
+        )
+        return f"association rejected {kind}: {why}"
     if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        if primitive is not None:
-            kind = "permanently" if primitive.result == 0x01 else "transiently"
-            why = _REJECT_DIAGNOSTICS.get(
-                (primitive.result_source, primitive.diagnostic),
-                f"diagnostic {primitive.diagnostic}",
-            )
-            return f"association rejected {kind}: {why}"
         return "association rejected"
     if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return "association aborted by the peer"
