@@ -45,7 +45,7 @@ def bare_model(card_path: str, device: str, precision: str, batch: int, images: 
     """Images/s of a plain torchvision forward (the model loaded the way the worker loads it)."""
     card = load_card(card_path)
     scoring = load_model(card, device=device, precision=precision)
-    net = _load_weights(card).eval().to(scoring.device)
+    net: torch.nn.Module = _load_weights(card).eval().to(scoring.device)
     dtype = torch.bfloat16 if scoring.precision == "bf16" else torch.float32
     fmt = torch.channels_last if scoring.channels_last else torch.contiguous_format
     on_cuda = scoring.device.type == "cuda"
@@ -71,6 +71,26 @@ def bare_model(card_path: str, device: str, precision: str, batch: int, images: 
     start = time.perf_counter()
     for _ in range(rounds):
         run()
+    return rounds * batch / (time.perf_counter() - start)
+
+
+def traced_model(card_path: str, device: str, precision: str, batch: int, images: int) -> float:
+    """Images/s of the worker's own forward (ScoringModel, traced on a CPU) on ready tensors."""
+    defaults = load_config(None, env={}).model
+    model = load_model(
+        load_card(card_path),
+        device=device,
+        precision=precision,
+        compile=defaults.compile,
+        cpu_graph=defaults.cpu_graph,
+    )
+    x = torch.randn(batch, 3, model.input_size, model.input_size)
+    for _ in range(3):  # warm-up (a traced graph profiles its first runs)
+        model.forward(x)
+    rounds = max(1, images // batch)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        model.forward(x)
     return rounds * batch / (time.perf_counter() - start)
 
 
@@ -127,7 +147,13 @@ def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[
             None,
         )
     torch.set_num_threads(torch_threads(config))  # as the daemon does
-    model = load_model(load_card(config.model.card), device=args.device, precision=args.precision)
+    model = load_model(
+        load_card(config.model.card),
+        device=args.device,
+        precision=args.precision,
+        compile=config.model.compile,
+        cpu_graph=config.model.cpu_graph,
+    )
     # The end is signalled by the worker's own callback, not found by polling the store: a
     # poll every few milliseconds is Python work in the worker's process that the daemon
     # does not do, and it slowed the forward it shares the GIL with.
@@ -198,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             bare_model(card, args.device, args.precision, args.batch, views)
             for _ in range(args.reps)
         ]
+        # The worker's CPU forward is a traced graph (ScoringModel cpu_graph): the same
+        # results, without the GIL between operators. Shown beside the eager reference.
+        traced = [traced_model(card, args.device, args.precision, args.batch, views)]
         full, processes, device = scoring_path(args, True, work / "full")
         sr_only, _, _ = scoring_path(args, False, work / "sr")
     finally:
@@ -214,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         (f"bare forward, {worker_threads} thread(s), ready tensors", reference),
         (f"bare forward, {all_cores} threads, ready tensors", statistics.median(bare_all)),
+        (f"the worker's forward alone, {worker_threads} thread(s)", traced[0]),
         ("scoring path: results + SR", sr_only),
         ("scoring path: results + SR + CAM overlays", full),
     ]

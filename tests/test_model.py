@@ -159,6 +159,30 @@ def test_bf16_within_its_bound_of_fp32_single_image_torchvision(batch):
     torch.testing.assert_close(cams.mean(dim=(1, 2)) + model.bias, logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_graph_gives_the_eager_results_bit_for_bit(batch, precision):
+    card = load_card(DEMO_CARD)
+    eager = load_model(card, device="cpu", precision=precision)
+    graph = load_model(card, device="cpu", precision=precision, cpu_graph=True)
+    assert graph.traced and not eager.traced
+    for views in (batch, batch[:1]):  # a traced graph takes any batch size
+        eager_logits, eager_cams = eager.forward(views)
+        logits, cams = graph.forward(views)
+        assert torch.equal(logits, eager_logits) and torch.equal(cams, eager_cams)
+
+
+def test_cpu_graph_falls_back_to_eager_when_tracing_fails(batch, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no tracing here")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    card = load_card(DEMO_CARD)
+    model = load_model(card, device="cpu", precision="fp32", cpu_graph=True)
+    assert not model.traced
+    logits, _ = model.forward(batch[:1])
+    assert logits.shape == (1,)
+
+
 def test_auto_precision_follows_the_hardware():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")

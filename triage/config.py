@@ -193,6 +193,9 @@ class ModelConfig:
     allow_unvalidated: bool = False
     #: torch.compile the model at start (pays off on a GPU; compiling takes a minute or more).
     compile: bool = False
+    #: On a CPU, run the model as a traced graph: the same results, and its operators do not
+    #: wait for Python's GIL, which the worker's other threads hold now and then.
+    cpu_graph: bool = True
     #: CPU threads for torch (0: one with a GPU; on a CPU the cores the decode processes leave,
     #: or half the cores; see triage.scoring.worker.torch_threads).
     threads: int = 0

@@ -191,6 +191,7 @@ class Worker:
             worker=self.owner,
             device=str(self.model.device),
             precision=self.model.precision,
+            traced=self.model.traced,
             batch_size=self.config.model.batch_size,
             decode_processes=self._processes,
             model=self.model.info.name,
@@ -492,6 +493,7 @@ def load_configured_model(config: Config) -> ScoringModel:
         device=config.model.device,
         precision=config.model.precision,
         compile=config.model.compile,
+        cpu_graph=config.model.cpu_graph,
     )
     if not card.validated:
         log.warning(
