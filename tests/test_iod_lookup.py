@@ -5,6 +5,7 @@ from __future__ import annotations
 import highdicom.base
 import highdicom.content
 import highdicom.sr.content
+import highdicom.sr.templates
 import pytest
 
 import triage.dicom.sr  # noqa: F401  (installs the cached lookups)
@@ -31,12 +32,20 @@ def test_answers_equal_highdicoms(sop_class: str) -> None:
     assert iod_lookup.does_iod_have_pixel_data(sop_class) == iod_lookup._original_has_pixels(
         sop_class
     )
+    try:
+        expected = iod_lookup._original_coded_modality(sop_class)
+    except ValueError:  # not an image SOP class highdicom has a modality code for
+        with pytest.raises(ValueError):
+            iod_lookup.coded_modality(sop_class)
+    else:
+        assert iod_lookup.coded_modality(sop_class) == expected
 
 
 def test_highdicom_modules_use_the_cached_lookups() -> None:
     assert highdicom.base.is_attribute_in_iod is iod_lookup.is_attribute_in_iod
     assert highdicom.sr.content.is_attribute_in_iod is iod_lookup.is_attribute_in_iod
     assert highdicom.content.does_iod_have_pixel_data is iod_lookup.does_iod_have_pixel_data
+    assert highdicom.sr.templates._get_coded_modality is iod_lookup.coded_modality
     iod_lookup.install()  # idempotent
     assert highdicom.base.is_attribute_in_iod is iod_lookup.is_attribute_in_iod
 
