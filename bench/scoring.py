@@ -171,7 +171,7 @@ def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[
     worker.warm_up()
     store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
     start = time.perf_counter()
-    worker.start()  # warms up again (already warm: fast), then claims
+    worker.start()  # already warm: claims at once
     while not all_scored.wait(0.5):
         if store.counts_by_state().get(StudyState.FAILED, 0):
             raise RuntimeError("a study FAILED: see the log")

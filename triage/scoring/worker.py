@@ -147,6 +147,7 @@ class Worker:
             max_workers=2 * self._processes, thread_name_prefix="finish"
         )
         self._pool = self._new_pool()
+        self._warm = False
         self._pool_broken = False
 
     def _new_pool(self) -> PriorityPool:
@@ -173,11 +174,13 @@ class Worker:
         self.model.forward(self.model.make_batch([np.zeros((3, size, size), np.float32)]))
         for warmer in warmers:
             warmer.result()
+        self._warm = True
         log.info("worker_warm", seconds=round(time.monotonic() - started, 2))
 
     def start(self) -> None:
-        """Warm up, then start the claim and batch loops."""
-        self.warm_up()
+        """Warm up (unless :meth:`warm_up` already ran), then start the claim and batch loops."""
+        if not self._warm:
+            self.warm_up()
         self.queue.heartbeat(self.owner, str(self.model.device), self.model.info.version)
         for target, name in (
             (self._claim_loop, "worker-claim"),
