@@ -13,7 +13,9 @@ Precision: on CUDA the weights run in bf16 with channels_last (optionally ``torc
 on a CPU, fp32 — or bf16 autocast with channels_last when the CPU has native bf16 (AVX-512 BF16
 or AMX), where it is ≈3× faster. The CAM and the logit are always accumulated in fp32 from the
 features. bf16 moves a logit by at most :data:`BF16_LOGIT_TOLERANCE` on the demo model (measured
-2.8e-3 here, 8e-3 in FACTS.md; the tests assert the bound).
+2.8e-3 here, 8e-3 in FACTS.md; the tests assert the bound). On a CPU the features run as a
+traced graph when the daemon asks for it (``[model] cpu_graph``): the same numbers, without
+Python's GIL between operators.
 """
 
 from __future__ import annotations
@@ -306,10 +308,10 @@ def _traced(
     one Python thread busy 20% of the time (what the worker's other threads do) a 1-thread bf16
     forward lost ~20% here; the traced graph runs its operators without the GIL and lost
     nothing, and alone it was ~5–10% faster. Its outputs equal the eager ones bit for bit, in
-    fp32 and in bf16 (tests/test_model.py checks). ``torch.jit.trace`` is deprecated in favour
-    of ``torch.compile`` / ``torch.export``, which need a C++ toolchain and minutes of
-    compiling at start on a small CPU host; when torch drops it, this returns None and the
-    model runs eagerly.
+    fp32 and in bf16 (tests/test_model.py checks). ``torch.jit.trace`` is deprecated; of its
+    successors, a ``torch.export`` program runs its operators from Python again, and
+    ``torch.compile`` / AOTInductor compile C++ at start (a toolchain, and minutes on a small
+    CPU host). When torch drops it, this returns None and the model runs eagerly.
     """
     trace = getattr(getattr(torch, "jit", None), "trace", None)
     if trace is None:
