@@ -203,7 +203,7 @@ def run_worker(config: Config) -> int:
     upgrade_schema(engine)
     store = Store(engine)
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-    # A daemon may be receiving into (and its worker staging in) the same spool right now.
+    # A daemon on this host may be receiving into the same spool right now.
     spool.prepare(older_than_s=_FOREIGN_TEMP_AGE_S)
     worker = _make_worker(config, store, spool, None)
     worker.start()
