@@ -171,6 +171,20 @@ def test_cpu_graph_gives_the_eager_results_bit_for_bit(batch, precision):
         assert torch.equal(logits, eager_logits) and torch.equal(cams, eager_cams)
 
 
+def test_cpu_graph_runs_unfrozen_when_freezing_fails(batch, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no freezing here")
+
+    card = load_card(DEMO_CARD)
+    eager = load_model(card, device="cpu", precision="fp32")
+    monkeypatch.setattr(torch.jit, "freeze", refuse)
+    model = load_model(card, device="cpu", precision="fp32", cpu_graph=True)
+    assert model.traced
+    logits, cams = model.forward(batch[:1])
+    eager_logits, eager_cams = eager.forward(batch[:1])
+    assert torch.equal(logits, eager_logits) and torch.equal(cams, eager_cams)
+
+
 def test_cpu_graph_falls_back_to_eager_when_tracing_fails(batch, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no tracing here")
