@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from triage.config import load_config  # noqa: E402
+from triage.procutil import retain_freed_memory  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
 from triage.scoring.model import _load_weights, load_model  # noqa: E402
 from triage.scoring.worker import Worker, torch_threads  # noqa: E402
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from triage.logs import configure_logging
 
     configure_logging("warning", "console")
+    retain_freed_memory()  # as the daemon's worker does: the bare forward gets it too
     card = str(ROOT / "models" / "demo" / "card.toml")
     views = args.studies * args.views
     work = Path(tempfile.mkdtemp(prefix="triage-bench-scoring-"))

@@ -33,7 +33,7 @@ from triage import failpoints, metrics
 from triage.config import Config
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
-from triage.procutil import die_with_parent
+from triage.procutil import die_with_parent, retain_freed_memory
 from triage.scoring.model import ScoringModel, resolve_device
 from triage.scoring.outputs import (
     ViewPixels,
@@ -87,8 +87,10 @@ def runs_on_gpu(config: Config) -> bool:
 
 
 def _init_decode_process() -> None:
-    """Decode processes die with the worker and use one torch thread each."""
+    """Decode processes die with the worker, keep freed memory for the next view (see
+    :func:`~triage.procutil.retain_freed_memory`) and use one torch thread each."""
     die_with_parent(signal.SIGKILL)
+    retain_freed_memory()
     init_decode_worker()
 
 
@@ -491,6 +493,7 @@ def load_configured_model(config: Config) -> ScoringModel:
             " = true to run it anyway (not for clinical use)"
         )
     torch.set_num_threads(torch_threads(config))
+    retain_freed_memory()
     model = load_model(
         card,
         device=config.model.device,
