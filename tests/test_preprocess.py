@@ -333,6 +333,20 @@ def test_downsample_display_bounds_the_longest_side():
     assert small.shape == (100, 80)
 
 
+def test_large_frames_are_halved_then_resized_without_aliasing():
+    # One-pixel stripes, the worst case for aliasing: every output pixel averages them to grey.
+    stripes = np.tile(np.array([0.0, 1.0], np.float32), (2561, 1025))[:, :2049]
+    display = downsample_display(stripes, 1024)
+    assert display.shape == (1024, 819)  # odd sizes too; aspect ratio kept
+    assert np.abs(display.astype(np.int16) - 128).max() <= 2
+    # A smooth image comes out as the one-pass antialiased resize gives it.
+    ramp = np.add.outer(np.linspace(0, 0.5, 2560), np.linspace(0, 0.5, 2048)).astype(np.float32)
+    one_pass = torch.nn.functional.interpolate(
+        torch.from_numpy(ramp)[None, None], size=(1024, 819), mode="bilinear", antialias=True
+    )[0, 0].numpy()
+    assert np.abs(downsample_display(ramp, 1024) / 255.0 - one_pass).max() < 1.5 / 255
+
+
 # --- compressed transfer syntaxes ------------------------------------------------------------
 
 
