@@ -172,6 +172,45 @@ def test_rescoring_a_revision_reuses_output_rows(store: Store) -> None:
         assert session.query(Result).one().probability == 0.3
 
 
+def test_a_study_with_several_outputs_and_destinations_gets_every_delivery(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 8, views=3)
+    [claim] = queue.claim("w1", 1, 60)
+    sr = outputs_for(claim)[0]
+    overlays = [
+        OutputFile(
+            "sc",
+            "1.2.840.10008.5.1.4.1.1.7",
+            f"2.25.{claim.study_id}{claim.revision}{n}9",
+            "2.25.78",
+            instance.sop_instance_uid,
+            f"outbox/{claim.study_uid}/sc{n}.dcm",
+            2000,
+        )
+        for n, instance in enumerate(claim.instances[:-1])
+    ]
+    outputs = [sr, *overlays]
+    assert queue.complete(claim, result_for(claim), MODEL, outputs, ["pacs", "archive"], 1.0)
+    with store.session() as session, session.begin():
+        from sqlalchemy import update
+
+        from triage.store.models import Study
+
+        for delivery in session.query(Delivery):
+            delivery.state, delivery.attempts = DeliveryState.DONE, 1
+        session.execute(update(Study).values(state=StudyState.QUEUED))
+    [again] = queue.claim("w1", 1, 60)
+    assert queue.complete(again, result_for(again), MODEL, outputs, ["pacs", "archive"], 1.0)
+    with store.session() as session:
+        assert session.query(Output).count() == 3
+        deliveries = session.query(Delivery).all()
+        assert sorted((d.output_id, d.destination) for d in deliveries) == sorted(
+            (o.id, name) for o in session.query(Output) for name in ("pacs", "archive")
+        )
+        # Rebuilt outputs are sent again, to every destination.
+        assert {(d.state, d.attempts) for d in deliveries} == {(DeliveryState.PENDING, 0)}
+
+
 def test_concurrent_workers_never_claim_the_same_study(store: Store) -> None:
     queue = WorkQueue(store)
     for n in range(40):

@@ -233,8 +233,7 @@ class WorkQueue:
                         skipped=True,
                     )
                 )
-            for output in outputs:
-                self._record_output(session, study, claim.revision, output, destinations)
+            self._record_outputs(session, study, claim.revision, outputs, destinations)
             study.study_type = result.study_type.value
             _release(study, "")
             verdict = "abnormal" if result.abnormal else "normal"
@@ -247,57 +246,74 @@ class WorkQueue:
 
         return self.store.transaction(work)
 
-    def _record_output(
+    def _record_outputs(
         self,
         session: Session,
         study: Study,
         revision: int,
-        output: OutputFile,
+        outputs: Sequence[OutputFile],
         destinations: Sequence[str],
     ) -> None:
-        row = session.scalar(
-            select(Output).where(Output.sop_instance_uid == output.sop_instance_uid)
-        )
-        now = utcnow()
-        if row is None:
-            row = Output(
-                study_id=study.id,
-                revision=revision,
-                kind=output.kind,
-                sop_class_uid=output.sop_class_uid,
-                sop_instance_uid=output.sop_instance_uid,
-                series_uid=output.series_uid,
-                source_sop_instance_uid=output.source_sop_instance_uid,
-                path=output.path,
-                size_bytes=output.size_bytes,
-                created_at=now,
-            )
-            session.add(row)
-            session.flush()
-        else:
-            row.path, row.size_bytes = output.path, output.size_bytes
-        existing = {
-            d.destination: d
-            for d in session.scalars(select(Delivery).where(Delivery.output_id == row.id))
-        }
-        for name in destinations:
-            delivery = existing.get(name)
-            if delivery is None:
-                session.add(
-                    Delivery(
-                        output_id=row.id,
-                        destination=name,
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        last_error="",
-                        updated_at=now,
-                    )
+        """Insert (or, rebuilt after a requeue, update) the output rows and a pending delivery
+        of each to every destination: two queries and one flush for the whole study, not
+        two queries and a flush per output (each a round trip on PostgreSQL)."""
+        if not outputs:
+            return
+        rows = {
+            row.sop_instance_uid: row
+            for row in session.scalars(
+                select(Output).where(
+                    Output.sop_instance_uid.in_([o.sop_instance_uid for o in outputs])
                 )
+            )
+        }
+        now = utcnow()
+        for output in outputs:
+            row = rows.get(output.sop_instance_uid)
+            if row is None:
+                rows[output.sop_instance_uid] = Output(
+                    study_id=study.id,
+                    revision=revision,
+                    kind=output.kind,
+                    sop_class_uid=output.sop_class_uid,
+                    sop_instance_uid=output.sop_instance_uid,
+                    series_uid=output.series_uid,
+                    source_sop_instance_uid=output.source_sop_instance_uid,
+                    path=output.path,
+                    size_bytes=output.size_bytes,
+                    created_at=now,
+                )
+                session.add(rows[output.sop_instance_uid])
             else:
-                delivery.state = DeliveryState.PENDING
-                delivery.attempts = 0
-                delivery.next_attempt_at = now
+                row.path, row.size_bytes = output.path, output.size_bytes
+        if not destinations:
+            return
+        session.flush()  # the new rows' ids
+        existing = {
+            (d.output_id, d.destination): d
+            for d in session.scalars(
+                select(Delivery).where(Delivery.output_id.in_([r.id for r in rows.values()]))
+            )
+        }
+        for row in rows.values():
+            for name in destinations:
+                delivery = existing.get((row.id, name))
+                if delivery is None:
+                    session.add(
+                        Delivery(
+                            output_id=row.id,
+                            destination=name,
+                            state=DeliveryState.PENDING,
+                            attempts=0,
+                            next_attempt_at=now,
+                            last_error="",
+                            updated_at=now,
+                        )
+                    )
+                else:
+                    delivery.state = DeliveryState.PENDING
+                    delivery.attempts = 0
+                    delivery.next_attempt_at = now
 
     def fail_attempt(self, claim: Claim, error: str, max_attempts: int) -> StudyState | None:
         """Give the study back after an error: QUEUED again, or FAILED after *max_attempts*."""
