@@ -341,3 +341,34 @@ def test_parametric_map_uids_are_deterministic(dx_study: list[pydicom.Dataset]) 
     assert one.SeriesInstanceUID == parametric_map_series_uid(result, VALIDATED, view)
     assert one.FrameOfReferenceUID == two.FrameOfReferenceUID
     assert revised.SOPInstanceUID != one.SOPInstanceUID
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_label_is_drawn_as_one_pil_drawing_and_sized_for_its_own_text(validated: bool) -> None:
+    # The font size is remembered per label shape (digits as 0) and the lines per text; the
+    # band must be what drawing every line at once with PIL, at the searched size, gives.
+    from PIL import Image, ImageDraw
+
+    from triage.dicom import sc
+
+    model = VALIDATED if validated else UNVALIDATED
+    for probability, study_p in ((0.03, 0.12), (0.97, 0.88), (0.5, 0.51)):
+        lines = [
+            f"AI HEAT MAP (class activation) - {model.name} {model.version}",
+            f"view p={probability:.2f}   study p={study_p:.2f} (threshold 0.50): finding",
+        ] + ([] if validated else ["NOT VALIDATED - NOT FOR DIAGNOSIS"])
+        for shape in ((1024, 819), (700, 1024), (2000, 300)):
+            font, band = sc._label_font(lines, shape, 1024)
+            searched = sc._label_font_size.__wrapped__(tuple(lines), *shape, 1024)
+            assert font.size == searched
+            cols = 640
+            rgb = np.zeros((band + 8, cols, 3), np.uint8)
+            sc._draw_label(rgb, lines, font, band, warn=not validated)
+            joint = Image.new("RGB", (cols, band))
+            draw = ImageDraw.Draw(joint)
+            size, margin = font.size, sc._margin(font.size)
+            for index, text in enumerate(lines):
+                red = not validated and index == len(lines) - 1
+                colour = sc._LABEL_WARNING if red else sc._LABEL_TEXT
+                draw.text((margin, margin + index * (size + margin)), text, fill=colour, font=font)
+            assert np.array_equal(rgb[:band], np.asarray(joint))

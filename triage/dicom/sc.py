@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import functools
 import math
+import re
 
 import highdicom as hd
 import numpy as np
@@ -197,7 +198,7 @@ def build_cam_overlay(
     grey = _fit(display, max_side - band, max_side)
     rows, cols = grey.shape
     # The image is blended straight into the rows under the label band of the output.
-    rgb = np.zeros((band + rows, cols, 3), np.uint8)
+    rgb = np.empty((band + rows, cols, 3), np.uint8)  # the blend and the band fill it all
     level = heat_level(local_probability(view, rows, cols), result.threshold)
     blend(grey, level, opacity=opacity, colormap=colormap, out=rgb[band:])
     _draw_label(rgb, lines, font, band, warn=not model.validated)
@@ -300,28 +301,43 @@ def _label_font(
     """The largest font (9..36 px) whose longest line fits the output width, and band height.
 
     The band takes rows from *max_side*, which can narrow the image, so the size is settled
-    by shrinking until the text fits the width the image gets with that band.
+    by shrinking until the text fits the width the image gets with that band. The search is
+    remembered for the lines with every digit as 0 (the labels of one model differ only in
+    their probabilities and finding), and the real lines are checked against the result.
     """
-    rows, cols = shape[0], shape[1]
+    rows, cols = int(shape[0]), int(shape[1])
+    template = tuple(_DIGIT.sub("0", line) for line in lines)
+    size = _label_font_size(template, rows, cols, max_side)
+    if not _label_fits(tuple(lines), size, rows, cols, max_side):  # digits of unequal width
+        size = _label_font_size(tuple(lines), rows, cols, max_side)
+    return _font(size), _band_of(size, len(lines))
 
-    def band_of(size: int) -> int:
-        return _margin(size) + (size + _margin(size)) * len(lines)
 
-    def fits(size: int) -> bool:
-        band = band_of(size)
-        width = round(cols * min(1.0, (max_side - band) / rows, max_side / cols))
-        longest = max(_font(size).getlength(text) for text in lines)
-        return longest <= width - 2 * _margin(size)
+_DIGIT = re.compile(r"[0-9]")
 
+
+@functools.lru_cache(maxsize=256)
+def _label_font_size(lines: tuple[str, ...], rows: int, cols: int, max_side: int) -> int:
     # Text width grows with the size and the width left shrinks with it: binary search.
     low, high = 9, 36
     while low < high:
         middle = (low + high + 1) // 2
-        if fits(middle):
+        if _label_fits(lines, middle, rows, cols, max_side):
             low = middle
         else:
             high = middle - 1
-    return _font(low), band_of(low)
+    return low
+
+
+def _label_fits(lines: tuple[str, ...], size: int, rows: int, cols: int, max_side: int) -> bool:
+    band = _band_of(size, len(lines))
+    width = round(cols * min(1.0, (max_side - band) / rows, max_side / cols))
+    longest = max(_font(size).getlength(text) for text in lines)
+    return longest <= width - 2 * _margin(size)
+
+
+def _band_of(size: int, lines: int) -> int:
+    return _margin(size) + (size + _margin(size)) * lines
 
 
 @functools.lru_cache(maxsize=64)
@@ -341,16 +357,35 @@ def _draw_label(
     *,
     warn: bool,
 ) -> None:
-    """Draw *lines* (the last one red if *warn*) on the black band of *band* rows atop *rgb*."""
+    """Draw *lines* (the last one red if *warn*) on the black band of *band* rows atop *rgb*.
+
+    Each line is drawn on a band of its own and the bands are combined by their maximum
+    (white and red text on black, lines that do not overlap): the lines that do not change
+    from view to view (the model, NOT VALIDATED) are drawn once and remembered.
+    """
     cols = rgb.shape[1]
-    label = Image.new("RGB", (cols, band), _LABEL_BACKGROUND)
-    draw = ImageDraw.Draw(label)
     size = int(getattr(font, "size", 11))
-    margin = _margin(size)
+    out = rgb[:band]
     for index, text in enumerate(lines):
         colour = _LABEL_WARNING if warn and index == len(lines) - 1 else _LABEL_TEXT
-        draw.text((margin, margin + index * (size + margin)), text, fill=colour, font=font)
-    rgb[:band] = np.asarray(label, dtype=np.uint8)
+        top = _margin(size) + index * (size + _margin(size))
+        drawn = _line_band(text, size, colour, cols, band, top)
+        if index == 0:
+            out[...] = drawn
+        else:
+            np.maximum(out, drawn, out=out)
+
+
+@functools.lru_cache(maxsize=64)
+def _line_band(
+    text: str, size: int, colour: tuple[int, int, int], cols: int, band: int, top: int
+) -> np.ndarray:
+    """One label line drawn alone on a black band (read-only; remembered while it repeats)."""
+    label = Image.new("RGB", (cols, band), _LABEL_BACKGROUND)
+    ImageDraw.Draw(label).text((_margin(size), top), text, fill=colour, font=_font(size))
+    drawn = np.asarray(label, dtype=np.uint8)
+    drawn.flags.writeable = False
+    return drawn
 
 
 def _single_letter_orientation(source: pydicom.Dataset) -> tuple[str, str]:
