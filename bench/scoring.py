@@ -39,7 +39,7 @@ from triage.config import load_config  # noqa: E402
 from triage.procutil import retain_freed_memory  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
 from triage.scoring.model import _load_weights, load_model  # noqa: E402
-from triage.scoring.worker import Worker, torch_threads  # noqa: E402
+from triage.scoring.worker import Worker, load_configured_model, torch_threads  # noqa: E402
 from triage.store.db import make_engine, upgrade_schema  # noqa: E402
 from triage.store.models import StudyState, utcnow  # noqa: E402
 from triage.store.repository import InstanceMeta, Store  # noqa: E402
@@ -152,14 +152,7 @@ def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[
             ),
             None,
         )
-    torch.set_num_threads(torch_threads(config))  # as the daemon does
-    model = load_model(
-        load_card(config.model.card),
-        device=args.device,
-        precision=args.precision,
-        compile=config.model.compile,
-        cpu_graph=config.model.cpu_graph,
-    )
+    model = load_configured_model(config)  # as the daemon does: threads, allocator, graph
     # The end is signalled by the worker's own callback, not found by polling the store: a
     # poll every few milliseconds is Python work in the worker's process that the daemon
     # does not do, and it slowed the forward it shares the GIL with.
