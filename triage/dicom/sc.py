@@ -369,7 +369,7 @@ def _draw_label(
     for index, text in enumerate(lines):
         colour = _LABEL_WARNING if warn and index == len(lines) - 1 else _LABEL_TEXT
         top = _margin(size) + index * (size + _margin(size))
-        drawn = _line_band(text, size, colour, cols, band, top)
+        drawn = _line_band(text, font, colour, cols, band, top)
         if index == 0:
             out[...] = drawn
         else:
@@ -378,11 +378,17 @@ def _draw_label(
 
 @functools.lru_cache(maxsize=64)
 def _line_band(
-    text: str, size: int, colour: tuple[int, int, int], cols: int, band: int, top: int
+    text: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    colour: tuple[int, int, int],
+    cols: int,
+    band: int,
+    top: int,
 ) -> np.ndarray:
     """One label line drawn alone on a black band (read-only; remembered while it repeats)."""
     label = Image.new("RGB", (cols, band), _LABEL_BACKGROUND)
-    ImageDraw.Draw(label).text((_margin(size), top), text, fill=colour, font=_font(size))
+    margin = _margin(int(getattr(font, "size", 11)))
+    ImageDraw.Draw(label).text((margin, top), text, fill=colour, font=font)
     drawn = np.asarray(label, dtype=np.uint8)
     drawn.flags.writeable = False
     return drawn
