@@ -1,14 +1,16 @@
-"""Process settings of the scoring path: malloc keeps freed memory for the next batch."""
+"""Process settings of the scoring path: malloc keeps freed memory for the next batch, oneDNN
+keeps the primitives of every batch size."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from triage.procutil import retain_freed_memory
+from triage.procutil import ONEDNN_CACHE_VARIABLE, retain_freed_memory, size_primitive_cache
 
 ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -17,7 +19,7 @@ ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc
 _ROUNDS = """
 import resource, sys
 import numpy as np
-from triage.procutil import retain_freed_memory
+from triage.procutil import ONEDNN_CACHE_VARIABLE, retain_freed_memory, size_primitive_cache
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def one_round():
@@ -51,3 +53,66 @@ def test_freed_buffers_are_reused_without_page_faults() -> None:
     # the rounds after the first reuse the same memory.
     assert _faults("default") > 5_000
     assert _faults("retain") < 500
+
+
+def test_primitive_cache_has_room_for_every_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert size_primitive_cache(16) == 4096
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "4096"
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE)
+    assert size_primitive_cache(1) == 1024  # never below oneDNN's own default
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "1024"
+
+
+@pytest.mark.parametrize("variable", [ONEDNN_CACHE_VARIABLE, "DNNL_PRIMITIVE_CACHE_CAPACITY"])
+def test_an_operators_primitive_cache_setting_wins(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv(variable, "300")
+    assert size_primitive_cache(64) == 300
+    assert os.environ.get(ONEDNN_CACHE_VARIABLE, "300") == "300"
+
+
+# Convolutions at three batch sizes, one or two rounds; the capacity is set the way
+# size_primitive_cache sets it: in os.environ, after torch is imported, before the first pass.
+_ROUNDS_OF_CONVOLUTIONS = """
+import os, sys
+import torch
+os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = sys.argv[1]
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(8, 8, 3).eval()
+with torch.inference_mode():
+    for _ in range(int(sys.argv[2])):
+        for n in (1, 2, 3):
+            conv(torch.randn(n, 8, 16, 16))
+"""
+
+
+def _primitives_created(capacity: int, rounds: int) -> int | None:
+    env = {k: v for k, v in os.environ.items() if "PRIMITIVE_CACHE" not in k}
+    env["ONEDNN_VERBOSE"] = "profile_create"
+    done = subprocess.run(
+        [sys.executable, "-c", _ROUNDS_OF_CONVOLUTIONS, str(capacity), str(rounds)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    log = done.stdout + done.stderr
+    if "create:cache_" not in log:
+        return None  # a torch without oneDNN's verbose mode
+    return log.count("create:cache_miss")
+
+
+def test_onednn_takes_the_capacity_set_after_torch_is_imported() -> None:
+    first = _primitives_created(1024, rounds=1)
+    if first is None:
+        pytest.skip("this torch build prints no oneDNN primitive creation")
+    assert first > 0
+    # With room, the second round finds every primitive of the first; a cache of one
+    # primitive evicts them, so the setting made after the import is the one in force.
+    assert _primitives_created(1024, rounds=2) == first
+    assert _primitives_created(1, rounds=2) > first

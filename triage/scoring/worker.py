@@ -33,7 +33,7 @@ from triage import failpoints, metrics
 from triage.config import Config
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
-from triage.procutil import die_with_parent, retain_freed_memory
+from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
 from triage.scoring.model import ScoringModel, resolve_device
 from triage.scoring.outputs import (
     ViewPixels,
@@ -496,6 +496,7 @@ def load_configured_model(config: Config) -> ScoringModel:
         )
     torch.set_num_threads(torch_threads(config))
     retain_freed_memory()
+    size_primitive_cache(config.model.batch_size)  # before the first forward pass
     model = load_model(
         card,
         device=config.model.device,
