@@ -372,3 +372,40 @@ def test_label_is_drawn_as_one_pil_drawing_and_sized_for_its_own_text(validated:
                 colour = sc._LABEL_WARNING if red else sc._LABEL_TEXT
                 draw.text((margin, margin + index * (size + margin)), text, fill=colour, font=font)
             assert np.array_equal(rgb[:band], np.asarray(joint))
+
+
+# --- heat computation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smooth", [True, False], ids=["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    ("grid", "rows", "cols"), [((7, 7), 935, 748), ((7, 9), 64, 1000), ((5, 3), 3, 2)]
+)
+def test_upsampling_is_pils_resize(
+    smooth: bool, grid: tuple[int, int], rows: int, cols: int
+) -> None:
+    from PIL import Image
+
+    from triage.dicom.sc import upsample
+
+    values = np.random.default_rng(3).normal(0.0, 3.0, grid).astype(np.float32)
+    method = Image.Resampling.BICUBIC if smooth else Image.Resampling.BILINEAR
+    expected = np.asarray(Image.fromarray(values).resize((cols, rows), method))
+    got = upsample(values, rows, cols, smooth=smooth)
+    assert got.shape == (rows, cols) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.2, 0.93, 0.0, 1.0])
+def test_heat_steps_are_the_heat_level_in_256_steps(threshold: float) -> None:
+    from triage.dicom.sc import _steps, heat_level, heat_steps, local_probability
+    from triage.scoring.result import ViewResult
+
+    cam = np.random.default_rng(4).normal(0.0, 4.0, (7, 7)).astype(np.float32)
+    view = ViewResult("1.2.3.4", 0.7, cam)
+    reference = _steps(heat_level(local_probability(view, 300, 240), threshold))
+    steps = heat_steps(view, 300, 240, threshold)
+    assert steps.dtype == np.uint8 and steps.shape == (300, 240)
+    assert np.abs(steps.astype(int) - reference).max() <= 1
+    assert np.mean(steps != reference) < 0.01  # off by one only at a step's edge
+    assert ((steps == 0) == (reference == 0)).mean() > 0.99  # below the threshold stays clear

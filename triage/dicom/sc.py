@@ -72,11 +72,31 @@ def upsample(grid: np.ndarray, rows: int, cols: int, *, smooth: bool = True) -> 
     """*grid* (2-D) resampled to ``rows × cols`` float32, cell centres on pixel-area centres.
 
     *smooth* uses bicubic interpolation (no visible cell seams; may overshoot the grid's range
-    slightly), otherwise bilinear (values stay within the range of neighbouring cells).
+    slightly), otherwise bilinear (values stay within the range of neighbouring cells). The
+    kernels are PIL's; the resampling is separable, so it is done as two small matrix products
+    (``W_rows @ grid @ W_cols.T``) rather than by PIL over the whole output: ~0.4 ms instead
+    of ~2 ms for a 7×7 CAM onto a 1024-px overlay, equal to PIL's result within float32
+    rounding (tested).
     """
-    image = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32))
+    values = np.asarray(grid, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"expected a 2-D grid, got shape {values.shape}")
     method = Image.Resampling.BICUBIC if smooth else Image.Resampling.BILINEAR
-    return np.array(image.resize((cols, rows), method), dtype=np.float32)
+    across = _resampling_matrix(values.shape[1], int(cols), method)  # cols × grid columns
+    down = _resampling_matrix(values.shape[0], int(rows), method)  # rows × grid rows
+    return down @ (values @ across.T)
+
+
+@functools.lru_cache(maxsize=64)
+def _resampling_matrix(size_in: int, size_out: int, method: Image.Resampling) -> np.ndarray:
+    """PIL's 1-D resampling of *size_in* samples to *size_out* as a (size_out × size_in)
+    float32 matrix: column *i* is what PIL makes of a unit impulse at sample *i* (its kernel,
+    support and edge handling, whatever they are)."""
+    impulses = np.eye(size_in, dtype=np.float32)  # row i: an impulse at column i
+    spread = np.asarray(Image.fromarray(impulses).resize((size_out, size_in), method))
+    matrix = np.ascontiguousarray(spread.T, dtype=np.float32)
+    matrix.flags.writeable = False
+    return matrix
 
 
 def local_probability(view: ViewResult, rows: int, cols: int) -> np.ndarray:
@@ -96,6 +116,23 @@ def heat_level(probability: np.ndarray, threshold: float) -> np.ndarray:
     return np.clip(level, 0.0, 1.0)
 
 
+def heat_steps(view: ViewResult, rows: int, cols: int, threshold: float) -> np.ndarray:
+    """``heat_level(local_probability(view, rows, cols), threshold)`` in 256 steps (uint8).
+
+    The same mapping in five passes over the image instead of a dozen: with
+    ``sigmoid(z) = (1 + tanh(z / 2)) / 2`` the step is ``A·tanh(z / 2) + B`` rounded and
+    clipped, ``A = 127.5 / (1 − t)``, ``B = 255·(0.5 − t) / (1 − t)``. Equal to the
+    composition within one step (float rounding at step boundaries; tested).
+    """
+    threshold = min(max(float(threshold), 0.0), 0.99)
+    half = upsample(local_logits(view) * np.float32(0.5), rows, cols, smooth=True)
+    np.tanh(half, out=half)
+    half *= np.float32(127.5 / (1.0 - threshold))
+    half += np.float32(255.0 * (0.5 - threshold) / (1.0 - threshold) + 0.5)
+    np.clip(half, 0.0, 255.0, out=half)
+    return half.astype(np.uint8)
+
+
 def blend(
     grey: np.ndarray,
     level: np.ndarray,
@@ -104,7 +141,8 @@ def blend(
     colormap: str = colormaps.DEFAULT,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """*grey* (uint8, or float 0..1) with *level* (0..1) coloured over it at ``opacity × level``.
+    """*grey* (uint8, or float 0..1) with *level* (0..1, or its 256 steps as uint8, see
+    :func:`heat_steps`) coloured over it at ``opacity × level``.
 
     Returns uint8 RGB, written into *out* when given (``grey.shape + (3,)``, uint8,
     C-contiguous). Both are quantised to 256 steps (the output's and the colour map's
@@ -114,7 +152,7 @@ def blend(
     table = _blend_table(float(opacity), colormap)
     key = (grey if grey.dtype == np.uint8 else _steps(grey)).astype(np.uint16)
     key <<= 8
-    key |= _steps(level)
+    key |= level if level.dtype == np.uint8 else _steps(level)
     # take() gathers whole rows of the table: about 3× faster than table[key].
     return np.take(table, key, axis=0, out=out)
 
@@ -199,7 +237,7 @@ def build_cam_overlay(
     rows, cols = grey.shape
     # The image is blended straight into the rows under the label band of the output.
     rgb = np.empty((band + rows, cols, 3), np.uint8)  # the blend and the band fill it all
-    level = heat_level(local_probability(view, rows, cols), result.threshold)
+    level = heat_steps(view, rows, cols, result.threshold)
     blend(grey, level, opacity=opacity, colormap=colormap, out=rgb[band:])
     _draw_label(rgb, lines, font, band, warn=not model.validated)
 
