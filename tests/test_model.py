@@ -171,6 +171,14 @@ def test_cpu_graph_gives_the_eager_results_bit_for_bit(batch, precision):
         assert torch.equal(logits, eager_logits) and torch.equal(cams, eager_cams)
 
 
+def test_a_batch_with_a_value_that_is_not_a_number_is_refused(batch):
+    model = load_model(load_card(DEMO_CARD), device="cpu", precision="fp32")
+    broken = batch[:1].clone()
+    broken[0, 1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        model.forward(broken)
+
+
 def test_cpu_graph_runs_unfrozen_when_freezing_fails(batch, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no freezing here")

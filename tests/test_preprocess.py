@@ -529,6 +529,28 @@ def test_unsupported_transfer_syntax(tmp_path: Path):
     assert "no decoder" in _reason(path)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_float_pixel_data_that_is_not_finite_is_undecodable(tmp_path: Path, bad: float):
+    # A NaN would reach the model as a NaN probability, which reads as "not abnormal".
+    ds = make_ds(phantom(top=255))
+    del ds.PixelData
+    pixels = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    pixels[3, 4] = bad
+    ds.BitsAllocated = 32
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.FloatPixelData = pixels.tobytes()
+    assert _reason(save(ds, tmp_path / "float.dcm")) == (
+        "pixel data holds values that are not finite numbers"
+    )
+    pixels[3, 4] = 0.5  # the same image, every value a number: decoded
+    ds.FloatPixelData = pixels.tobytes()
+    view = decode_view(save(ds, tmp_path / "fine.dcm"), 224, IMAGENET_MEAN, IMAGENET_STD)
+    assert np.isfinite(view.array).all()
+
+
 def test_unsupported_photometric(tmp_path: Path):
     ds = make_ds(phantom(top=255), photometric="HSV")
     assert "photometric interpretation HSV" in _reason(save(ds, tmp_path / "hsv.dcm"))

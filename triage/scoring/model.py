@@ -273,11 +273,16 @@ class ScoringModel:
         """Logits [N] and CAMs [N, h, w] (both float32, on the CPU) for a batch [N, 3, S, S].
 
         Each CAM is in logit units on the feature grid (7×7 at S = 224): its spatial mean plus
-        :attr:`bias` is the view's logit, which equals the network's own output.
+        :attr:`bias` is the view's logit, which equals the network's own output. Raises
+        ``ValueError`` for a batch of another shape or with a value that is not finite
+        (:func:`~triage.scoring.preprocess.decode_view` never gives one).
         """
         size = self.card.input_size
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
             raise ValueError(f"expected a batch [N, 3, {size}, {size}], got {list(batch.shape)}")
+        if not bool(torch.isfinite(batch).all()):
+            # A NaN logit's probability is not above any threshold: it would read as normal.
+            raise ValueError("the batch holds values that are not finite numbers")
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
             if self._cast_input is not None:

@@ -388,6 +388,11 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
         ) from None
     if frames > 1:
         notes.append(f"first of {frames} frames")
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        # Float Pixel Data can hold NaN or infinity: no display mapping or percentile makes
+        # sense of them, and a NaN reaching the model comes out as a NaN probability, which
+        # compares as "not above the threshold": a normal result no image supports.
+        raise UndecodableView("pixel data holds values that are not finite numbers")
     return frame, notes
 
 
@@ -533,9 +538,12 @@ def decode_view(
     # MURA PNGs it was trained on were such exports (≈ 512 px), and the intermediate is the
     # overlay image too, so one antialiased shrink of the full frame serves both (≈ 2× faster).
     source = _shrink(pixels, max(MODEL_SOURCE_MAX_SIDE, input_size))
+    array = prepare_array(source, input_size, mean, std)
+    if not np.isfinite(array).all():  # whatever the mapping did: the model never sees one
+        raise UndecodableView("the image maps to values that are not finite numbers")
     return DecodedView(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        array=prepare_array(source, input_size, mean, std),
+        array=array,
         display=downsample_display(source, display_max_side),
         note=note,
         rows=int(rows),
