@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from triage.config import load_config  # noqa: E402
-from triage.procutil import retain_freed_memory  # noqa: E402
+from triage.procutil import retain_freed_memory, size_primitive_cache  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
 from triage.scoring.model import ScoringModel, _load_weights, load_model  # noqa: E402
 from triage.scoring.worker import Worker, load_configured_model, torch_threads  # noqa: E402
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("warning", "console")
     retain_freed_memory()  # as the daemon's worker does: the bare forward gets it too
+    # Before this process's first forward pass, or oneDNN's cache keeps its default size.
+    size_primitive_cache(args.batch)
     card = str(ROOT / "models" / "demo" / "card.toml")
     views = args.studies * args.views
     work = Path(tempfile.mkdtemp(prefix="triage-bench-scoring-"))
@@ -250,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         traced = [traced_model(card, args.device, args.precision, args.batch, views)]
         full, processes, device = scoring_path(args, True, work / "full")
         sr_only, _, _ = scoring_path(args, False, work / "sr")
+        # The reference again after the paths: a shared host's speed drifts over a run (20–32
+        # views/s within one session here), and a ratio to a figure taken only before the
+        # paths then says more about the host than about the path.
+        torch.set_num_threads(worker_threads)
+        bare += [
+            bare_model(card, args.device, args.precision, args.batch, views)
+            for _ in range(args.reps)
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     reference = statistics.median(bare)
@@ -272,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * 66)
     for label, value in rows:
         print(f"{label:<48} {value:>8.1f} {value / reference:>7.2f}x")
-    print(f"(bare, worker's threads: min {min(bare):.1f}, max {max(bare):.1f} views/s)")
+    print(
+        f"(bare, worker's threads, {len(bare) // 2} runs before the paths and "
+        f"{len(bare) - len(bare) // 2} after: "
+        + ", ".join(f"{value:.1f}" for value in bare)
+        + " views/s; the median is the reference)"
+    )
     print(
         f"(first forward pass at each batch size 1..{args.batch}, before the timed runs: "
         + ", ".join(f"{s:.1f} s" for s in FIRST_USE_S)
