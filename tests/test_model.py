@@ -171,12 +171,15 @@ def test_cpu_graph_gives_the_eager_results_bit_for_bit(batch, precision):
         assert torch.equal(logits, eager_logits) and torch.equal(cams, eager_cams)
 
 
-def test_a_batch_with_a_value_that_is_not_a_number_is_refused(batch):
-    model = load_model(load_card(DEMO_CARD), device="cpu", precision="fp32")
-    broken = batch[:1].clone()
-    broken[0, 1, 5, 7] = float("nan")
-    with pytest.raises(ValueError, match="not finite"):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_batch_with_a_value_that_is_not_a_number_is_refused(batch, precision):
+    model = load_model(load_card(DEMO_CARD), device="cpu", precision=precision, cpu_graph=True)
+    broken = batch[:2].clone()
+    broken[1, 1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="not a finite number"):
         model.forward(broken)
+    logits, _ = model.forward(batch[:2])  # the same model, finite inputs: finite logits
+    assert bool(torch.isfinite(logits).all())
 
 
 def test_cpu_graph_runs_unfrozen_when_freezing_fails(batch, monkeypatch):

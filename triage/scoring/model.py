@@ -274,15 +274,13 @@ class ScoringModel:
 
         Each CAM is in logit units on the feature grid (7×7 at S = 224): its spatial mean plus
         :attr:`bias` is the view's logit, which equals the network's own output. Raises
-        ``ValueError`` for a batch of another shape or with a value that is not finite
-        (:func:`~triage.scoring.preprocess.decode_view` never gives one).
+        ``ValueError`` for a batch of another shape, or when a logit is not a finite number
+        (a batch value that is not: :func:`~triage.scoring.preprocess.decode_view` never
+        gives one).
         """
         size = self.card.input_size
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
             raise ValueError(f"expected a batch [N, 3, {size}, {size}], got {list(batch.shape)}")
-        if not bool(torch.isfinite(batch).all()):
-            # A NaN logit's probability is not above any threshold: it would read as normal.
-            raise ValueError("the batch holds values that are not finite numbers")
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
             if self._cast_input is not None:
@@ -290,8 +288,16 @@ class ScoringModel:
             x = x.contiguous(memory_format=self._memory_format)
             features = self._run(x)
             cams = torch.einsum("nkhw,k->nhw", features.float(), self._weight)
-            logits = cams.mean(dim=(1, 2)) + self._bias
-            return logits.cpu(), cams.cpu()
+            logits = (cams.mean(dim=(1, 2)) + self._bias).cpu()
+        # Checked on the N logits rather than the input (on a GPU host that would be a pass
+        # over 40 M values per batch): a NaN anywhere in a view's input reaches its logit, and a
+        # NaN probability is not above any threshold, so it would read as normal.
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(
+                "the model gave a logit that is not a finite number (an input value that is"
+                " not, or broken weights)"
+            )
+        return logits, cams.cpu()
 
     __call__ = forward
 
