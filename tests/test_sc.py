@@ -398,12 +398,16 @@ def test_upsampling_is_pils_resize(
 
 @pytest.mark.parametrize("threshold", [0.5, 0.2, 0.93, 0.0, 1.0])
 def test_heat_steps_are_the_heat_level_in_256_steps(threshold: float) -> None:
-    from triage.dicom.sc import _steps, heat_level, heat_steps, local_probability
+    from triage.dicom.sc import heat_steps, local_logits, upsample
     from triage.scoring.result import ViewResult
 
     cam = np.random.default_rng(4).normal(0.0, 4.0, (7, 7)).astype(np.float32)
     view = ViewResult("1.2.3.4", 0.7, cam)
-    reference = _steps(heat_level(local_probability(view, 300, 240), threshold))
+    # The definition, directly in float64: local probability, its level above the threshold.
+    probability = 1.0 / (1.0 + np.exp(-upsample(local_logits(view), 300, 240).astype(np.float64)))
+    t = min(threshold, 0.99)
+    level = np.clip((probability - t) / (1.0 - t), 0.0, 1.0)
+    reference = np.rint(level * 255.0).astype(int)
     steps = heat_steps(view, 300, 240, threshold)
     assert steps.dtype == np.uint8 and steps.shape == (300, 240)
     assert np.abs(steps.astype(int) - reference).max() <= 1

@@ -102,30 +102,15 @@ def _resampling_matrix(size_in: int, size_out: int, method: Image.Resampling) ->
     return torch.from_numpy(np.ascontiguousarray(spread.T, dtype=np.float32))
 
 
-def local_probability(view: ViewResult, rows: int, cols: int) -> np.ndarray:
-    """sigmoid(CAM + bias) at ``rows × cols``, float32 0..1 (bicubic upsampling in logit space)."""
-    half = upsample(local_logits(view), rows, cols, smooth=True)
-    half *= np.float32(0.5)
-    np.tanh(half, out=half)
-    half += np.float32(1.0)
-    half *= np.float32(0.5)
-    return half  # sigmoid(x) = (1 + tanh(x / 2)) / 2: no overflow for any logit
-
-
-def heat_level(probability: np.ndarray, threshold: float) -> np.ndarray:
-    """How far a local probability is above *threshold*, rescaled to 0..1 (0 at or below it)."""
-    threshold = min(max(float(threshold), 0.0), 0.99)
-    level = (np.asarray(probability, dtype=np.float32) - threshold) / (1.0 - threshold)
-    return np.clip(level, 0.0, 1.0)
-
-
 def heat_steps(view: ViewResult, rows: int, cols: int, threshold: float) -> np.ndarray:
-    """``heat_level(local_probability(view, rows, cols), threshold)`` in 256 steps (uint8).
+    """The heat level of *view* at ``rows × cols`` in 256 steps (uint8, 0 = no heat).
 
-    The same mapping in five passes over the image instead of a dozen: with
-    ``sigmoid(z) = (1 + tanh(z / 2)) / 2`` the step is ``A·tanh(z / 2) + B`` rounded and
-    clipped, ``A = 127.5 / (1 − t)``, ``B = 255·(0.5 − t) / (1 − t)``. Equal to the
-    composition within one step (float rounding at step boundaries; tested).
+    The level is ``(p − t) / (1 − t)`` clipped to 0..1, where ``p = sigmoid(CAM + bias)`` is
+    the local probability (CAM upsampled bicubically in logit space) and ``t`` the threshold
+    (at most 0.99). Computed in five passes over the image: with ``sigmoid(z) = (1 +
+    tanh(z / 2)) / 2`` the step is ``A·tanh(z / 2) + B`` rounded and clipped, ``A = 127.5 /
+    (1 − t)``, ``B = 255·(0.5 − t) / (1 − t)``; tanh also never overflows. Within one step of
+    the definition computed directly in float64 (tested).
     """
     threshold = min(max(float(threshold), 0.0), 0.99)
     half = upsample(local_logits(view) * np.float32(0.5), rows, cols, smooth=True)
