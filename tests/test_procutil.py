@@ -55,9 +55,16 @@ def test_freed_buffers_are_reused_without_page_faults() -> None:
     assert _faults("retain") < 500
 
 
+def _without_cache_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # setenv first, so that monkeypatch restores the variables as they were (absent or not)
+    # after size_primitive_cache has written one itself.
+    for variable in (ONEDNN_CACHE_VARIABLE, "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+
+
 def test_primitive_cache_has_room_for_every_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
-    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    _without_cache_settings(monkeypatch)
     assert size_primitive_cache(16) == 4096
     assert os.environ[ONEDNN_CACHE_VARIABLE] == "4096"
     monkeypatch.delenv(ONEDNN_CACHE_VARIABLE)
@@ -69,8 +76,7 @@ def test_primitive_cache_has_room_for_every_batch_size(monkeypatch: pytest.Monke
 def test_an_operators_primitive_cache_setting_wins(
     monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
-    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    _without_cache_settings(monkeypatch)
     monkeypatch.setenv(variable, "300")
     assert size_primitive_cache(64) == 300
     assert os.environ.get(ONEDNN_CACHE_VARIABLE, "300") == "300"
