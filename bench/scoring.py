@@ -101,10 +101,6 @@ def traced_model(card_path: str, device: str, precision: str, batch: int, images
     return rounds * batch / (time.perf_counter() - start)
 
 
-#: Seconds each scoring path spent on its first forward pass at every batch size (untimed).
-FIRST_USE_S: list[float] = []
-
-
 def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
     """Run a forward pass at every batch size up to *batch*; returns the seconds it took.
 
@@ -120,8 +116,11 @@ def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[float, int, str]:
-    """Views/s of the worker from queued studies to DONE; also returns views and decode procs."""
+def scoring_path(
+    args: argparse.Namespace, overlays: bool, work: Path
+) -> tuple[float, int, str, float]:
+    """Views/s of the worker from queued studies to DONE; also returns its decode processes,
+    its device and the seconds of its untimed first pass at every batch size."""
     spool_dir = work / "spool"
     files = write_benchmark_files(
         spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
@@ -188,7 +187,7 @@ def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[
 
     worker = Worker(config, store, spool, model, on_scored=on_scored)
     worker.warm_up()
-    FIRST_USE_S.append(first_use_of_batch_sizes(model, args.batch))
+    first_use_s = first_use_of_batch_sizes(model, args.batch)
     store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
     start = time.perf_counter()
     worker.start()  # already warm: claims at once
@@ -200,7 +199,7 @@ def scoring_path(args: argparse.Namespace, overlays: bool, work: Path) -> tuple[
         raise RuntimeError("the worker reported studies scored that are not DONE")
     worker.stop(10)
     engine.dispose()
-    return len(files) / seconds, worker.decode_processes, str(model.device)
+    return len(files) / seconds, worker.decode_processes, str(model.device), first_use_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         # The worker's CPU forward is a traced graph (ScoringModel cpu_graph): the same
         # results, without the GIL between operators. Shown beside the eager reference.
         traced = [traced_model(card, args.device, args.precision, args.batch, views)]
-        full, processes, device = scoring_path(args, True, work / "full")
-        sr_only, _, _ = scoring_path(args, False, work / "sr")
+        full, processes, device, full_first_use = scoring_path(args, True, work / "full")
+        sr_only, _, _, sr_first_use = scoring_path(args, False, work / "sr")
         # The reference again after the paths: a shared host's speed drifts over a run (20–32
         # views/s within one session here), and a ratio to a figure taken only before the
         # paths then says more about the host than about the path.
@@ -290,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"(first forward pass at each batch size 1..{args.batch}, before the timed runs: "
-        + ", ".join(f"{s:.1f} s" for s in FIRST_USE_S)
+        + f"{full_first_use:.1f} s, {sr_first_use:.1f} s"
         + ")"
     )
     return 0
