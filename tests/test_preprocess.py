@@ -30,6 +30,7 @@ from pydicom.uid import (
 )
 
 from triage.dicom.sop import DX_FOR_PRESENTATION, SECONDARY_CAPTURE
+from triage.scoring import preprocess
 from triage.scoring.card import IMAGENET_MEAN, IMAGENET_STD
 from triage.scoring.preprocess import (
     DecodedView,
@@ -445,6 +446,39 @@ def test_rgb_jpeg_baseline_becomes_luminance(tmp_path: Path):
 
 
 # --- decode_view and failures ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        preprocess._Mapping("affine", 1 / 3000, -0.1),
+        preprocess._Mapping("sigmoid", 4 / 2800, -4 * 1800 / 2800),
+        preprocess._Mapping("lut", lo=3, lut=np.sqrt(np.linspace(0, 1, 4000, dtype=np.float32))),
+    ],
+    ids=["affine", "sigmoid", "lut"],
+)
+@pytest.mark.parametrize("shape", [(301, 257), (300, 256), (2, 3)])
+def test_mapping_and_halving_in_strips_is_mapping_then_halving(mapping, shape):
+    frame = phantom(*shape)
+    expected = preprocess._halve(mapping.apply(frame))
+    for strip_rows in (2, 7, 64, 1000):
+        assert np.array_equal(mapping.apply_halved(frame, strip_rows), expected)
+
+
+def test_decode_view_is_the_displayed_frame_shrunk(tmp_path: Path):
+    # decode_view maps and halves in one pass; the result is what mapping the whole frame and
+    # shrinking it gives, bit for bit.
+    cases = [
+        make_ds(phantom(2600, 2001), bits_stored=12, WindowCenter=1800, WindowWidth=2800),
+        make_ds(phantom(2561, 2049), photometric="MONOCHROME1", bits_stored=12),
+        make_ds(np.stack([phantom(2100, 2100, 255)] * 3, -1), photometric="RGB"),
+        make_ds(phantom(900, 700), bits_stored=12),
+    ]
+    for index, ds in enumerate(cases):
+        view = decode_view(save(ds, tmp_path / f"{index}.dcm"), 224, MEAN, STD, 512)
+        source = preprocess._shrink(display_pixels(ds)[0], preprocess.MODEL_SOURCE_MAX_SIDE)
+        assert np.array_equal(view.array, prepare_array(source, 224, MEAN, STD))
+        assert np.array_equal(view.display, downsample_display(source, 512))
 
 
 def test_decode_view_result(tmp_path: Path):

@@ -132,20 +132,49 @@ class _Mapping:
         assert self.lut is not None
         return _Mapping(self.kind, lo=self.lo, lut=(1.0 - self.lut).astype(np.float32))
 
-    def apply(self, values: np.ndarray) -> np.ndarray:
+    def apply(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The display values of *values* (float32), written into *out* when given."""
         if self.kind == "affine":
             # Converted to float32 as it is multiplied (one pass, not two: 3.7 → 3.2 ms for a
             # 5-Mpx frame), then in place; the same values as a conversion first.
-            out = np.multiply(values, np.float32(self.a), dtype=np.float32)
+            out = np.multiply(values, np.float32(self.a), out=out, dtype=np.float32)
             out += np.float32(self.b)
             return np.clip(out, 0.0, 1.0, out=out)
         if self.kind == "sigmoid":
-            z = values.astype(np.float32) * np.float32(self.a) + np.float32(self.b)
-            return (1.0 / (1.0 + np.exp(-z))).astype(np.float32, copy=False)
+            z = np.multiply(values, np.float32(self.a), out=out, dtype=np.float32)
+            z += np.float32(self.b)
+            np.negative(z, out=z)
+            np.exp(z, out=z)
+            z += np.float32(1.0)
+            return np.reciprocal(z, out=z)
         assert self.lut is not None
         index = values.astype(np.int64) - self.lo
         np.clip(index, 0, len(self.lut) - 1, out=index)
-        return self.lut[index]
+        return np.take(self.lut, index, out=out)
+
+    def apply_halved(self, values: np.ndarray, strip_rows: int = 64) -> np.ndarray:
+        """``_halve(self.apply(values))``, the same values, a strip of rows at a time.
+
+        A 5-Mpx frame mapped whole is a 20 MB float32 image written and then read again to
+        halve it; strip by strip the mapped rows are halved while they are still in the
+        cache: 4.9 → 2.4 ms for a 2560×2048 frame, and no 20 MB buffer.
+        """
+        rows, columns = values.shape[0] // 2 * 2, values.shape[1] // 2 * 2
+        out = np.empty((rows // 2, columns // 2), np.float32)
+        strip_rows = max(2, strip_rows // 2 * 2)
+        shown = np.empty((strip_rows, values.shape[1]), np.float32)
+        pairs = np.empty((strip_rows // 2, values.shape[1]), np.float32)
+        for top in range(0, rows, strip_rows):
+            strip = values[top : min(top + strip_rows, rows)]
+            mapped = self.apply(strip, out=shown[: len(strip)])
+            summed = np.add(mapped[0::2], mapped[1::2], out=pairs[: len(strip) // 2])
+            np.add(
+                summed[:, 0:columns:2],
+                summed[:, 1:columns:2],
+                out=out[top // 2 : (top + len(strip)) // 2],
+            )
+        out *= np.float32(0.25)
+        return out
 
 
 def _modality_is_linear(ds: Dataset) -> bool:
@@ -274,7 +303,7 @@ def _grey_fraction(mapping: _Mapping, frame: np.ndarray) -> float:
     return float(np.count_nonzero((shown > 0.0) & (shown < 1.0))) / max(1, shown.size)
 
 
-def _grayscale(ds: Dataset, frame: np.ndarray, notes: list[str]) -> np.ndarray:
+def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Mapping:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     invert = photometric == "MONOCHROME1"
     if photometric == "MONOCHROME2" and str(ds.get("PresentationLUTShape", "")) == "INVERSE":
@@ -327,9 +356,7 @@ def _grayscale(ds: Dataset, frame: np.ndarray, notes: list[str]) -> np.ndarray:
                     raise UndecodableView("Modality LUT on non-integer or very wide-range data")
                 modality = tabulated[0]
             mapping = _percentile_mapping(ds, frame, modality, slope, intercept)
-    if invert:
-        mapping = mapping.inverted()
-    return mapping.apply(frame)
+    return mapping.inverted() if invert else mapping
 
 
 def _colour(ds: Dataset, frame: np.ndarray, photometric: str, notes: list[str]) -> np.ndarray:
@@ -348,21 +375,28 @@ def _colour(ds: Dataset, frame: np.ndarray, photometric: str, notes: list[str]) 
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _display_from_frame(ds: Dataset, frame: np.ndarray, notes: list[str]) -> np.ndarray:
+def _check_frame(frame: np.ndarray) -> None:
     if frame.size == 0 or frame.ndim not in (2, 3):
         raise UndecodableView(f"no image in the pixel data (shape {list(frame.shape)})")
+
+
+def _display_from_frame(
+    ds: Dataset, frame: np.ndarray, notes: list[str], *, halved: bool = False
+) -> np.ndarray:
+    """The displayed frame, float32 0..1; *halved*: its 2×2 block means (see :func:`_halve`)."""
+    _check_frame(frame)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if frame.ndim != 2:
             raise UndecodableView(f"{photometric} with {frame.shape[-1]} samples per pixel")
-        out = _grayscale(ds, frame, notes)
-    elif photometric == "PALETTE COLOR" or (
+        mapping = _grayscale_mapping(ds, frame, notes)
+        return mapping.apply_halved(frame) if halved else mapping.apply(frame)
+    if photometric == "PALETTE COLOR" or (
         frame.ndim == 3 and frame.shape[-1] == 3 and photometric.startswith(("RGB", "YBR"))
     ):
-        out = _colour(ds, frame, photometric, notes)
-    else:
-        raise UndecodableView(f"unsupported photometric interpretation {photometric or '(none)'}")
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out = np.ascontiguousarray(_colour(ds, frame, photometric, notes), dtype=np.float32)
+        return _halve(out) if halved else out
+    raise UndecodableView(f"unsupported photometric interpretation {photometric or '(none)'}")
 
 
 def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
@@ -404,15 +438,18 @@ def display_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
     decoded or hold no image.
     """
     frame, notes = _decode_first_frame(ds)
+    return _displayed(ds, frame, notes, halved=False), "; ".join(notes)
+
+
+def _displayed(ds: Dataset, frame: np.ndarray, notes: list[str], *, halved: bool) -> np.ndarray:
     try:
-        out = _display_from_frame(ds, frame, notes)
+        return _display_from_frame(ds, frame, notes, halved=halved)
     except UndecodableView:
         raise
     except Exception as exc:  # a malformed LUT, window or palette: say what broke
         raise UndecodableView(
             f"cannot interpret the pixels: {type(exc).__name__}: {_oneline(str(exc))}"
         ) from None
-    return out, "; ".join(notes)
 
 
 def _as_unit_float(pixels: np.ndarray) -> np.ndarray:
@@ -476,13 +513,30 @@ def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
     averaged in, no aliasing; a little softer (0.6 grey levels mean distance to a Lanczos
     resize instead of 0.4; the model's 224-px input moves by at most 0.007 of full scale).
     """
-    rows, columns = image.shape
+    return _shrink_to(image, _shrunk_size(image.shape[:2], max_side))
+
+
+def _shrunk_size(shape: Sequence[int], max_side: int) -> tuple[int, int]:
+    """Rows and columns of an image of *shape* shrunk to a longest side of *max_side* (the
+    shape itself when it is no larger)."""
+    rows, columns = int(shape[0]), int(shape[1])
     scale = max_side / max(rows, columns)
     if scale >= 1.0:
-        return image
-    target = (max(1, round(rows * scale)), max(1, round(columns * scale)))
-    while image.shape[0] >= 2 * target[0] and image.shape[1] >= 2 * target[1]:
+        return rows, columns
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def _halves_toward(shape: Sequence[int], target: tuple[int, int]) -> bool:
+    """Whether :func:`_shrink_to` halves an image of *shape* on its way to *target*."""
+    return shape[0] >= 2 * target[0] and shape[1] >= 2 * target[1]
+
+
+def _shrink_to(image: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    """*image* halved while it is at least twice *target*, then resized to *target* exactly."""
+    while _halves_toward(image.shape, target):
         image = _halve(image)
+    if tuple(image.shape) == target:
+        return image
     return _resize(image, *target).numpy()
 
 
@@ -532,12 +586,17 @@ def decode_view(
         raise UndecodableView(
             f"unreadable DICOM file: {type(exc).__name__}: {_oneline(str(exc))}"
         ) from None
-    pixels, note = display_pixels(ds)
-    rows, columns = pixels.shape
+    frame, notes = _decode_first_frame(ds)
+    _check_frame(frame)
+    rows, columns = int(frame.shape[0]), int(frame.shape[1])
     # The model input is resized from a ≤ 1024-px intermediate rather than the full frame: the
     # MURA PNGs it was trained on were such exports (≈ 512 px), and the intermediate is the
     # overlay image too, so one antialiased shrink of the full frame serves both (≈ 2× faster).
-    source = _shrink(pixels, max(MODEL_SOURCE_MAX_SIDE, input_size))
+    target = _shrunk_size((rows, columns), max(MODEL_SOURCE_MAX_SIDE, input_size))
+    # The shrink's first halving is done as the frame is mapped to display values (the same
+    # values as mapping the whole frame, then halving it).
+    halved = _halves_toward((rows, columns), target)
+    source = _shrink_to(_displayed(ds, frame, notes, halved=halved), target)
     array = prepare_array(source, input_size, mean, std)
     if not np.isfinite(array).all():  # whatever the mapping did: the model never sees one
         raise UndecodableView("the image maps to values that are not finite numbers")
@@ -545,7 +604,7 @@ def decode_view(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         array=array,
         display=downsample_display(source, display_max_side),
-        note=note,
+        note="; ".join(notes),
         rows=int(rows),
         columns=int(columns),
     )
