@@ -1,4 +1,4 @@
-"""The spool's clean-up of temp files at start."""
+"""The spool: durable writes, staged files and the clean-up of temp files at start."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import os
 import time
 from pathlib import Path
 
-from triage.store.spool import Spool
+import pytest
+
+from triage.scoring.outputs import StagedOutput, commit_outputs
+from triage.store.spool import Spool, SpoolError
+from triage.store.work_queue import OutputFile
 
 
 def test_prepare_can_spare_the_temp_files_of_a_running_daemon(tmp_path: Path) -> None:
@@ -23,3 +27,50 @@ def test_prepare_can_spare_the_temp_files_of_a_running_daemon(tmp_path: Path) ->
     assert not old.exists() and in_flight.exists()
     assert spool.prepare() == 1
     assert not in_flight.exists()
+
+
+def test_a_staged_file_is_invisible_until_committed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    staged = spool.stage([b"DICM", memoryview(b" data")])
+    assert staged.parent == spool.temp_dir
+    assert not spool.path("outbox/1.2/3.4.dcm").exists()
+    assert spool.commit(staged, "outbox/1.2/3.4.dcm") == 9
+    assert spool.path("outbox/1.2/3.4.dcm").read_bytes() == b"DICM data"
+    assert not staged.exists()
+    # A rebuild replaces what an earlier attempt committed under the same name.
+    assert spool.write("outbox/1.2/3.4.dcm", [b"rebuilt"]) == 7
+    assert spool.path("outbox/1.2/3.4.dcm").read_bytes() == b"rebuilt"
+    assert list(spool.temp_dir.iterdir()) == []
+
+
+def test_a_failed_commit_removes_the_staged_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    spool.path("outbox").write_bytes(b"a file where the outbox folder should be")
+    staged = spool.stage([b"x"])
+    with pytest.raises(SpoolError):
+        spool.commit(staged, "outbox/1.2/3.4.dcm")
+    assert list(spool.temp_dir.iterdir()) == []
+    spool.discard(staged)  # gone already: no error
+
+
+def test_outputs_staged_by_a_pool_process_are_committed_or_discarded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+
+    def staged(name: str) -> StagedOutput:
+        path = f"outbox/1.2/{name}.dcm"
+        file = OutputFile("sc", "1.2.840.10008.5.1.4.1.1.7", name, "1.9", None, path, 1)
+        return StagedOutput(file, str(spool.stage([b"x"])))
+
+    good = [staged("1.3"), staged("1.4")]
+    committed = commit_outputs(spool, good)
+    assert [f.path for f in committed] == ["outbox/1.2/1.3.dcm", "outbox/1.2/1.4.dcm"]
+    spool.path("outbox/1.2/1.6.dcm").mkdir()  # a name that cannot be replaced by a file
+    failing = [staged("1.5"), staged("1.6"), staged("1.7")]
+    with pytest.raises(SpoolError):
+        commit_outputs(spool, failing)
+    assert spool.path("outbox/1.2/1.5.dcm").exists()
+    assert not spool.path("outbox/1.2/1.7.dcm").exists()
+    assert list(spool.temp_dir.iterdir()) == []  # nothing left behind

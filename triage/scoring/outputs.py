@@ -111,6 +111,59 @@ def write_outputs(spool: Spool, encoded: Sequence[EncodedOutput]) -> list[Output
     return [item.file for item in encoded]  # size_bytes is already len(data)
 
 
+@dataclass(frozen=True)
+class StagedOutput:
+    """An output object written to a spool temp file, not yet synced nor in the outbox."""
+
+    file: OutputFile
+    temp_path: str
+
+
+def stage_outputs(
+    config: Config,
+    spool: Spool,
+    result: StudyResult,
+    model: ModelInfo,
+    views: Mapping[str, ViewPixels],
+    predecessor_path: str | None,
+) -> list[StagedOutput]:
+    """:func:`encode_outputs`, each written to a temp file (:meth:`Spool.stage`).
+
+    Top-level and picklable, for the worker's process pool: the process that builds the
+    objects writes them too, and the worker gets back their names, not their bytes (a few MB
+    per study through a pipe, copied and unpickled under the worker's GIL); the worker's
+    thread makes them durable (:func:`commit_outputs`), so no pool process waits on fsync.
+    """
+    staged: list[StagedOutput] = []
+    try:
+        for item in encode_outputs(config, spool, result, model, views, predecessor_path):
+            staged.append(StagedOutput(item.file, str(spool.stage((item.data,)))))
+    except BaseException:
+        discard_outputs(spool, staged)
+        raise
+    return staged
+
+
+def commit_outputs(spool: Spool, staged: Sequence[StagedOutput]) -> list[OutputFile]:
+    """Move staged outputs into the outbox, each durably (fsync, rename, fsync of the folder).
+
+    On an error the staged files not yet committed are removed, and the error raised.
+    """
+    for index, item in enumerate(staged):
+        try:
+            spool.commit(item.temp_path, item.file.path)
+        except BaseException:
+            discard_outputs(spool, staged[index + 1 :])
+            raise
+    return [item.file for item in staged]
+
+
+def discard_outputs(spool: Spool, staged: Sequence[StagedOutput]) -> None:
+    """Remove staged outputs that will not be committed."""
+    for item in staged:
+        spool.discard(item.temp_path)
+
+
 def build_outputs(
     config: Config,
     spool: Spool,

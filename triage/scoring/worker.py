@@ -36,10 +36,11 @@ from triage.logs import get_logger
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
 from triage.scoring.model import ScoringModel, resolve_device
 from triage.scoring.outputs import (
+    StagedOutput,
     ViewPixels,
-    encode_outputs,
+    commit_outputs,
+    stage_outputs,
     warm_up_builders,
-    write_outputs,
 )
 from triage.scoring.pipe_reader import read_results_in_place
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
@@ -418,9 +419,9 @@ class Worker:
                 skipped_views=tuple(study.skipped),
             )
             info = self.model.info
-            encoded = self._pool.submit(
+            staged: list[StagedOutput] = self._pool.submit(
                 BACKGROUND,
-                encode_outputs,
+                stage_outputs,
                 self.config,
                 self.spool,
                 result,
@@ -428,7 +429,7 @@ class Worker:
                 study.pixels,
                 self.queue.previous_sr(claim),
             ).result()
-            outputs = write_outputs(self.spool, encoded)
+            outputs = commit_outputs(self.spool, staged)
             failpoints.hit("before_complete")
             elapsed_ms = (time.monotonic() - study.started) * 1000
             destinations = [d.name for d in self.config.destinations]

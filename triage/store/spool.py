@@ -69,29 +69,54 @@ class Spool:
         when the study folder is new): once this returns, the file survives a crash or a
         power cut, and a reader never sees a partial file.
         """
-        final = self.root / relative
+        return self.commit(self.stage(chunks), relative)
+
+    def stage(self, chunks: Iterable[bytes | memoryview]) -> Path:
+        """Write *chunks* to a new temp file, not yet synced; returns its path.
+
+        The first half of :meth:`write`, for a process that builds a file while another one
+        makes it durable (:meth:`commit`) or drops it (:meth:`discard`). A crash leaves the
+        temp file to :meth:`prepare`.
+        """
         temp = self._tmp / f"{uuid.uuid4().hex}.part"
-        size = 0
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.discard(temp)
+            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
+        return temp
+
+    def commit(self, temp: str | os.PathLike[str], relative: str) -> int:
+        """Make a temp file from :meth:`stage` durable as *relative*, replacing what is there;
+        returns its size. The temp file is gone afterwards, committed or (on error) removed."""
+        final = self.root / relative
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
                 os.fsync(fd)
+                size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
             self._make_folders(final.parent)
             os.replace(temp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temp.unlink()
+            self.discard(temp)
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
         return size
+
+    @staticmethod
+    def discard(temp: str | os.PathLike[str]) -> None:
+        """Remove a staged temp file that will not be committed (gone already is fine)."""
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
 
     @property
     def temp_dir(self) -> Path:
