@@ -498,6 +498,9 @@ def test_decode_view_result(tmp_path: Path):
         Image.fromarray(full).resize(view.display.shape[::-1], Image.Resampling.BILINEAR)
     )
     assert np.abs(view.display.astype(np.float32) / 255 - expected).mean() < 0.01
+    # Without overlays no display image is made (nor carried between processes).
+    bare = decode_view(path, 224, MEAN, STD, display_max_side=0)
+    assert bare.display is None and np.array_equal(bare.array, view.array)
 
 
 def test_decode_view_in_a_process_pool(tmp_path: Path):

@@ -32,10 +32,11 @@ def installation_uid(config: Config) -> str:
 
 @dataclass(frozen=True)
 class ViewPixels:
-    """What the overlay of one view needs: its header and its display image (uint8)."""
+    """What the outputs of one view need: its header, and its display image (uint8) when
+    overlays are drawn (None otherwise)."""
 
     header: Dataset
-    display: np.ndarray
+    display: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def encode_outputs(
     for view in result.views:
         pixels = views[view.sop_instance_uid]
         if config.outputs.overlays:
+            if pixels.display is None:
+                raise ValueError(f"no display image of view {view.sop_instance_uid} to overlay")
             overlay = build_cam_overlay(
                 pixels.header,
                 pixels.display,

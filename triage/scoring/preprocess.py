@@ -69,8 +69,9 @@ class DecodedView:
     sop_instance_uid: str
     #: Model input, float32 [3, S, S], normalised.
     array: np.ndarray
-    #: The displayed image, uint8 [h, w], longest side at most the requested maximum.
-    display: np.ndarray
+    #: The displayed image, uint8 [h, w], longest side at most the requested maximum; None
+    #: when none was asked for (no overlays to draw).
+    display: np.ndarray | None
     #: How the pixels were interpreted when that was a choice ("" when nothing was chosen).
     note: str
     #: Size of the decoded frame (the source image), for upsampling CAMs onto it.
@@ -573,8 +574,10 @@ def decode_view(
 ) -> DecodedView:
     """Read a DICOM file and return its model input and display image.
 
-    Top-level and picklable, for a process pool. Raises :class:`UndecodableView` with a reason
-    when the file cannot be read or its pixels cannot be decoded.
+    The display image (for a CAM overlay) has a longest side of at most *display_max_side*;
+    0 asks for none (it would be carried between processes for nothing). Top-level and
+    picklable, for a process pool. Raises :class:`UndecodableView` with a reason when the file
+    cannot be read or its pixels cannot be decoded.
     """
     try:
         ds = pydicom.dcmread(path)
@@ -603,7 +606,7 @@ def decode_view(
     return DecodedView(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         array=array,
-        display=downsample_display(source, display_max_side),
+        display=downsample_display(source, display_max_side) if display_max_side > 0 else None,
         note="; ".join(notes),
         rows=int(rows),
         columns=int(columns),

@@ -320,7 +320,7 @@ class Worker:
                 card.input_size,
                 card.mean,
                 card.std,
-                self.config.outputs.max_side,
+                self.config.outputs.max_side if self.config.outputs.overlays else 0,
             )
             future.add_done_callback(lambda f, s=study, u=uid: self._decoded.put((s, u, f)))
 
