@@ -70,11 +70,18 @@ def wait_state(daemon: Daemon, study_uid: str, *states: StudyState, timeout: flo
     )
 
 
+# One decode process: the worker writes the outputs; two: the pool processes write them and
+# the worker commits them (worker._build_outputs).
+@pytest.mark.parametrize("decode_processes", [1, 2])
 def test_scored_study_comes_back_as_sr_and_overlays_in_the_same_study(
-    daemon_factory, tmp_path
+    daemon_factory, tmp_path, decode_processes: int
 ) -> None:
     pacs = Storescp(tmp_path / "pacs").start()
-    config = scoring_config(pacs.destination(), outputs={"parametric_maps": True})
+    config = scoring_config(
+        pacs.destination(),
+        outputs={"parametric_maps": True},
+        worker={"decode_processes": decode_processes},
+    )
     daemon = daemon_factory(config).start()
     study_uid, files = send_study(daemon, tmp_path / "in", body_part="WRIST", views=3, seed=11)
     wait_state(daemon, study_uid, StudyState.DONE)
@@ -112,6 +119,8 @@ def test_scored_study_comes_back_as_sr_and_overlays_in_the_same_study(
     assert '"Algorithm Version")="0.0.0-demo"' in report
     assert "NOT VALIDATED" in report
     assert daemon.stop() == 0
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    assert list((spool / "tmp").iterdir()) == []  # nothing staged is left behind
 
 
 def test_chest_study_is_skipped_and_nothing_is_sent(daemon_factory, tmp_path) -> None:
