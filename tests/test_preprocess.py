@@ -465,9 +465,9 @@ def test_mapping_and_halving_in_strips_is_mapping_then_halving(mapping, shape):
         assert np.array_equal(mapping.apply_halved(frame, strip_rows), expected)
 
 
-def test_decode_view_is_the_displayed_frame_shrunk(tmp_path: Path):
+def test_decode_view_resizes_input_and_display_from_the_halved_displayed_frame(tmp_path: Path):
     # decode_view maps and halves in one pass; the result is what mapping the whole frame and
-    # shrinking it gives, bit for bit.
+    # halving it gives, bit for bit, and both outputs are resized from it once.
     cases = [
         make_ds(phantom(2600, 2001), bits_stored=12, WindowCenter=1800, WindowWidth=2800),
         make_ds(phantom(2561, 2049), photometric="MONOCHROME1", bits_stored=12),
@@ -475,10 +475,19 @@ def test_decode_view_is_the_displayed_frame_shrunk(tmp_path: Path):
         make_ds(phantom(900, 700), bits_stored=12),
     ]
     for index, ds in enumerate(cases):
-        view = decode_view(save(ds, tmp_path / f"{index}.dcm"), 224, MEAN, STD, 512)
-        source = preprocess._shrink(display_pixels(ds)[0], preprocess.MODEL_SOURCE_MAX_SIDE)
+        path = save(ds, tmp_path / f"{index}.dcm")
+        view = decode_view(path, 224, MEAN, STD, 512)
+        source = display_pixels(ds)[0]
+        while min(source.shape) >= 2 * 700 and max(source.shape) >= 2 * 1024:
+            source = preprocess._halve(source)  # every case: halved until under 2 × 1024 px
+        assert max(source.shape) < 2048
         assert np.array_equal(view.array, prepare_array(source, 224, MEAN, STD))
         assert np.array_equal(view.display, downsample_display(source, 512))
+        boxed = decode_view(path, 224, MEAN, STD, display_box=lambda r, c: (300, 1000))
+        assert boxed.display.shape[0] == 300 and boxed.display.shape[1] <= 1000
+        assert np.array_equal(boxed.array, view.array)
+        huge = decode_view(path, 224, MEAN, STD, display_box=lambda r, c: (8000, 8000))
+        assert huge.display.shape == source.shape  # never upsampled
 
 
 def test_decode_view_result(tmp_path: Path):

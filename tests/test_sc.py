@@ -344,9 +344,9 @@ def test_parametric_map_uids_are_deterministic(dx_study: list[pydicom.Dataset]) 
 
 
 @pytest.mark.parametrize("validated", [True, False])
-def test_label_is_drawn_as_one_pil_drawing_and_sized_for_its_own_text(validated: bool) -> None:
-    # The font size is remembered per label shape (digits as 0) and the lines per text; the
-    # band must be what drawing every line at once with PIL, at the searched size, gives.
+def test_label_is_drawn_as_one_pil_drawing_and_sized_for_the_models_labels(validated: bool) -> None:
+    # The font size is settled per model and view size (digits as 0, either finding) and the
+    # lines drawn per text; the band must be what drawing every line at once with PIL gives.
     from PIL import Image, ImageDraw
 
     from triage.dicom import sc
@@ -358,9 +358,14 @@ def test_label_is_drawn_as_one_pil_drawing_and_sized_for_its_own_text(validated:
             f"view p={probability:.2f}   study p={study_p:.2f} (threshold 0.50): finding",
         ] + ([] if validated else ["NOT VALIDATED - NOT FOR DIAGNOSIS"])
         for shape in ((1024, 819), (700, 1024), (2000, 300)):
-            font, band = sc._label_font(lines, shape, 1024)
-            searched = sc._label_font_size.__wrapped__(tuple(lines), *shape, 1024)
-            assert font.size == searched
+            font, band, room = sc._label_font(lines, model, shape, 1024)
+            # The layout's size (digits as 0, either finding) unless the real text needs less.
+            layout = sc._layout_font_size(model, *shape, 1024)
+            assert font.size <= layout and band <= room == sc._band_of(layout, len(lines))
+            # 9 px is the floor: a very narrow view's label overflows rather than vanish.
+            assert font.size == 9 or sc._label_fits(tuple(lines), font.size, *shape, 1024)
+            if font.size < layout:
+                assert not sc._label_fits(tuple(lines), font.size + 1, *shape, 1024)
             cols = 640
             rgb = np.zeros((band + 8, cols, 3), np.uint8)
             sc._draw_label(rgb, lines, font, band, warn=not validated)
@@ -413,3 +418,30 @@ def test_heat_steps_are_the_heat_level_in_256_steps(threshold: float) -> None:
     assert np.abs(steps.astype(int) - reference).max() <= 1
     assert np.mean(steps != reference) < 0.01  # off by one only at a step's edge
     assert ((steps == 0) == (reference == 0)).mean() > 0.99  # below the threshold stays clear
+
+
+@pytest.mark.parametrize("model", [VALIDATED, UNVALIDATED], ids=["validated", "unvalidated"])
+@pytest.mark.parametrize("view_shape", [(2560, 2048), (1800, 2400), (3000, 600)])
+def test_a_display_made_for_the_overlay_box_is_drawn_as_it_is(
+    dx_study: list[pydicom.Dataset], model: ModelInfo, view_shape: tuple[int, int]
+) -> None:
+    # What decode_view makes for OverlayBox fills the overlay under its label without a second
+    # resampling, and the overlay stays within max_side, for either finding.
+    from triage.dicom.sc import OverlayBox
+    from triage.scoring.preprocess import _fitted_size
+
+    box = OverlayBox(model, 1024)(*view_shape)
+    size = _fitted_size(view_shape, box)
+    display = np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8)
+    flat = np.zeros((7, 7), np.float32)
+    for probability in (0.02, 0.98):  # normal, and abnormal (a longer label)
+        result = make_result(dx_study[:1], [flat], probabilities=[probability])
+        overlay = build_cam_overlay(
+            dx_study[0], display, result.views[0], result, model, view_shape=view_shape
+        )
+        rgb = overlay.pixel_array
+        assert max(rgb.shape[:2]) <= 1024 and rgb.shape[1] == size[1]
+        if probability < result.threshold:  # no heat anywhere: the grey shows as it is
+            image = rgb[rgb.shape[0] - size[0] :]
+            assert np.array_equal(image[..., 0], display)
+            assert np.array_equal(image[..., 2], display)

@@ -26,6 +26,7 @@ import datetime
 import functools
 import math
 import re
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -194,6 +195,7 @@ def build_cam_overlay(
     series_number: int = SC_SERIES_NUMBER,
     instance_number: int | None = None,
     created: datetime.datetime | None = None,
+    view_shape: tuple[int, int] | None = None,
 ) -> hd.sc.SCImage:
     """The CAM overlay of one view as an RGB 8-bit Secondary Capture image.
 
@@ -203,7 +205,9 @@ def build_cam_overlay(
     most the heat ever covers the image; *colormap* is one of :data:`colormap.NAMES`.
     *instance_number* defaults to the view's position in *result*. The label says it is an AI
     heat map, with the view's and the study's probability, and NOT VALIDATED for an
-    unvalidated model.
+    unvalidated model. *view_shape* is the size of the decoded view (default: the display's):
+    a display made to fit :class:`OverlayBox` for that size is used as is, any other is
+    resampled (area-averaged) to fit.
     """
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be within 0..1, not {opacity}")
@@ -220,8 +224,9 @@ def build_cam_overlay(
         instance_number = _view_position(result, view)
 
     lines = _label_lines(view, result, model)
-    font, band = _label_font(lines, np.shape(display), max_side)
-    grey = _fit(display, max_side - band, max_side)
+    layout_shape = view_shape if view_shape is not None else np.shape(display)
+    font, band, room = _label_font(lines, model, layout_shape, max_side)
+    grey = _fit(display, max_side - room, max_side)  # as is when decoded to fit OverlayBox
     rows, cols = grey.shape
     # The image is blended straight into the rows under the label band of the output.
     rgb = np.empty((band + rows, cols, 3), np.uint8)  # the blend and the band fill it all
@@ -310,33 +315,78 @@ def _fit(display: np.ndarray, max_rows: int, max_cols: int) -> np.ndarray:
 
 
 def _label_lines(view: ViewResult, result: StudyResult, model: ModelInfo) -> list[str]:
-    finding = "ABNORMAL" if result.abnormal else "normal"
+    return _label_text(
+        model, view.probability, result.probability, result.threshold, result.abnormal
+    )
+
+
+def _label_text(
+    model: ModelInfo, view_p: float, study_p: float, threshold: float, abnormal: bool
+) -> list[str]:
+    finding = "ABNORMAL" if abnormal else "normal"
     lines = [
         f"AI HEAT MAP (class activation) - {model.name} {model.version}",
-        f"view p={view.probability:.2f}   study p={result.probability:.2f} "
-        f"(threshold {result.threshold:.2f}): {finding}",
+        f"view p={view_p:.2f}   study p={study_p:.2f} (threshold {threshold:.2f}): {finding}",
     ]
     if not model.validated:
         lines.append("NOT VALIDATED - NOT FOR DIAGNOSIS")
     return lines
 
 
-def _label_font(
-    lines: list[str], shape: tuple[int, ...], max_side: int
-) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int]:
-    """The largest font (9..36 px) whose longest line fits the output width, and band height.
+@dataclass(frozen=True)
+class OverlayBox:
+    """The largest (rows, columns) the radiograph may take in an overlay of *model*'s results
+    whose longest side is *max_side*, for a view of ``rows × columns``: called with the view's
+    size. Picklable, so a decode process can make the display image at its final size (see
+    :func:`~triage.scoring.preprocess.decode_view`) and the overlay needs no second resampling.
+    """
 
-    The band takes rows from *max_side*, which can narrow the image, so the size is settled
-    by shrinking until the text fits the width the image gets with that band. The search is
-    remembered for the lines with every digit as 0 (the labels of one model differ only in
-    their probabilities and finding), and the real lines are checked against the result.
+    model: ModelInfo
+    max_side: int
+
+    def __call__(self, rows: int, columns: int) -> tuple[int, int]:
+        """``(max_side - label band, max_side)`` for a view of ``rows × columns``."""
+        size = _layout_font_size(self.model, int(rows), int(columns), self.max_side)
+        return self.max_side - _band_of(size, _line_count(self.model)), self.max_side
+
+
+def _line_count(model: ModelInfo) -> int:
+    return len(_label_text(model, 0.0, 0.0, 0.0, False))
+
+
+def _layout_font_size(model: ModelInfo, rows: int, columns: int, max_side: int) -> int:
+    """The label's font size before its probabilities are known: the largest that fits the
+    model's label with every digit 0, for either finding. It sets the band the image makes
+    room for; a label whose real digits are wider is drawn smaller, in the same room."""
+    return min(
+        _label_font_size(
+            tuple(_DIGIT.sub("0", line) for line in _label_text(model, 0.0, 0.0, 0.0, abnormal)),
+            rows,
+            columns,
+            max_side,
+        )
+        for abnormal in (True, False)
+    )
+
+
+def _label_font(
+    lines: list[str], model: ModelInfo, shape: tuple[int, ...], max_side: int
+) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int, int]:
+    """The label's font, its band height, and the band height the image makes room for.
+
+    The font is the largest (9..36 px) whose longest line fits the output width. The band
+    takes rows from *max_side*, which can narrow the image, so the size is settled by
+    shrinking until the text fits the width the image gets with that band. The layout is
+    settled for the model's label with every digit 0 (labels of one model differ only in
+    their probabilities and finding; remembered per view size), and the real lines are
+    checked against it and drawn smaller in the same room if their digits are wider.
     """
     rows, cols = int(shape[0]), int(shape[1])
-    template = tuple(_DIGIT.sub("0", line) for line in lines)
-    size = _label_font_size(template, rows, cols, max_side)
+    layout = _layout_font_size(model, rows, cols, max_side)
+    size = layout
     if not _label_fits(tuple(lines), size, rows, cols, max_side):  # digits of unequal width
         size = _label_font_size(tuple(lines), rows, cols, max_side)
-    return _font(size), _band_of(size, len(lines))
+    return _font(size), _band_of(size, len(lines)), _band_of(layout, len(lines))
 
 
 _DIGIT = re.compile(r"[0-9]")

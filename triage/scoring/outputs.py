@@ -37,6 +37,8 @@ class ViewPixels:
 
     header: Dataset
     display: np.ndarray | None
+    #: The decoded frame's (rows, columns), which the overlay's layout is computed for.
+    view_shape: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ def encode_outputs(
                 model,
                 opacity=config.outputs.opacity,
                 max_side=config.outputs.max_side,
+                view_shape=pixels.view_shape,
             )
             outputs.append(_encode(overlay, "sc", view.sop_instance_uid))
         if config.outputs.parametric_maps:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +41,8 @@ LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 PERCENTILES: tuple[float, float] = (0.5, 99.5)
 #: Default largest side of the display image kept for CAM overlays.
 DISPLAY_MAX_SIDE = 1024
-#: decode_view resizes the model input from the display image shrunk to this longest side.
+#: decode_view halves a frame by 2×2 averaging while it is at least twice a fit to this longest
+#: side; the model input and the display image are resized from the result.
 MODEL_SOURCE_MAX_SIDE = 1024
 #: A window that leaves fewer pixels than this fraction strictly between black and white is
 #: taken to be wrong for the data (e.g. a 16-bit window on 12-bit pixels).
@@ -571,13 +572,22 @@ def decode_view(
     mean: Sequence[float],
     std: Sequence[float],
     display_max_side: int = DISPLAY_MAX_SIDE,
+    display_box: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> DecodedView:
     """Read a DICOM file and return its model input and display image.
 
-    The display image (for a CAM overlay) has a longest side of at most *display_max_side*;
-    0 asks for none (it would be carried between processes for nothing). Top-level and
-    picklable, for a process pool. Raises :class:`UndecodableView` with a reason when the file
-    cannot be read or its pixels cannot be decoded.
+    Both come from one *source*: the displayed frame averaged down by 2×2 blocks while it is
+    at least twice a 1024-px fit (so 1024–2047 px on its longest side; a smaller frame as
+    is). The model input is resized from it (antialiased) rather than from the full frame, as
+    the MURA PNGs the model was trained on were such exports (≈ 512 px), and so is the display
+    image, at the size it is drawn (never larger than the source): one resampling each.
+
+    The display image fits ``display_box(rows, columns)`` (max rows, max columns; rows ×
+    columns is the decoded frame's size) when given (see :class:`triage.dicom.sc.OverlayBox`),
+    else a longest side of *display_max_side*; 0 asks for none (no overlays to draw: it would
+    be carried between processes for nothing). Top-level and picklable, for a process pool.
+    Raises :class:`UndecodableView` with a reason when the file cannot be read or its pixels
+    cannot be decoded.
     """
     try:
         ds = pydicom.dcmread(path)
@@ -592,25 +602,53 @@ def decode_view(
     frame, notes = _decode_first_frame(ds)
     _check_frame(frame)
     rows, columns = int(frame.shape[0]), int(frame.shape[1])
-    # The model input is resized from a ≤ 1024-px intermediate rather than the full frame: the
-    # MURA PNGs it was trained on were such exports (≈ 512 px), and the intermediate is the
-    # overlay image too, so one antialiased shrink of the full frame serves both (≈ 2× faster).
-    target = _shrunk_size((rows, columns), max(MODEL_SOURCE_MAX_SIDE, input_size))
-    # The shrink's first halving is done as the frame is mapped to display values (the same
-    # values as mapping the whole frame, then halving it).
-    halved = _halves_toward((rows, columns), target)
-    source = _shrink_to(_displayed(ds, frame, notes, halved=halved), target)
+    source = model_source(ds, frame, notes, input_size)
     array = prepare_array(source, input_size, mean, std)
     if not np.isfinite(array).all():  # whatever the mapping did: the model never sees one
         raise UndecodableView("the image maps to values that are not finite numbers")
+    display = None
+    if display_box is not None:
+        display = _display_image(source, _fitted_size((rows, columns), display_box(rows, columns)))
+    elif display_max_side > 0:
+        display = _display_image(source, _shrunk_size((rows, columns), display_max_side))
     return DecodedView(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         array=array,
-        display=downsample_display(source, display_max_side) if display_max_side > 0 else None,
+        display=display,
         note="; ".join(notes),
-        rows=int(rows),
-        columns=int(columns),
+        rows=rows,
+        columns=columns,
     )
+
+
+def model_source(ds: Dataset, frame: np.ndarray, notes: list[str], input_size: int) -> np.ndarray:
+    """The displayed *frame* (float32 0..1) halved by 2×2 averaging while it is at least twice
+    a fit to ``max(1024, input_size)`` px: what :func:`decode_view` resizes the model input
+    and the display image from. The first halving is done as the frame is mapped to display
+    values (the same values as mapping the whole frame, then halving it)."""
+    target = _shrunk_size(frame.shape[:2], max(MODEL_SOURCE_MAX_SIDE, input_size))
+    image = _displayed(ds, frame, notes, halved=_halves_toward(frame.shape[:2], target))
+    while _halves_toward(image.shape, target):
+        image = _halve(image)
+    return image
+
+
+def _fitted_size(shape: Sequence[int], box: tuple[int, int]) -> tuple[int, int]:
+    """*shape* scaled (aspect kept, never up) to fit ``box = (max rows, max columns)``."""
+    rows, columns = int(shape[0]), int(shape[1])
+    scale = min(1.0, box[0] / rows, box[1] / columns)
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def _display_image(source: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """*source* (float 0..1) shrunk as :func:`_shrink` does to *size*, or as is if it is not
+    larger; uint8."""
+    if size[0] < source.shape[0] or size[1] < source.shape[1]:
+        source = _shrink_to(source, size)
+    out = np.multiply(source, np.float32(255.0), dtype=np.float32)
+    out += np.float32(0.5)
+    np.clip(out, 0.0, 255.0, out=out)
+    return out.astype(np.uint8)
 
 
 __all__ = [

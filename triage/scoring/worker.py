@@ -31,6 +31,7 @@ from pydicom import Dataset, dcmread
 
 from triage import failpoints, metrics
 from triage.config import Config
+from triage.dicom.sc import OverlayBox
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
@@ -314,6 +315,9 @@ class Worker:
             attempt=claim.attempt,
         )
         card = self.model
+        # Display images are made at the size the overlays draw them (none without overlays).
+        box = OverlayBox(card.info, self.config.outputs.max_side)
+        overlays = self.config.outputs.overlays
         for uid in scored_uids:
             future = self._pool.submit(
                 URGENT,
@@ -322,7 +326,8 @@ class Worker:
                 card.input_size,
                 card.mean,
                 card.std,
-                self.config.outputs.max_side if self.config.outputs.overlays else 0,
+                0,
+                box if overlays else None,
             )
             future.add_done_callback(lambda f, s=study, u=uid: self._decoded.put((s, u, f)))
 
@@ -386,7 +391,9 @@ class Worker:
         for (study, view), probability, cam in zip(ready, probabilities, cam_arrays, strict=True):
             uid = view.sop_instance_uid
             study.scored[uid] = ViewResult(uid, float(probability), np.array(cam), view.note)
-            study.pixels[uid] = ViewPixels(study.headers[uid], view.display)
+            study.pixels[uid] = ViewPixels(
+                study.headers[uid], view.display, (view.rows, view.columns)
+            )
             self._view_done(study)
 
     def _view_done(self, study: _InFlight) -> None:
