@@ -259,7 +259,8 @@ class OutputsConfig:
     parametric_maps: bool = False
     #: Heat-map opacity over the image, 0..1.
     opacity: float = 0.4
-    #: Longest side of an overlay image, in pixels.
+    #: Longest side of an overlay image, in pixels, label band included (the radiograph in it
+    #: is never larger than the decoded frame halved while at least twice 1024 px).
     max_side: int = 1024
 
     def validate(self) -> None:
