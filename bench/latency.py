@@ -221,10 +221,11 @@ def profile_steps(
     """Median seconds of each step the worker runs between "claimed" and "scored", timed one
     by one in this process after the daemon stopped; per number of views.
 
-    The steps are the worker's own functions: decode (read the file, Modality/VOI LUT, one
-    antialiased shrink, model input and display image; one torch thread, as in a decode
-    process), the forward pass (batch of 1, as views come out of one decode process, and the
-    whole study as one batch), and building and durably writing the SR and the overlays.
+    The steps are the worker's own functions: decode (read the file, Modality/VOI LUT, the
+    halving shrink, model input and display image at the overlay's size; one torch thread, as
+    in a decode process), the forward pass (batch of 1, as views come out of one decode
+    process, and the whole study as one batch), and building and durably writing the SR and
+    the overlays.
     """
     import statistics
 
@@ -232,6 +233,7 @@ def profile_steps(
     from pydicom import dcmread
 
     from triage.config import load_config
+    from triage.dicom.sc import OverlayBox
     from triage.scoring.outputs import ViewPixels, build_outputs
     from triage.scoring.preprocess import decode_view
     from triage.scoring.result import StudyResult, ViewResult
@@ -243,6 +245,9 @@ def profile_steps(
     spool = Spool(workdir / "profile-spool")
     spool.prepare()
     threads = torch.get_num_threads()
+    # As the worker asks for display images: at the overlay's size, none without overlays.
+    overlays = config.outputs.overlays
+    overlay_box = OverlayBox(model.info, config.outputs.max_side) if overlays else None
     profile: dict[int, dict[str, float]] = {}
     for views in view_counts:
         datasets = make_study(StudyType.WRIST, views=views, size_mb=size_mb, seed=seed + views)
@@ -261,7 +266,7 @@ def profile_steps(
                 timed(
                     "decode, per view (1 torch thread)",
                     lambda f=f: decode_view(
-                        str(f), model.input_size, model.mean, model.std, config.outputs.max_side
+                        str(f), model.input_size, model.mean, model.std, 0, overlay_box
                     ),
                 )
                 for f in files
@@ -289,7 +294,9 @@ def profile_steps(
                 ),
             )
             pixels = {
-                v.sop_instance_uid: ViewPixels(dcmread(f, stop_before_pixels=True), v.display)
+                v.sop_instance_uid: ViewPixels(
+                    dcmread(f, stop_before_pixels=True), v.display, (v.rows, v.columns)
+                )
                 for v, f in zip(decoded, files, strict=True)
             }
             timed(
