@@ -234,7 +234,7 @@ def profile_steps(
 
     from triage.config import load_config
     from triage.dicom.sc import OverlayBox
-    from triage.scoring.outputs import ViewPixels, build_outputs
+    from triage.scoring.outputs import OutputRequest, ViewPixels, build_outputs
     from triage.scoring.preprocess import decode_view
     from triage.scoring.result import StudyResult, ViewResult
     from triage.scoring.worker import load_configured_model
@@ -301,7 +301,9 @@ def profile_steps(
             }
             timed(
                 "SR + overlays built and written",
-                lambda r=result, px=pixels: build_outputs(config, spool, r, model.info, px, None),
+                lambda r=result, px=pixels: build_outputs(
+                    OutputRequest(config, spool, r, model.info, px)
+                ),
             )
             if rep == 0:
                 timings.clear()

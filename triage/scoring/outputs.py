@@ -68,14 +68,21 @@ def _encode(dataset: Dataset, kind: str, source_uid: str | None) -> EncodedOutpu
     )
 
 
-def encode_outputs(
-    config: Config,
-    spool: Spool,
-    result: StudyResult,
-    model: ModelInfo,
-    views: Mapping[str, ViewPixels],
-    predecessor_path: str | None,
-) -> list[EncodedOutput]:
+@dataclass(frozen=True)
+class OutputRequest:
+    """What building a scored study's outputs takes (picklable, for a pool process)."""
+
+    config: Config
+    spool: Spool
+    result: StudyResult
+    model: ModelInfo
+    #: The scored views' headers and display images, by SOP Instance UID.
+    views: Mapping[str, ViewPixels]
+    #: The outbox path of the previous revision's SR, which the new one names.
+    predecessor_path: str | None = None
+
+
+def encode_outputs(request: OutputRequest) -> list[EncodedOutput]:
     """Build and encode the SR (always), overlays and parametric maps (as configured).
 
     Top-level and picklable: the worker runs it in its process pool (building SRs and
@@ -83,7 +90,9 @@ def encode_outputs(
     itself (:func:`write_outputs`), so the fsyncs wait in one of its threads, not in a pool
     process that could be building the next study's outputs.
     """
-    predecessor = dcmread(spool.path(predecessor_path)) if predecessor_path else None
+    config, result, model, views = request.config, request.result, request.model, request.views
+    path = request.predecessor_path
+    predecessor = dcmread(request.spool.path(path)) if path else None
     headers: Sequence[Dataset] = [views[v.sop_instance_uid].header for v in result.views]
     device_uid = installation_uid(config)
     sr = build_sr(headers, result, model, device_uid=device_uid, predecessor=predecessor)
@@ -125,14 +134,7 @@ class StagedOutput:
     temp_path: str
 
 
-def stage_outputs(
-    config: Config,
-    spool: Spool,
-    result: StudyResult,
-    model: ModelInfo,
-    views: Mapping[str, ViewPixels],
-    predecessor_path: str | None,
-) -> list[StagedOutput]:
+def stage_outputs(request: OutputRequest) -> list[StagedOutput]:
     """:func:`encode_outputs`, each written to a temp file (:meth:`Spool.stage`).
 
     Top-level and picklable, for the worker's process pool: the process that builds the
@@ -140,9 +142,10 @@ def stage_outputs(
     per study through a pipe, copied and unpickled under the worker's GIL); the worker's
     thread makes them durable (:func:`commit_outputs`), so no pool process waits on fsync.
     """
+    spool = request.spool
     staged: list[StagedOutput] = []
     try:
-        for item in encode_outputs(config, spool, result, model, views, predecessor_path):
+        for item in encode_outputs(request):
             staged.append(StagedOutput(item.file, str(spool.stage((item.data,)))))
     except BaseException:
         discard_outputs(spool, staged)
@@ -170,18 +173,9 @@ def discard_outputs(spool: Spool, staged: Sequence[StagedOutput]) -> None:
         spool.discard(item.temp_path)
 
 
-def build_outputs(
-    config: Config,
-    spool: Spool,
-    result: StudyResult,
-    model: ModelInfo,
-    views: Mapping[str, ViewPixels],
-    predecessor_path: str | None,
-) -> list[OutputFile]:
+def build_outputs(request: OutputRequest) -> list[OutputFile]:
     """Build and durably write the SR (always), overlays and parametric maps (as configured)."""
-    return write_outputs(
-        spool, encode_outputs(config, spool, result, model, views, predecessor_path)
-    )
+    return write_outputs(request.spool, encode_outputs(request))
 
 
 def warm_up_builders(config: Config, model: ModelInfo) -> None:

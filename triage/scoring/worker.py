@@ -37,6 +37,7 @@ from triage.logs import get_logger
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
 from triage.scoring.model import ScoringModel, resolve_device
 from triage.scoring.outputs import (
+    OutputRequest,
     StagedOutput,
     ViewPixels,
     commit_outputs,
@@ -473,7 +474,7 @@ class Worker:
         output through a pipe and onto the disk: the pool processes write what they build
         and the worker only makes it durable.
         """
-        args = (
+        request = OutputRequest(
             self.config,
             self.spool,
             result,
@@ -483,10 +484,10 @@ class Worker:
         )
         if self._processes > 1:
             staged: list[StagedOutput] = self._pool.submit(
-                BACKGROUND, stage_outputs, *args
+                BACKGROUND, stage_outputs, request
             ).result()
             return commit_outputs(self.spool, staged)
-        encoded = self._pool.submit(BACKGROUND, encode_outputs, *args).result()
+        encoded = self._pool.submit(BACKGROUND, encode_outputs, request).result()
         return write_outputs(self.spool, encoded)
 
 
