@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,25 @@ def test_outputs_staged_by_a_pool_process_are_committed_or_discarded(tmp_path: P
     assert spool.path("outbox/1.2/1.5.dcm").exists()
     assert not spool.path("outbox/1.2/1.7.dcm").exists()
     assert list(spool.temp_dir.iterdir()) == []  # nothing left behind
+
+
+def _stage_then_die(root: str, prefix: str) -> None:
+    Spool(root).stage([b"half of an overlay"], prefix=prefix)
+    os._exit(1)  # as a pool process killed mid-study: nothing runs its clean-up
+
+
+def test_what_a_dead_process_staged_is_removed_by_its_prefix(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    kept = spool.stage([b"another study's overlay"], prefix="bbbb-")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool, pytest.raises(BrokenProcessPool):
+        pool.submit(_stage_then_die, str(tmp_path), "aaaa-").result()
+    assert len(list(spool.temp_dir.glob("aaaa-*.part"))) == 1
+    assert spool.discard_staged("aaaa-") == 1
+    assert list(spool.temp_dir.iterdir()) == [kept]
+    for bad in ("", "../x", "a*"):
+        with pytest.raises(ValueError):
+            spool.discard_staged(bad)
+    with pytest.raises(ValueError):
+        spool.stage([b"x"], prefix="../escape-")

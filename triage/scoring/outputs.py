@@ -80,6 +80,8 @@ class OutputRequest:
     views: Mapping[str, ViewPixels]
     #: The outbox path of the previous revision's SR, which the new one names.
     predecessor_path: str | None = None
+    #: What the names of files :func:`stage_outputs` writes start with (see Spool.stage).
+    stage_prefix: str = ""
 
 
 def encode_outputs(request: OutputRequest) -> list[EncodedOutput]:
@@ -146,7 +148,8 @@ def stage_outputs(request: OutputRequest) -> list[StagedOutput]:
     staged: list[StagedOutput] = []
     try:
         for item in encode_outputs(request):
-            staged.append(StagedOutput(item.file, str(spool.stage((item.data,)))))
+            temp = spool.stage((item.data,), prefix=request.stage_prefix)
+            staged.append(StagedOutput(item.file, str(temp)))
     except BaseException:
         discard_outputs(spool, staged)
         raise

@@ -19,6 +19,7 @@ import multiprocessing
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -481,11 +482,17 @@ class Worker:
             info,
             study.pixels,
             self.queue.previous_sr(study.claim),
+            stage_prefix=f"{uuid.uuid4().hex[:16]}-",
         )
         if self._processes > 1:
-            staged: list[StagedOutput] = self._pool.submit(
-                BACKGROUND, stage_outputs, request
-            ).result()
+            try:
+                staged: list[StagedOutput] = self._pool.submit(
+                    BACKGROUND, stage_outputs, request
+                ).result()
+            except BaseException:
+                # A pool process that died while it wrote them cannot remove its files.
+                self.spool.discard_staged(request.stage_prefix)
+                raise
             return commit_outputs(self.spool, staged)
         encoded = self._pool.submit(BACKGROUND, encode_outputs, request).result()
         return write_outputs(self.spool, encoded)

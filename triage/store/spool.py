@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -71,14 +72,18 @@ class Spool:
         """
         return self.commit(self.stage(chunks), relative)
 
-    def stage(self, chunks: Iterable[bytes | memoryview]) -> Path:
+    def stage(self, chunks: Iterable[bytes | memoryview], prefix: str = "") -> Path:
         """Write *chunks* to a new temp file, not yet synced; returns its path.
 
         The first half of :meth:`write`, for a process that builds a file while another one
-        makes it durable (:meth:`commit`) or drops it (:meth:`discard`). A crash leaves the
-        temp file to :meth:`prepare`.
+        makes it durable (:meth:`commit`) or drops it (:meth:`discard`). The file name starts
+        with *prefix* (letters, digits, ``-``), so that whoever asked for it can remove what a
+        process that died before answering staged (:meth:`discard_staged`); a crash of the
+        whole daemon leaves it to :meth:`prepare`.
         """
-        temp = self._tmp / f"{uuid.uuid4().hex}.part"
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"invalid temp file prefix {prefix!r}")
+        temp = self._tmp / f"{prefix}{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -117,6 +122,16 @@ class Spool:
         """Remove a staged temp file that will not be committed (gone already is fine)."""
         with contextlib.suppress(OSError):
             os.unlink(temp)
+
+    def discard_staged(self, prefix: str) -> int:
+        """Remove every temp file staged with *prefix* (not empty); returns how many."""
+        if not prefix or not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"invalid temp file prefix {prefix!r}")
+        removed = 0
+        for temp in self._tmp.glob(f"{prefix}*.part"):
+            self.discard(temp)
+            removed += 1
+        return removed
 
     @property
     def temp_dir(self) -> Path:
@@ -164,6 +179,9 @@ class Spool:
             path.unlink()
         with contextlib.suppress(OSError):
             path.parent.rmdir()
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9-]*")
 
 
 def _fsync_dir(path: Path) -> None:
