@@ -593,7 +593,7 @@ def decode_view(
     frame, notes = _decode_first_frame(ds)
     _check_frame(frame)
     rows, columns = int(frame.shape[0]), int(frame.shape[1])
-    source = model_source(ds, frame, notes, input_size)
+    source = _model_source(ds, frame, notes, input_size)
     array = prepare_array(source, input_size, mean, std)
     if not np.isfinite(array).all():  # whatever the mapping did: the model never sees one
         raise UndecodableView("the image maps to values that are not finite numbers")
@@ -612,7 +612,7 @@ def decode_view(
     )
 
 
-def model_source(ds: Dataset, frame: np.ndarray, notes: list[str], input_size: int) -> np.ndarray:
+def _model_source(ds: Dataset, frame: np.ndarray, notes: list[str], input_size: int) -> np.ndarray:
     """The displayed *frame* (float32 0..1) halved by 2×2 averaging while it is at least twice
     a fit to ``max(1024, input_size)`` px: what :func:`decode_view` resizes the model input
     and the display image from. The first halving is done as the frame is mapped to display

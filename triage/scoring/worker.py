@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from queue import Empty, Queue
 
 import numpy as np
@@ -318,8 +318,8 @@ class Worker:
         )
         card = self.model
         # Display images are made at the size the overlays draw them (none without overlays).
-        box = OverlayBox(card.info, self.config.outputs.max_side)
-        overlays = self.config.outputs.overlays
+        outputs = self.config.outputs
+        box = OverlayBox(card.info, outputs.max_side) if outputs.overlays else None
         for uid in scored_uids:
             future = self._pool.submit(
                 URGENT,
@@ -329,7 +329,7 @@ class Worker:
                 card.mean,
                 card.std,
                 0,
-                box if overlays else None,
+                box,
             )
             future.add_done_callback(lambda f, s=study, u=uid: self._decoded.put((s, u, f)))
 
@@ -482,9 +482,9 @@ class Worker:
             info,
             study.pixels,
             self.queue.previous_sr(study.claim),
-            stage_prefix=f"{uuid.uuid4().hex[:16]}-",
         )
         if self._processes > 1:
+            request = replace(request, stage_prefix=f"{uuid.uuid4().hex[:16]}-")
             try:
                 staged: list[StagedOutput] = self._pool.submit(
                     BACKGROUND, stage_outputs, request
