@@ -207,6 +207,41 @@ def test_document_equals_what_highdicoms_full_constructor_writes(
     assert len(fast.content.get_image_measurement_groups()) == 3
 
 
+def _clear_item_caches() -> None:
+    for cached in (
+        sr_module._algorithm,
+        sr_module._observation_context,
+        sr_module._threshold_measurement,
+        sr_module._finding,
+    ):
+        cached.cache_clear()
+
+
+def test_shared_content_items_change_nothing_in_any_report(dx_study: list[pydicom.Dataset]) -> None:
+    """The items every report of a model shares (algorithm, observer, threshold, finding) give
+    the report built afresh; building later reports, or parsing one in memory (highdicom's
+    parser re-classes content items in place), leaves every report as it was."""
+    result = make_result(dx_study, probabilities=[0.7, 0.8, 0.9])
+    kwargs = {"device_uid": DEVICE_UID, "created": CREATED}
+    _clear_item_caches()
+    cold = build_sr(dx_study, result, UNVALIDATED, **kwargs)
+    cold_bytes = _encoded_without_creation_times(cold)
+    hd.sr.Comprehensive3DSR.from_dataset(cold)  # parses cold's own content items in place
+    # Other reports through the same cached items: other findings, lateralities, thresholds.
+    left = [copy.deepcopy(ds) for ds in dx_study]
+    for ds in left:
+        ds.ImageLaterality = "L"
+    for probabilities, threshold in (([0.1, 0.2, 0.3], 0.5), ([0.9, 0.9, 0.9], 0.4)):
+        other = make_result(left, probabilities=probabilities, threshold=threshold)
+        parsed = build_sr(left, other, UNVALIDATED, **kwargs)
+        assert hd.sr.Comprehensive3DSR.from_dataset(parsed).content
+        build_sr(dx_study, make_result(dx_study, probabilities=probabilities), VALIDATED, **kwargs)
+    warm = build_sr(dx_study, result, UNVALIDATED, **kwargs)
+
+    assert _encoded_without_creation_times(cold) == cold_bytes
+    assert _encoded_without_creation_times(warm) == cold_bytes
+
+
 def test_skipped_views_are_named_with_their_reason(dx_study: list[pydicom.Dataset]) -> None:
     require_tools("dsrdump")
     result = make_result(dx_study[:2], skipped=[(dx_study[2], "pixel data undecodable")])

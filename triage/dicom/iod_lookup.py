@@ -1,4 +1,4 @@
-"""highdicom's lookups in the standard's tables, memoised.
+"""highdicom's lookups in the standard's tables, memoised; its coded concepts hashed cheaply.
 
 highdicom asks "is attribute X part of the IOD of SOP class Y?" while it builds an SR, an SC
 or a parametric map: whether the new object has a Content Date, whether each source image is
@@ -10,8 +10,14 @@ they are cached for the life of the process. So is the SOP class → acquisition
 code (CID 29) that the SR's image library asks for each image: highdicom rebuilds a table of
 ~40 codes on each call (0.6 ms, 2.3 ms of a 2-view SR).
 
-:func:`install` swaps the two functions, wherever highdicom's modules hold them, for cached
-wrappers of the same functions; the builders call it when they are imported.
+highdicom's content sequences index their items by concept name, so every item appended to
+an SR hashes a CodedConcept, ~350 times for a 2-view SR: its ``__hash__`` reads the scheme and
+the code value through pydicom's keyword lookup (~5.7 µs each, 2 ms of a 9 ms SR).
+:func:`concept_hash` returns the same number from the two elements directly (~0.5 µs).
+
+:func:`install` swaps the functions, wherever highdicom's modules hold them, for cached
+wrappers of the same functions, and sets the hash; the builders call it when they are
+imported.
 """
 
 from __future__ import annotations
@@ -22,11 +28,17 @@ from collections.abc import Callable, Sequence
 
 import highdicom._standard_utils as _standard
 import highdicom.sr.templates as _templates
+from highdicom.sr.coding import CodedConcept
 from pydicom.sr.coding import Code
 
 _original_in_iod: Callable[..., bool] = _standard.is_attribute_in_iod
 _original_has_pixels: Callable[[str], bool] = _standard.does_iod_have_pixel_data
 _original_coded_modality: Callable[[str], Code] = _templates._get_coded_modality
+_original_concept_hash: Callable[[CodedConcept], int] = CodedConcept.__hash__
+
+_CODING_SCHEME_DESIGNATOR = 0x00080102
+# CodeValue, LongCodeValue, URNCodeValue: highdicom's order of preference.
+_CODE_VALUE_TAGS = (0x00080100, 0x00080119, 0x00080120)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -62,6 +74,26 @@ def coded_modality(sop_class_uid: str) -> Code:
     return _coded_modality(str(sop_class_uid))
 
 
+def concept_hash(concept: CodedConcept) -> int:
+    """``hash(scheme designator + code value)``, highdicom's hash of a coded concept, read
+    from the data elements themselves. Anything unusual (an element still raw from a file, a
+    pydicom without ``_dict``) goes to highdicom's own ``__hash__``, which gives the same
+    number the slow way."""
+    try:
+        elements = concept._dict
+        scheme = elements[_CODING_SCHEME_DESIGNATOR].value
+        for tag in _CODE_VALUE_TAGS:
+            element = elements.get(tag)
+            if element is not None:
+                value = element.value
+                if type(scheme) is str and type(value) is str:
+                    return hash(scheme + value)
+                break
+    except (AttributeError, KeyError, TypeError):
+        pass
+    return _original_concept_hash(concept)
+
+
 _REPLACEMENTS = {
     _original_in_iod: is_attribute_in_iod,
     _original_has_pixels: does_iod_have_pixel_data,
@@ -70,7 +102,8 @@ _REPLACEMENTS = {
 
 
 def install() -> None:
-    """Replace highdicom's lookups by the cached ones in every loaded highdicom module.
+    """Replace highdicom's lookups by the cached ones in every loaded highdicom module, and
+    CodedConcept's hash by :func:`concept_hash`.
 
     Idempotent. Modules highdicom imports later are not patched, so callers import the
     highdicom modules they use first (``import highdicom`` loads all of them).
@@ -87,6 +120,13 @@ def install() -> None:
                 continue
             if replacement is not None:
                 setattr(module, attribute, replacement)
+    CodedConcept.__hash__ = concept_hash  # type: ignore[method-assign]
 
 
-__all__ = ["coded_modality", "does_iod_have_pixel_data", "install", "is_attribute_in_iod"]
+__all__ = [
+    "coded_modality",
+    "concept_hash",
+    "does_iod_have_pixel_data",
+    "install",
+    "is_attribute_in_iod",
+]
