@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import compress, get_encoder
+from pydicom.pixels import compress, get_encoder, pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     JPEG2000,
@@ -256,6 +256,39 @@ def test_a_window_outside_the_data_falls_back_to_percentiles_with_a_note():
     )
     assert "percentile" in note
     assert 0.3 < float(display.mean()) < 0.7
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_bits_above_bits_stored_are_ignored(tmp_path: Path, signed: bool):
+    """Set high bits (PS3.5 8.1.1: their value cannot be assumed) decode as if clear (or,
+    signed, as if copies of the sign bit), as pydicom's own correction gives; clean ones are
+    read in place."""
+    clean = phantom(top=4095).astype(np.int16 if signed else np.uint16)
+    if signed:
+        clean = clean - np.int16(2048)  # -2048..2047: 12-bit two's complement
+    dirty = clean.view(np.uint16) & np.uint16(0x0FFF)  # sign bits not extended
+    dirty |= np.uint16(0xA000) * (np.arange(clean.size).reshape(clean.shape) % 2 == 0)
+    dirty = dirty.view(clean.dtype)
+    paths = {}
+    for name, pixels in (("clean", clean), ("dirty", dirty)):
+        ds = make_ds(pixels, bits_stored=12)
+        paths[name] = save(ds, tmp_path / f"{name}.dcm")
+        frame, _ = preprocess._decode_first_frame(pydicom.dcmread(paths[name]))
+        assert np.array_equal(frame, clean)
+        assert np.array_equal(frame, pixel_array(pydicom.dcmread(paths[name]), index=0))
+    clean_view = decode_view(paths["clean"], 224, MEAN, STD)
+    dirty_view = decode_view(paths["dirty"], 224, MEAN, STD)
+    assert np.array_equal(clean_view.array, dirty_view.array)
+    assert np.array_equal(clean_view.display, dirty_view.display)
+
+
+def test_in_range_frames_are_not_copied():
+    frame = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    frame.flags.writeable = False
+    assert preprocess._clear_unused_bits(frame, 12) is frame
+    assert preprocess._clear_unused_bits(frame, 16) is frame
+    fixed = preprocess._clear_unused_bits(frame, 11)
+    assert fixed is not frame and int(fixed.max()) == 2047
 
 
 def test_multi_frame_uses_the_first_frame():

@@ -411,11 +411,26 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
+    # Native little-endian pixels are read in place and their unused high bits cleared only
+    # when a value has any set (see _clear_unused_bits); pydicom would copy the frame and
+    # shift it twice (~0.6 ms of a 5-Mpx frame, 1.1 ms in the scoring path) to clear bits
+    # that are almost always clear already.
+    in_place = (
+        syntax is not None
+        and syntax.is_transfer_syntax
+        and not syntax.is_encapsulated
+        and syntax.is_little_endian
+        and not syntax.is_deflated
+        and 0x7FE00010 in ds
+    )
+    options = {"correct_unused_bits": False, "view_only": True} if in_place else {}
     try:
         with warnings.catch_warnings():
             # pydicom warns on harmless header/codestream mismatches it then resolves.
             warnings.simplefilter("ignore")
-            frame = pixel_array(ds, index=0)
+            frame = pixel_array(ds, index=0, **options)
+            if in_place:
+                frame = _clear_unused_bits(frame, int(ds.get("BitsStored", 0) or 0))
     except NotImplementedError as exc:
         raise UndecodableView(f"no decoder for {name}: {_oneline(str(exc))}") from None
     except Exception as exc:  # codecs raise many types on corrupt data
@@ -430,6 +445,32 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
         # compares as "not above the threshold": a normal result no image supports.
         raise UndecodableView("pixel data holds values that are not finite numbers")
     return frame, notes
+
+
+def _clear_unused_bits(frame: np.ndarray, bits_stored: int) -> np.ndarray:
+    """*frame* as if the bits above *bits_stored* were cleared (unsigned) or copies of the
+    sign bit (signed), as PS3.5 8.1.1 asks, as pydicom's ``correct_unused_bits`` makes it.
+
+    Those bits are almost always so already: the frame is returned as is (read-only or not)
+    when its minimum and maximum are in the stored range, and a corrected copy otherwise.
+    """
+    if frame.dtype.kind not in "iu" or frame.size == 0:
+        return frame
+    width = frame.dtype.itemsize * 8
+    if not 0 < bits_stored < width:
+        return frame
+    if frame.dtype.kind == "u":
+        in_range = int(frame.max()) < (1 << bits_stored)
+    else:
+        half = 1 << (bits_stored - 1)
+        in_range = -half <= int(frame.min()) and int(frame.max()) < half
+    if in_range:
+        return frame
+    corrected = np.array(frame)  # a writable copy
+    shift = width - bits_stored
+    np.left_shift(corrected, shift, out=corrected)
+    np.right_shift(corrected, shift, out=corrected)  # arithmetic for signed: sign-extends
+    return corrected
 
 
 def display_pixels(ds: Dataset) -> tuple[np.ndarray, str]:
