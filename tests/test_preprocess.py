@@ -275,6 +275,8 @@ def test_bits_above_bits_stored_are_ignored(tmp_path: Path, signed: bool):
         paths[name] = save(ds, tmp_path / f"{name}.dcm")
         frame, _ = preprocess._decode_first_frame(pydicom.dcmread(paths[name]))
         assert np.array_equal(frame, clean)
+        # Clean: a view of the file's bytes (read-only); dirty: a corrected copy.
+        assert frame.flags.writeable == (name == "dirty")
         assert np.array_equal(frame, pixel_array(pydicom.dcmread(paths[name]), index=0))
     clean_view = decode_view(paths["clean"], 224, MEAN, STD)
     dirty_view = decode_view(paths["dirty"], 224, MEAN, STD)
