@@ -12,6 +12,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Sequence
+from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -21,6 +22,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
 from triage.logs import get_logger
+from triage.store.direct_io import read_whole
 from triage.store.outbox import Backoff, DueDelivery, Outbox
 from triage.store.repository import Store
 from triage.store.spool import Spool
@@ -121,7 +123,9 @@ class Sender:
         datasets = {}
         for item in due:
             try:
-                datasets[item.delivery_id] = dcmread(self.spool.path(item.path))
+                # Written around the page cache (outputs.write_outputs): read the same way.
+                data = read_whole(self.spool.path(item.path))
+                datasets[item.delivery_id] = dcmread(BytesIO(data))
             except Exception as exc:  # a missing or broken outbox file will not heal
                 self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
         if not datasets:

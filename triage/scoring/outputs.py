@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -20,6 +21,7 @@ from triage.dicom.pmap import build_parametric_map
 from triage.dicom.sc import build_cam_overlay
 from triage.dicom.sr import build_sr
 from triage.scoring.result import ModelInfo, StudyResult
+from triage.store.direct_io import read_whole
 from triage.store.spool import Spool
 from triage.store.work_queue import OutputFile
 from triage.uids import derived_uid
@@ -94,7 +96,8 @@ def encode_outputs(request: OutputRequest) -> list[EncodedOutput]:
     """
     config, result, model, views = request.config, request.result, request.model, request.views
     path = request.predecessor_path
-    predecessor = dcmread(request.spool.path(path)) if path else None
+    # Outbox files are written around the page cache (write_outputs): read the same way.
+    predecessor = dcmread(BytesIO(read_whole(request.spool.path(path)))) if path else None
     headers: Sequence[Dataset] = [views[v.sop_instance_uid].header for v in result.views]
     device_uid = installation_uid(config)
     sr = build_sr(headers, result, model, device_uid=device_uid, predecessor=predecessor)
@@ -122,9 +125,10 @@ def encode_outputs(request: OutputRequest) -> list[EncodedOutput]:
 
 
 def write_outputs(spool: Spool, encoded: Sequence[EncodedOutput]) -> list[OutputFile]:
-    """Write encoded outputs to the outbox, each atomically and durably."""
+    """Write encoded outputs to the outbox, each atomically and durably, around the page
+    cache: the sender reads each once (:mod:`triage.store.direct_io`)."""
     for item in encoded:
-        spool.write(item.file.path, (item.data,))
+        spool.write(item.file.path, (item.data,), direct=True)
     return [item.file for item in encoded]  # size_bytes is already len(data)
 
 
@@ -148,7 +152,7 @@ def stage_outputs(request: OutputRequest) -> list[StagedOutput]:
     staged: list[StagedOutput] = []
     try:
         for item in encode_outputs(request):
-            temp = spool.stage((item.data,), prefix=request.stage_prefix)
+            temp = spool.stage((item.data,), prefix=request.stage_prefix, direct=True)
             staged.append(StagedOutput(item.file, str(temp)))
     except BaseException:
         discard_outputs(spool, staged)

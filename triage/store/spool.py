@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from triage.store import direct_io
 from triage.uids import is_valid_uid
 
 
@@ -63,17 +64,24 @@ class Spool:
         """The absolute path of a spooled file."""
         return self.root / relative
 
-    def write(self, relative: str, chunks: Iterable[bytes | memoryview]) -> int:
+    def write(
+        self, relative: str, chunks: Iterable[bytes | memoryview], *, direct: bool = False
+    ) -> int:
         """Write *chunks* to *relative* atomically and durably; returns the size in bytes.
 
         Temp file, fsync, rename over the final name, fsync of the folder (and of the root
         when the study folder is new): once this returns, the file survives a crash or a
-        power cut, and a reader never sees a partial file.
+        power cut, and a reader never sees a partial file. *direct*: see :meth:`stage`.
         """
-        return self.commit(self.stage(chunks), relative)
+        return self.commit(self.stage(chunks, direct=direct), relative)
 
-    def stage(self, chunks: Iterable[bytes | memoryview], prefix: str = "") -> Path:
+    def stage(
+        self, chunks: Iterable[bytes | memoryview], prefix: str = "", *, direct: bool = False
+    ) -> Path:
         """Write *chunks* to a new temp file, not yet synced; returns its path.
+
+        *direct* writes around the page cache (:mod:`triage.store.direct_io`), for files
+        read once, later, with :func:`~triage.store.direct_io.read_whole`.
 
         The first half of :meth:`write`, for a process that builds a file while another one
         makes it durable (:meth:`commit`) or drops it (:meth:`discard`). The file name starts
@@ -85,14 +93,17 @@ class Spool:
             raise ValueError(f"invalid temp file prefix {prefix!r}")
         temp = self._tmp / f"{prefix}{uuid.uuid4().hex}.part"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+            if direct:
+                direct_io.write_new(temp, chunks)
+            else:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                try:
+                    for chunk in chunks:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
         except OSError as exc:
             self.discard(temp)
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
