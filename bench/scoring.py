@@ -109,7 +109,7 @@ def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
     pays that once in its life, a burst of 64 studies right after start pays it inside the
     timed run. The scoring path is measured as a daemon runs after its first minutes.
     """
-    blank = np.zeros((3, model.input_size, model.input_size), np.float32)
+    blank = np.zeros((model.input_size, model.input_size), np.float32)  # as decoded views
     started = time.perf_counter()
     for size in range(1, batch + 1):
         model.forward(model.make_batch([blank] * size))

@@ -19,7 +19,7 @@ from triage.scoring.model import (
     load_model,
     resolve_precision,
 )
-from triage.scoring.preprocess import prepare_array
+from triage.scoring.preprocess import prepare_array, prepare_grey
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CARD = REPO / "models" / "demo"
@@ -55,6 +55,18 @@ def batch() -> torch.Tensor:
     arrays = [
         prepare_array(_image(seed, *shape), card.input_size, card.mean, card.std)
         for seed, shape in enumerate(shapes)
+    ]
+    return torch.from_numpy(np.stack(arrays))
+
+
+@pytest.fixture(scope="module")
+def grey_batch() -> torch.Tensor:
+    """The views of :func:`batch` before normalisation, as the worker's decode processes
+    send them."""
+    card = load_card(DEMO_CARD)
+    shapes = [(512, 400), (300, 300), (640, 480)]
+    arrays = [
+        prepare_grey(_image(seed, *shape), card.input_size) for seed, shape in enumerate(shapes)
     ]
     return torch.from_numpy(np.stack(arrays))
 
@@ -225,10 +237,32 @@ def test_bad_device_is_refused():
             load_model(card, device="cuda")
 
 
+@pytest.mark.parametrize(("precision", "graph"), [("fp32", False), ("fp32", True), ("bf16", True)])
+def test_grey_views_normalised_by_the_model_give_the_same_bits(batch, grey_batch, precision, graph):
+    # The worker sends grey views and the model normalises them: the logits and CAMs must be
+    # those of prepare_array's normalised input, to the last bit.
+    model = load_model(load_card(DEMO_CARD), device="cpu", precision=precision, cpu_graph=graph)
+    grey = model.make_batch(list(grey_batch.numpy()))
+    assert grey.shape == (3, 224, 224)
+    logits, cams = model.forward(grey)
+    normalised_logits, normalised_cams = model.forward(batch)
+    assert torch.equal(logits, normalised_logits) and torch.equal(cams, normalised_cams)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_grey_views_give_the_normalised_views_results(batch, grey_batch):
+    model = load_model(load_card(DEMO_CARD), device="auto", precision="auto")
+    logits, cams = model.forward(model.make_batch(list(grey_batch.numpy())))
+    normalised_logits, normalised_cams = model.forward(model.make_batch(list(batch.numpy())))
+    assert torch.equal(logits, normalised_logits) and torch.equal(cams, normalised_cams)
+
+
 def test_forward_checks_the_batch_shape():
     model = load_model(load_card(DEMO_CARD), device="cpu", precision="fp32")
     with pytest.raises(ValueError, match=r"expected a batch \[N, 3, 224, 224\]"):
         model.forward(torch.zeros(1, 3, 128, 128))
+    with pytest.raises(ValueError, match=r"or \[N, 224, 224\]"):
+        model.forward(torch.zeros(2, 128, 128))
     batch = model.make_batch([np.zeros((3, 224, 224), np.float32)] * 2)
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.float32
 

@@ -39,7 +39,9 @@ from triage.scoring.preprocess import (
     display_pixels,
     downsample_display,
     init_decode_worker,
+    normalise,
     prepare_array,
+    prepare_grey,
     to_luminance,
 )
 
@@ -330,6 +332,22 @@ def test_prepare_array_shape_and_normalisation():
         np.testing.assert_allclose(out[channel], (0.5 - MEAN[channel]) / STD[channel], atol=1e-5)
 
 
+def test_prepare_array_is_grey_then_normalise_bit_for_bit():
+    images = [phantom(top=255), phantom(700, 500).astype(np.float32) / 4095]
+    greys = [prepare_grey(image, 224) for image in images]
+    for image, grey in zip(images, greys, strict=True):
+        assert grey.shape == (224, 224) and grey.dtype == np.float32
+        assert float(grey.min()) >= 0.0 and float(grey.max()) <= 1.0
+        assert np.array_equal(normalise(grey, MEAN, STD), prepare_array(image, 224, MEAN, STD))
+    # A stack of grey views normalises to the stack of their inputs (what the model does).
+    stacked = normalise(np.stack(greys), MEAN, STD)
+    assert stacked.shape == (2, 3, 224, 224)
+    for index, image in enumerate(images):
+        assert np.array_equal(stacked[index], prepare_array(image, 224, MEAN, STD))
+    with pytest.raises(ValueError, match="3 values"):
+        normalise(greys[0], MEAN[:2], STD)
+
+
 def test_prepare_array_leaves_its_input_alone():
     pixels = np.full((224, 224), 1.5, dtype=np.float32)  # already the input size: no resize
     out = prepare_array(pixels, 224, MEAN, STD)
@@ -517,6 +535,7 @@ def test_decode_view_resizes_input_and_display_from_the_halved_displayed_frame(t
             source = preprocess._halve(source)  # every case: halved until under 2 × 1024 px
         assert max(source.shape) < 2048
         assert np.array_equal(view.array, prepare_array(source, 224, MEAN, STD))
+        assert np.array_equal(view.grey, prepare_grey(source, 224))  # what crosses processes
         assert np.array_equal(view.display, downsample_display(source, 512))
         boxed = decode_view(path, 224, MEAN, STD, display_box=lambda r, c: (300, 1000))
         assert boxed.display.shape[0] == 300 and boxed.display.shape[1] <= 1000

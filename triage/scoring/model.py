@@ -190,6 +190,15 @@ class ScoringModel:
         # plus the bias is the logit to fp32 rounding.
         self._weight = classifier.weight.detach()[0].to(device=device, dtype=torch.float32)
         self._bias = float(classifier.bias.detach()[0])
+        # For grey batches, normalised on the device as preprocess.normalise does it on a CPU:
+        # float32 (x − mean) then × float32(1 / std), each rounded once — the same bits.
+        self._norm_mean = torch.tensor(
+            np.array(card.mean, dtype=np.float32).reshape(1, 3, 1, 1), device=device
+        )
+        self._norm_scale = torch.tensor(
+            np.array([np.float32(1.0 / v) for v in card.std], dtype=np.float32).reshape(1, 3, 1, 1),
+            device=device,
+        )
         # channels_last pays off with bf16 kernels (CUDA, or oneDNN's native bf16 on a CPU); fp32
         # convolutions on a CPU were 3× slower in channels_last here, so they stay contiguous.
         self.channels_last = precision == "bf16"
@@ -263,14 +272,19 @@ class ScoringModel:
         return self._bias
 
     def make_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        """Stack prepared views (each float32 [3,S,S]) into a batch, pinned for a CUDA copy."""
+        """Stack prepared views into a batch, pinned for a CUDA copy: grey ones (float32
+        [S, S] from :func:`~triage.scoring.preprocess.prepare_grey`, what the worker's decode
+        processes send) into [N, S, S], normalised ones ([3, S, S]) into [N, 3, S, S]."""
         batch = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return batch
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [N] and CAMs [N, h, w] (both float32, on the CPU) for a batch [N, 3, S, S].
+        """Logits [N] and CAMs [N, h, w] (both float32, on the CPU) for a batch [N, 3, S, S]
+        (normalised), or [N, S, S] (grey, normalised here on the model's device: a third of
+        the bytes to gather and copy, and the same input to the last bit as
+        :func:`~triage.scoring.preprocess.prepare_array`'s).
 
         Each CAM is in logit units on the feature grid (7×7 at S = 224): its spatial mean plus
         :attr:`bias` is the view's logit, which equals the network's own output. Raises
@@ -279,10 +293,18 @@ class ScoringModel:
         gives one).
         """
         size = self.card.input_size
-        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size):
-            raise ValueError(f"expected a batch [N, 3, {size}, {size}], got {list(batch.shape)}")
+        grey = batch.ndim == 3 and tuple(batch.shape[1:]) == (size, size)
+        if not grey and (
+            batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[2:]) != (size, size)
+        ):
+            raise ValueError(
+                f"expected a batch [N, 3, {size}, {size}] or [N, {size}, {size}], got"
+                f" {list(batch.shape)}"
+            )
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
+            if grey:
+                x = (x.to(torch.float32).unsqueeze(1) - self._norm_mean) * self._norm_scale
             if self._cast_input is not None:
                 x = x.to(self._cast_input)
             x = x.contiguous(memory_format=self._memory_format)

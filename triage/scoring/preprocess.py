@@ -68,8 +68,10 @@ class DecodedView:
     """One decoded view, ready for the model and for the CAM overlay."""
 
     sop_instance_uid: str
-    #: Model input, float32 [3, S, S], normalised.
-    array: np.ndarray
+    #: The model input before normalisation: float32 [S, S] in 0..1 (see :func:`prepare_grey`).
+    #: A third of the normalised 3-channel input, which is what crosses the process boundary;
+    #: the model normalises it (:meth:`~triage.scoring.model.ScoringModel.forward`).
+    grey: np.ndarray
     #: The displayed image, uint8 [h, w], longest side at most the requested maximum; None
     #: when none was asked for (no overlays to draw).
     display: np.ndarray | None
@@ -78,6 +80,14 @@ class DecodedView:
     #: Size of the decoded frame (the source image), for upsampling CAMs onto it.
     rows: int
     columns: int
+    #: The per-channel normalisation :attr:`array` applies.
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def array(self) -> np.ndarray:
+        """The model input, float32 [3, S, S], normalised: :func:`prepare_array`'s result."""
+        return normalise(self.grey, self.mean, self.std)
 
 
 def _first(value: object) -> float:
@@ -530,20 +540,44 @@ def prepare_array(
     *pixels*: 2-D grey (uint8 → /255, uint16 → /65535, float already in 0..1) or [H, W, 3|4]
     colour (converted to luminance). The resize is antialiased bilinear to exactly S×S (the
     aspect ratio is not kept, as in the MURA paper); values are clipped to 0..1 before the
-    per-channel ``(x − mean) / std``. Training and the daemon both go through here.
+    per-channel ``(x − mean) / std``. Training and the daemon both go through here:
+    :func:`prepare_grey`, then :func:`normalise`.
     """
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError("mean and std need 3 values (one per channel)")
+    _check_normalisation(mean, std)
+    return normalise(prepare_grey(pixels, input_size), mean, std)
+
+
+def prepare_grey(pixels: np.ndarray, input_size: int) -> np.ndarray:
+    """The first half of :func:`prepare_array`: *pixels* resized to S×S and clipped to 0..1,
+    float32 [S, S], not yet normalised."""
     image = _as_unit_float(pixels)
     if image.size == 0:
         raise ValueError("empty image")
     # Not in place: without a resize the tensor is the caller's array.
-    resized = torch.clamp(_resize(image, input_size, input_size), 0.0, 1.0).numpy()
-    out = np.empty((3, input_size, input_size), dtype=np.float32)
+    return torch.clamp(_resize(image, input_size, input_size), 0.0, 1.0).numpy()
+
+
+def normalise(grey: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """The second half of :func:`prepare_array`: grey [..., S, S] in 0..1 → float32
+    [..., 3, S, S], channel *c* being ``(grey − mean[c]) × float32(1 / std[c])``.
+
+    Two float32 operations per value, each rounded once, so the model's own normalisation
+    of a batch on its device gives the same bits (see
+    :meth:`~triage.scoring.model.ScoringModel.forward`).
+    """
+    _check_normalisation(mean, std)
+    grey = np.asarray(grey, dtype=np.float32)
+    out = np.empty((*grey.shape[:-2], 3, *grey.shape[-2:]), dtype=np.float32)
     for channel in range(3):
-        np.subtract(resized, np.float32(mean[channel]), out=out[channel])
-        out[channel] *= np.float32(1.0 / std[channel])
+        target = out[..., channel, :, :]
+        np.subtract(grey, np.float32(mean[channel]), out=target)
+        target *= np.float32(1.0 / std[channel])
     return out
+
+
+def _check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std need 3 values (one per channel)")
 
 
 def _shrunk_size(shape: Sequence[int], max_side: int) -> tuple[int, int]:
@@ -635,8 +669,9 @@ def decode_view(
     _check_frame(frame)
     rows, columns = int(frame.shape[0]), int(frame.shape[1])
     source = _model_source(ds, frame, notes, input_size)
-    array = prepare_array(source, input_size, mean, std)
-    if not np.isfinite(array).all():  # whatever the mapping did: the model never sees one
+    _check_normalisation(mean, std)
+    grey = prepare_grey(source, input_size)
+    if not np.isfinite(grey).all():  # whatever the mapping did: the model never sees one
         raise UndecodableView("the image maps to values that are not finite numbers")
     display = None
     if display_box is not None:
@@ -645,11 +680,13 @@ def decode_view(
         display = _display_image(source, _shrunk_size((rows, columns), display_max_side))
     return DecodedView(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        array=array,
+        grey=grey,
         display=display,
         note="; ".join(notes),
         rows=rows,
         columns=columns,
+        mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+        std=(float(std[0]), float(std[1]), float(std[2])),
     )
 
 
@@ -694,6 +731,8 @@ __all__ = [
     "display_pixels",
     "downsample_display",
     "init_decode_worker",
+    "normalise",
     "prepare_array",
+    "prepare_grey",
     "to_luminance",
 ]

@@ -181,7 +181,7 @@ class Worker:
             for _ in range(self._processes)
         ]
         size = self.model.input_size
-        self.model.forward(self.model.make_batch([np.zeros((3, size, size), np.float32)]))
+        self.model.forward(self.model.make_batch([np.zeros((size, size), np.float32)]))
         for warmer in warmers:
             warmer.result()
         self._warm = True
@@ -379,7 +379,8 @@ class Worker:
     def _score(self, ready: list[tuple[_InFlight, DecodedView]]) -> None:
         started = time.monotonic()
         try:
-            batch = self.model.make_batch([view.array for _, view in ready])
+            # Grey views, normalised by the model on its device (a third of the bytes).
+            batch = self.model.make_batch([view.grey for _, view in ready])
             logits, cams = self.model.forward(batch)
         except Exception as exc:
             log.exception("forward_failed", views=len(ready))
