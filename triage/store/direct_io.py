@@ -1,13 +1,15 @@
 """Files written once and read once, moved around the page cache (``O_DIRECT``).
 
-The daemon's outputs (SR, CAM overlays, parametric maps) are written once, read once by the
-sender, then removed: the page cache gains nothing from holding them, and filling it costs
-CPU. Measured on the development VM (2.3 MB overlay files, written and fsync'd one after
-another): 4.7–5.4 ms of kernel time per file through the page cache — the kernel allocates
-~560 fresh pages and writes them back, and on a VM whose freed memory goes back to the host
-every fresh page is a fault on the host — against 0.4–0.5 ms written directly from a buffer
-the writing thread keeps; reading one back directly 0.5–0.6 ms (0.3 from the cache, 0.7–1.3
-through the cache once it has been dropped). See bench/RESULTS.md (eighth session).
+The daemon's outputs (SR, CAM overlays, parametric maps) are written once and read once, by
+the sender, soon after; then they only wait for retention to remove them. The page cache
+gains nothing from holding them, and filling it costs CPU. Measured on the development VM
+(2.3 MB overlay files, written and fsync'd one after another; CPU of the whole VM per file):
+4.7–6.4 ms through the page cache while it grows into fresh memory (the kernel allocates
+~560 pages and writes them back; on a VM whose freed memory goes back to the host every
+fresh page is a fault on the host), 0.6–0.9 ms when it reuses pages freed moments before;
+0.4–0.7 ms written directly from a buffer the writing thread keeps. Read back directly:
+0.5–0.6 ms (0.3 from the cache, 0.7–1.4 through the cache once dropped). And results then
+never push received images out of the cache. See bench/RESULTS.md (eighth session).
 
 Received images are *not* written this way: the decode processes read them moments later,
 and the page cache is what makes that read cheap.
