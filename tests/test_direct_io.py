@@ -66,11 +66,12 @@ def _direct_io_works_here(folder: Path) -> bool:
     return True
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("size", SIZES)
-def test_written_and_read_back_byte_for_byte(tmp_path: Path, size: int) -> None:
+def test_written_and_read_back_byte_for_byte(tmp_path: Path, size: int, direct: bool) -> None:
     data = _pattern(size, seed=size % 7)
     path = tmp_path / "f.dcm"
-    assert direct_io.write_new(path, (data,)) == size
+    assert direct_io.write_new(path, (data,), direct=direct) == size
     assert path.read_bytes() == data
     assert direct_io.read_whole(path) == data
 
@@ -95,7 +96,7 @@ def test_the_body_bypasses_the_page_cache(tmp_path: Path) -> None:
         pytest.skip("this file system refuses O_DIRECT")
     size = 64 * 4096 + 100
     ordinary = tmp_path / "ordinary"
-    ordinary.write_bytes(_pattern(size, 2))
+    direct_io.write_new(ordinary, (_pattern(size, 2),), direct=False)
     assert all(_resident_pages(ordinary))  # the measurement sees cached pages
 
     direct = tmp_path / "direct"

@@ -543,7 +543,6 @@ def prepare_array(
     per-channel ``(x − mean) / std``. Training and the daemon both go through here:
     :func:`prepare_grey`, then :func:`normalise`.
     """
-    _check_normalisation(mean, std)
     return normalise(prepare_grey(pixels, input_size), mean, std)
 
 

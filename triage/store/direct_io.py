@@ -65,16 +65,19 @@ def _aligned_up(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
 
 
-def write_new(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> int:
+def write_new(
+    path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview], *, direct: bool = True
+) -> int:
     """Create *path* (it must not exist) holding *chunks*; returns its size. Not synced: the
     caller fsyncs when the file must be durable.
 
-    The block-aligned body bypasses the page cache where the file system allows it.
+    With *direct* the block-aligned body bypasses the page cache where the file system allows
+    it; without, the whole file goes through the cache (an ordinary write).
     """
     views = [memoryview(chunk).cast("B") for chunk in chunks]
     size = sum(view.nbytes for view in views)
     body = _aligned_down(size)
-    if not _O_DIRECT or body == 0:
+    if not (direct and _O_DIRECT) or body == 0:
         _write_buffered(path, views)
         return size
     try:

@@ -93,17 +93,7 @@ class Spool:
             raise ValueError(f"invalid temp file prefix {prefix!r}")
         temp = self._tmp / f"{prefix}{uuid.uuid4().hex}.part"
         try:
-            if direct:
-                direct_io.write_new(temp, chunks)
-            else:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                try:
-                    for chunk in chunks:
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
+            direct_io.write_new(temp, chunks, direct=direct)
         except OSError as exc:
             self.discard(temp)
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
