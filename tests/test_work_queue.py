@@ -90,6 +90,78 @@ def test_claim_complete_and_deliveries(store: Store) -> None:
     assert not queue.complete(claim, result_for(claim), MODEL, outputs_for(claim), ["pacs"], 1.0)
 
 
+def test_claims_and_results_write_every_row_they_should(store: Store) -> None:
+    """What claim() and complete() write, column by column: several studies claimed at once,
+    each with its own instances in arrival order, lease and history; a result rebuilt for the
+    same revision moves its outputs' paths and sizes and keeps one row each."""
+    from triage.store.models import Study, StudyEvent
+
+    queue = WorkQueue(store)
+    uids = [queued_study(store, n, views=n) for n in (11, 12, 13)]
+    claims = queue.claim("w1", limit=5, lease_s=60)
+    assert [c.study_uid for c in claims] == uids
+    for claim, views in zip(claims, (11, 12, 13), strict=True):
+        assert [i.sop_instance_uid for i in claim.instances] == [
+            f"{claim.study_uid}.{v}" for v in range(views)
+        ]
+        assert claim.instances[0].path == f"{claim.study_uid}/{claim.study_uid}.0.dcm"
+    assert len({c.token for c in claims}) == 3
+    with store.session() as session:
+        for claim in claims:
+            study = session.get(Study, claim.study_id)
+            assert study.state is StudyState.SCORING
+            assert (study.lease_token, study.lease_owner, study.attempts) == (claim.token, "w1", 1)
+            assert study.lease_expires_at > utcnow() + timedelta(seconds=50)
+    first = claims[0]
+    outputs = outputs_for(first)
+    assert queue.complete(first, result_for(first), MODEL, outputs, ["pacs"], 3.5)
+    with store.session() as session:
+        study = session.get(Study, first.study_id)
+        assert (study.state, study.state_reason, study.lease_owner) == (
+            StudyState.DELIVERING,
+            "",
+            None,
+        )
+        events = (
+            session.query(StudyEvent)
+            .filter_by(study_id=first.study_id)
+            .order_by(StudyEvent.id)
+            .all()
+        )
+        assert [(e.from_state, e.to_state) for e in events][-2:] == [
+            (StudyState.QUEUED, StudyState.SCORING),
+            (StudyState.SCORING, StudyState.DELIVERING),
+        ]
+        assert events[-2].reason == "claimed by w1"
+        assert events[-1].reason == "scored abnormal p=0.700"
+        result = session.query(Result).one()
+        assert (result.model_name, result.scoring_ms, result.study_type) == (
+            "demo",
+            3.5,
+            "XR_WRIST",
+        )
+        assert [(v.sop_instance_uid, v.probability, v.note) for v in result.views] == [
+            (f"{first.study_uid}.{v}", 0.7, "") for v in range(10)
+        ] + [(f"{first.study_uid}.10", None, "undecodable: bad JPEG")]
+    # Rebuilt after a requeue: same rows, new paths and sizes, delivered again.
+    with store.session() as session, session.begin():
+        session.get(Study, first.study_id).state = StudyState.QUEUED
+        for delivery in session.query(Delivery):
+            delivery.state, delivery.attempts = DeliveryState.FAILED, 3
+    [again] = queue.claim("w1", 1, 60)
+    assert again.attempt == 2
+    moved = [
+        OutputFile(o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_uid, None, "outbox/x", 7)
+        for o in outputs
+    ]
+    assert queue.complete(again, result_for(again), MODEL, moved, ["pacs"], 1.0)
+    with store.session() as session:
+        [output] = session.query(Output).all()
+        assert (output.path, output.size_bytes) == ("outbox/x", 7)
+        [delivery] = session.query(Delivery).all()
+        assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 0)
+
+
 def test_no_destination_means_done(store: Store) -> None:
     queue = WorkQueue(store)
     queued_study(store, 2)
@@ -260,3 +332,40 @@ def test_restart_releases_stale_claims_keeping_the_attempt(store: Store) -> None
     assert study.state is StudyState.QUEUED and study.attempts == 1 and study.lease_token is None
     [again] = queue.claim("alive", 1, 600)
     assert again.attempt == 2
+
+
+def test_study_latency_counts_from_the_first_instance_of_the_current_revision(
+    store: Store,
+) -> None:
+    from sqlalchemy import update
+
+    from triage.store.models import Instance, Study
+    from triage.store.queries import study_latency_s
+
+    queue = WorkQueue(store)
+    uid = queued_study(store, 21, views=2)
+    assert study_latency_s(store, uid) is None  # not DONE
+    [claim] = queue.claim("w1", 1, 60)
+    queue.complete(claim, result_for(claim), MODEL, outputs_for(claim), [], 1.0)
+    study = store.get_study(uid)
+    with store.session() as session, session.begin():
+        session.execute(
+            update(Instance)
+            .where(Instance.sop_instance_uid == f"{uid}.0")
+            .values(received_at=study.state_changed_at - timedelta(seconds=30))
+        )
+        session.execute(
+            update(Instance)
+            .where(Instance.sop_instance_uid == f"{uid}.1")
+            .values(received_at=study.state_changed_at - timedelta(seconds=12))
+        )
+    assert abs(study_latency_s(store, uid) - 30.0) < 1e-6
+    # Revision 2 (a late instance after DONE): only its own instances count.
+    with store.session() as session, session.begin():
+        session.execute(update(Instance).values(revision=1))
+        session.execute(update(Study).values(revision=2))
+        session.execute(
+            update(Instance).where(Instance.sop_instance_uid == f"{uid}.1").values(revision=2)
+        )
+    assert abs(study_latency_s(store, uid) - 12.0) < 1e-6
+    assert study_latency_s(store, "1.2.3.4.5.6.404") is None

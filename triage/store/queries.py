@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from triage.store.models import (
@@ -488,20 +488,34 @@ class AssociationCounter:
         return self._final.add(pending)
 
 
-def study_latency_s(store: Store, study_uid: str) -> float | None:
-    """For a DONE study: seconds from the first instance of its current revision to DONE."""
-    with store.read_session() as session:
-        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
-        if study is None or study.state is not StudyState.DONE:
-            return None
-        first = session.scalar(
-            select(func.min(Instance.received_at)).where(
-                Instance.study_id == study.id, Instance.revision == study.revision
-            )
+_LATENCY = (
+    select(Study.__table__.c.state_changed_at, func.min(Instance.__table__.c.received_at))
+    .select_from(
+        Study.__table__.join(
+            Instance.__table__,
+            (Instance.__table__.c.study_id == Study.__table__.c.id)
+            & (Instance.__table__.c.revision == Study.__table__.c.revision),
         )
-        if first is None:
-            return None
-        return max(0.0, (study.state_changed_at - first).total_seconds())
+    )
+    .where(
+        Study.__table__.c.study_uid == bindparam("study_uid"),
+        Study.__table__.c.state == StudyState.DONE,
+    )
+    .group_by(Study.__table__.c.id)
+)
+
+
+def study_latency_s(store: Store, study_uid: str) -> float | None:
+    """For a DONE study: seconds from the first instance of its current revision to DONE.
+
+    One prebuilt statement: it runs for every study that finishes, on the process that
+    scores or sends them."""
+    with store.engine.connect() as connection:
+        row = connection.execute(_LATENCY, {"study_uid": study_uid}).first()
+    if row is None or row[1] is None:
+        return None
+    done_at, first = row
+    return max(0.0, (done_at - first).total_seconds())
 
 
 __all__ = [

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from triage.scoring.result import ModelInfo, StudyResult
@@ -26,6 +26,7 @@ from triage.store.models import (
     Output,
     Result,
     Study,
+    StudyEvent,
     StudyState,
     ViewScore,
     WorkerRecord,
@@ -84,49 +85,77 @@ class WorkQueue:
 
     def claim(self, owner: str, limit: int, lease_s: float) -> list[Claim]:
         """Take up to *limit* QUEUED studies, oldest first, and move them to SCORING."""
+        sql = _STATEMENTS
+        statement = sql.queued_locked if self._postgres else sql.queued
 
         def work(session: Session) -> list[Claim]:
-            statement = (
-                select(Study)
-                .where(Study.state == StudyState.QUEUED)
-                .order_by(Study.state_changed_at, Study.id)
-                .limit(limit)
-            )
-            if self._postgres:
-                statement = statement.with_for_update(skip_locked=True)
+            connection = session.connection()
+            studies = connection.execute(statement, {"limit": limit}).all()
+            if not studies:
+                return []
             now = utcnow()
-            claims = []
-            for study in session.scalars(statement).all():
-                token = str(uuid.uuid4())
-                study.lease_token = token
-                study.lease_owner = owner
-                study.lease_expires_at = now + timedelta(seconds=lease_s)
-                study.attempts += 1
-                previous = study.state
-                study.state = StudyState.SCORING
-                study.state_changed_at = now
-                add_event(session, study, previous, f"claimed by {owner}", now)
-                instances = session.execute(
-                    select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path)
-                    .where(Instance.study_id == study.id)
-                    .order_by(Instance.id)
-                ).all()
-                claims.append(
-                    Claim(
-                        study_id=study.id,
-                        study_uid=study.study_uid,
-                        revision=study.revision,
-                        token=token,
-                        attempt=study.attempts,
-                        instances=tuple(ClaimedInstance(*row) for row in instances),
+            expires = now + timedelta(seconds=lease_s)
+            tokens = [str(uuid.uuid4()) for _ in studies]
+            reason = f"claimed by {owner}"
+            connection.execute(
+                sql.claim_study,
+                [
+                    {
+                        "study_id": study_id,
+                        "lease_token": token,
+                        "lease_owner": owner,
+                        "lease_expires_at": expires,
+                        "attempts": attempts + 1,
+                        "state": StudyState.SCORING,
+                        "state_changed_at": now,
+                        "updated_at": now,
+                    }
+                    for (study_id, _uid, _revision, attempts), token in zip(
+                        studies, tokens, strict=True
                     )
+                ],
+            )
+            connection.execute(
+                sql.insert_event,
+                [
+                    {
+                        "study_id": study_id,
+                        "at": now,
+                        "from_state": StudyState.QUEUED,
+                        "to_state": StudyState.SCORING,
+                        "revision": revision,
+                        "reason": reason,
+                    }
+                    for study_id, _uid, revision, _attempts in studies
+                ],
+            )
+            instances: dict[int, list[ClaimedInstance]] = {row[0]: [] for row in studies}
+            for study_id, *instance in connection.execute(
+                sql.instances_of, {"ids": list(instances)}
+            ):
+                instances[study_id].append(ClaimedInstance(*instance))
+            return [
+                Claim(
+                    study_id=study_id,
+                    study_uid=study_uid,
+                    revision=revision,
+                    token=token,
+                    attempt=attempts + 1,
+                    instances=tuple(instances[study_id]),
                 )
-            return claims
+                for (study_id, study_uid, revision, attempts), token in zip(
+                    studies, tokens, strict=True
+                )
+            ]
 
         return self.store.transaction(work)
 
     def _held(self, session: Session, claim: Claim) -> Study | None:
-        statement = select(Study).where(
+        return session.scalar(self._held_statement(claim, Study))
+
+    def _held_statement(self, claim: Claim, *columns):  # type: ignore[no-untyped-def]
+        """SELECT *columns* of the study if this claim still holds it (locked on PostgreSQL)."""
+        statement = select(*columns).where(
             Study.id == claim.study_id,
             Study.lease_token == claim.token,
             Study.state == StudyState.SCORING,
@@ -134,7 +163,7 @@ class WorkQueue:
         )
         if self._postgres:
             statement = statement.with_for_update()
-        return session.scalar(statement)
+        return statement
 
     def renew(self, claims: Sequence[Claim], lease_s: float) -> int:
         """Extend the leases this worker still holds; returns how many."""
@@ -189,131 +218,93 @@ class WorkQueue:
         updates the same rows and sends the same instances. False if no longer held.
         """
 
+        # Statements built once (see _Statements), not ORM objects: this runs once per study
+        # on the worker's process, whose CPU the forward and the feeding of the decode
+        # processes share. Building the statements and their cache keys, and the unit of
+        # work's bookkeeping, cost several times what executing them does.
+        sql = _STATEMENTS
+        lock = self._postgres
+
         def work(session: Session) -> bool:
-            study = self._held(session, claim)
-            if study is None:
+            connection = session.connection()
+            held = connection.execute(
+                sql.held_locked if lock else sql.held,
+                {"id": claim.study_id, "token": claim.token, "revision": claim.revision},
+            ).scalar()
+            if held is None:
                 return False
-            session.execute(
-                delete(Result).where(Result.study_id == study.id, Result.revision == claim.revision)
-            )
-            row = Result(
-                study_id=study.id,
-                revision=claim.revision,
-                study_type=result.study_type.value,
-                probability=result.probability,
-                threshold=result.threshold,
-                abnormal=result.abnormal,
-                model_name=model.name,
-                model_version=model.version,
-                model_validated=model.validated,
-                views_scored=len(result.views),
-                views_skipped=len(result.skipped_views),
-                scoring_ms=scoring_ms,
-                scored_at=utcnow(),
-            )
-            session.add(row)
-            session.flush()
-            for view in result.views:
-                session.add(
-                    ViewScore(
-                        result_id=row.id,
-                        sop_instance_uid=view.sop_instance_uid,
-                        probability=view.probability,
-                        note=view.note,
-                        skipped=False,
-                    )
-                )
-            for skipped in result.skipped_views:
-                session.add(
-                    ViewScore(
-                        result_id=row.id,
-                        sop_instance_uid=skipped.sop_instance_uid,
-                        probability=None,
-                        note=skipped.reason,
-                        skipped=True,
-                    )
-                )
-            self._record_outputs(session, study, claim.revision, outputs, destinations)
-            study.study_type = result.study_type.value
-            _release(study, "")
+            now = utcnow()
+            connection.execute(sql.delete_result, {"study_id": held, "revision": claim.revision})
+            result_id = connection.execute(
+                sql.insert_result,
+                {
+                    "study_id": held,
+                    "revision": claim.revision,
+                    "study_type": result.study_type.value,
+                    "probability": result.probability,
+                    "threshold": result.threshold,
+                    "abnormal": result.abnormal,
+                    "model_name": model.name,
+                    "model_version": model.version,
+                    "model_validated": model.validated,
+                    "views_scored": len(result.views),
+                    "views_skipped": len(result.skipped_views),
+                    "scoring_ms": scoring_ms,
+                    "scored_at": now,
+                },
+            ).scalar_one()
+            views = [
+                {
+                    "result_id": result_id,
+                    "sop_instance_uid": view.sop_instance_uid,
+                    "probability": view.probability,
+                    "note": view.note,
+                    "skipped": False,
+                }
+                for view in result.views
+            ] + [
+                {
+                    "result_id": result_id,
+                    "sop_instance_uid": skipped.sop_instance_uid,
+                    "probability": None,
+                    "note": skipped.reason,
+                    "skipped": True,
+                }
+                for skipped in result.skipped_views
+            ]
+            if views:
+                connection.execute(sql.insert_view, views)
+            _record_outputs(connection, held, claim.revision, outputs, destinations, now)
             verdict = "abnormal" if result.abnormal else "normal"
             reason = f"scored {verdict} p={result.probability:.3f}"
             if outputs and destinations:
-                self._move(session, study, StudyState.DELIVERING, reason)
+                target = StudyState.DELIVERING
             else:
-                self._move(session, study, StudyState.DONE, reason + "; nothing to deliver")
+                target, reason = StudyState.DONE, reason + "; nothing to deliver"
+            connection.execute(
+                sql.finish_study,
+                {
+                    "study_id": held,
+                    "study_type": result.study_type.value,
+                    "state": target,
+                    "state_changed_at": now,
+                    "updated_at": now,
+                },
+            )
+            connection.execute(
+                sql.insert_event,
+                {
+                    "study_id": held,
+                    "at": now,
+                    "from_state": StudyState.SCORING,
+                    "to_state": target,
+                    "revision": claim.revision,
+                    "reason": reason,
+                },
+            )
             return True
 
         return self.store.transaction(work)
-
-    def _record_outputs(
-        self,
-        session: Session,
-        study: Study,
-        revision: int,
-        outputs: Sequence[OutputFile],
-        destinations: Sequence[str],
-    ) -> None:
-        """Insert (or, rebuilt after a requeue, update) the output rows and a pending delivery
-        of each to every destination: two queries and one flush for the whole study, not
-        two queries and a flush per output (each a round trip on PostgreSQL)."""
-        if not outputs:
-            return
-        rows = {
-            row.sop_instance_uid: row
-            for row in session.scalars(
-                select(Output).where(
-                    Output.sop_instance_uid.in_([o.sop_instance_uid for o in outputs])
-                )
-            )
-        }
-        now = utcnow()
-        for output in outputs:
-            row = rows.get(output.sop_instance_uid)
-            if row is None:
-                rows[output.sop_instance_uid] = Output(
-                    study_id=study.id,
-                    revision=revision,
-                    kind=output.kind,
-                    sop_class_uid=output.sop_class_uid,
-                    sop_instance_uid=output.sop_instance_uid,
-                    series_uid=output.series_uid,
-                    source_sop_instance_uid=output.source_sop_instance_uid,
-                    path=output.path,
-                    size_bytes=output.size_bytes,
-                    created_at=now,
-                )
-                session.add(rows[output.sop_instance_uid])
-            else:
-                row.path, row.size_bytes = output.path, output.size_bytes
-        if not destinations:
-            return
-        session.flush()  # the new rows' ids
-        existing = {
-            (d.output_id, d.destination): d
-            for d in session.scalars(
-                select(Delivery).where(Delivery.output_id.in_([r.id for r in rows.values()]))
-            )
-        }
-        for row in rows.values():
-            for name in destinations:
-                delivery = existing.get((row.id, name))
-                if delivery is None:
-                    session.add(
-                        Delivery(
-                            output_id=row.id,
-                            destination=name,
-                            state=DeliveryState.PENDING,
-                            attempts=0,
-                            next_attempt_at=now,
-                            last_error="",
-                            updated_at=now,
-                        )
-                    )
-                else:
-                    delivery.state = DeliveryState.PENDING
-                    delivery.attempts = 0
-                    delivery.next_attempt_at = now
 
     def fail_attempt(self, claim: Claim, error: str, max_attempts: int) -> StudyState | None:
         """Give the study back after an error: QUEUED again, or FAILED after *max_attempts*."""
@@ -442,6 +433,169 @@ class WorkQueue:
                 record.stopped_at = utcnow()
 
         self.store.transaction(work)
+
+
+class _Statements:
+    """The statements :meth:`WorkQueue.claim` and :meth:`WorkQueue.complete` run, built
+    once: constructing a statement and its cache key costs more than SQLite takes to run
+    it, and both run once per study on the worker's process."""
+
+    def __init__(self) -> None:
+        studies = Study.__table__
+        results = Result.__table__
+        outputs = Output.__table__
+        deliveries = Delivery.__table__
+        instances = Instance.__table__
+        self.queued = (
+            select(studies.c.id, studies.c.study_uid, studies.c.revision, studies.c.attempts)
+            .where(studies.c.state == StudyState.QUEUED)
+            .order_by(studies.c.state_changed_at, studies.c.id)
+            .limit(bindparam("limit"))
+        )
+        self.queued_locked = self.queued.with_for_update(skip_locked=True)
+        self.claim_study = update(studies).where(studies.c.id == bindparam("study_id"))
+        self.instances_of = (
+            select(
+                instances.c.study_id,
+                instances.c.sop_instance_uid,
+                instances.c.sop_class_uid,
+                instances.c.path,
+            )
+            .where(instances.c.study_id.in_(bindparam("ids", expanding=True)))
+            .order_by(instances.c.id)
+        )
+        self.held = select(studies.c.id).where(
+            studies.c.id == bindparam("id"),
+            studies.c.lease_token == bindparam("token"),
+            studies.c.state == StudyState.SCORING,
+            studies.c.revision == bindparam("revision"),
+        )
+        self.held_locked = self.held.with_for_update()
+        self.delete_result = delete(results).where(
+            results.c.study_id == bindparam("study_id"),
+            results.c.revision == bindparam("revision"),
+        )
+        self.insert_result = insert(results).returning(results.c.id)
+        self.insert_view = insert(ViewScore.__table__)
+        self.finish_study = (
+            update(studies)
+            .where(studies.c.id == bindparam("study_id"))
+            .values(
+                lease_token=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                state_reason="",
+            )
+        )
+        self.insert_event = insert(StudyEvent.__table__)
+        self.outputs_by_uid = select(outputs.c.sop_instance_uid, outputs.c.id).where(
+            outputs.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+        )
+        self.insert_output = insert(outputs).returning(
+            outputs.c.sop_instance_uid, outputs.c.id, sort_by_parameter_order=True
+        )
+        self.rebuild_output = (
+            update(outputs)
+            .where(outputs.c.id == bindparam("output_id"))
+            .values(path=bindparam("new_path"), size_bytes=bindparam("new_size"))
+        )
+        self.deliveries_of = select(
+            deliveries.c.id, deliveries.c.output_id, deliveries.c.destination
+        ).where(deliveries.c.output_id.in_(bindparam("ids", expanding=True)))
+        self.insert_delivery = insert(deliveries)
+        self.redeliver = (
+            update(deliveries)
+            .where(deliveries.c.id == bindparam("delivery_id"))
+            .values(
+                state=DeliveryState.PENDING,
+                attempts=0,
+                next_attempt_at=bindparam("now"),
+                updated_at=bindparam("now"),
+            )
+        )
+
+
+_STATEMENTS = _Statements()
+
+
+def _record_outputs(
+    connection: Connection,
+    study_id: int,
+    revision: int,
+    outputs: Sequence[OutputFile],
+    destinations: Sequence[str],
+    now: datetime,
+) -> None:
+    """Insert (or, rebuilt after a requeue, update) a study's output rows and a pending
+    delivery of each to every destination: a few statements for the whole study, each output
+    or delivery a row of one executemany (not a query and a flush per output, each a round
+    trip on PostgreSQL)."""
+    if not outputs:
+        return
+    sql = _STATEMENTS
+    ids = dict(
+        connection.execute(
+            sql.outputs_by_uid, {"uids": [o.sop_instance_uid for o in outputs]}
+        ).all()
+    )
+    new = [o for o in outputs if o.sop_instance_uid not in ids]
+    rebuilt = [o for o in outputs if o.sop_instance_uid in ids]
+    if new:
+        inserted = connection.execute(
+            sql.insert_output,
+            [
+                {
+                    "study_id": study_id,
+                    "revision": revision,
+                    "kind": o.kind,
+                    "sop_class_uid": o.sop_class_uid,
+                    "sop_instance_uid": o.sop_instance_uid,
+                    "series_uid": o.series_uid,
+                    "source_sop_instance_uid": o.source_sop_instance_uid,
+                    "path": o.path,
+                    "size_bytes": o.size_bytes,
+                    "created_at": now,
+                }
+                for o in new
+            ],
+        )
+        ids.update(dict(inserted.all()))
+    if rebuilt:
+        connection.execute(
+            sql.rebuild_output,
+            [
+                {"output_id": ids[o.sop_instance_uid], "new_path": o.path, "new_size": o.size_bytes}
+                for o in rebuilt
+            ],
+        )
+    if not destinations:
+        return
+    output_ids = [ids[o.sop_instance_uid] for o in outputs]
+    existing = {
+        (output_id, name): delivery_id
+        for delivery_id, output_id, name in connection.execute(
+            sql.deliveries_of, {"ids": output_ids}
+        )
+    }
+    wanted = [(output_id, name) for output_id in output_ids for name in destinations]
+    fresh = [
+        {
+            "output_id": output_id,
+            "destination": name,
+            "state": DeliveryState.PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "last_error": "",
+            "updated_at": now,
+        }
+        for output_id, name in wanted
+        if (output_id, name) not in existing
+    ]
+    if fresh:
+        connection.execute(sql.insert_delivery, fresh)
+    again = [{"delivery_id": existing[key], "now": now} for key in wanted if key in existing]
+    if again:
+        connection.execute(sql.redeliver, again)
 
 
 def _release(study: Study, reason: str) -> None:
