@@ -36,11 +36,17 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.cpu_account import CpuPerView, CpuSnapshot  # noqa: E402
 from triage.config import load_config  # noqa: E402
 from triage.procutil import retain_freed_memory, size_primitive_cache  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
 from triage.scoring.model import ScoringModel, _load_weights, load_model  # noqa: E402
-from triage.scoring.worker import Worker, load_configured_model, torch_threads  # noqa: E402
+from triage.scoring.worker import (  # noqa: E402
+    BATCH_THREAD,
+    Worker,
+    load_configured_model,
+    torch_threads,
+)
 from triage.store.db import make_engine, upgrade_schema  # noqa: E402
 from triage.store.models import StudyState, utcnow  # noqa: E402
 from triage.store.repository import InstanceMeta, Store  # noqa: E402
@@ -118,9 +124,10 @@ def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
 
 def scoring_path(
     args: argparse.Namespace, overlays: bool, work: Path
-) -> tuple[float, int, str, float]:
+) -> tuple[float, int, str, float, CpuPerView]:
     """Views/s of the worker from queued studies to DONE; also returns its decode processes,
-    its device and the seconds of its untimed first pass at every batch size."""
+    its device, the seconds of its untimed first pass at every batch size, and the CPU per
+    view of its model thread, the rest of its process and its decode processes."""
     spool_dir = work / "spool"
     files = write_benchmark_files(
         spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
@@ -189,17 +196,19 @@ def scoring_path(
     worker.warm_up()
     first_use_s = first_use_of_batch_sizes(model, args.batch)
     store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    cpu_before = CpuSnapshot.take(BATCH_THREAD)
     start = time.perf_counter()
     worker.start()  # already warm: claims at once
     while not all_scored.wait(0.5):
         if store.counts_by_state().get(StudyState.FAILED, 0):
             raise RuntimeError("a study FAILED: see the log")
     seconds = time.perf_counter() - start
+    cpu = CpuPerView.between(cpu_before, CpuSnapshot.take(BATCH_THREAD), len(files))
     if store.counts_by_state().get(StudyState.DONE, 0) != args.studies:
         raise RuntimeError("the worker reported studies scored that are not DONE")
     worker.stop(10)
     engine.dispose()
-    return len(files) / seconds, worker.decode_processes, str(model.device), first_use_s
+    return len(files) / seconds, worker.decode_processes, str(model.device), first_use_s, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         # The worker's CPU forward is a traced graph (ScoringModel cpu_graph): the same
         # results, without the GIL between operators. Shown beside the eager reference.
         traced = [traced_model(card, args.device, args.precision, args.batch, views)]
-        full, processes, device, full_first_use = scoring_path(args, True, work / "full")
-        sr_only, _, _, sr_first_use = scoring_path(args, False, work / "sr")
+        full, processes, device, full_first_use, full_cpu = scoring_path(args, True, work / "full")
+        sr_only, _, _, sr_first_use, sr_cpu = scoring_path(args, False, work / "sr")
         # The reference again after the paths: a shared host's speed drifts over a run (20–32
         # views/s within one session here), and a ratio to a figure taken only before the
         # paths then says more about the host than about the path.
@@ -292,7 +301,29 @@ def main(argv: list[str] | None = None) -> int:
         + f"{full_first_use:.1f} s, {sr_first_use:.1f} s"
         + ")"
     )
+    print()
+    print_cpu_table([("results + SR", sr_cpu), ("results + SR + CAM overlays", full_cpu)])
     return 0
+
+
+def print_cpu_table(runs: list[tuple[str, CpuPerView]]) -> None:
+    """CPU per view of each path: the model thread, the rest of the worker's process (claims,
+    batching, results, pipes, the store) and the decode processes (decoding, SR, overlays).
+
+    The last column sizes a GPU host: with the forward off the CPU, one worker process
+    (one GIL) keeps at most this many decode processes busy; more need more worker
+    processes (``triage worker``) on the host."""
+    print(
+        f"{'CPU ms per view':<30} {'model thread':>13} {'rest of worker':>15} "
+        f"{'decode procs':>13} {'decode/rest':>12}"
+    )
+    print("-" * 87)
+    for label, cpu in runs:
+        ratio = cpu.children / cpu.rest_of_process if cpu.rest_of_process > 0 else float("inf")
+        print(
+            f"{label:<30} {cpu.thread:>13.1f} {cpu.rest_of_process:>15.1f} "
+            f"{cpu.children:>13.1f} {ratio:>12.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,25 +30,26 @@ pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "triage.service"
+WORKER_UNIT = ROOT / "deploy" / "triage-worker@.service"
 
 
 # --- the unit file -------------------------------------------------------------------------
 
 
-def _unit() -> configparser.RawConfigParser:
+def _unit(path: Path = UNIT) -> configparser.RawConfigParser:
     parser = configparser.RawConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read(UNIT)
+    parser.read(path)
     return parser
 
 
-def _runnable_copy(tmp_path: Path) -> Path:
+def _runnable_copy(tmp_path: Path, unit: Path = UNIT, name: str = "msk-triage.service") -> Path:
     """The unit with ExecStart pointing at this checkout's `triage` (verify checks that the
     binary exists; the shipped path is the production install under /opt)."""
-    text = UNIT.read_text()
+    text = unit.read_text()
     installed = Path(sys.prefix) / "bin" / "triage"
     assert "ExecStart=/opt/msk-triage/bin/triage " in text
-    copy = tmp_path / "msk-triage.service"
+    copy = tmp_path / name
     copy.write_text(text.replace("/opt/msk-triage/bin/triage", str(installed)))
     return copy
 
@@ -96,12 +97,18 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert "msk-triage.service" not in result.stdout + result.stderr  # no warning about it
 
 
-def test_systemd_analyze_security_rates_the_sandbox_ok(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", ["triage.service", "triage-worker@.service"])
+def test_systemd_analyze_security_rates_the_sandbox_ok(tmp_path: Path, unit: str) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
+    copy = _runnable_copy(tmp_path, ROOT / "deploy" / unit, "msk-" + unit)
+    if unit.endswith("@.service"):
+        instance = tmp_path / ("msk-" + unit.replace("@.", "@1."))
+        instance.symlink_to(copy.name)
+        copy = instance
     result = subprocess.run(
-        [tool, "security", "--offline=yes", str(_runnable_copy(tmp_path))],
+        [tool, "security", "--offline=yes", str(copy)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -112,6 +119,46 @@ def test_systemd_analyze_security_rates_the_sandbox_ok(tmp_path: Path) -> None:
         pytest.skip(f"systemd-analyze security --offline not supported: {result.stderr[:200]}")
     assert float(match.group(1)) <= 3.0, result.stdout
     assert match.group(2) in {"OK", "SAFE"}
+
+
+def test_worker_template_runs_triage_worker_with_its_share_of_the_cores() -> None:
+    from triage.cli.main import build_parser
+    from triage.config import load_config
+
+    service = dict(_unit(WORKER_UNIT)["Service"])
+    assert (service["Type"], service["NotifyAccess"], service["Restart"]) == (
+        "notify",
+        "main",
+        "on-failure",
+    )
+    assert int(service["WatchdogSec"]) > 0 and service["RestartPreventExitStatus"] == "2"
+    assert (service["User"], service["ReadWritePaths"]) == ("msk-triage", "/var/lib/msk-triage")
+    assert service["CapabilityBoundingSet"] == ""  # binds no port
+    args = build_parser().parse_args(service["ExecStart"].split()[1:])
+    assert args.command == "worker" and args.config == "/etc/msk-triage/triage.toml"
+    # Its Environment= lines are overrides the configuration accepts.
+    env = dict(
+        line.split("=", 1)
+        for line in WORKER_UNIT.read_text().splitlines()
+        if line.startswith("Environment=") and "TRIAGE_" in line
+        for line in [line.removeprefix("Environment=")]
+    )
+    assert env == {"TRIAGE_WORKER_DECODE_PROCESSES": "4"}
+    assert load_config(None, env=env).worker.decode_processes == 4
+
+
+def test_systemd_analyze_verifies_an_instance_of_the_worker_template(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    template = _runnable_copy(tmp_path, WORKER_UNIT, "msk-triage-worker@.service")
+    instance = tmp_path / "msk-triage-worker@2.service"
+    instance.symlink_to(template.name)
+    result = subprocess.run(
+        [tool, "verify", str(instance)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "msk-triage-worker" not in result.stdout + result.stderr
 
 
 # --- sd_notify -----------------------------------------------------------------------------
@@ -293,5 +340,40 @@ def test_watchdog_pings_stop_while_a_loop_is_dead_and_resume_when_it_is_back(
         assert get("/healthz")[0] == 200
         assert echoscu(daemon.port).returncode == 0
         assert daemon.stop() == 0
+    finally:
+        notify.close()
+
+
+def test_triage_worker_is_ready_when_warm_pings_while_alive_and_stops_on_sigterm(
+    daemon_factory, tmp_path: Path
+) -> None:
+    """`triage worker` as deploy/triage-worker@.service starts it: READY=1 after the model
+    and its decode processes (the unit's environment override applied), watchdog pings,
+    STOPPING=1 and exit status 0 on SIGTERM."""
+    from tests.test_end_to_end import scoring_config
+
+    notify = NotifySocket(str(tmp_path / "worker-notify.sock"))
+    try:
+        worker = daemon_factory(
+            scoring_config(worker={"decode_processes": 2}),
+            name="worker",
+            command="worker",
+            env={
+                "NOTIFY_SOCKET": notify.address,
+                "WATCHDOG_USEC": "1000000",
+                "TRIAGE_WORKER_DECODE_PROCESSES": "1",
+            },
+        ).start(wait=False)
+        ready = wait_until(lambda: notify.first("READY=1"), 180, 0.02, worker.log_text())
+        [status] = [m for _, m in notify.messages if "READY=1" in m]
+        assert status.endswith(": 1 decode processes"), status
+        assert [e["decode_processes"] for e in log_events(worker, "ready")] == [1]
+        assert '"event": "worker_warm"' in worker.log_text()  # warm before READY=1
+        wait_until(lambda: notify.since(ready, "WATCHDOG=1") >= 4, 10, 0.05)
+        before_stop = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.process.wait(60) == 0
+        stopping = notify.first("STOPPING=1")
+        assert stopping is not None and stopping > before_stop
     finally:
         notify.close()

@@ -197,8 +197,15 @@ def _make_worker(config: Config, store: Store, spool: Spool, on_scored):  # type
 
 
 def run_worker(config: Config) -> int:
-    """`triage worker`: only the worker, until SIGTERM/SIGINT; returns the exit code."""
+    """`triage worker`: only the worker, until SIGTERM/SIGINT; returns the exit code.
+
+    Under systemd (``Type=notify``, see ``deploy/triage-worker@.service``) it says READY=1
+    once the model is loaded and the decode processes are warm, pings the watchdog while
+    its loops live and says STOPPING=1 on SIGTERM. A loop that died stops it with exit
+    status 1, so systemd restarts it; its claimed studies come back when their leases
+    expire."""
     stop = stop_event_on_signals()
+    notifier = Notifier()
     engine = make_engine(config.store.url)
     upgrade_schema(engine)
     store = Store(engine)
@@ -207,15 +214,23 @@ def run_worker(config: Config) -> int:
     spool.prepare(older_than_s=_FOREIGN_TEMP_AGE_S)
     worker = _make_worker(config, store, spool, None)
     worker.start()
-    log.info("ready", role="worker", worker=worker.owner)
-    while not stop.wait(1.0):
+    log.info("ready", role="worker", worker=worker.owner, decode_processes=worker.decode_processes)
+    notifier.ready(f"worker {worker.owner}: {worker.decode_processes} decode processes")
+    watchdog_s = notifier.watchdog_s
+    tick = 1.0 if watchdog_s is None else max(0.05, min(1.0, watchdog_s / 4))
+    exit_code = 0
+    while not stop.wait(tick):
         if not worker.alive():
             log.error("worker_loop_died")
+            exit_code = 1
             break
+        if watchdog_s is not None:
+            notifier.watchdog()
+    notifier.stopping("stopping")
     worker.stop(config.dicom.shutdown_grace_s)
     engine.dispose()
     log.info("stopped")
-    return 0
+    return exit_code
 
 
 def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:

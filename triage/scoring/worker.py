@@ -60,6 +60,9 @@ log = get_logger("triage.worker")
 
 _HEARTBEAT_S = 10.0
 
+#: The name of the thread that runs the forward passes (the model's thread on a CPU host).
+BATCH_THREAD = "worker-batch"
+
 
 def decode_process_count(configured: int, on_gpu: bool = False) -> int:
     """Decode processes: as configured, else from the cores and where the model runs.
@@ -194,7 +197,7 @@ class Worker:
         self.queue.heartbeat(self.owner, str(self.model.device), self.model.info.version)
         for target, name in (
             (self._claim_loop, "worker-claim"),
-            (self._batch_loop, "worker-batch"),
+            (self._batch_loop, BATCH_THREAD),
         ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

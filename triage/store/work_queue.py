@@ -384,7 +384,11 @@ class WorkQueue:
         return Transition(study.study_uid, study.revision, previous, state)
 
     def previous_sr(self, claim: Claim) -> str | None:
-        """The outbox path of the newest SR of an earlier revision (the new SR's predecessor)."""
+        """The outbox path of the newest SR of an earlier revision (the new SR's predecessor).
+
+        A first revision has none: no query (this runs once per study on the worker)."""
+        if claim.revision <= 1:
+            return None
         with self.store.read_session() as session:
             return session.scalar(
                 select(Output.path)
