@@ -249,16 +249,21 @@ def test_ready_after_the_port_accepts_watchdog_while_alive_stopping_on_sigterm(
         assert all(at >= ready for at in pings), "a watchdog ping before READY=1"
         [status] = [m for _, m in notify.messages if "READY=1" in m]
         assert f"STATUS=ready: TRIAGE on port {daemon.port}" in status
-        # Pinged repeatedly (WATCHDOG_USEC=1 s: every quarter second).
-        wait_until(lambda: notify.since(ready, "WATCHDOG=1") >= 5, 10, 0.05)
-        before_stop = time.monotonic()
-        daemon.signal(signal.SIGTERM)
-        assert daemon.process.wait(60) == 0
-        stopping = notify.first("STOPPING=1")
-        assert stopping is not None and stopping > before_stop
-        assert notify.since(stopping + 0.01, "WATCHDOG=1") == 0
+        _pings_then_stops_on_sigterm(daemon, notify, ready)
     finally:
         notify.close()
+
+
+def _pings_then_stops_on_sigterm(daemon: Daemon, notify: NotifySocket, ready: float) -> None:
+    """Pinged repeatedly after READY=1 (WATCHDOG_USEC=1 s: every quarter second); SIGTERM
+    gives STOPPING=1, no ping after it, and exit status 0."""
+    wait_until(lambda: notify.since(ready, "WATCHDOG=1") >= 5, 10, 0.05)
+    before_stop = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(60) == 0
+    stopping = notify.first("STOPPING=1")
+    assert stopping is not None and stopping > before_stop
+    assert notify.since(stopping + 0.01, "WATCHDOG=1") == 0
 
 
 def _listener_child(daemon: Daemon) -> int:
@@ -369,11 +374,6 @@ def test_triage_worker_is_ready_when_warm_pings_while_alive_and_stops_on_sigterm
         assert status.endswith(": 1 decode processes"), status
         assert [e["decode_processes"] for e in log_events(worker, "ready")] == [1]
         assert '"event": "worker_warm"' in worker.log_text()  # warm before READY=1
-        wait_until(lambda: notify.since(ready, "WATCHDOG=1") >= 4, 10, 0.05)
-        before_stop = time.monotonic()
-        worker.signal(signal.SIGTERM)
-        assert worker.process.wait(60) == 0
-        stopping = notify.first("STOPPING=1")
-        assert stopping is not None and stopping > before_stop
+        _pings_then_stops_on_sigterm(worker, notify, ready)
     finally:
         notify.close()
