@@ -150,20 +150,20 @@ class WorkQueue:
 
         return self.store.transaction(work)
 
-    def _held(self, session: Session, claim: Claim) -> Study | None:
-        return session.scalar(self._held_statement(claim, Study))
-
-    def _held_statement(self, claim: Claim, *columns):  # type: ignore[no-untyped-def]
-        """SELECT *columns* of the study if this claim still holds it (locked on PostgreSQL)."""
-        statement = select(*columns).where(
-            Study.id == claim.study_id,
-            Study.lease_token == claim.token,
-            Study.state == StudyState.SCORING,
-            Study.revision == claim.revision,
+    def _held_id(self, session: Session, claim: Claim) -> int | None:
+        """The study's id if this claim still holds it (its row locked on PostgreSQL)."""
+        statement = _STATEMENTS.held_locked if self._postgres else _STATEMENTS.held
+        return (
+            session.connection()
+            .execute(
+                statement, {"id": claim.study_id, "token": claim.token, "revision": claim.revision}
+            )
+            .scalar()
         )
-        if self._postgres:
-            statement = statement.with_for_update()
-        return statement
+
+    def _held(self, session: Session, claim: Claim) -> Study | None:
+        held = self._held_id(session, claim)
+        return None if held is None else session.get(Study, held)
 
     def renew(self, claims: Sequence[Claim], lease_s: float) -> int:
         """Extend the leases this worker still holds; returns how many."""
@@ -223,16 +223,12 @@ class WorkQueue:
         # processes share. Building the statements and their cache keys, and the unit of
         # work's bookkeeping, cost several times what executing them does.
         sql = _STATEMENTS
-        lock = self._postgres
 
         def work(session: Session) -> bool:
-            connection = session.connection()
-            held = connection.execute(
-                sql.held_locked if lock else sql.held,
-                {"id": claim.study_id, "token": claim.token, "revision": claim.revision},
-            ).scalar()
+            held = self._held_id(session, claim)
             if held is None:
                 return False
+            connection = session.connection()
             now = utcnow()
             connection.execute(sql.delete_result, {"study_id": held, "revision": claim.revision})
             result_id = connection.execute(
