@@ -232,6 +232,11 @@ def test_notifier_speaks_to_path_and_abstract_sockets(tmp_path: Path) -> None:
     assert Notifier({}).ready() is False and Notifier({}).watchdog_s is None
     assert Notifier({"WATCHDOG_USEC": "5000000", "WATCHDOG_PID": "1"}).watchdog_s is None
     assert Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")}).ready() is False
+    # Supervising loops check (and ping) four times per watchdog period, between 50 ms and 1 s.
+    assert [
+        Notifier({"WATCHDOG_USEC": usec} if usec else {}).check_interval_s
+        for usec in ("", "1000000", "30000000", "100000")
+    ] == [1.0, 0.25, 1.0, 0.05]
 
 
 def test_ready_after_the_port_accepts_watchdog_while_alive_stopping_on_sigterm(

@@ -137,7 +137,7 @@ class Daemon:
         notifier.ready(f"ready: {config.dicom.ae_title} on port {listeners.port}")
         # The watchdog is fed only while every loop is alive (systemd restarts us otherwise).
         watchdog_s = notifier.watchdog_s
-        tick = 1.0 if watchdog_s is None else max(0.05, min(1.0, watchdog_s / 4))
+        tick = notifier.check_interval_s
         was_live = True
         while not stop.wait(tick):
             listeners.supervise()
@@ -217,7 +217,7 @@ def run_worker(config: Config) -> int:
     log.info("ready", role="worker", worker=worker.owner, decode_processes=worker.decode_processes)
     notifier.ready(f"worker {worker.owner}: {worker.decode_processes} decode processes")
     watchdog_s = notifier.watchdog_s
-    tick = 1.0 if watchdog_s is None else max(0.05, min(1.0, watchdog_s / 4))
+    tick = notifier.check_interval_s
     exit_code = 0
     while not stop.wait(tick):
         if not worker.alive():

@@ -42,6 +42,14 @@ class Notifier:
         """The watchdog timeout in seconds, or ``None`` when no watchdog is armed for us."""
         return self._watchdog_s
 
+    @property
+    def check_interval_s(self) -> float:
+        """How often a supervising loop checks its loops and pings: a quarter of the watchdog
+        timeout (so a late ping is still in time), at most 1 s, at least 50 ms."""
+        if self._watchdog_s is None:
+            return 1.0
+        return max(0.05, min(1.0, self._watchdog_s / 4))
+
     def send(self, *lines: str) -> bool:
         """Send one datagram with *lines*; False (and one warning) if it could not be sent."""
         if not self.socket_path:
