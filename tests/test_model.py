@@ -320,6 +320,58 @@ def test_cuda_compiled_matches_eager(batch):
     )
 
 
+class _SmallNet(torch.nn.Module):
+    """The shape of a DenseNet as ScoringModel uses it (features → ReLU → one logit), small
+    enough to compile on a CPU in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, kernel_size=32, stride=32), torch.nn.BatchNorm2d(4)
+        )
+        self.classifier = torch.nn.Linear(4, 1)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_builds_all_its_graphs_while_it_warms_up():
+    # On a CPU compiling DenseNet-169 takes minutes (see below); which graphs dynamo builds
+    # depends on the batch sizes, not on the network, so a small one shows it. Without the
+    # warm-up's second size, the first batch of two would compile (~90 s on an H200) while
+    # studies wait.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    try:
+        card = load_card(DEMO_CARD)
+        net = _SmallNet()
+        compiled = ScoringModel(net, card, torch.device("cpu"), "fp32", compile=True)
+        eager = ScoringModel(net, card, torch.device("cpu"), "fp32")
+        before = counters["stats"]["unique_graphs"]
+        compiled.warm_up()
+        built = counters["stats"]["unique_graphs"] - before
+        assert built == 2  # a batch of 1, and one with the batch dimension dynamic
+        rng = np.random.default_rng(0)
+        for size in (3, 1, 16, 2, 7):
+            grey = torch.from_numpy(rng.random((size, 224, 224), dtype=np.float32))
+            logits, cams = compiled.forward(grey)
+            expected_logits, expected_cams = eager.forward(grey)
+            torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cams, expected_cams, atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] - before == built
+    finally:
+        torch._dynamo.reset()
+
+
+def test_an_eager_model_warms_up_with_one_batch(monkeypatch):
+    model = ScoringModel(_SmallNet(), load_card(DEMO_CARD), torch.device("cpu"), "fp32")
+    sizes: list[int] = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda batch: sizes.append(len(batch)) or forward(batch))
+    assert model.warm_up() >= 0
+    assert sizes == [1]
+
+
 def test_scoring_model_requires_one_logit(trained):
     _, card = trained
     net = build_densenet169()

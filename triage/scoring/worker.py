@@ -183,8 +183,7 @@ class Worker:
             self._pool.submit(URGENT, _warm_process, self.config, self.model.info)
             for _ in range(self._processes)
         ]
-        size = self.model.input_size
-        self.model.forward(self.model.make_batch([np.zeros((size, size), np.float32)]))
+        self.model.warm_up()
         for warmer in warmers:
             warmer.result()
         self._warm = True
