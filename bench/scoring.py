@@ -13,6 +13,12 @@ close to what a steadily fed daemon does; 24 (the earlier default) made them a t
 
     python -m bench.scoring --studies 64 --views 2 --size-mb 10 --batch 16
     python -m bench.scoring --device cuda --batch 256 --studies 400 --size-mb 2   # on a GPU host
+    python -m bench.scoring --device cuda --batch 256 --studies 400 --size-mb 2 --compile
+
+On a lent GPU machine these run through ``bench/gpu_run.sh`` (with the wheels of
+``bench/gpu_wheels.sh``). ``--compile`` runs the worker's model through ``torch.compile``
+(``[model] compile``): the model is loaded once and shared by the forward-alone row and both
+paths, so its two graphs are compiled once (about three minutes on an H200).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.cpu_account import CpuPerView, CpuSnapshot  # noqa: E402
-from triage.config import load_config  # noqa: E402
+from triage.config import Config, load_config  # noqa: E402
 from triage.procutil import retain_freed_memory, size_primitive_cache  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
 from triage.scoring.model import ScoringModel, _load_weights, load_model  # noqa: E402
@@ -87,17 +93,11 @@ def bare_model(card_path: str, device: str, precision: str, batch: int, images: 
     return rounds * batch / (time.perf_counter() - start)
 
 
-def traced_model(card_path: str, device: str, precision: str, batch: int, images: int) -> float:
-    """Images/s of the worker's own forward (ScoringModel, traced on a CPU) on ready tensors."""
-    defaults = load_config(None, env={}).model
-    model = load_model(
-        load_card(card_path),
-        device=device,
-        precision=precision,
-        compile=defaults.compile,
-        cpu_graph=defaults.cpu_graph,
-    )
-    x = torch.randn(batch, 3, model.input_size, model.input_size)
+def worker_forward(model: ScoringModel, batch: int, images: int) -> float:
+    """Images/s of the worker's own forward (the ScoringModel the paths run: traced on a CPU,
+    compiled with ``--compile``; logits and CAMs back on the CPU) on ready grey views, as
+    the decode processes send them."""
+    x = model.make_batch([np.zeros((model.input_size, model.input_size), np.float32)] * batch)
     for _ in range(3):  # warm-up (a traced graph profiles its first runs)
         model.forward(x)
     rounds = max(1, images // batch)
@@ -105,6 +105,37 @@ def traced_model(card_path: str, device: str, precision: str, batch: int, images
     for _ in range(rounds):
         model.forward(x)
     return rounds * batch / (time.perf_counter() - start)
+
+
+def worker_config(args: argparse.Namespace, work: Path, overlays: bool) -> Config:
+    """The daemon's defaults with the benchmark's store, spool, model and worker settings."""
+    spool_dir = work / "spool"
+    base = load_config(None, env={}, base_dir=work)
+    return dataclasses.replace(
+        base,
+        store=dataclasses.replace(
+            base.store,
+            url=f"sqlite:///{work / 'bench.db'}",
+            spool_dir=str(spool_dir),
+            min_free_mb=0,
+        ),
+        model=dataclasses.replace(
+            base.model,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch,
+            batch_wait_ms=args.wait_ms,
+            allow_unvalidated=True,
+            compile=args.compile,
+        ),
+        worker=dataclasses.replace(
+            base.worker,
+            decode_processes=args.decode_processes,
+            claim_batch=max(args.batch // args.views * 2, 4),
+            poll_interval_s=0.05,
+        ),
+        outputs=dataclasses.replace(base.outputs, overlays=overlays),
+    )
 
 
 def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
@@ -123,39 +154,18 @@ def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
 
 
 def scoring_path(
-    args: argparse.Namespace, overlays: bool, work: Path
-) -> tuple[float, int, str, float, CpuPerView]:
+    args: argparse.Namespace, model: ScoringModel, overlays: bool, work: Path
+) -> tuple[float, int, float, CpuPerView]:
     """Views/s of the worker from queued studies to DONE; also returns its decode processes,
-    its device, the seconds of its untimed first pass at every batch size, and the CPU per
-    view of its model thread, the rest of its process and its decode processes."""
-    spool_dir = work / "spool"
+    the seconds of its untimed first pass at every batch size, and the CPU per view of its
+    model thread, the rest of its process and its decode processes.
+
+    Both paths run the one *model* (:func:`~triage.scoring.worker.load_configured_model`,
+    as the daemon loads it): a compiled one is built once, not once a path."""
+    config = worker_config(args, work, overlays)
+    spool_dir = Path(config.store.spool_dir)
     files = write_benchmark_files(
         spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
-    )
-    base = load_config(None, env={}, base_dir=work)
-    config = dataclasses.replace(
-        base,
-        store=dataclasses.replace(
-            base.store,
-            url=f"sqlite:///{work / 'bench.db'}",
-            spool_dir=str(spool_dir),
-            min_free_mb=0,
-        ),
-        model=dataclasses.replace(
-            base.model,
-            device=args.device,
-            precision=args.precision,
-            batch_size=args.batch,
-            batch_wait_ms=args.wait_ms,
-            allow_unvalidated=True,
-        ),
-        worker=dataclasses.replace(
-            base.worker,
-            decode_processes=args.decode_processes,
-            claim_batch=max(args.batch // args.views * 2, 4),
-            poll_interval_s=0.05,
-        ),
-        outputs=dataclasses.replace(base.outputs, overlays=overlays),
     )
     engine = make_engine(config.store.url)
     upgrade_schema(engine)
@@ -178,7 +188,6 @@ def scoring_path(
             ),
             None,
         )
-    model = load_configured_model(config)  # as the daemon does: threads, allocator, graph
     # The end is signalled by the worker's own callback, not found by polling the store: a
     # poll every few milliseconds is Python work in the worker's process that the daemon
     # does not do, and it slowed the forward it shares the GIL with.
@@ -208,7 +217,7 @@ def scoring_path(
         raise RuntimeError("the worker reported studies scored that are not DONE")
     worker.stop(10)
     engine.dispose()
-    return len(files) / seconds, worker.decode_processes, str(model.device), first_use_s, cpu
+    return len(files) / seconds, worker.decode_processes, first_use_s, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--decode-processes", type=int, default=0)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the bare model")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the worker's model through torch.compile ([model] compile; ~3 min on a GPU)",
+    )
     args = parser.parse_args(argv)
     from triage.logs import configure_logging
 
@@ -255,11 +269,17 @@ def main(argv: list[str] | None = None) -> int:
             bare_model(card, args.device, args.precision, args.batch, views)
             for _ in range(args.reps)
         ]
-        # The worker's CPU forward is a traced graph (ScoringModel cpu_graph): the same
-        # results, without the GIL between operators. Shown beside the eager reference.
-        traced = [traced_model(card, args.device, args.precision, args.batch, views)]
-        full, processes, device, full_first_use, full_cpu = scoring_path(args, True, work / "full")
-        sr_only, _, _, sr_first_use, sr_cpu = scoring_path(args, False, work / "sr")
+        # The worker's model, as the daemon loads it (threads, allocator; on a CPU a traced
+        # graph: the same results without the GIL between operators; compiled with
+        # --compile). Its forward alone is shown beside the eager reference.
+        loading = time.perf_counter()
+        model = load_configured_model(worker_config(args, work, True))
+        warm_up_s = model.warm_up()
+        load_s = time.perf_counter() - loading
+        device = str(model.device)
+        forward_alone = worker_forward(model, args.batch, views)
+        full, processes, full_first_use, full_cpu = scoring_path(args, model, True, work / "full")
+        sr_only, _, sr_first_use, sr_cpu = scoring_path(args, model, False, work / "sr")
         # The reference again after the paths: a shared host's speed drifts over a run (20–32
         # views/s within one session here), and a ratio to a figure taken only before the
         # paths then says more about the host than about the path.
@@ -279,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"{args.studies} studies × {args.views} views of {args.size_mb:g} MB, batch {args.batch}")
     print()
+    compiled = ", compiled" if model.compiled else ""
     rows = [
         (f"bare forward, {worker_threads} thread(s), ready tensors", reference),
         (f"bare forward, {all_cores} threads, ready tensors", statistics.median(bare_all)),
-        (f"the worker's forward alone, {worker_threads} thread(s)", traced[0]),
+        (f"the worker's forward alone, {worker_threads} thread(s){compiled}", forward_alone),
         ("scoring path: results + SR", sr_only),
         ("scoring path: results + SR + CAM overlays", full),
     ]
@@ -295,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(bare) - len(bare) // 2} after: "
         + ", ".join(f"{value:.1f}" for value in bare)
         + " views/s; the median is the reference)"
+    )
+    print(
+        f"(the worker's model loaded in {load_s:.1f} s, of which {warm_up_s:.1f} s warming up"
+        + (" = compiling its graphs" if model.compiled else "")
+        + ")"
     )
     print(
         f"(first forward pass at each batch size 1..{args.batch}, before the timed runs: "
