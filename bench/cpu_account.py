@@ -36,6 +36,11 @@ def _children_cpu_s(pid: int) -> float:
     return total
 
 
+def process_tree_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of process *pid* (all its threads) and of its direct children."""
+    return _cpu_s(f"/proc/{pid}/stat"), _children_cpu_s(pid)
+
+
 @dataclass(frozen=True)
 class CpuSnapshot:
     """CPU seconds so far: the process, its thread named *thread*, its children."""

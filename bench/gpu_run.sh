@@ -12,7 +12,8 @@
 #   eager     python -m bench.scoring on CUDA, bf16 + channels_last, batch 256, with the
 #             decode processes of a 16-core host: views/s of the path, the worker's forward
 #             alone, the bare model, and the CPU table (how many decode processes one worker
-#             process feeds)
+#             process feeds); then the overlay path as 3 `triage worker` processes sharing
+#             those decode processes (README, "Sizing a GPU host")
 #   compiled  the same with --compile: the worker's model through torch.compile (the
 #             issue's 12,000 img/s target is its forward alone, in the worker's own path)
 #   train     python -m bench.train_gpu: the MURA recipe's training images/s
@@ -28,7 +29,7 @@ out=${OUT:-bench/out/gpu}
 mkdir -p "$out"
 device=${GPU_RUN_DEVICE:-cuda}
 py=${PYTHON:-python3}
-scoring_args=${SCORING_ARGS:---precision bf16 --batch 256 --studies 400 --views 2 --size-mb 2 --decode-processes 14 --reps 2}
+scoring_args=${SCORING_ARGS:---precision bf16 --batch 256 --studies 400 --views 2 --size-mb 2 --decode-processes 14 --worker-processes 3 --reps 2}
 train_args=${TRAIN_ARGS:---device $device}
 export PYTHONUNBUFFERED=1
 

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.cpu_account import CpuPerView, CpuSnapshot  # noqa: E402
+from bench.cpu_account import CpuPerView, CpuSnapshot, process_tree_cpu_s  # noqa: E402
 from triage.config import Config, load_config  # noqa: E402
 from triage.procutil import retain_freed_memory, size_primitive_cache  # noqa: E402
 from triage.scoring.card import load_card  # noqa: E402
@@ -153,6 +156,26 @@ def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
     return time.perf_counter() - started
 
 
+def _record(store: Store, spool_dir: Path, files: list[Path]) -> None:
+    """The benchmark's files as received instances (what the listener records)."""
+    for path in files:
+        relative = path.relative_to(spool_dir)
+        study_uid, sop = relative.parent.name, relative.stem
+        store.record_instance(
+            InstanceMeta(
+                study_uid,
+                "1.2.3",
+                sop,
+                "1.2.840.10008.5.1.4.1.1.1.1",
+                "1.2.840.10008.1.2.1",
+                "DX",
+                str(relative),
+                path.stat().st_size,
+            ),
+            None,
+        )
+
+
 def scoring_path(
     args: argparse.Namespace, model: ScoringModel, overlays: bool, work: Path
 ) -> tuple[float, int, float, CpuPerView]:
@@ -172,22 +195,7 @@ def scoring_path(
     store = Store(engine)
     spool = Spool(spool_dir)
     spool.prepare()
-    for path in files:
-        relative = path.relative_to(spool_dir)
-        study_uid, sop = relative.parent.name, relative.stem
-        store.record_instance(
-            InstanceMeta(
-                study_uid,
-                "1.2.3",
-                sop,
-                "1.2.840.10008.5.1.4.1.1.1.1",
-                "1.2.840.10008.1.2.1",
-                "DX",
-                str(relative),
-                path.stat().st_size,
-            ),
-            None,
-        )
+    _record(store, spool_dir, files)
     # The end is signalled by the worker's own callback, not found by polling the store: a
     # poll every few milliseconds is Python work in the worker's process that the daemon
     # does not do, and it slowed the forward it shares the GIL with.
@@ -220,6 +228,89 @@ def scoring_path(
     return len(files) / seconds, worker.decode_processes, first_use_s, cpu
 
 
+def _run_worker_process(config: Config, notify_socket: str) -> None:
+    """A ``triage worker`` process, as systemd runs one (``deploy/triage-worker@.service``):
+    READY=1 on *notify_socket* once warm, then scoring until SIGTERM."""
+    from triage.daemon import run_worker
+    from triage.logs import configure_logging
+
+    configure_logging("warning", "console")
+    os.environ["NOTIFY_SOCKET"] = notify_socket
+    sys.exit(run_worker(config))
+
+
+def scoring_path_processes(
+    args: argparse.Namespace, overlays: bool, work: Path
+) -> tuple[float, int, float, float]:
+    """Views/s of ``--worker-processes`` real ``triage worker`` processes sharing one store
+    and spool (what README's "Sizing a GPU host" sets up), from queueing to every study
+    DONE; the ``--decode-processes`` are shared among them. Also returns the decode
+    processes of each, and the CPU ms per view of the worker processes (model threads
+    included) and of their decode processes.
+
+    Each loads its own model and warms up as the daemon's worker does (no pass at every
+    batch size: on a CPU the first batches of a new size pay for oneDNN's primitives)."""
+    workers = args.worker_processes
+    each = max(1, args.decode_processes // workers) if args.decode_processes else 0
+    config = worker_config(args, work, overlays)
+    config = dataclasses.replace(
+        config, worker=dataclasses.replace(config.worker, decode_processes=each)
+    )
+    spool_dir = Path(config.store.spool_dir)
+    files = write_benchmark_files(
+        spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
+    )
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    Spool(spool_dir).prepare()
+    _record(store, spool_dir, files)
+    context = multiprocessing.get_context("spawn")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(work / "notify"))
+        notify.settimeout(600)
+        processes = [
+            context.Process(
+                target=_run_worker_process, args=(config, str(work / "notify")), daemon=False
+            )
+            for _ in range(workers)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            ready = 0
+            while ready < workers:
+                message = notify.recv(4096).decode()
+                ready += "READY=1" in message.splitlines()
+                dead = [p for p in processes if p.exitcode is not None]
+                if dead:
+                    raise RuntimeError(f"a worker process exited with {dead[0].exitcode}")
+            before = [process_tree_cpu_s(p.pid) for p in processes if p.pid]
+            start = time.perf_counter()
+            store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+            while store.counts_by_state().get(StudyState.DONE, 0) < args.studies:
+                if store.counts_by_state().get(StudyState.FAILED, 0):
+                    raise RuntimeError("a study FAILED: see the log")
+                if any(p.exitcode is not None for p in processes):
+                    raise RuntimeError("a worker process died")
+                time.sleep(0.02)
+            seconds = time.perf_counter() - start
+            after = [process_tree_cpu_s(p.pid) for p in processes if p.pid]
+        finally:
+            for process in processes:
+                if process.pid and process.exitcode is None:
+                    os.kill(process.pid, signal.SIGTERM)
+            for process in processes:
+                process.join(60)
+                if process.exitcode is None:
+                    process.kill()
+    engine.dispose()
+    scale = 1000 / len(files)
+    worker_ms = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) * scale
+    decode_ms = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) * scale
+    return len(files) / seconds, each, worker_ms, decode_ms
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both measurements and print the table."""
     parser = argparse.ArgumentParser(
@@ -234,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--decode-processes", type=int, default=0)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the bare model")
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=1,
+        help="also run the overlay path as this many `triage worker` processes sharing the"
+        " --decode-processes (a GPU host's deployment, README 'Sizing a GPU host')",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -280,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         forward_alone = worker_forward(model, args.batch, views)
         full, processes, full_first_use, full_cpu = scoring_path(args, model, True, work / "full")
         sr_only, _, sr_first_use, sr_cpu = scoring_path(args, model, False, work / "sr")
+        several = (
+            scoring_path_processes(args, True, work / "processes")
+            if args.worker_processes > 1
+            else None
+        )
         # The reference again after the paths: a shared host's speed drifts over a run (20–32
         # views/s within one session here), and a ratio to a figure taken only before the
         # paths then says more about the host than about the path.
@@ -307,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         ("scoring path: results + SR", sr_only),
         ("scoring path: results + SR + CAM overlays", full),
     ]
+    if several is not None:
+        rows.append(
+            (
+                f"  … as {args.worker_processes} `triage worker` × {several[1]} decode procs",
+                several[0],
+            )
+        )
     print(f"{'path':<48} {'views/s':>8} {'vs bare':>8}")
     print("-" * 66)
     for label, value in rows:
@@ -329,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print_cpu_table([("results + SR", sr_cpu), ("results + SR + CAM overlays", full_cpu)])
+    if several is not None:
+        _, each, worker_ms, decode_ms = several
+        print(
+            f"{args.worker_processes} worker processes × {each} decode processes, overlays:"
+            f" {worker_ms:.1f} ms of CPU per view in the worker processes (model threads"
+            f" included), {decode_ms:.1f} in their decode processes"
+        )
     return 0
 
 

@@ -89,7 +89,9 @@ def test_the_gpu_run_works_on_a_python_like_the_machines(tmp_path: Path):
         "GPU_RUN_DEVICE": "cpu",
         "GPU_RUN_WHEELS": str(wheels),
         "GPU_RUN_SITE": str(tmp_path / "site"),
-        "SCORING_ARGS": "--studies 2 --size-mb 0.5 --batch 2 --reps 1 --decode-processes 1",
+        "SCORING_ARGS": (
+            "--studies 2 --size-mb 0.5 --batch 2 --reps 1 --decode-processes 2 --worker-processes 2"
+        ),
         "TRAIN_ARGS": "--device cpu --steps 1 --warmup 1 --size 64",
     }
     run = subprocess.run(
@@ -107,6 +109,7 @@ def test_the_gpu_run_works_on_a_python_like_the_machines(tmp_path: Path):
     eager = (out / "eager.txt").read_text()
     assert "scoring path: results + SR + CAM overlays" in eager
     assert "decode/rest" in eager
+    assert "2 `triage worker` × 1 decode procs" in eager
     assert (out / "train.json").exists()
     for name in ("env", "tests", "eager", "train"):
         assert f"=== {name}: exit status 0" in (out / f"{name}.txt").read_text()
