@@ -84,7 +84,8 @@ for name in "${steps[@]}"; do
     # shellcheck disable=SC2086  # the argument lists are meant to split
     eager) step eager 240 "$py" -m bench.scoring --device "$device" $scoring_args ;;
     # shellcheck disable=SC2086
-    compiled) step compiled 420 "$py" -m bench.scoring --device "$device" --compile $scoring_args ;;
+    # One worker process: several would each compile their own model.
+    compiled) step compiled 420 "$py" -m bench.scoring --device "$device" --compile $scoring_args --worker-processes 1 ;;
     # shellcheck disable=SC2086
     train) step train 180 "$py" -m bench.train_gpu $train_args --json "$out/train.json" ;;
     *) echo "unknown step: $name (env, tests, eager, compiled, train)" >&2; exit 2 ;;
