@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
 
 from bench.cpu_account import CpuPerView, CpuSnapshot, process_tree_cpu_s  # noqa: E402
 from triage.config import Config, load_config  # noqa: E402
@@ -156,8 +157,20 @@ def first_use_of_batch_sizes(model: ScoringModel, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def _record(store: Store, spool_dir: Path, files: list[Path]) -> None:
-    """The benchmark's files as received instances (what the listener records)."""
+def _received_studies(
+    args: argparse.Namespace, config: Config
+) -> tuple[Engine, Store, Spool, list[Path]]:
+    """The benchmark's studies written into *config*'s spool and recorded in its store as
+    the listener records received instances (not yet queued)."""
+    spool_dir = Path(config.store.spool_dir)
+    files = write_benchmark_files(
+        spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
+    )
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(spool_dir)
+    spool.prepare()
     for path in files:
         relative = path.relative_to(spool_dir)
         study_uid, sop = relative.parent.name, relative.stem
@@ -174,6 +187,7 @@ def _record(store: Store, spool_dir: Path, files: list[Path]) -> None:
             ),
             None,
         )
+    return engine, store, spool, files
 
 
 def scoring_path(
@@ -186,16 +200,7 @@ def scoring_path(
     Both paths run the one *model* (:func:`~triage.scoring.worker.load_configured_model`,
     as the daemon loads it): a compiled one is built once, not once a path."""
     config = worker_config(args, work, overlays)
-    spool_dir = Path(config.store.spool_dir)
-    files = write_benchmark_files(
-        spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
-    )
-    engine = make_engine(config.store.url)
-    upgrade_schema(engine)
-    store = Store(engine)
-    spool = Spool(spool_dir)
-    spool.prepare()
-    _record(store, spool_dir, files)
+    engine, store, spool, files = _received_studies(args, config)
     # The end is signalled by the worker's own callback, not found by polling the store: a
     # poll every few milliseconds is Python work in the worker's process that the daemon
     # does not do, and it slowed the forward it shares the GIL with.
@@ -256,15 +261,7 @@ def scoring_path_processes(
     config = dataclasses.replace(
         config, worker=dataclasses.replace(config.worker, decode_processes=each)
     )
-    spool_dir = Path(config.store.spool_dir)
-    files = write_benchmark_files(
-        spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
-    )
-    engine = make_engine(config.store.url)
-    upgrade_schema(engine)
-    store = Store(engine)
-    Spool(spool_dir).prepare()
-    _record(store, spool_dir, files)
+    engine, store, _, files = _received_studies(args, config)
     context = multiprocessing.get_context("spawn")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(work / "notify"))
