@@ -265,7 +265,7 @@ def scoring_path_processes(
     context = multiprocessing.get_context("spawn")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(work / "notify"))
-        notify.settimeout(600)
+        notify.settimeout(1.0)
         processes = [
             context.Process(
                 target=_run_worker_process, args=(config, str(work / "notify")), daemon=False
@@ -276,12 +276,17 @@ def scoring_path_processes(
             process.start()
         try:
             ready = 0
+            deadline = time.monotonic() + 600  # a compiled model takes minutes
             while ready < workers:
-                message = notify.recv(4096).decode()
-                ready += "READY=1" in message.splitlines()
                 dead = [p for p in processes if p.exitcode is not None]
                 if dead:
                     raise RuntimeError(f"a worker process exited with {dead[0].exitcode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker processes did not get ready in 600 s")
+                try:
+                    ready += "READY=1" in notify.recv(4096).decode().splitlines()
+                except TimeoutError:
+                    continue
             before = [process_tree_cpu_s(p.pid) for p in processes if p.pid]
             start = time.perf_counter()
             store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
