@@ -57,7 +57,8 @@ class CpuSnapshot:
         for candidate in threading.enumerate():
             if candidate.name == thread and candidate.native_id is not None:
                 thread_s += _cpu_s(f"/proc/{pid}/task/{candidate.native_id}/stat")
-        return cls(_cpu_s(f"/proc/{pid}/stat"), thread_s, _children_cpu_s(pid))
+        process, children = process_tree_cpu_s(pid)
+        return cls(process, thread_s, children)
 
 
 @dataclass(frozen=True)
