@@ -1,0 +1,91 @@
+"""Where the worker builds a study's outputs: in its decode processes, or in its own process
+while its model has nothing to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from triage.config import load_config
+from triage.scoring.priority_pool import BACKGROUND
+from triage.scoring.worker import Worker, load_configured_model
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.repository import Store
+from triage.store.spool import Spool
+
+#: How long the pool's one process is kept busy.
+_BUSY_S = 3.0
+
+
+def build_reporting_pid(request: object) -> int:
+    """An output builder that says which process ran it (top-level: the pool pickles it)."""
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def shared_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    tmp_path = tmp_path_factory.mktemp("worker")
+    base = load_config(None, env={}, base_dir=tmp_path)
+    config = dataclasses.replace(
+        base,
+        store=dataclasses.replace(
+            base.store, url=f"sqlite:///{tmp_path / 'triage.db'}", spool_dir=str(tmp_path / "spool")
+        ),
+        model=dataclasses.replace(base.model, device="cpu", allow_unvalidated=True),
+        worker=dataclasses.replace(base.worker, decode_processes=1),
+    )
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    spool = Spool(Path(config.store.spool_dir))
+    spool.prepare()
+    worker = Worker(config, Store(engine), spool, load_configured_model(config))
+    # The one decode process starts (and imports) before anything is timed.
+    assert worker._pool.submit(BACKGROUND, build_reporting_pid, None).result() != os.getpid()
+    yield worker
+    worker._pool.shutdown(wait=True)
+    engine.dispose()
+
+
+@pytest.fixture
+def worker(shared_worker: Worker) -> Worker:
+    """The shared worker with an idle pool and a model with nothing to score."""
+    shared_worker._pool.submit(BACKGROUND, build_reporting_pid, None).result()
+    shared_worker._unscored = 0
+    return shared_worker
+
+
+def _keep_the_pool_busy(worker: Worker) -> None:
+    worker._pool.submit(BACKGROUND, time.sleep, _BUSY_S)
+    time.sleep(0.2)  # handed to the process: what comes next waits in the queue
+
+
+def test_outputs_waiting_for_a_busy_pool_are_built_here_while_the_model_is_idle(
+    worker: Worker,
+) -> None:
+    _keep_the_pool_busy(worker)
+    started = time.monotonic()
+    assert worker._in_pool_or_here(build_reporting_pid, None) == os.getpid()
+    assert time.monotonic() - started < _BUSY_S / 2
+
+
+def test_outputs_wait_for_the_pool_while_the_model_has_views_to_score(worker: Worker) -> None:
+    _keep_the_pool_busy(worker)
+    worker._unscored = 1  # a view being decoded or waiting for the forward pass
+    started = time.monotonic()
+    assert worker._in_pool_or_here(build_reporting_pid, None) != os.getpid()
+    assert time.monotonic() - started > _BUSY_S / 2
+
+
+def test_outputs_of_an_idle_pool_are_built_there(worker: Worker) -> None:
+    assert worker._in_pool_or_here(build_reporting_pid, None) != os.getpid()
+
+
+def test_a_build_that_fails_here_raises_its_error(worker: Worker) -> None:
+    _keep_the_pool_busy(worker)
+    with pytest.raises(TypeError):
+        worker._in_pool_or_here(len, 5)  # type: ignore[arg-type]
