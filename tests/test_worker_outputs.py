@@ -7,6 +7,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ def test_outputs_wait_for_the_pool_while_the_model_has_views_to_score(worker: Wo
     started = time.monotonic()
     assert worker._in_pool_or_here(build_reporting_pid, None) != os.getpid()
     assert time.monotonic() - started > _BUSY_S / 2
+
+
+def test_outputs_waiting_for_the_pool_are_built_here_once_the_last_view_is_scored(
+    worker: Worker,
+) -> None:
+    _keep_the_pool_busy(worker)
+    worker._unscored = 2
+    with ThreadPoolExecutor(1) as finisher:
+        built = finisher.submit(worker._in_pool_or_here, build_reporting_pid, None)
+        time.sleep(0.3)
+        worker._views_scored(1)
+        time.sleep(0.3)
+        assert not built.done()  # one view still to score: the job waits for the pool
+        worker._views_scored(1)
+        assert built.result(timeout=_BUSY_S / 4) == os.getpid()
 
 
 def test_outputs_of_an_idle_pool_are_built_there(worker: Worker) -> None:

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from queue import Empty, Queue
@@ -65,8 +64,6 @@ _HEARTBEAT_S = 10.0
 
 #: The name of the thread that runs the forward passes (the model's thread on a CPU host).
 BATCH_THREAD = "worker-batch"
-#: How often a finisher waiting for its outputs looks whether it may build them itself.
-_BUILD_HERE_POLL_S = 0.02
 
 
 def decode_process_count(configured: int, on_gpu: bool = False) -> int:
@@ -165,9 +162,11 @@ class Worker:
             max_workers=2 * self._processes + 1, thread_name_prefix="finish"
         )
         # Views handed to the decode processes and not yet through the forward pass: while
-        # there are none, the model's CPU is idle and outputs may be built here.
+        # there are none, the model's CPU is idle and outputs may be built here (one study
+        # at a time). The condition is notified when either changes or an output job ends.
         self._unscored = 0
-        self._building_here = threading.Semaphore(1)
+        self._building_here = False
+        self._model_idle = threading.Condition()
         self._pool = self._new_pool()
         self._warm = False
         self._pool_broken = False
@@ -331,7 +330,7 @@ class Worker:
             attempt=claim.attempt,
         )
         card = self.model
-        with self._lock:
+        with self._model_idle:
             self._unscored += len(scored_uids)
         # Display images are made at the size the overlays draw them (none without overlays).
         outputs = self.config.outputs
@@ -391,8 +390,15 @@ class Worker:
                     self._view_done(study)
             if ready:
                 self._score(ready)
-            with self._lock:
-                self._unscored -= len(items)
+            self._views_scored(len(items))
+
+    def _views_scored(self, count: int) -> None:
+        """*count* views left the model's queue (scored, or undecodable): once none is left,
+        finishers waiting for the pool may build their outputs here."""
+        with self._model_idle:
+            self._unscored -= count
+            if self._unscored <= 0:
+                self._model_idle.notify_all()
 
     def _score(self, ready: list[tuple[_InFlight, DecodedView]]) -> None:
         started = time.monotonic()
@@ -528,18 +534,26 @@ class Worker:
         scored nothing is built here, so the model's CPU stays the model's.
         """
         future: Future[Any] = self._pool.submit(BACKGROUND, build, request)
-        while True:
-            try:
-                return future.result(timeout=_BUILD_HERE_POLL_S)
-            except FutureTimeout:
-                pass
-            if self._unscored > 0 or not self._building_here.acquire(blocking=False):
-                continue
-            try:
-                if future.cancel():  # not handed to a process yet: nobody else builds it
-                    return build(request)
-            finally:
-                self._building_here.release()
+        future.add_done_callback(self._wake_finishers)
+        with self._model_idle:
+            while not future.done() and (self._unscored > 0 or self._building_here):
+                self._model_idle.wait()
+            # cancel() fails once a pool process has the job: then it is built there.
+            take_back = not future.done() and future.cancel()
+            self._building_here = take_back
+        if not take_back:
+            return future.result()
+        try:
+            return build(request)
+        finally:
+            with self._model_idle:
+                self._building_here = False
+                self._model_idle.notify_all()
+
+    def _wake_finishers(self, _job: Future[Any]) -> None:
+        """An output job ended: a finisher waiting for it, or to build here, looks again."""
+        with self._model_idle:
+            self._model_idle.notify_all()
 
 
 def torch_threads(config: Config) -> int:
