@@ -8,8 +8,9 @@ Three stages run concurrently:
 - the **batch loop** gathers decoded views of *any* studies into one batch (up to
   ``[model] batch_size``, waiting at most ``batch_wait_ms`` for a partial one) and takes each
   view's probability and CAM from the same forward pass;
-- the **finisher** averages a study's views, builds the SR and overlays, and writes result,
-  outputs and deliveries in one transaction. A failure is retried (``max_attempts``) and then
+- the **finisher** averages a study's views, builds the SR and overlays (in the pool, or in
+  this process while the model has no view to score), and writes result, outputs and
+  deliveries in one transaction. A failure is retried (``max_attempts``) and then
   the study is FAILED with the reason.
 """
 
