@@ -95,15 +95,17 @@ def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp
         assert echoscu(daemon.port).returncode == 0
         wait_state(daemon, study_uid, StudyState.DONE)
         # Scraped while the daemon runs, after the study went through.
+        # The worker lets the study go just after recording it DONE.
         samples = wait_until(
             lambda: (
                 (s := scrape(daemon))
                 and value(s, "triage_associations_total", outcome="released") == 4
+                and value(s, "triage_worker_studies_in_flight") == 0
                 and s
             ),
             30,
             0.2,
-            "four released associations",
+            "four released associations and no study in the worker",
         )
         assert value(samples, "triage_associations_total", outcome="rejected") == 0
         assert value(samples, "triage_associations_total", outcome="aborted") == 0
@@ -132,6 +134,7 @@ def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp
         # First instance to DONE includes the quiet period (0.5 s) and the scoring.
         latency = value(samples, "triage_study_latency_seconds_sum")
         assert latency > 0.5 and latency > value(samples, "triage_study_scoring_seconds_sum")
+        assert_worker_idle(samples, decode_processes=1, studies=1)
         assert value(samples, "triage_spool_free_bytes") > 0
         assert value(samples, "process_resident_memory_bytes") > 0
         # Liveness and readiness with every loop running.
@@ -151,6 +154,22 @@ def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp
     finally:
         assert daemon.stop() == 0
         pacs.stop()
+
+
+def assert_worker_idle(samples: dict, *, decode_processes: int, studies: int) -> None:
+    """The worker's gauges of an idle worker that built the outputs of *studies* studies."""
+    assert value(samples, "triage_worker_studies_in_flight") == 0
+    # Every view handed to decoding went through the model (the worker builds outputs in
+    # its own process only while this is 0).
+    assert value(samples, "triage_worker_views_waiting") == 0
+    assert value(samples, "triage_worker_jobs_waiting", job="decode") == 0
+    assert value(samples, "triage_worker_jobs_waiting", job="outputs") == 0
+    assert value(samples, "triage_worker_decode_processes") == decode_processes
+    built = [
+        samples.get(("triage_worker_outputs_built_total", (("where", where),)), 0.0)
+        for where in ("decode_process", "worker")
+    ]
+    assert sum(built) == studies
 
 
 def test_readyz_says_which_check_failed(daemon_factory, tmp_path) -> None:
@@ -195,6 +214,64 @@ def test_readyz_reports_a_store_that_went_away(daemon_factory, pg_url) -> None:
     assert value(samples, "triage_store_up") == 0
     assert ("triage_studies", (("state", "DONE"),)) not in samples
     daemon.kill()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_separate_worker_serves_its_own_health_and_metrics(
+    daemon_factory, pg_url, tmp_path
+) -> None:
+    """`triage worker` beside a daemon that does not score: its /healthz and /readyz are its
+    worker's, the store's and the spool's; its /metrics shows its model, its scoring and its
+    load, and not the site's totals (the daemon's)."""
+    pacs = Storescp(tmp_path / "pacs").start()
+    config = scoring_config(
+        pacs.destination(), store={"url": pg_url, "spool_dir": str(tmp_path / "spool")}
+    )
+    daemon = daemon_factory({**config, "worker": {"enabled": False}}, name="daemon").start()
+    worker = daemon_factory(
+        {**config, "dicom": {**config.get("dicom", {}), "port": daemon.port}},
+        name="worker",
+        command="worker",
+    ).start()
+    try:
+        status, _, body = get(worker, "/healthz")
+        assert status == 200 and json.loads(body) == {"status": "ok", "loops": {"worker": True}}
+        status, _, body = get(worker, "/readyz")
+        ready = json.loads(body)
+        assert status == 200 and set(ready["checks"]) == {"store", "worker", "spool"}
+        study_uid, _ = send_study(daemon, tmp_path / "in", body_part="HAND", views=2, seed=22)
+        wait_state(daemon, study_uid, StudyState.DONE)
+        samples = wait_until(
+            lambda: (
+                (s := scrape(worker)) and value(s, "triage_worker_studies_in_flight") == 0 and s
+            ),
+            30,
+            0.2,
+            "no study in the worker",
+        )
+        assert value(samples, "triage_view_scoring_seconds_count") == 2
+        assert value(samples, "triage_study_scoring_seconds_count") == 1
+        assert_worker_idle(samples, decode_processes=1, studies=1)
+        assert any(
+            name == "triage_model_info" and ("device", "cpu") in labels for name, labels in samples
+        )
+        assert not any(name.startswith("triage_studies") for name, _ in samples)
+        # The daemon scores nothing itself: no worker gauges there.
+        assert not any(name.startswith("triage_worker_") for name, _ in scrape(daemon))
+        # A second worker on this host with the same HTTP port stops before loading its model.
+        taken = http_port(worker)
+        second = daemon_factory(
+            {**worker.sections, "http": {"port": taken}}, name="second", command="worker"
+        )
+        second.start(wait=False)
+        assert second.process.wait(120) == 1
+        assert f"cannot serve HTTP on 127.0.0.1:{taken}" in second.log_text()
+        assert "needs its own [http] port" in second.log_text()
+    finally:
+        assert worker.stop() == 0
+        assert daemon.stop() == 0
+        pacs.stop()
 
 
 def test_http_can_be_disabled_and_a_taken_port_stops_start_up(daemon_factory) -> None:

@@ -18,6 +18,7 @@ def test_urgent_jobs_overtake_waiting_background_jobs() -> None:
     later = [pool.submit(BACKGROUND, ran.append, f"build {n}") for n in range(3)]
     urgent = pool.submit(URGENT, ran.append, "decode")
     assert pool.waiting() == 4  # the executor holds only the one job it can run
+    assert (pool.waiting(URGENT), pool.waiting(BACKGROUND)) == (1, 3)
     gate.set()
     for future in (first, *later, urgent):
         future.result(timeout=10)

@@ -133,7 +133,7 @@ def test_worker_template_runs_triage_worker_with_its_share_of_the_cores() -> Non
     )
     assert int(service["WatchdogSec"]) > 0 and service["RestartPreventExitStatus"] == "2"
     assert (service["User"], service["ReadWritePaths"]) == ("msk-triage", "/var/lib/msk-triage")
-    assert service["CapabilityBoundingSet"] == ""  # binds no port
+    assert service["CapabilityBoundingSet"] == ""  # its HTTP port needs no capability
     args = build_parser().parse_args(service["ExecStart"].split()[1:])
     assert args.command == "worker" and args.config == "/etc/msk-triage/triage.toml"
     # Its Environment= lines are overrides the configuration accepts.
@@ -143,8 +143,10 @@ def test_worker_template_runs_triage_worker_with_its_share_of_the_cores() -> Non
         if line.startswith("Environment=") and "TRIAGE_" in line
         for line in [line.removeprefix("Environment=")]
     )
-    assert env == {"TRIAGE_WORKER_DECODE_PROCESSES": "4"}
-    assert load_config(None, env=env).worker.decode_processes == 4
+    assert env == {"TRIAGE_WORKER_DECODE_PROCESSES": "4", "TRIAGE_HTTP_PORT": "809%i"}
+    # systemd puts the instance name in for %i: instance 2 serves HTTP on its own port.
+    config = load_config(None, env={k: v.replace("%i", "2") for k, v in env.items()})
+    assert config.worker.decode_processes == 4 and config.http.port == 8092
 
 
 def test_systemd_analyze_verifies_an_instance_of_the_worker_template(tmp_path: Path) -> None:

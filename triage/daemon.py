@@ -77,16 +77,8 @@ class Daemon:
             # last rows may be gone while their (durable) spool files are there.
             _record_spool_orphans(config, store, spool)
         health = Health(store, spool)
-        http = None
-        if config.http.enabled:
-            # Bound before anything else starts: a taken port stops start-up right here.
-            try:
-                http = HttpServer(config.http, health)
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot serve HTTP on {config.http.bind}:{config.http.port}:"
-                    f" {exc.strerror or exc}"
-                ) from exc
+        # Bound before anything else starts: a taken port stops start-up right here.
+        http = _bind_http(config, health)
         metrics.register_store(store, spool)
         worker = sender = None
         if config.destinations:
@@ -95,6 +87,7 @@ class Daemon:
             sender = Sender(config, store, spool)
         if config.worker.enabled:
             worker = _make_worker(config, store, spool, sender.wake if sender else None)
+            metrics.register_worker(worker.load)
         _publish_model(config, worker)
         listeners = ListenerPool(config)
         try:
@@ -203,7 +196,9 @@ def run_worker(config: Config) -> int:
     once the model is loaded and the decode processes are warm, pings the watchdog while
     its loops live and says STOPPING=1 on SIGTERM. A loop that died stops it with exit
     status 1, so systemd restarts it; its claimed studies come back when their leases
-    expire."""
+    expire. With ``[http]`` on it serves ``/healthz``, ``/readyz`` (store, worker, spool) and
+    ``/metrics`` (its model's histograms and its ``triage_worker_*`` load; the site's study
+    and delivery totals are ``triage serve``'s) on its own port."""
     stop = stop_event_on_signals()
     notifier = Notifier()
     engine = make_engine(config.store.url)
@@ -212,9 +207,24 @@ def run_worker(config: Config) -> int:
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
     # A daemon on this host may be receiving into the same spool right now.
     spool.prepare(older_than_s=_FOREIGN_TEMP_AGE_S)
+    health = Health(store, spool, listener=False)
+    http = _bind_http(config, health, role="worker")
     worker = _make_worker(config, store, spool, None)
+    metrics.register_worker(worker.load)
+    _publish_model(config, worker)
     worker.start()
-    log.info("ready", role="worker", worker=worker.owner, decode_processes=worker.decode_processes)
+    health.add("worker", worker)
+    health.worker_enabled = True
+    if http:
+        http.start()
+        log.info("http_ready", bind=config.http.bind, port=http.port)
+    log.info(
+        "ready",
+        role="worker",
+        worker=worker.owner,
+        decode_processes=worker.decode_processes,
+        http_port=http.port if http else None,
+    )
     notifier.ready(f"worker {worker.owner}: {worker.decode_processes} decode processes")
     watchdog_s = notifier.watchdog_s
     tick = notifier.check_interval_s
@@ -228,9 +238,32 @@ def run_worker(config: Config) -> int:
             notifier.watchdog()
     notifier.stopping("stopping")
     worker.stop(config.dicom.shutdown_grace_s)
+    if http:
+        http.stop()
+    health.close()
     engine.dispose()
     log.info("stopped")
     return exit_code
+
+
+def _bind_http(config: Config, health: Health, role: str = "serve") -> HttpServer | None:
+    """The HTTP endpoints' server, bound (not yet serving); None when ``[http]`` is off."""
+    if not config.http.enabled:
+        return None
+    try:
+        return HttpServer(config.http, health)
+    except OSError as exc:
+        # Several `triage worker` instances (and `triage serve`) on one host need a port each.
+        hint = (
+            " (each `triage worker` on a host needs its own [http] port, e.g."
+            " TRIAGE_HTTP_PORT in its unit, or [http] enabled = false)"
+            if role == "worker"
+            else ""
+        )
+        raise StartupError(
+            f"cannot serve HTTP on {config.http.bind}:{config.http.port}:"
+            f" {exc.strerror or exc}{hint}"
+        ) from exc
 
 
 def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:

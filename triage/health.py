@@ -6,6 +6,9 @@ watchdog.
   only while this holds, so systemd restarts a daemon whose loop died.
 - **ready**: it can do its job now — the store answers, the listener is bound, the worker runs
   (when enabled) and the spool is above its free-space floor.
+
+``triage worker`` has no listener, scheduler or sender: its health is its worker's, the
+store's and the spool's.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ class Loop(Protocol):
 class Health:
     """The daemon's components, registered as they start, and the checks over them."""
 
-    def __init__(self, store: Store, spool: Spool) -> None:
+    def __init__(self, store: Store, spool: Spool, *, listener: bool = True) -> None:
         self.store = store
         self.spool = spool
         self.loops: dict[str, Loop] = {}
+        #: Whether this process has a listener to check (not ``triage worker``).
+        self.listener_expected = listener
         self.listener_port: int | None = None
         self.worker_enabled = False
         # One store check at a time: a hung database must not pile up threads.
@@ -82,9 +87,10 @@ class Health:
     def ready(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         """(ready, each check with ``ok`` and details)."""
         checks: dict[str, dict[str, Any]] = {"store": self.check_store()}
-        listener = self.loops.get("listener")
-        listening = listener is not None and _alive(listener) and self.listener_port is not None
-        checks["listener"] = {"ok": listening, "port": self.listener_port}
+        if self.listener_expected:
+            listener = self.loops.get("listener")
+            listening = listener is not None and _alive(listener) and self.listener_port is not None
+            checks["listener"] = {"ok": listening, "port": self.listener_port}
         if self.worker_enabled:
             worker = self.loops.get("worker")
             checks["worker"] = {"ok": worker is not None and _alive(worker)}

@@ -1,11 +1,15 @@
 """Prometheus metrics of the daemon (served on ``/metrics`` by :mod:`triage.httpd`).
 
-Two kinds:
+Three kinds:
 
 - **observed in-process** — histograms of scoring time per view and per study (the worker), of
   end-to-end latency (first instance of a revision received → study DONE, observed when the
-  sender or the worker completes a study) and a counter of delivery attempts by outcome (the
-  sender);
+  sender or the worker completes a study), a counter of delivery attempts by outcome (the
+  sender) and one of output builds by where they ran (the worker);
+- **read from this process's worker at scrape time** (:class:`WorkerCollector`) — its studies
+  in flight, the views waiting for the model, the jobs waiting for a decode process and how
+  many decode processes it has: whether decoding or the model is what a busy worker waits
+  for. ``triage serve`` and ``triage worker`` each report their own;
 - **derived from the store at scrape time** (:class:`StoreCollector`) — the listener runs in
   other processes, so association and instance counts are read from the ``associations`` audit
   table (incrementally, see :class:`~triage.store.queries.AssociationCounter`), and studies and
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -73,6 +78,13 @@ DELIVERY_ATTEMPTS = Counter(
     "triage_delivery_attempts",
     "C-STORE attempts of this daemon's sender: delivered, retry (will be tried again), failed",
     ["destination", "outcome"],
+    registry=REGISTRY,
+)
+OUTPUTS_BUILT = Counter(
+    "triage_worker_outputs_built",
+    "Studies whose SR and overlays were built, by where: a decode process, or the worker's own"
+    " process while its model had no view to score",
+    ["where"],
     registry=REGISTRY,
 )
 MODEL = Info(
@@ -216,7 +228,66 @@ class StoreCollector(Collector):
         yield took
 
 
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What a worker has in hand at one moment (see :meth:`Worker.load`)."""
+
+    #: Studies claimed and not yet recorded.
+    studies_in_flight: int
+    #: Views handed to the decode processes and not yet through the forward pass.
+    views_waiting: int
+    #: Decodes waiting for a decode process (the model waits for these).
+    decodes_waiting: int
+    #: SR and overlay jobs waiting for a decode process (only the PACS waits for these).
+    outputs_waiting: int
+    #: The worker's decode processes.
+    decode_processes: int
+
+
+class WorkerCollector(Collector):
+    """The load of this process's worker at each scrape (no store query)."""
+
+    def __init__(self, load: Callable[[], WorkerLoad]) -> None:
+        self._load = load
+
+    def describe(self) -> Iterator[Metric]:
+        """Nothing up front: registering must not ask the worker."""
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        """The worker's gauges, read now."""
+        load = self._load()
+        yield _gauge(
+            "triage_worker_studies_in_flight",
+            "Studies this worker has claimed and not yet recorded",
+            load.studies_in_flight,
+        )
+        yield _gauge(
+            "triage_worker_views_waiting",
+            "Views being decoded or waiting for the forward pass",
+            load.views_waiting,
+        )
+        waiting = GaugeMetricFamily(
+            "triage_worker_jobs_waiting",
+            "Jobs waiting for a decode process: decode (the model waits) or outputs",
+            labels=["job"],
+        )
+        waiting.add_metric(["decode"], load.decodes_waiting)
+        waiting.add_metric(["outputs"], load.outputs_waiting)
+        yield waiting
+        yield _gauge(
+            "triage_worker_decode_processes",
+            "Processes decoding views and building outputs for this worker",
+            load.decode_processes,
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
 _collector: StoreCollector | None = None
+_worker_collector: WorkerCollector | None = None
 
 
 def register_store(store: Store, spool: Spool) -> None:
@@ -228,15 +299,28 @@ def register_store(store: Store, spool: Spool) -> None:
     REGISTRY.register(_collector)
 
 
+def register_worker(load: Callable[[], WorkerLoad]) -> None:
+    """Serve the ``triage_worker_*`` gauges from *load* (replaces an earlier registration)."""
+    global _worker_collector
+    if _worker_collector is not None:
+        REGISTRY.unregister(_worker_collector)
+    _worker_collector = WorkerCollector(load)
+    REGISTRY.register(_worker_collector)
+
+
 __all__ = [
     "DELIVERY_ATTEMPTS",
+    "OUTPUTS_BUILT",
     "REGISTRY",
     "STUDY_LATENCY_SECONDS",
     "STUDY_SCORING_SECONDS",
     "VIEW_SCORING_SECONDS",
     "StoreCollector",
+    "WorkerCollector",
+    "WorkerLoad",
     "observe_study_done",
     "observe_views",
     "register_store",
+    "register_worker",
     "set_model",
 ]

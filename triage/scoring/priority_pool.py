@@ -40,10 +40,12 @@ class PriorityPool:
         self._dispatch()
         return future
 
-    def waiting(self) -> int:
-        """Jobs not yet handed to a process."""
+    def waiting(self, priority: int | None = None) -> int:
+        """Jobs not yet handed to a process (of *priority* only, when given)."""
         with self._lock:
-            return len(self._waiting)
+            if priority is None:
+                return len(self._waiting)
+            return sum(1 for job in self._waiting if job[0] == priority)
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Shut the executor down; with *cancel_futures*, cancel every waiting job too."""

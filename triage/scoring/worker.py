@@ -230,6 +230,21 @@ class Worker:
         """How many processes decode pixel data."""
         return self._processes
 
+    def load(self) -> metrics.WorkerLoad:
+        """What the worker has in hand now (the ``triage_worker_*`` gauges)."""
+        with self._lock:
+            in_flight = len(self._in_flight)
+        with self._model_idle:
+            views = max(0, self._unscored)
+        pool = self._pool
+        return metrics.WorkerLoad(
+            studies_in_flight=in_flight,
+            views_waiting=views,
+            decodes_waiting=pool.waiting(URGENT),
+            outputs_waiting=pool.waiting(BACKGROUND),
+            decode_processes=self._processes,
+        )
+
     def wake(self) -> None:
         """Studies were queued: claim now instead of at the next poll."""
         self._wake.set()
@@ -543,9 +558,13 @@ class Worker:
             take_back = not future.done() and future.cancel()
             self._building_here = take_back
         if not take_back:
-            return future.result()
+            built = future.result()
+            metrics.OUTPUTS_BUILT.labels("decode_process").inc()
+            return built
         try:
-            return build(request)
+            built = build(request)
+            metrics.OUTPUTS_BUILT.labels("worker").inc()
+            return built
         finally:
             with self._model_idle:
                 self._building_here = False
