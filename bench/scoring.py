@@ -139,6 +139,8 @@ def worker_config(args: argparse.Namespace, work: Path, overlays: bool) -> Confi
             poll_interval_s=0.05,
         ),
         outputs=dataclasses.replace(base.outputs, overlays=overlays),
+        # Nothing scrapes them, and several `triage worker` processes would share one port.
+        http=dataclasses.replace(base.http, enabled=False),
     )
 
 
