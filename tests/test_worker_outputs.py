@@ -57,6 +57,7 @@ def worker(shared_worker: Worker) -> Worker:
     """The shared worker with an idle pool and a model with nothing to score."""
     shared_worker._pool.submit(BACKGROUND, build_reporting_pid, None).result()
     shared_worker._unscored = 0
+    shared_worker._starved = False
     return shared_worker
 
 
@@ -95,6 +96,30 @@ def test_outputs_waiting_for_the_pool_are_built_here_once_the_last_view_is_score
         assert not built.done()  # one view still to score: the job waits for the pool
         worker._views_scored(1)
         assert built.result(timeout=_BUSY_S / 4) == os.getpid()
+
+
+@pytest.mark.parametrize("cpu_model", [True, False])
+def test_outputs_are_built_here_while_a_cpu_model_waits_for_decoded_views(
+    worker: Worker, cpu_model: bool
+) -> None:
+    """Decoding is the limit (views are being decoded, none is ready for the model): a CPU
+    model's cores are idle, so the job is taken back; a GPU model's are not this process's,
+    whose GIL is the limit there, so the job waits for the pool."""
+    assert worker.model.device.type == "cpu" and worker._build_while_starved
+    worker._build_while_starved = cpu_model
+    try:
+        _keep_the_pool_busy(worker)
+        worker._unscored = 3  # being decoded
+        with ThreadPoolExecutor(1) as finisher:
+            built = finisher.submit(worker._in_pool_or_here, build_reporting_pid, None)
+            time.sleep(0.3)
+            assert not built.done()  # the model has views to score
+            worker._set_starved(True)  # the batch loop waits for the next decoded view
+            where = built.result(timeout=_BUSY_S * 2)
+        assert (where == os.getpid()) == cpu_model
+    finally:
+        worker._build_while_starved = True
+        worker._set_starved(False)
 
 
 def test_outputs_of_an_idle_pool_are_built_there(worker: Worker) -> None:
