@@ -575,7 +575,7 @@ class Worker:
         GIL most of the time); that tail then took 0.3 s.
 
         A CPU model also goes idle mid-burst when decoding is the limit (large views, or a
-        fast forward such as bf16 on AMX): the batch loop waits for the next decoded view
+        forward faster than decoding): the batch loop waits for the next decoded view
         while output jobs wait behind the decodes. A job is taken back then too, so the pool
         decodes instead of building and the model's cores build; a forward that starts while
         one is built here shares the CPU with it for that one study. On 2 vCPUs with 72 MB
