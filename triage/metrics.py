@@ -83,7 +83,7 @@ DELIVERY_ATTEMPTS = Counter(
 OUTPUTS_BUILT = Counter(
     "triage_worker_outputs_built",
     "Studies whose SR and overlays were built, by where: a decode process, or the worker's own"
-    " process while its model had no view to score",
+    " process while its model was idle (no view to score, or a CPU model waiting for one)",
     ["where"],
     registry=REGISTRY,
 )
