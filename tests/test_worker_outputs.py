@@ -4,6 +4,7 @@ while its model has nothing to do."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from triage.config import load_config
+from triage.procutil import WIDE_PIPE_BYTES
 from triage.scoring.priority_pool import BACKGROUND
 from triage.scoring.worker import Worker, load_configured_model
 from triage.store.db import make_engine, upgrade_schema
@@ -120,6 +122,14 @@ def test_outputs_are_built_here_while_a_cpu_model_waits_for_decoded_views(
     finally:
         worker._build_while_starved = True
         worker._set_starved(False)
+
+
+def test_the_pool_pipes_carry_a_megabyte_at_once(worker: Worker) -> None:
+    """Displays go to the decode process and overlays come back through 1 MB pipes."""
+    executor = worker._pool._executor
+    for queue in (executor._call_queue, executor._result_queue):  # type: ignore[attr-defined]
+        size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+        assert size == WIDE_PIPE_BYTES
 
 
 def test_outputs_of_an_idle_pool_are_built_there(worker: Worker) -> None:

@@ -1,12 +1,18 @@
 """Process settings: child processes that never outlive the daemon, an allocator that keeps
-what the scoring path frees for its next batch."""
+what the scoring path frees for its next batch, pipes that carry a whole view at once."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import sys
+
+#: What :func:`widen_pipe` asks for: Linux's default ceiling for an unprivileged process
+#: (/proc/sys/fs/pipe-max-size).
+WIDE_PIPE_BYTES = 1 << 20
 
 _PR_SET_PDEATHSIG = 1
 
@@ -24,6 +30,25 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signum)
+
+
+def widen_pipe(fd: int, size: int = WIDE_PIPE_BYTES) -> int:
+    """Ask Linux to give the pipe of *fd* (either end) a buffer of *size* bytes; returns the
+    size it has now, 0 where that cannot be known (not Linux, not a pipe).
+
+    A pipe holds 64 KB by default, so a 2.5 MB message crosses it in 40 rounds, each waking
+    the reader and then the writer again: on 2 vCPUs, 1.7–2.5 ms of the writer's CPU per
+    message and 1.0–1.3 ms of the reader's, against 0.5–0.7 and 0.6–0.7 through a 1 MB pipe.
+    A refusal (the user's pipe-buffer quota, a lower ceiling) keeps the pipe as it was.
+    """
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):  # not Linux
+        return 0
+    with contextlib.suppress(OSError):
+        return int(fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size))
+    try:
+        return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+    except OSError:
+        return 0
 
 
 # mallopt(3) parameters.

@@ -47,6 +47,7 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from triage.dicom import fast_commands, prompt_reactors
+from triage.procutil import WIDE_PIPE_BYTES, widen_pipe
 
 #: Start write-back after this many new bytes. What is left when the last fragment arrives is
 #: what the fsync before the answer waits for: on a 10 MB image, a 4 MiB step left 1.4–1.7 ms
@@ -61,7 +62,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 LARGEST_BUFFERED_PDU = 8 * 1024 * 1024
 
 #: Size asked for the splice(2) pipe of an association (the kernel may give less).
-PIPE_SIZE = 1024 * 1024
+PIPE_SIZE = WIDE_PIPE_BYTES
 _HAS_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_MOVE = getattr(os, "SPLICE_F_MOVE", 0)
 _SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -209,8 +210,7 @@ def _pipe_of(dul: Any) -> tuple[int, int]:
     pipe = getattr(dul, "_triage_pipe", None)
     if pipe is None:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a bigger pipe means fewer system calls
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        widen_pipe(write_end, PIPE_SIZE)  # a bigger pipe means fewer system calls
         pipe = dul._triage_pipe = (read_end, write_end)
         weakref.finalize(dul, _close_fds, read_end, write_end)
     return pipe

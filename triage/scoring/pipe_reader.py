@@ -1,4 +1,8 @@
-"""The worker's end of its process pool's result pipe, reading each message in place.
+"""The pipes of the worker's process pool: 1 MB wide, and results read in place.
+
+The pool's two pipes (calls to the decode processes, results back) hold 64 KB by default,
+so each overlay's 2.3 MB crosses in ~40 rounds of waking the reader and then the writer;
+:func:`widen_pool_pipes` gives them 1 MB (see :func:`~triage.procutil.widen_pipe`).
 
 The decode processes send the worker a model input and a display image per view (~1.4 MB)
 and the encoded SR and overlays per study (~2.3 MB per overlay). ``multiprocessing`` reads a
@@ -14,6 +18,8 @@ from __future__ import annotations
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection
+
+from triage.procutil import widen_pipe
 
 #: Messages at least this large are read in place; smaller ones the standard way.
 IN_PLACE_BYTES = 1 << 16
@@ -75,3 +81,16 @@ def read_results_in_place(executor: ProcessPoolExecutor) -> bool:
         return False
     reader.__class__ = _InPlaceConnection
     return True
+
+
+def widen_pool_pipes(executor: ProcessPoolExecutor) -> list[int]:
+    """Give *executor*'s call and result pipes 1 MB each (before its processes start; the
+    size belongs to the pipe, so both ends see it). Returns their sizes now, [] where this
+    Python's executor is not built as expected."""
+    sizes = []
+    for queue in (getattr(executor, "_call_queue", None), getattr(executor, "_result_queue", None)):
+        reader = getattr(queue, "_reader", None)
+        if not isinstance(reader, Connection):
+            return []
+        sizes.append(widen_pipe(reader.fileno()))
+    return sizes

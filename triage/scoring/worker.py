@@ -50,7 +50,7 @@ from triage.scoring.outputs import (
     warm_up_builders,
     write_outputs,
 )
-from triage.scoring.pipe_reader import read_results_in_place
+from triage.scoring.pipe_reader import read_results_in_place, widen_pool_pipes
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
 from triage.scoring.priority_pool import BACKGROUND, URGENT, PriorityPool
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
@@ -185,6 +185,7 @@ class Worker:
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_decode_process,
         )
+        widen_pool_pipes(executor)
         read_results_in_place(executor)
         # Decodes (the model waits for them) go before SR and overlay building.
         return PriorityPool(executor, self._processes)
