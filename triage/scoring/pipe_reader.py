@@ -4,7 +4,7 @@ The pool's two pipes (calls to the decode processes, results back) hold 64 KB by
 so each overlay's 2.3 MB crosses in ~40 rounds of waking the reader and then the writer;
 :func:`widen_pool_pipes` gives them 1 MB (see :func:`~triage.procutil.widen_pipe`).
 
-The decode processes send the worker a model input and a display image per view (~1.4 MB)
+The decode processes send the worker a model input and a display image per view (~0.9 MB)
 and the encoded SR and overlays per study (~2.3 MB per overlay). ``multiprocessing`` reads a
 message 64 KB at a time into fresh ``bytes`` and appends them to a ``BytesIO``: two copies
 and a growing buffer, made while holding the worker's GIL, which the model's thread waits
