@@ -164,15 +164,9 @@ def test_a_view_that_cannot_be_decoded_is_reported_and_the_rest_scored(
     assert len([d for d in pacs.received() if d.SOPClassUID == SC_CLASS]) == 1
     # The undecodable view left the model's queue too: the count that lets the worker build
     # outputs in its own process while the model is idle is back at 0.
-    from tests.test_http import assert_worker_idle, scrape, value
+    from tests.test_http import assert_worker_idle, scrape_idle_worker
 
-    samples = wait_until(
-        lambda: (s := scrape(daemon)) and value(s, "triage_worker_studies_in_flight") == 0 and s,
-        30,
-        0.2,
-        "no study in the worker",
-    )
-    assert_worker_idle(samples, decode_processes=1, studies=1)
+    assert_worker_idle(scrape_idle_worker(daemon), decode_processes=1, studies=1)
     assert daemon.stop() == 0
 
 

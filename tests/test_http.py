@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -95,17 +96,10 @@ def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp
         assert echoscu(daemon.port).returncode == 0
         wait_state(daemon, study_uid, StudyState.DONE)
         # Scraped while the daemon runs, after the study went through.
-        # The worker lets the study go just after recording it DONE.
-        samples = wait_until(
-            lambda: (
-                (s := scrape(daemon))
-                and value(s, "triage_associations_total", outcome="released") == 4
-                and value(s, "triage_worker_studies_in_flight") == 0
-                and s
-            ),
-            30,
-            0.2,
-            "four released associations and no study in the worker",
+        samples = scrape_idle_worker(
+            daemon,
+            lambda s: value(s, "triage_associations_total", outcome="released") == 4,
+            "four released associations",
         )
         assert value(samples, "triage_associations_total", outcome="rejected") == 0
         assert value(samples, "triage_associations_total", outcome="aborted") == 0
@@ -154,6 +148,22 @@ def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp
     finally:
         assert daemon.stop() == 0
         pacs.stop()
+
+
+def scrape_idle_worker(
+    daemon: Daemon, also: Callable[[dict], bool] = lambda _: True, what: str = ""
+) -> dict:
+    """/metrics once the daemon's worker holds no study (it lets a study go just after
+    recording it DONE) and *also* holds."""
+    return wait_until(
+        lambda: (
+            ((s := scrape(daemon)) and value(s, "triage_worker_studies_in_flight") == 0 and also(s))
+            and s
+        ),
+        30,
+        0.2,
+        "no study in the worker" + (f" and {what}" if what else ""),
+    )
 
 
 def assert_worker_idle(samples: dict, *, decode_processes: int, studies: int) -> None:
@@ -242,14 +252,7 @@ def test_a_separate_worker_serves_its_own_health_and_metrics(
         assert status == 200 and set(ready["checks"]) == {"store", "worker", "spool"}
         study_uid, _ = send_study(daemon, tmp_path / "in", body_part="HAND", views=2, seed=22)
         wait_state(daemon, study_uid, StudyState.DONE)
-        samples = wait_until(
-            lambda: (
-                (s := scrape(worker)) and value(s, "triage_worker_studies_in_flight") == 0 and s
-            ),
-            30,
-            0.2,
-            "no study in the worker",
-        )
+        samples = scrape_idle_worker(worker)
         assert value(samples, "triage_view_scoring_seconds_count") == 2
         assert value(samples, "triage_study_scoring_seconds_count") == 1
         assert_worker_idle(samples, decode_processes=1, studies=1)

@@ -163,8 +163,9 @@ class Worker:
             max_workers=2 * self._processes + 1, thread_name_prefix="finish"
         )
         # Views handed to the decode processes and not yet through the forward pass: while
-        # there are none, the model's CPU is idle and outputs may be built here (one study
-        # at a time). The condition is notified when either changes or an output job ends.
+        # there are none (or, below, while a CPU model waits for one) the model's CPU is idle
+        # and outputs may be built here, one study at a time. The condition is notified when
+        # either changes or an output job ends.
         self._unscored = 0
         self._building_here = False
         self._model_idle = threading.Condition()
@@ -580,7 +581,7 @@ class Worker:
         while output jobs wait behind the decodes. A job is taken back then too, so the pool
         decodes instead of building and the model's cores build; a forward that starts while
         one is built here shares the CPU with it for that one study. On 2 vCPUs with 72 MB
-        views (decode-bound): +2 to +8 % views/s; with 10 MB views (model-bound) it rarely
+        views (decode-bound): +1.6 to +8 % views/s; with 10 MB views (model-bound) it rarely
         happens. Not for a GPU model (see ``_build_while_starved``).
         """
         future: Future[Any] = self._pool.submit(BACKGROUND, build, request)
