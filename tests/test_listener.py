@@ -376,7 +376,14 @@ def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp
         proxy.close()
     wait_until(lambda: not list(temp.iterdir()), message="partial file deleted")
     store = daemon.store()
-    audit = wait_until(lambda: next(iter(store.associations()), None), message="audited")
+    # The row is written ACTIVE when the association starts and closed after the partial
+    # file is deleted: wait for it to be closed, not merely there.
+    audit = wait_until(
+        lambda: next(
+            (a for a in store.associations() if a.outcome is not AssociationOutcome.ACTIVE), None
+        ),
+        message="the association audited as ended",
+    )
     assert audit.outcome is AssociationOutcome.ABORTED and audit.instances_stored == 0
     assert "partial_data_set_discarded" in daemon.log_text()
     assert daemon.stop() == 0
