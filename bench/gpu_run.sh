@@ -29,7 +29,7 @@ out=${OUT:-bench/out/gpu}
 mkdir -p "$out"
 device=${GPU_RUN_DEVICE:-cuda}
 py=${PYTHON:-python3}
-scoring_args=${SCORING_ARGS:---precision bf16 --batch 256 --studies 400 --views 2 --size-mb 2 --decode-processes 14 --worker-processes 3 --reps 2}
+scoring_args=${SCORING_ARGS:---precision bf16 --batch 256 --studies 1000 --views 2 --size-mb 2 --decode-processes 14 --worker-processes 3 --reps 2}
 train_args=${TRAIN_ARGS:---device $device}
 export PYTHONUNBUFFERED=1
 
@@ -82,7 +82,7 @@ for name in "${steps[@]}"; do
     env) step env 60 bash -c environment ;;
     tests) step tests 300 "$py" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda ;;
     # shellcheck disable=SC2086  # the argument lists are meant to split
-    eager) step eager 240 "$py" -m bench.scoring --device "$device" $scoring_args ;;
+    eager) step eager 300 "$py" -m bench.scoring --device "$device" $scoring_args ;;
     # shellcheck disable=SC2086
     # One worker process: several would each compile their own model.
     compiled) step compiled 420 "$py" -m bench.scoring --device "$device" --compile $scoring_args --worker-processes 1 ;;
