@@ -225,10 +225,8 @@ class ScoringModel:
         self._run: Callable[[torch.Tensor], torch.Tensor] = self._eager
         if compile:
             # Default mode: max-autotune took > 5 min on an H200 (FACTS), too slow for start-up.
-            # Dynamo specialises a batch of 1 and compiles a second graph, with the batch
-            # dimension dynamic, at the first other size: :meth:`warm_up` builds both.
             compiled = torch.compile(self._relu_features)
-            self._run = lambda x: self._with_autocast(compiled, x)
+            self._run = lambda x: self._run_compiled(compiled, x)
         elif cpu_graph and device.type == "cpu":
             graph = _traced(features, self._autocast, card.input_size, memory_format)
             if graph is not None:
@@ -236,22 +234,37 @@ class ScoringModel:
                 self.traced = True
 
     def warm_up(self) -> float:
-        """Run a forward pass at every batch size that builds something new; returns the
-        seconds it took.
+        """Run one forward pass, which builds what a later one would otherwise build while
+        studies wait; returns the seconds it took.
 
         The worker runs whatever batch size its decoded views make (1 to ``batch_size``). A
-        compiled model builds two graphs (~90 s each on an H200, FACTS): dynamo specialises a
-        batch of 1, and the first batch of another size compiles a graph whose batch dimension
-        is dynamic, which then serves every size. Both are built here, before the worker says
-        it is ready, rather than stalling the first study that makes a batch of two. Eager and
-        traced models are warmed with one batch of 1 (lazy initialisation, the traced graph's
-        first profiling run).
+        compiled model builds its one graph, which serves every size (see
+        :meth:`_run_compiled`; ~90 s on an H200), here, before the worker says it is ready.
+        Eager and traced models initialise lazily, and a traced graph profiles its first run.
         """
         started = time.perf_counter()
         blank = np.zeros((self.input_size, self.input_size), np.float32)
-        for size in (1, 2) if self.compiled else (1,):
-            self.forward(self.make_batch([blank] * size))
+        self.forward(self.make_batch([blank]))
         return time.perf_counter() - started
+
+    def _run_compiled(
+        self, compiled: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """*compiled* on *x* through one graph for every batch size (~90 s to build on an
+        H200, FACTS).
+
+        Dynamo would specialise the first batch size it sees and compile again, with the
+        batch dimension dynamic, at the first other size: two graphs. Marked dynamic from the
+        first call, the batch dimension gets one graph, but sizes 0 and 1 are always
+        specialised, so a lone view runs as a batch of two (itself twice; views in a batch do
+        not affect each other in eval mode) rather than building a graph of its own.
+        """
+        lone = x.shape[0] == 1
+        if lone:
+            x = torch.cat([x, x]).contiguous(memory_format=self._memory_format)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        features = self._with_autocast(compiled, x)
+        return features[:1] if lone else features
 
     def _relu_features(self, x: torch.Tensor) -> torch.Tensor:
         # features() ends in norm5; torchvision applies the (in-place) ReLU in forward().
