@@ -6,7 +6,8 @@
 #   device run, carry [".whl"], timeout_s 420:    bash bench/gpu_run.sh compiled
 #
 # Steps, in the order given (default: env tests eager train, ~4 minutes; `compiled` alone
-# takes ~4–5 more: DenseNet-169 compiles twice, ~90 s each, FACTS.md):
+# takes ~4–5 more: DenseNet-169 compiles twice, ~90 s each (FACTS.md), the worker's graph
+# and the bare model's static one):
 #   env       the machine: GPU, CPU, Python, torch; every module the run needs imports
 #   tests     the CUDA tests (tests/test_model.py -k cuda, the compiled one included)
 #   eager     python -m bench.scoring on CUDA, bf16 + channels_last, batch 256, with the
@@ -15,7 +16,8 @@
 #             process feeds); then the overlay path as 3 `triage worker` processes sharing
 #             those decode processes (README, "Sizing a GPU host")
 #   compiled  the same with --compile: the worker's model through torch.compile (the
-#             issue's 12,000 img/s target is its forward alone, in the worker's own path)
+#             issue's 12,000 img/s target is its forward alone, in the worker's own path),
+#             beside the bare model compiled with static shapes
 #   train     python -m bench.train_gpu: the MURA recipe's training images/s
 # Each step has a time limit, so one that hangs leaves the others' results; each writes
 # $OUT/<step>.txt (the device tool brings $OUT back; here: bench/out/gpu/).

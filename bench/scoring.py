@@ -12,13 +12,14 @@ and ~1 s on 2 vCPUs). 64 studies keep those ends to about a sixth of the run, so
 close to what a steadily fed daemon does; 24 (the earlier default) made them a third.
 
     python -m bench.scoring --studies 64 --views 2 --size-mb 10 --batch 16
-    python -m bench.scoring --device cuda --batch 256 --studies 400 --size-mb 2   # on a GPU host
-    python -m bench.scoring --device cuda --batch 256 --studies 400 --size-mb 2 --compile
+    python -m bench.scoring --device cuda --batch 256 --studies 1000 --size-mb 2   # on a GPU host
+    python -m bench.scoring --device cuda --batch 256 --studies 1000 --size-mb 2 --compile
 
 On a lent GPU machine these run through ``bench/gpu_run.sh`` (with the wheels of
 ``bench/gpu_wheels.sh``). ``--compile`` runs the worker's model through ``torch.compile``
 (``[model] compile``): the model is loaded once and shared by the forward-alone row and both
-paths, so its two graphs are compiled once (about three minutes on an H200).
+paths, so its one graph is compiled once (~90 s on an H200); the bare model is then compiled
+too, with static shapes, as the reference for the worker's graph (another ~90 s).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,8 +66,12 @@ from triage.store.spool import Spool  # noqa: E402
 from triage.testing.synth import write_benchmark_files  # noqa: E402
 
 
-def bare_model(card_path: str, device: str, precision: str, batch: int, images: int) -> float:
-    """Images/s of a plain torchvision forward (the model loaded the way the worker loads it)."""
+def bare_model(
+    card_path: str, device: str, precision: str, batch: int, images: int, compile: bool = False
+) -> float:
+    """Images/s of a plain torchvision forward (the model loaded the way the worker loads it);
+    *compile*: through ``torch.compile`` with every shape static (built by the warm-up), the
+    reference for a worker that compiles its model."""
     card = load_card(card_path)
     scoring = load_model(card, device=device, precision=precision)
     net: torch.nn.Module = _load_weights(card).eval().to(scoring.device)
@@ -75,6 +81,7 @@ def bare_model(card_path: str, device: str, precision: str, batch: int, images: 
     if on_cuda and dtype == torch.bfloat16:
         net = net.to(dtype)
     net = net.to(memory_format=fmt)
+    forward = cast(torch.nn.Module, torch.compile(net)) if compile else net
     x = torch.randn(batch, 3, card.input_size, card.input_size).to(scoring.device)
     x = x.to(dtype if on_cuda else torch.float32).contiguous(memory_format=fmt)
     autocast = (
@@ -85,7 +92,7 @@ def bare_model(card_path: str, device: str, precision: str, batch: int, images: 
 
     def run() -> None:
         with torch.inference_mode(), autocast:
-            net(x)
+            forward(x)
         if on_cuda:
             torch.cuda.synchronize()
 
@@ -95,6 +102,17 @@ def bare_model(card_path: str, device: str, precision: str, batch: int, images: 
     for _ in range(rounds):
         run()
     return rounds * batch / (time.perf_counter() - start)
+
+
+def compiled_reference(args: argparse.Namespace, card: str, images: int) -> float | None:
+    """Views/s of the bare model through ``torch.compile`` at ``--batch``, every shape static
+    (the worker's graph has a dynamic batch dimension); None, with the error printed, when
+    it cannot be built."""
+    try:
+        return bare_model(card, args.device, args.precision, args.batch, images, compile=True)
+    except Exception as exc:  # a compiler failure: say so, keep the run's other figures
+        print(f"(the bare compiled reference failed: {type(exc).__name__}: {exc})")
+        return None
 
 
 def worker_forward(model: ScoringModel, batch: int, images: int) -> float:
@@ -399,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             bare_model(card, args.device, args.precision, args.batch, forward_images)
             for _ in range(args.reps)
         ]
+        # Last, so that a failure here costs no other figure of a GPU run.
+        bare_compiled = compiled_reference(args, card, forward_images) if args.compile else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     reference = statistics.median(bare)
@@ -415,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"bare forward, {worker_threads} thread(s), ready tensors", reference),
         (f"bare forward, {all_cores} threads, ready tensors", statistics.median(bare_all)),
         (f"the worker's forward alone, {worker_threads} thread(s){compiled}", forward_alone),
+        *([("bare forward compiled, static shapes", bare_compiled)] if bare_compiled else []),
         ("scoring path: results + SR", sr_only),
         ("scoring path: results + SR + CAM overlays", full),
     ]
