@@ -11,12 +11,13 @@
 #   env       the machine: GPU, CPU, Python, torch; every module the run needs imports
 #   tests     the CUDA tests (tests/test_model.py -k cuda, the compiled one included)
 #   eager     python -m bench.scoring on CUDA, bf16 + channels_last, batch 256, with the
-#             decode processes of a 16-core host: views/s of the path, the worker's forward
+#             decode processes of a 16-core host: views/s of the path, the worker's model stage
 #             alone, the bare model, and the CPU table (how many decode processes one worker
 #             process feeds); then the overlay path as 3 `triage worker` processes sharing
 #             those decode processes (README, "Sizing a GPU host")
 #   compiled  the same with --compile: the worker's model through torch.compile (the
-#             issue's 12,000 img/s target is its forward alone, in the worker's own path),
+#             issue's 12,000 img/s target is its model stage alone: staging, copy, forward
+#             and CAM as the worker's batch loop runs them, one batch in flight),
 #             beside the bare model compiled with static shapes
 #   train     python -m bench.train_gpu: the MURA recipe's training images/s
 # Each step has a time limit, so one that hangs leaves the others' results; each writes

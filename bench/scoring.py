@@ -17,7 +17,7 @@ close to what a steadily fed daemon does; 24 (the earlier default) made them a t
 
 On a lent GPU machine these run through ``bench/gpu_run.sh`` (with the wheels of
 ``bench/gpu_wheels.sh``). ``--compile`` runs the worker's model through ``torch.compile``
-(``[model] compile``): the model is loaded once and shared by the forward-alone row and both
+(``[model] compile``): the model is loaded once and shared by the model-stage row and both
 paths, so its one graph is compiled once (~90 s on an H200); the bare model is then compiled
 too, with static shapes, as the reference for the worker's graph (another ~90 s).
 """
@@ -116,16 +116,21 @@ def compiled_reference(args: argparse.Namespace, card: str, images: int) -> floa
 
 
 def worker_forward(model: ScoringModel, batch: int, images: int) -> float:
-    """Images/s of the worker's own forward (the ScoringModel the paths run: traced on a CPU,
-    compiled with ``--compile``; logits and CAMs back on the CPU) on ready grey views, as
-    the decode processes send them."""
-    x = model.make_batch([np.zeros((model.input_size, model.input_size), np.float32)] * batch)
+    """Images/s of the worker's model stage alone, as its batch loop runs it, on ready grey
+    views (as the decode processes send them): each batch staged from its views and started
+    (:meth:`ScoringModel.start`: on a CPU a traced graph, compiled with ``--compile``), and on
+    a GPU the next one started before the last one's logits and CAMs are taken back."""
+    views = [np.zeros((model.input_size, model.input_size), np.float32)] * batch
     for _ in range(3):  # warm-up (a traced graph profiles its first runs)
-        model.forward(x)
+        model.start(views).result()
     rounds = max(1, images // batch)
     start = time.perf_counter()
-    for _ in range(rounds):
-        model.forward(x)
+    running = model.start(views)
+    for _ in range(rounds - 1):
+        started = model.start(views)
+        running.result()  # on a CPU it was done when started
+        running = started
+    running.result()
     return rounds * batch / (time.perf_counter() - start)
 
 
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     size_primitive_cache(args.batch)
     card = str(ROOT / "models" / "demo" / "card.toml")
     views = args.studies * args.views
-    # A GPU runs a batch of 256 in ~20–35 ms: the forward-alone figures time at least 20
+    # A GPU runs a batch of 256 in ~20–35 ms: the model-alone figures time at least 20
     # batches there, not the path's few, so that launch and first-batch effects stay small.
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     forward_images = max(views, 20 * args.batch) if on_gpu else views
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         # The worker's model, as the daemon loads it (threads, allocator; on a CPU a traced
         # graph: the same results without the GIL between operators; compiled with
-        # --compile). Its forward alone is shown beside the eager reference.
+        # --compile). Its model stage alone is shown beside the eager reference.
         loading = time.perf_counter()
         model = load_configured_model(worker_config(args, work, True))
         warm_up_s = model.warm_up()
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         (f"bare forward, {worker_threads} thread(s), ready tensors", reference),
         (f"bare forward, {all_cores} threads, ready tensors", statistics.median(bare_all)),
-        (f"the worker's forward alone, {worker_threads} thread(s){compiled}", forward_alone),
+        (f"the worker's model stage alone, {worker_threads} thread(s){compiled}", forward_alone),
         *([("bare forward compiled, static shapes", bare_compiled)] if bare_compiled else []),
         ("scoring path: results + SR", sr_only),
         ("scoring path: results + SR + CAM overlays", full),

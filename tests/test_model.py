@@ -293,6 +293,42 @@ def test_imagenet_weights_file_loads_features_and_drops_its_classifier(tmp_path:
         build_densenet169(str(tmp_path / "other.pth"))
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
+def test_passes_started_ahead_give_what_forward_gives(grey_batch, batch, device):
+    # On CUDA start() returns once the pass is queued, from one of two reused pinned buffers:
+    # two passes in flight, a third reusing the first's buffer, a larger batch growing one,
+    # and normalised views (not staged) in between must each give forward()'s very bits.
+    model = load_model(load_card(DEMO_CARD), device=device, precision="auto")
+    views = list(grey_batch.numpy())
+    batches = [views[:2], views[1:], views * 3, views[2:], list(batch.numpy())]
+    expected = [model.forward(model.make_batch(arrays)) for arrays in batches]
+    first, second = model.start(batches[0]), model.start(batches[1])
+    got = [first.result()]
+    third = model.start(batches[2])
+    got += [second.result(), third.result()]
+    fourth, fifth = model.start(batches[3]), model.start(batches[4])
+    got += [fourth.result(), fifth.result()]
+    for (logits, cams), (expected_logits, expected_cams) in zip(got, expected, strict=True):
+        assert logits.device.type == "cpu" and cams.device.type == "cpu"
+        assert torch.equal(logits, expected_logits) and torch.equal(cams, expected_cams)
+
+
+def test_a_started_pass_that_gives_a_logit_that_is_not_finite_says_so():
+    model = load_model(load_card(DEMO_CARD), device="cpu", precision="fp32")
+    pending = model.start([np.full((224, 224), np.nan, np.float32)])
+    with pytest.raises(ValueError, match="not a finite number"):
+        pending.result()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_channels_last_within_bound(batch):
     card = load_card(DEMO_CARD)

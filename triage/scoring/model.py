@@ -220,6 +220,12 @@ class ScoringModel:
             self._autocast = contextlib.nullcontext
         self._features = features
         self._memory_format = memory_format
+        # CUDA: views are staged in one of two reused pinned buffers and copied on their own
+        # stream, so one batch's staging and copy overlap the previous batch's forward pass.
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staging_copied: list[torch.cuda.Event | None] = [None, None]
+        self._next_slot = 0
         self.compiled = compile
         self.traced = False
         self._run: Callable[[torch.Tensor], torch.Tensor] = self._eager
@@ -325,6 +331,59 @@ class ScoringModel:
         (a batch value that is not: :func:`~triage.scoring.preprocess.decode_view` never
         gives one).
         """
+        return self._launch(batch).result()
+
+    __call__ = forward
+
+    def start(self, views: Sequence[np.ndarray]) -> PendingForward:
+        """Start the forward pass of prepared views (grey float32 [S, S], as the worker's
+        decode processes send them, or normalised [3, S, S]); its :meth:`PendingForward.result`
+        is what :meth:`forward` returns for ``make_batch(views)``, to the last bit.
+
+        On a CPU the pass is done when this returns. On CUDA it returns once the pass is
+        queued: grey views are stacked straight into one of two reused pinned buffers (one
+        copy, not a stack and then a pinned copy) and copied to the device on a stream of
+        their own, so the caller can stage the next batch while this one runs. A pass may be
+        started before the last one's result is taken; every other pass reuses a buffer, and
+        waits (if it must) until the batch that was staged there has reached the device.
+        """
+        size = self.card.input_size
+        if self._copy_stream is None or not all(np.shape(view) == (size, size) for view in views):
+            return self._launch(self.make_batch(views))
+        slot = self._next_slot
+        self._next_slot = 1 - slot
+        copied = self._staging_copied[slot]
+        if copied is not None:
+            copied.synchronize()  # the buffer's last batch has reached the device
+        staging = self._staging[slot]
+        if staging is None or len(staging) < len(views):
+            # A power of two: batch sizes vary, and a pinned allocation is slow.
+            capacity = 1 << (len(views) - 1).bit_length()
+            staging = torch.empty((capacity, size, size), dtype=torch.float32).pin_memory()
+            self._staging[slot] = staging
+        batch = staging[: len(views)]
+        np.stack(views, out=batch.numpy())
+        pending = self._launch(batch)
+        self._staging_copied[slot] = pending.copied
+        return pending
+
+    def _to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """*batch* on the model's device, and (CUDA) the event of its copy having finished.
+
+        On CUDA the copy runs on its own stream, ordered before the forward pass on the
+        current one, so it overlaps the pass queued before it."""
+        if self._copy_stream is None:
+            return batch.to(self.device), None
+        with torch.cuda.stream(self._copy_stream):
+            x = batch.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        x.record_stream(compute)  # allocated on the copy stream, used on this one
+        return x, copied
+
+    def _launch(self, batch: torch.Tensor) -> PendingForward:
         size = self.card.input_size
         grey = batch.ndim == 3 and tuple(batch.shape[1:]) == (size, size)
         if not grey and (
@@ -335,7 +394,7 @@ class ScoringModel:
                 f" {list(batch.shape)}"
             )
         with torch.inference_mode():
-            x = batch.to(self.device, non_blocking=True)
+            x, copied = self._to_device(batch)
             if grey:
                 x = (x.to(torch.float32).unsqueeze(1) - self._norm_mean) * self._norm_scale
             if self._cast_input is not None:
@@ -343,23 +402,56 @@ class ScoringModel:
             x = x.contiguous(memory_format=self._memory_format)
             features = self._run(x)
             cams = torch.einsum("nkhw,k->nhw", features.float(), self._weight)
-            logits = (cams.mean(dim=(1, 2)) + self._bias).cpu()
-        # Checked on the N logits rather than the input (on a GPU host that would be a pass
-        # over 40 M values per batch): a NaN anywhere in a view's input reaches its logit, and a
-        # NaN probability is not above any threshold, so it would read as normal.
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError(
-                "the model gave a logit that is not a finite number (an input value that is"
-                " not, or broken weights)"
-            )
-        return logits, cams.cpu()
-
-    __call__ = forward
+            logits = cams.mean(dim=(1, 2)) + self._bias
+            if copied is None:
+                return PendingForward(logits, cams)
+            # Into pinned memory, read once the event says the pass is done.
+            done = torch.cuda.Event()
+            logits = logits.to("cpu", non_blocking=True)
+            cams = cams.to("cpu", non_blocking=True)
+            done.record(torch.cuda.current_stream(self.device))
+        return PendingForward(logits, cams, done, copied)
 
     def probabilities(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities [N] (sigmoid of the logits) and CAMs [N, h, w] from one forward pass."""
         logits, cams = self.forward(batch)
         return torch.sigmoid(logits), cams
+
+
+class PendingForward:
+    """A forward pass started by :meth:`ScoringModel.start` (or run by
+    :meth:`ScoringModel.forward`); :meth:`result` waits for it on CUDA."""
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        cams: torch.Tensor,
+        done: torch.cuda.Event | None = None,
+        copied: torch.cuda.Event | None = None,
+    ) -> None:
+        self._logits = logits
+        self._cams = cams
+        self._done = done
+        #: CUDA: recorded once the batch has been copied to the device (its host buffer may
+        #: then be reused).
+        self.copied = copied
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N] and CAMs [N, h, w], float32 on the CPU (see
+        :meth:`ScoringModel.forward`). Raises ``ValueError`` when a logit is not a finite
+        number."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._done = None
+        # Checked on the N logits rather than the input (on a GPU host that would be a pass
+        # over 40 M values per batch): a NaN anywhere in a view's input reaches its logit,
+        # and a NaN probability is not above any threshold, so it would read as normal.
+        if not bool(torch.isfinite(self._logits).all()):
+            raise ValueError(
+                "the model gave a logit that is not a finite number (an input value that is"
+                " not, or broken weights)"
+            )
+        return self._logits, self._cams
 
 
 def _traced(
@@ -472,6 +564,7 @@ def load_model(
 __all__ = [
     "BF16_LOGIT_TOLERANCE",
     "FEATURE_CHANNELS",
+    "PendingForward",
     "ScoringModel",
     "build_densenet169",
     "cpu_has_native_bf16",

@@ -7,7 +7,8 @@ Three stages run concurrently:
   pool of decode **processes** (the GIL must not serialise decoding);
 - the **batch loop** gathers decoded views of *any* studies into one batch (up to
   ``[model] batch_size``, waiting at most ``batch_wait_ms`` for a partial one) and takes each
-  view's probability and CAM from the same forward pass;
+  view's probability and CAM from the same forward pass (on a GPU, the next batch is staged
+  and started before the last one's results are taken back);
 - the **finisher** averages a study's views, builds the SR and overlays (in the pool, or in
   this process while the model has no view to score or, on the CPU, waits for one), and
   writes result, outputs and deliveries in one transaction. A failure is retried
@@ -38,7 +39,7 @@ from triage.dicom.sc import OverlayBox
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
-from triage.scoring.model import ScoringModel, resolve_device
+from triage.scoring.model import PendingForward, ScoringModel, resolve_device
 from triage.scoring.outputs import (
     EncodedOutput,
     OutputRequest,
@@ -130,6 +131,17 @@ class _InFlight:
     error: str = ""
 
 
+@dataclass
+class _Started:
+    """A batch whose forward pass has started: its decoded views, the pass, when it started,
+    and how many views it took from the decoded queue (undecodable ones included)."""
+
+    ready: list[tuple[_InFlight, DecodedView]]
+    pending: PendingForward
+    at: float
+    items: int
+
+
 class Worker:
     """Scores queued studies until stopped; safe to run next to other workers on PostgreSQL."""
 
@@ -175,6 +187,11 @@ class Worker:
         # (its GIL) is what limits the path, and the model waiting for decodes is the rule.
         self._build_while_starved = model.device.type == "cpu"
         self._starved = False
+        # On a GPU the next batch is staged and started while the last one runs (the forward
+        # pass returns at once there); on a CPU the pass is done when it returns, and holding
+        # its results back would only delay them.
+        self._pipelined = model.device.type == "cuda"
+        self._last_delivered = 0.0  # monotonic
         self._pool = self._new_pool()
         self._warm = False
         self._pool_broken = False
@@ -400,27 +417,45 @@ class Worker:
         return batch
 
     def _batch_loop(self) -> None:
+        running: _Started | None = None  # a GPU batch started and not yet delivered
         while not (self._stop.is_set() and not self._in_flight):
+            if running is not None and self._decoded.empty():
+                # Nothing to stage meanwhile: its results are not held while the loop waits.
+                self._deliver(running)
+                running = None
             items = self._next_batch()
             if not items:
                 continue
-            ready: list[tuple[_InFlight, DecodedView]] = []
-            for study, uid, future in items:
-                try:
-                    ready.append((study, future.result()))
-                except UndecodableView as exc:
-                    study.skipped.append(SkippedView(uid, f"undecodable: {exc.reason}"))
-                    self._view_done(study)
-                except BrokenProcessPool:
-                    self._pool_broken = True
-                    study.error = "a decode process died"
-                    self._view_done(study)
-                except Exception as exc:
-                    study.error = f"decoding failed: {type(exc).__name__}: {exc}"
-                    self._view_done(study)
-            if ready:
-                self._score(ready)
-            self._views_scored(len(items))
+            started = self._start(self._decoded_views(items), len(items))
+            if running is not None:
+                self._deliver(running)
+                running = None
+            if started is not None and self._pipelined:
+                running = started
+            elif started is not None:
+                self._deliver(started)
+        if running is not None:
+            self._deliver(running)
+
+    def _decoded_views(
+        self, items: list[tuple[_InFlight, str, Future[DecodedView]]]
+    ) -> list[tuple[_InFlight, DecodedView]]:
+        """The views of *items* that decoded; the others are recorded on their studies."""
+        ready: list[tuple[_InFlight, DecodedView]] = []
+        for study, uid, future in items:
+            try:
+                ready.append((study, future.result()))
+            except UndecodableView as exc:
+                study.skipped.append(SkippedView(uid, f"undecodable: {exc.reason}"))
+                self._view_done(study)
+            except BrokenProcessPool:
+                self._pool_broken = True
+                study.error = "a decode process died"
+                self._view_done(study)
+            except Exception as exc:
+                study.error = f"decoding failed: {type(exc).__name__}: {exc}"
+                self._view_done(study)
+        return ready
 
     def _set_starved(self, starved: bool) -> None:
         """The batch loop waits (or no longer waits) for a decoded view."""
@@ -444,21 +479,49 @@ class Worker:
             if self._unscored <= 0:
                 self._model_idle.notify_all()
 
-    def _score(self, ready: list[tuple[_InFlight, DecodedView]]) -> None:
+    def _start(self, ready: list[tuple[_InFlight, DecodedView]], items: int) -> _Started | None:
+        """Start the forward pass of the decoded views *ready* (of *items* taken from the
+        queue); None when there is none to deliver (no view decoded, or the pass failed to
+        start: recorded on the studies)."""
         started = time.monotonic()
         try:
             # Grey views, normalised by the model on its device (a third of the bytes).
-            batch = self.model.make_batch([view.grey for _, view in ready])
-            logits, cams = self.model.forward(batch)
+            pending = self.model.start([view.grey for _, view in ready]) if ready else None
         except Exception as exc:
-            log.exception("forward_failed", views=len(ready))
-            for study, _view in ready:
-                study.error = f"model forward failed: {type(exc).__name__}: {exc}"
-                self._view_done(study)
+            self._forward_failed(ready, exc)
+            pending = None
+        if pending is None:
+            self._views_scored(items)
+            return None
+        return _Started(ready, pending, started, items)
+
+    def _forward_failed(self, ready: list[tuple[_InFlight, DecodedView]], exc: Exception) -> None:
+        log.exception("forward_failed", views=len(ready))  # called while *exc* is handled
+        for study, _view in ready:
+            study.error = f"model forward failed: {type(exc).__name__}: {exc}"
+            self._view_done(study)
+
+    def _deliver(self, started: _Started) -> None:
+        """Wait for *started*'s forward pass and record its views' results."""
+        try:
+            self._record(started)
+        finally:
+            self._views_scored(started.items)
+
+    def _record(self, started: _Started) -> None:
+        ready = started.ready
+        try:
+            logits, cams = started.pending.result()
+        except Exception as exc:
+            self._forward_failed(ready, exc)
             return
         probabilities = torch.sigmoid(logits).tolist()
         cam_arrays = cams.numpy()
-        metrics.observe_views(time.monotonic() - started, len(ready))
+        # With a batch in flight, counted from the last batch's delivery when that was later
+        # than this one's start, so that the model's busy time is not counted twice.
+        now = time.monotonic()
+        metrics.observe_views(now - max(started.at, self._last_delivered), len(ready))
+        self._last_delivered = now
         for (study, view), probability, cam in zip(ready, probabilities, cam_arrays, strict=True):
             uid = view.sop_instance_uid
             study.scored[uid] = ViewResult(uid, float(probability), np.array(cam), view.note)

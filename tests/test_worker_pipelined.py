@@ -1,0 +1,109 @@
+"""The worker's batch loop with one batch in flight, as it runs on a GPU, driven on the CPU.
+
+On CUDA :meth:`ScoringModel.start` returns once a forward pass is queued, and the batch loop
+stages the next batch before it takes the last one's results. The order of that loop (which
+batch's results go to which views; the last batch delivered although none follows it; views
+that do not decode) does not depend on the device, so it is checked here with the
+pipelining turned on over a CPU model, against each view's own forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from triage.config import load_config
+from triage.scoring.preprocess import decode_view
+from triage.scoring.worker import Worker, load_configured_model
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.models import Result, StudyState, utcnow
+from triage.store.repository import InstanceMeta, Store
+from triage.store.spool import Spool
+from triage.testing.synth import write_benchmark_files
+
+#: fp32, one view at a time against batches of three: only the summation order differs.
+_BATCH_TOLERANCE = 1e-5
+
+
+@pytest.mark.slow
+def test_batches_in_flight_give_each_view_its_own_result(tmp_path: Path) -> None:
+    base = load_config(None, env={}, base_dir=tmp_path)
+    config = dataclasses.replace(
+        base,
+        store=dataclasses.replace(
+            base.store,
+            url=f"sqlite:///{tmp_path / 'triage.db'}",
+            spool_dir=str(tmp_path / "spool"),
+            min_free_mb=0,
+        ),
+        # Batches of three across two-view studies: every batch but the first holds views
+        # of two studies, and each starts while the one before is still to be delivered.
+        model=dataclasses.replace(
+            base.model, device="cpu", precision="fp32", batch_size=3, allow_unvalidated=True
+        ),
+        worker=dataclasses.replace(base.worker, decode_processes=1, poll_interval_s=0.05),
+        outputs=dataclasses.replace(base.outputs, overlays=False),
+    )
+    spool_dir = Path(config.store.spool_dir)
+    files = write_benchmark_files(spool_dir, 10, size_mb=0.25, views_per_study=2, seed=5)
+    undecodable = files[3]
+    undecodable.write_bytes(undecodable.read_bytes()[:-20_000])  # pixel data cut short
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(spool_dir)
+    spool.prepare()
+    for path in files:
+        relative = path.relative_to(spool_dir)
+        store.record_instance(
+            InstanceMeta(
+                relative.parent.name,
+                "1.2.3",
+                relative.stem,
+                "1.2.840.10008.5.1.4.1.1.1.1",
+                "1.2.840.10008.1.2.1",
+                "DX",
+                str(relative),
+                path.stat().st_size,
+            ),
+            None,
+        )
+    model = load_configured_model(config)
+    studies = len(files) // 2
+    finished = threading.Semaphore(0)
+    worker = Worker(config, store, spool, model, on_scored=finished.release)
+    worker._pipelined = True
+    worker.warm_up()
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    worker.start()
+    try:
+        for _ in range(studies):
+            # The last batch has none after it: it must be delivered all the same.
+            assert finished.acquire(timeout=60), store.counts_by_state()
+    finally:
+        worker.stop(30)
+    assert store.counts_by_state() == {StudyState.DONE: studies}
+    assert worker._unscored == 0
+
+    expected = {}
+    for path in files:
+        if path == undecodable:
+            continue
+        view = decode_view(str(path), model.input_size, model.mean, model.std, display_max_side=0)
+        logits, _ = model.forward(model.make_batch([view.grey]))
+        expected[view.sop_instance_uid] = float(logits.sigmoid()[0])
+    with store.read_session() as session:
+        scored = {
+            score.sop_instance_uid: score
+            for result in session.query(Result).all()
+            for score in result.views
+        }
+    assert set(scored) == {path.stem for path in files}
+    assert scored[undecodable.stem].skipped and "undecodable" in scored[undecodable.stem].note
+    for uid, probability in expected.items():
+        assert scored[uid].probability == pytest.approx(probability, abs=_BATCH_TOLERANCE), uid
+    engine.dispose()
