@@ -14,7 +14,8 @@
 #             decode processes of a 16-core host: views/s of the path, the worker's model stage
 #             alone, the bare model, and the CPU table (how many decode processes one worker
 #             process feeds); then the overlay path as 3 `triage worker` processes sharing
-#             those decode processes (README, "Sizing a GPU host")
+#             those decode processes (README, "Sizing a GPU host"); last, how busy the
+#             decode processes were (near 100 %: decoding is the limit, the aim)
 #   compiled  the same with --compile: the worker's model through torch.compile (the
 #             issue's 12,000 img/s target is its model stage alone: staging, copy, forward
 #             and CAM as the worker's batch loop runs them, one batch in flight),

@@ -473,14 +473,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print_cpu_table([("results + SR", sr_cpu), ("results + SR + CAM overlays", full_cpu)])
+    busy = [
+        ("results + SR", decode_busy(sr_cpu.children, sr_only, processes), processes),
+        ("with overlays", decode_busy(full_cpu.children, full, processes), processes),
+    ]
     if several is not None:
-        _, each, worker_ms, decode_ms = several
+        views_per_s, each, worker_ms, decode_ms = several
         print(
             f"{args.worker_processes} worker processes × {each} decode processes, overlays:"
             f" {worker_ms:.1f} ms of CPU per view in the worker processes (model threads"
             f" included), {decode_ms:.1f} in their decode processes"
         )
+        busy.append(
+            (
+                f"{args.worker_processes} worker processes",
+                decode_busy(decode_ms, views_per_s, args.worker_processes * each),
+                args.worker_processes * each,
+            )
+        )
+    # Near 100 %: decoding is what limits the path (the issue's aim on a GPU host).
+    print(
+        "decode processes busy: "
+        + "; ".join(f"{label} {share:.0%} of {count}" for label, share, count in busy)
+    )
     return 0
+
+
+def decode_busy(ms_per_view: float, views_per_s: float, processes: int) -> float:
+    """The share of *processes* decode processes' time they were busy, from their CPU per
+    view and the path's views/s: 1.0 when decoding is all that limits the path."""
+    return ms_per_view * views_per_s / (1000 * processes) if processes else 0.0
 
 
 def print_cpu_table(runs: list[tuple[str, CpuPerView]]) -> None:

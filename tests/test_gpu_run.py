@@ -110,6 +110,7 @@ def test_the_gpu_run_works_on_a_python_like_the_machines(tmp_path: Path):
     assert "scoring path: results + SR + CAM overlays" in eager
     assert "decode/rest" in eager
     assert "2 `triage worker` × 1 decode procs" in eager
+    assert "decode processes busy: results + SR" in eager and "2 worker processes" in eager
     assert (out / "train.json").exists()
     for name in ("env", "tests", "eager", "train"):
         assert f"=== {name}: exit status 0" in (out / f"{name}.txt").read_text()
