@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +400,47 @@ def test_a_compiled_model_builds_its_one_graph_while_it_warms_up():
         assert counters["stats"]["unique_graphs"] - before == built
     finally:
         torch._dynamo.reset()
+
+
+_COMPILE_AND_COUNT = """
+import sys
+import torch
+from torch._dynamo.utils import counters
+from triage.scoring.card import load_card
+from triage.scoring.model import ScoringModel
+
+torch.manual_seed(0)
+net = torch.nn.Module()
+net.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 32, 32), torch.nn.BatchNorm2d(4))
+net.classifier = torch.nn.Linear(4, 1)
+model = ScoringModel(net, load_card(sys.argv[1]), torch.device("cpu"), "fp32", compile=True)
+model.warm_up()
+print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_model_is_loaded_from_the_cache_by_the_next_process(tmp_path: Path):
+    # The systemd units keep TORCHINDUCTOR_CACHE_DIR across restarts (deploy/): the next
+    # process (a restart, another instance) loads the graph compiled before, not compiling
+    # it again (~90 s on an H200), including through ScoringModel's dynamic batch dimension.
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
+    counts = []
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-c", _COMPILE_AND_COUNT, str(DEMO_CARD)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        counts.append(tuple(int(n) for n in run.stdout.split()[-2:]))
+    assert counts == [(0, 1), (1, 0)]  # (hits, misses): compiled once, then loaded
 
 
 def test_an_eager_model_warms_up_with_one_batch(monkeypatch):

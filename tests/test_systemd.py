@@ -121,6 +121,19 @@ def test_systemd_analyze_security_rates_the_sandbox_ok(tmp_path: Path, unit: str
     assert match.group(2) in {"OK", "SAFE"}
 
 
+@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT], ids=lambda unit: unit.name)
+def test_compiled_models_are_cached_where_a_restart_finds_them(unit: Path) -> None:
+    # PrivateTmp=yes empties /tmp, torch.compile's default cache, at every stop.
+    service = dict(_unit(unit)["Service"])
+    assert service["PrivateTmp"] == "yes" and service["CacheDirectory"] == "msk-triage"
+    environment = [
+        line.removeprefix("Environment=")
+        for line in unit.read_text().splitlines()
+        if line.startswith("Environment=")
+    ]
+    assert "TORCHINDUCTOR_CACHE_DIR=/var/cache/msk-triage/torch" in environment
+
+
 def test_worker_template_runs_triage_worker_with_its_share_of_the_cores() -> None:
     from triage.cli.main import build_parser
     from triage.config import load_config
