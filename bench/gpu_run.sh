@@ -7,7 +7,8 @@
 #
 # Steps, in the order given (default: env tests eager train, ~4 minutes; `compiled` alone
 # takes ~4–5 more: DenseNet-169 compiles twice, ~90 s each (FACTS.md), the worker's graph
-# and the bare model's static one):
+# and the bare model's static one; the worker's may come from inductor's cache in /tmp, as
+# the tests step compiles the same graph: the compiled step's output says which):
 #   env       the machine: GPU, CPU, Python, torch; every module the run needs imports
 #   tests     the CUDA tests (tests/test_model.py -k cuda, the compiled one included)
 #   eager     python -m bench.scoring on CUDA, bf16 + channels_last, batch 256, with the

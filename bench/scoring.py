@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_configured_model(worker_config(args, work, True))
         warm_up_s = model.warm_up()
         load_s = time.perf_counter() - loading
+        compile_cache = inductor_cache_use()  # a hit: compiled before (the tests step)
         device = str(model.device)
         forward_alone = worker_forward(model, args.batch, forward_images)
         full, processes, full_first_use, full_cpu = scoring_path(args, model, True, work / "full")
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"(the worker's model loaded in {load_s:.1f} s, of which {warm_up_s:.1f} s warming up"
-        + (" = compiling its graphs" if model.compiled else "")
+        + (f" = compiling its graph; {compile_cache}" if model.compiled else "")
         + ")"
     )
     print(
@@ -497,6 +498,19 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(f"{label} {share:.0%} of {count}" for label, share, count in busy)
     )
     return 0
+
+
+def inductor_cache_use() -> str:
+    """What torch.compile's FX graph cache did so far in this process ("inductor cache 1
+    hit(s), 0 miss(es)"):
+    a hit loads a graph compiled before (TORCHINDUCTOR_CACHE_DIR) instead of compiling it."""
+    from torch._dynamo.utils import counters
+
+    hits, misses = (
+        counters["inductor"]["fxgraph_cache_hit"],
+        counters["inductor"]["fxgraph_cache_miss"],
+    )
+    return f"inductor cache {hits} hit(s), {misses} miss(es)"
 
 
 def decode_busy(ms_per_view: float, views_per_s: float, processes: int) -> float:

@@ -8,6 +8,7 @@ not depend on the network, so a small one checks it here.
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -28,6 +29,15 @@ def _small_net(_card: object) -> torch.nn.Module:
     )
 
 
+def _cache_lookups() -> int:
+    """Hits plus misses, as bench.scoring reports them."""
+    found = re.fullmatch(
+        r"inductor cache (\d+) hit\(s\), (\d+) miss\(es\)", scoring.inductor_cache_use()
+    )
+    assert found, scoring.inductor_cache_use()
+    return int(found[1]) + int(found[2])
+
+
 def _args(**overrides: object) -> argparse.Namespace:
     values: dict[str, object] = {"device": "cpu", "precision": "fp32", "batch": 2, "compile": True}
     return argparse.Namespace(**(values | overrides))
@@ -39,9 +49,12 @@ def test_the_compiled_reference_builds_one_static_graph_and_times_it(monkeypatch
     torch._dynamo.reset()
     try:
         before = counters["stats"]["unique_graphs"]
+        cache_before = _cache_lookups()
         views_per_s = scoring.compiled_reference(_args(), DEMO_CARD, images=4)
         assert views_per_s is not None and views_per_s > 0
         assert counters["stats"]["unique_graphs"] - before == 1
+        # Compiled, or loaded from an earlier run's cache: one lookup either way.
+        assert _cache_lookups() == cache_before + 1
     finally:
         torch._dynamo.reset()
 
