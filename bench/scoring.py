@@ -255,6 +255,7 @@ def scoring_path(
         raise RuntimeError("the worker reported studies scored that are not DONE")
     worker.stop(10)
     engine.dispose()
+    shutil.rmtree(work, ignore_errors=True)  # a GPU run's paths write ~4 GB each
     return len(files) / seconds, worker.decode_processes, first_use_s, cpu
 
 
@@ -332,6 +333,7 @@ def scoring_path_processes(
                 if process.exitcode is None:
                     process.kill()
     engine.dispose()
+    shutil.rmtree(work, ignore_errors=True)
     scale = 1000 / len(files)
     worker_ms = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) * scale
     decode_ms = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) * scale
