@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         # --compile). Its model stage alone is shown beside the eager reference.
         loading = time.perf_counter()
         model = load_configured_model(worker_config(args, work, True))
-        warm_up_s = model.warm_up()
+        warm_up_s = model.warm_up(args.batch)
         load_s = time.perf_counter() - loading
         compile_cache = inductor_cache_use()  # a hit: compiled before (the tests step)
         device = str(model.device)

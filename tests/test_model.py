@@ -373,7 +373,7 @@ class _SmallNet(torch.nn.Module):
 
 
 @pytest.mark.slow
-def test_a_compiled_model_builds_its_one_graph_while_it_warms_up():
+def test_a_compiled_model_builds_its_one_graph_while_it_warms_up(monkeypatch):
     # On a CPU compiling DenseNet-169 takes minutes (see below); which graphs dynamo builds
     # depends on the batch sizes, not on the network, so a small one shows it. Each graph
     # costs ~90 s on an H200: left to itself, dynamo builds one for the first size and
@@ -387,7 +387,12 @@ def test_a_compiled_model_builds_its_one_graph_while_it_warms_up():
         compiled = ScoringModel(net, card, torch.device("cpu"), "fp32", compile=True)
         eager = ScoringModel(net, card, torch.device("cpu"), "fp32")
         before = counters["stats"]["unique_graphs"]
-        compiled.warm_up()
+        sizes: list[int] = []
+        forward = compiled.forward
+        with monkeypatch.context() as patch:
+            patch.setattr(compiled, "forward", lambda b: sizes.append(len(b)) or forward(b))
+            compiled.warm_up(16)
+        assert sizes == [16]  # built from a full batch: inductor sizes its kernels for it
         built = counters["stats"]["unique_graphs"] - before
         assert built == 1  # the batch dimension dynamic; a lone view runs as a batch of 2
         rng = np.random.default_rng(0)
@@ -448,7 +453,7 @@ def test_an_eager_model_warms_up_with_one_batch(monkeypatch):
     sizes: list[int] = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda batch: sizes.append(len(batch)) or forward(batch))
-    assert model.warm_up() >= 0
+    assert model.warm_up(16) >= 0  # the worker's batch size matters only to a compiled one
     assert sizes == [1]
 
 

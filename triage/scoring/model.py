@@ -239,18 +239,21 @@ class ScoringModel:
                 self._run = lambda x: F.relu(graph(x))
                 self.traced = True
 
-    def warm_up(self) -> float:
+    def warm_up(self, batch_size: int = 1) -> float:
         """Run one forward pass, which builds what a later one would otherwise build while
         studies wait; returns the seconds it took.
 
-        The worker runs whatever batch size its decoded views make (1 to ``batch_size``). A
-        compiled model builds its one graph, which serves every size (see
-        :meth:`_run_compiled`; ~90 s on an H200), here, before the worker says it is ready.
-        Eager and traced models initialise lazily, and a traced graph profiles its first run.
+        The worker runs whatever batch size its decoded views make (1 to ``batch_size``, its
+        ``[model] batch_size``). A compiled model builds its one graph, which serves every size
+        (see :meth:`_run_compiled`; ~90 s on an H200), here, before the worker says it is
+        ready, from a full batch: inductor sizes its kernels for the batch a graph is built
+        from, and a full one is where throughput matters. Eager and traced models are warmed
+        with one view (lazy initialisation; a traced graph profiles its first run).
         """
         started = time.perf_counter()
         blank = np.zeros((self.input_size, self.input_size), np.float32)
-        self.forward(self.make_batch([blank]))
+        views = max(1, batch_size) if self.compiled else 1
+        self.forward(self.make_batch([blank] * views))
         return time.perf_counter() - started
 
     def _run_compiled(

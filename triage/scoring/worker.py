@@ -218,7 +218,7 @@ class Worker:
             self._pool.submit(URGENT, _warm_process, self.config, self.model.info)
             for _ in range(self._processes)
         ]
-        self.model.warm_up()
+        self.model.warm_up(self.config.model.batch_size)
         # Outputs are built here too when the model has nothing to do (_in_pool_or_here).
         warm_up_builders(self.config, self.model.info)
         for warmer in warmers:
