@@ -59,10 +59,10 @@ from triage.scoring.worker import (  # noqa: E402
     load_configured_model,
     torch_threads,
 )
-from triage.store.db import make_engine, upgrade_schema  # noqa: E402
 from triage.store.models import StudyState, utcnow  # noqa: E402
-from triage.store.repository import InstanceMeta, Store  # noqa: E402
+from triage.store.repository import Store  # noqa: E402
 from triage.store.spool import Spool  # noqa: E402
+from triage.testing.received import received_store  # noqa: E402
 from triage.testing.synth import write_benchmark_files  # noqa: E402
 
 
@@ -191,27 +191,7 @@ def _received_studies(
     files = write_benchmark_files(
         spool_dir, args.studies * args.views, size_mb=args.size_mb, views_per_study=args.views
     )
-    engine = make_engine(config.store.url)
-    upgrade_schema(engine)
-    store = Store(engine)
-    spool = Spool(spool_dir)
-    spool.prepare()
-    for path in files:
-        relative = path.relative_to(spool_dir)
-        study_uid, sop = relative.parent.name, relative.stem
-        store.record_instance(
-            InstanceMeta(
-                study_uid,
-                "1.2.3",
-                sop,
-                "1.2.840.10008.5.1.4.1.1.1.1",
-                "1.2.840.10008.1.2.1",
-                "DX",
-                str(relative),
-                path.stat().st_size,
-            ),
-            None,
-        )
+    engine, store, spool = received_store(config.store.url, spool_dir, files)
     return engine, store, spool, files
 
 

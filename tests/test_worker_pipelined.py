@@ -19,10 +19,8 @@ import pytest
 from triage.config import load_config
 from triage.scoring.preprocess import decode_view
 from triage.scoring.worker import Worker, load_configured_model
-from triage.store.db import make_engine, upgrade_schema
 from triage.store.models import Result, StudyState, utcnow
-from triage.store.repository import InstanceMeta, Store
-from triage.store.spool import Spool
+from triage.testing.received import received_store
 from triage.testing.synth import write_benchmark_files
 
 #: fp32, one view at a time against batches of three: only the summation order differs.
@@ -52,26 +50,7 @@ def test_batches_in_flight_give_each_view_its_own_result(tmp_path: Path) -> None
     files = write_benchmark_files(spool_dir, 10, size_mb=0.25, views_per_study=2, seed=5)
     undecodable = files[3]
     undecodable.write_bytes(undecodable.read_bytes()[:-20_000])  # pixel data cut short
-    engine = make_engine(config.store.url)
-    upgrade_schema(engine)
-    store = Store(engine)
-    spool = Spool(spool_dir)
-    spool.prepare()
-    for path in files:
-        relative = path.relative_to(spool_dir)
-        store.record_instance(
-            InstanceMeta(
-                relative.parent.name,
-                "1.2.3",
-                relative.stem,
-                "1.2.840.10008.5.1.4.1.1.1.1",
-                "1.2.840.10008.1.2.1",
-                "DX",
-                str(relative),
-                path.stat().st_size,
-            ),
-            None,
-        )
+    engine, store, spool = received_store(config.store.url, spool_dir, files)
     model = load_configured_model(config)
     studies = len(files) // 2
     finished = threading.Semaphore(0)
