@@ -2,13 +2,17 @@
 # The prepared GPU run for issue #3: one device call on a lent CUDA machine (an H200 host).
 #
 #   bash bench/gpu_wheels.sh                      # here, once (.whl/, git-ignored)
-#   device run, carry [".whl"], timeout_s 480:    bash bench/gpu_run.sh
-#   device run, carry [".whl"], timeout_s 420:    bash bench/gpu_run.sh compiled
+#   device run, carry [".whl"], timeout_s 540:    bash bench/gpu_run.sh env compiled tests
+#   at once (warm 30 s), timeout_s 420:           bash bench/gpu_run.sh eager train
 #
-# Steps, in the order given (default: env tests eager train, ~4 minutes; `compiled` alone
-# takes ~4–5 more: DenseNet-169 compiles twice, ~90 s each (FACTS.md), the worker's graph
-# and the bare model's static one; the worker's may come from inductor's cache in /tmp, as
-# the tests step compiles the same graph: the compiled step's output says which):
+# The issue's key figure (the compiled model stage) comes first: a session's 15 device
+# minutes include the machine's start, and the compiled step alone also gives the eager
+# references, both paths and how busy the decode processes were.
+#
+# Steps, in the order given (default: env tests eager train, ~4 minutes; `compiled` takes
+# ~4–5: DenseNet-169 compiles twice, ~90 s each (FACTS.md), the worker's graph and the bare
+# model's static one; a graph compiled before on the machine comes from inductor's cache in
+# /tmp, and the compiled step's output says which):
 #   env       the machine: GPU, CPU, Python, torch; every module the run needs imports
 #   tests     the CUDA tests (tests/test_model.py -k cuda, the compiled one included)
 #   eager     python -m bench.scoring on CUDA, bf16 + channels_last, batch 256, with the
