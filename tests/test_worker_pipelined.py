@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from triage import metrics
 from triage.config import load_config
 from triage.scoring.preprocess import decode_view
 from triage.scoring.worker import Worker, load_configured_model
@@ -58,13 +60,19 @@ def test_batches_in_flight_give_each_view_its_own_result(tmp_path: Path) -> None
     worker._pipelined = True
     worker.warm_up()
     store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    model_seconds_before = _model_seconds()
+    began = time.monotonic()
     worker.start()
     try:
         for _ in range(studies):
             # The last batch has none after it: it must be delivered all the same.
             assert finished.acquire(timeout=60), store.counts_by_state()
+        elapsed = time.monotonic() - began
     finally:
         worker.stop(30)
+    # Each batch's time is counted from the last one's delivery when that came after its
+    # start: the model's busy time, once, however the passes overlap.
+    assert 0 < _model_seconds() - model_seconds_before <= elapsed
     assert store.counts_by_state() == {StudyState.DONE: studies}
     assert worker._unscored == 0
 
@@ -86,3 +94,8 @@ def test_batches_in_flight_give_each_view_its_own_result(tmp_path: Path) -> None
     for uid, probability in expected.items():
         assert scored[uid].probability == pytest.approx(probability, abs=_BATCH_TOLERANCE), uid
     engine.dispose()
+
+
+def _model_seconds() -> float:
+    """The sum of ``triage_view_scoring_seconds`` so far (this process)."""
+    return metrics.REGISTRY.get_sample_value("triage_view_scoring_seconds_sum") or 0.0
