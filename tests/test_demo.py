@@ -40,7 +40,8 @@ def test_demo_sends_studies_and_prints_the_worklist(daemon_factory) -> None:
     assert len(rows) == 8
     probabilities = [float(line.split()[2]) for line in rows if line.split()[1].startswith("XR_")]
     assert len(probabilities) == 7 and probabilities == sorted(probabilities, reverse=True)
-    assert "SKIPPED" in rows[-1]
+    # The skipped study says why, whole: BodyPartExamined 'CHEST' names chest.
+    assert "SKIPPED" in rows[-1] and "CHEST" in rows[-1].split("(", 1)[1]
     assert out.count("kept in") == 7
     assert daemon.stop() == 0
 

@@ -139,7 +139,7 @@ def print_worklist(store: Store, sent: list[SentStudy], spool_root: Path) -> Non
                 f"{study.state.value:<10} …{item.study_uid[-12:]}"
             )
         else:
-            reason = study.state_reason[:70]
+            reason = _clipped(study.state_reason, 120)
             print(
                 f"{rank:>2}  {item.body_part:<12} {'-':>11}  {'-':<9} {study.state.value:<10} "
                 f"…{item.study_uid[-12:]}  ({reason})"
@@ -161,6 +161,11 @@ def print_worklist(store: Store, sent: list[SentStudy], spool_root: Path) -> Non
         else:
             folder = spool_root / "outbox" / item.study_uid
             print(f"  …{item.study_uid[-12:]}  {kinds} → kept in {folder}")
+
+
+def _clipped(text: str, limit: int) -> str:
+    """*text*, cut to *limit* characters with an ellipsis when longer."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _count(kinds) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
