@@ -228,6 +228,36 @@ def test_voi_lut_sequence_first_of_several():
     assert note == "VOI LUT 1 of 2 used"
 
 
+@pytest.mark.parametrize("vr", ["US", "OW"])
+@pytest.mark.parametrize("entries", [4096, 256])
+def test_an_8_bit_voi_lut_on_12_bit_pixels_is_looked_up_as_dcmtk_renders_it(
+    tmp_path: Path, entries: int, vr: str
+):
+    # 12-bit CR/DX with an 8-bit VOI LUT: values past 255 must neither wrap (pydicom 3.0's
+    # apply_voi does) nor escape the clamp to the last entry (the 256-entry LUT).
+    pixels = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))
+    lut = np.round(np.linspace(0, 255, entries)).astype(np.uint16)
+    item = _lut_item(0, [int(v) for v in lut], 8)
+    if vr == "OW":
+        item["LUTData"].VR = "OW"
+        item.LUTData = lut.astype("<u2").tobytes()
+    ds = make_ds(pixels, bits_stored=12)
+    ds.VOILUTSequence = DicomSequence([item])
+    path = save(ds, tmp_path / "voi8.dcm")
+    display, _ = display_pixels(pydicom.dcmread(path))
+    expected = lut[np.minimum(pixels, entries - 1)] / 255.0
+    np.testing.assert_allclose(display, expected, atol=1e-6)
+    if shutil.which("dcm2pnm"):  # the reference rendering: first VOI LUT, 8-bit PGM
+        subprocess.run(
+            ["dcm2pnm", "+op", "+Wl", "1", path, str(tmp_path / "voi8.pgm")],
+            check=True,
+            capture_output=True,
+        )
+        _, width, height, _, data = (tmp_path / "voi8.pgm").read_bytes().split(maxsplit=4)
+        shown = np.frombuffer(data, np.uint8).reshape(int(height), int(width)) / 255.0
+        np.testing.assert_allclose(display, shown, atol=1 / 255)
+
+
 def test_modality_lut_sequence_then_window():
     pixels = np.array([[0, 1], [2, 3]], dtype=np.uint16)
     ds = make_ds(pixels, bits_stored=12, WindowCenter=150.5, WindowWidth=201)

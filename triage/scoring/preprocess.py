@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 #: ITU-R BT.601 luma weights (the Y of YBR, and PIL's RGB → L conversion).
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -300,14 +300,46 @@ def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping
     out = apply_modality_lut(values, ds)
     denominator = 1.0
     if voi:
-        out = apply_voi(np.rint(out).astype(np.int64), ds, index=0)
-        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        first, entries, depth = _first_voi_lut(ds)
+        index = np.rint(out).astype(np.int64) - first
+        out = entries[np.clip(index, 0, len(entries) - 1, out=index)]
         denominator = float(2**depth - 1)
         top = float(out.max()) if out.size else 0.0
         if top > denominator:  # LUT data wider than its descriptor says
             denominator = float(2 ** math.ceil(math.log2(top + 1)) - 1)
         out = out / denominator
     return _Mapping("lut", lo=lo, lut=np.asarray(out, dtype=np.float32)), denominator
+
+
+def _first_voi_lut(ds: Dataset) -> tuple[int, np.ndarray, int]:
+    """The first VOI LUT of *ds*: first value mapped, its entries (int64), bits per entry.
+
+    Looked up here rather than by pydicom's ``apply_voi``, which (3.0) indexes an 8-bit LUT
+    with 8-bit integers: the values of a 12-bit image wrap modulo 256 and are never clamped
+    to the last entry (PS3.3 C.11.2.1.1), and the image comes out nearly black or scrambled.
+    """
+    item = ds.VOILUTSequence[0]
+    entries_declared, first, depth = (int(value) for value in item.LUTDescriptor)
+    if not 8 <= depth <= 16:
+        raise ValueError(f"{depth} bits per VOI LUT entry (8 to 16 allowed)")
+    element = item["LUTData"]
+    if isinstance(element.value, bytes):  # OW: 16-bit words in the data set's byte order
+        order = "<" if _little_endian(ds) else ">"
+        entries = np.frombuffer(element.value, dtype=f"{order}u2").astype(np.int64)
+    else:
+        entries = np.asarray(element.value, dtype=np.int64).reshape(-1)
+    entries = entries[: entries_declared or 65536]
+    if entries.size == 0:
+        raise ValueError("the VOI LUT has no entries")
+    return first, entries, depth
+
+
+def _little_endian(ds: Dataset) -> bool:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_transfer_syntax:
+        return bool(syntax.is_little_endian)
+    encoding = getattr(ds, "original_encoding", (None, True))
+    return encoding[1] is not False
 
 
 def _grey_fraction(mapping: _Mapping, frame: np.ndarray) -> float:
