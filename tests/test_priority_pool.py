@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from triage.scoring.priority_pool import BACKGROUND, URGENT, PriorityPool
+from triage.scoring.priority_pool import BACKGROUND, URGENT, JobNotRun, PriorityPool
 
 
 def test_urgent_jobs_overtake_waiting_background_jobs() -> None:
@@ -46,3 +48,30 @@ def test_shutdown_cancels_waiting_jobs() -> None:
         waiting.result(timeout=1)
     gate.set()
     assert running.result(timeout=10) is True
+
+
+def _die() -> None:
+    os._exit(139)
+
+
+def test_a_process_that_dies_breaks_the_pool_and_the_jobs_still_waiting_never_ran() -> None:
+    pool = PriorityPool(ProcessPoolExecutor(max_workers=1), slots=1)
+    dying = pool.submit(URGENT, _die)
+    waiting = pool.submit(URGENT, pow, 2, 2)  # behind it: never handed to the executor
+    with pytest.raises(BrokenProcessPool):
+        dying.result(timeout=60)
+    with pytest.raises(JobNotRun):
+        waiting.result(timeout=60)
+    assert pool.broken
+    with pytest.raises(JobNotRun):  # and nothing more runs there
+        pool.submit(BACKGROUND, pow, 3, 2).result(timeout=60)
+    pool.shutdown()
+
+
+def test_a_job_that_fails_on_its_own_leaves_the_pool_whole() -> None:
+    pool = PriorityPool(ProcessPoolExecutor(max_workers=1), slots=1)
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(URGENT, divmod, 1, 0).result(timeout=60)
+    assert not pool.broken
+    assert pool.submit(URGENT, pow, 2, 3).result(timeout=60) == 8
+    pool.shutdown()

@@ -5,6 +5,11 @@ overlays (which only the PACS waits for). A plain ``ProcessPoolExecutor`` runs j
 order they came, so a burst of output building kept the next batch's decodes waiting and the
 model idle. :class:`PriorityPool` hands the executor only as many jobs as it has processes
 and keeps the rest in a priority queue: a decode submitted after ten builds still runs next.
+
+When a process dies, the executor fails every job it holds with ``BrokenProcessPool`` (one
+of them killed it) and the pool says it is :attr:`~PriorityPool.broken`; the jobs still
+waiting here never ran, and fail with :class:`JobNotRun` instead, so that the caller can
+run them again elsewhere without blaming them.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ import itertools
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 #: Priorities: lower runs first.
 URGENT = 0
 BACKGROUND = 1
+
+
+class JobNotRun(RuntimeError):
+    """The job never reached a process: the pool broke or was shut down before its turn."""
 
 
 class PriorityPool:
@@ -31,6 +41,8 @@ class PriorityPool:
         self._order = itertools.count()
         self._waiting: list[tuple[int, int, Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
         self._lock = threading.Lock()
+        #: A process died: the executor runs nothing more (replace the pool).
+        self.broken = False
 
     def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` in a process, before every waiting job of a higher *priority*."""
@@ -70,7 +82,8 @@ class PriorityPool:
             except Exception as exc:  # a broken or shut-down pool
                 with self._lock:
                     self._running -= 1
-                future.set_exception(exc)
+                    self.broken = self.broken or isinstance(exc, BrokenProcessPool)
+                future.set_exception(JobNotRun(f"{type(exc).__name__}: {exc}"))
                 continue
             inner.add_done_callback(lambda done, outer=future: self._finished(done, outer))
 
@@ -80,6 +93,8 @@ class PriorityPool:
         if inner.cancelled():
             outer.set_exception(CancelledError())
         elif (error := inner.exception()) is not None:
+            if isinstance(error, BrokenProcessPool):
+                self.broken = True
             outer.set_exception(error)
         else:
             outer.set_result(inner.result())

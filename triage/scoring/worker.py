@@ -53,7 +53,7 @@ from triage.scoring.outputs import (
 )
 from triage.scoring.pipe_reader import read_results_in_place, widen_pool_pipes
 from triage.scoring.preprocess import DecodedView, UndecodableView, decode_view, init_decode_worker
-from triage.scoring.priority_pool import BACKGROUND, URGENT, PriorityPool
+from triage.scoring.priority_pool import BACKGROUND, URGENT, JobNotRun, PriorityPool
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.repository import Store
 from triage.store.spool import Spool
@@ -129,6 +129,9 @@ class _InFlight:
     pixels: dict[str, ViewPixels] = field(default_factory=dict)
     skipped: list[SkippedView] = field(default_factory=list)
     error: str = ""
+    #: Why the study goes back to the queue unscored, its attempt not counted (a view never
+    #: reached a decode process: the pool broke under another study's view).
+    give_back: str = ""
 
 
 @dataclass
@@ -159,7 +162,9 @@ class Worker:
         self.queue = WorkQueue(store)
         self.owner = worker_id()
         self.on_scored = on_scored
-        self._in_flight: dict[int, _InFlight] = {}
+        # By claim token: a study's next revision may be claimed while the last one is
+        # still on its way through (its result is then discarded).
+        self._in_flight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
         self._decoded: Queue[tuple[_InFlight, str, Future[DecodedView]]] = Queue()
         self._wake = threading.Event()
@@ -194,7 +199,6 @@ class Worker:
         self._last_delivered = 0.0  # monotonic
         self._pool = self._new_pool()
         self._warm = False
-        self._pool_broken = False
 
     def _new_pool(self) -> PriorityPool:
         # spawn, not fork: a forked child of a process that ran OpenMP threads can hang.
@@ -305,16 +309,17 @@ class Worker:
         while not self._stop.is_set():
             claimed = 0
             try:
-                if self._pool_broken:
-                    self._pool.shutdown(wait=False, cancel_futures=True)
+                if self._pool.broken:
+                    # Its waiting jobs have failed as not run: nothing is left to cancel.
+                    self._pool.shutdown(wait=False)
                     self._pool = self._new_pool()
-                    self._pool_broken = False
+                    log.warning("decode_pool_restarted", processes=self._processes)
                 room = self.config.worker.claim_batch - len(self._in_flight)
                 if room > 0:
                     claims = self.queue.claim(self.owner, room, self.config.worker.lease_s)
                     claimed = len(claims)
                     for claim in claims:
-                        self._begin(claim)
+                        self._begin_or_give_back(claim)
                 now = time.monotonic()
                 if now - last_renew > renew_every:
                     with self._lock:
@@ -331,6 +336,27 @@ class Worker:
             if claimed == 0:
                 self._wake.wait(self.config.worker.poll_interval_s)
                 self._wake.clear()
+
+    def _begin_or_give_back(self, claim: Claim) -> None:
+        """:meth:`_begin`; a claim it fails on goes back to the queue (the attempt counts, so
+        a study that always fails here ends FAILED) and the next claims are begun all the
+        same, not left to wait for their leases to expire."""
+        try:
+            self._begin(claim)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "claim_begin_failed",
+                study_uid=claim.study_uid,
+                revision=claim.revision,
+                error=reason,
+            )
+            with self._lock:
+                self._in_flight.pop(claim.token, None)
+            try:
+                self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
+            except Exception as store_exc:  # the store is down: the lease expires instead
+                log.error("give_back_failed", study_uid=claim.study_uid, error=str(store_exc))
 
     def _begin(self, claim: Claim) -> None:
         bound = log.bind(study_uid=claim.study_uid, revision=claim.revision)
@@ -363,7 +389,7 @@ class Worker:
             skipped=skipped,
         )
         with self._lock:
-            self._in_flight[claim.study_id] = study
+            self._in_flight[claim.token] = study
         bound.info(
             "study_claimed",
             study_type=decision.study_type.value,
@@ -448,9 +474,11 @@ class Worker:
             except UndecodableView as exc:
                 study.skipped.append(SkippedView(uid, f"undecodable: {exc.reason}"))
                 self._view_done(study)
-            except BrokenProcessPool:
-                self._pool_broken = True
-                study.error = "a decode process died"
+            except BrokenProcessPool:  # the pool is replaced (see PriorityPool.broken)
+                study.error = "a decode process died while it decoded a view of this study"
+                self._view_done(study)
+            except JobNotRun:
+                study.give_back = "the decode processes were restarted"
                 self._view_done(study)
             except Exception as exc:
                 study.error = f"decoding failed: {type(exc).__name__}: {exc}"
@@ -543,6 +571,10 @@ class Worker:
         try:
             if study.error:
                 raise RuntimeError(study.error)
+            if study.give_back:
+                if self.queue.release(claim, study.give_back):
+                    bound.info("study_given_back", reason=study.give_back)
+                return
             views = tuple(study.scored[uid] for uid in study.order if uid in study.scored)
             if not views:
                 reasons = "; ".join(s.reason for s in study.skipped) or "no views"
@@ -587,11 +619,15 @@ class Worker:
                 self.on_scored()
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
-            bound.error("scoring_failed", error=reason, state=state.value if state else None)
+            try:
+                state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
+            except Exception as store_exc:  # the store is down: the lease expires instead
+                bound.error("scoring_failed", error=reason, state=None, store_error=str(store_exc))
+            else:
+                bound.error("scoring_failed", error=reason, state=state.value if state else None)
         finally:
             with self._lock:
-                self._in_flight.pop(claim.study_id, None)
+                self._in_flight.pop(claim.token, None)
             self._wake.set()
 
     def _build_outputs(
@@ -656,11 +692,19 @@ class Worker:
                 self._model_idle.wait()
             # cancel() fails once a pool process has the job: then it is built there.
             take_back = not future.done() and future.cancel()
-            self._building_here = take_back
+            if take_back:  # (when not, another finisher may be building here)
+                self._building_here = True
         if not take_back:
-            built = future.result()
-            metrics.OUTPUTS_BUILT.labels("decode_process").inc()
-            return built
+            try:
+                built = future.result()
+            except JobNotRun:  # the pool broke under another job before this one's turn
+                with self._model_idle:
+                    while self._building_here:
+                        self._model_idle.wait()
+                    self._building_here = True
+            else:
+                metrics.OUTPUTS_BUILT.labels("decode_process").inc()
+                return built
         try:
             built = build(request)
             metrics.OUTPUTS_BUILT.labels("worker").inc()

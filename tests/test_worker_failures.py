@@ -1,0 +1,200 @@
+"""The worker when things break around a study: a decode or build process that dies, a claim
+it cannot begin, a study's next revision claimed while the last one is still scored.
+
+Each runs the real worker (demo model on the CPU, one decode process, SQLite) on synthetic
+studies recorded as received; a dying process is a real one, killed by ``os._exit`` in a
+pool job (:mod:`tests.crashing_jobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import crashing_jobs
+from triage.config import Config, load_config
+from triage.scoring import worker as worker_module
+from triage.scoring.worker import Worker, load_configured_model
+from triage.store.models import Study, StudyState, utcnow
+from triage.store.repository import Store
+from triage.store.spool import Spool
+from triage.store.work_queue import WorkQueue
+from triage.testing.received import received_store, record_received
+from triage.testing.synth import write_benchmark_files
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, **worker: Any) -> Config:
+    base = load_config(None, env={}, base_dir=tmp_path)
+    return dataclasses.replace(
+        base,
+        store=dataclasses.replace(
+            base.store,
+            url=f"sqlite:///{tmp_path / 'triage.db'}",
+            spool_dir=str(tmp_path / "spool"),
+            min_free_mb=0,
+        ),
+        model=dataclasses.replace(
+            base.model,
+            device="cpu",
+            precision="fp32",
+            batch_size=2,
+            allow_unvalidated=True,
+            threads=1,
+        ),
+        worker=dataclasses.replace(base.worker, decode_processes=1, poll_interval_s=0.05, **worker),
+        outputs=dataclasses.replace(base.outputs, overlays=False),
+    )
+
+
+@contextmanager
+def _running(config: Config, files: list[Path]) -> Iterator[tuple[Store, Spool, Worker]]:
+    """A started worker over a store with *files* received, and queued."""
+    spool_dir = Path(config.store.spool_dir)
+    engine, store, spool = received_store(config.store.url, spool_dir, files)
+    worker = Worker(config, store, spool, load_configured_model(config))
+    worker.warm_up()
+    _queue(store)
+    worker.start()
+    try:
+        yield store, spool, worker
+    finally:
+        worker.stop(10)
+        engine.dispose()
+
+
+def _queue(store: Store) -> None:
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+
+
+def _study(store: Store, path: Path) -> Study:
+    study = store.get_study(path.parent.name)
+    assert study is not None
+    return study
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _finished(store: Store, expected: dict[StudyState, int]) -> Callable[[], bool]:
+    return lambda: store.counts_by_state() == expected
+
+
+def test_a_decode_process_that_dies_fails_its_study_and_not_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, max_attempts=2)
+    files = write_benchmark_files(config.store.spool_dir, 6, size_mb=0.25, views_per_study=2)
+    poisoned = files[0]
+    monkeypatch.setenv(crashing_jobs.DIE_DECODING, poisoned.parent.name)
+    monkeypatch.setattr(worker_module, "decode_view", crashing_jobs.decode_view)
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("every study to finish", _finished(store, {StudyState.DONE: 2, StudyState.FAILED: 1}))
+        culprit = _study(store, poisoned)
+        assert culprit.attempts == 2 and "decode process died" in culprit.state_reason
+        for path in files[2::2]:
+            # Their views waited behind the one that killed the process: never run, so given
+            # back uncounted, and scored on the next claim.
+            assert _study(store, path).attempts == 1
+
+
+def test_a_process_that_dies_building_outputs_is_replaced_before_the_next_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, max_attempts=1)
+    spool_dir = Path(config.store.spool_dir)
+    files = write_benchmark_files(spool_dir, 2, size_mb=0.25, views_per_study=1)
+    poisoned, later = files
+    monkeypatch.setenv(crashing_jobs.DIE_BUILDING, poisoned.parent.name)
+    monkeypatch.setattr(worker_module, "encode_outputs", crashing_jobs.encode_outputs)
+    with _running(config, [poisoned]) as (store, _spool, _worker):
+        _wait("the poisoned study to fail", _finished(store, {StudyState.FAILED: 1}))
+        assert "BrokenProcessPool" in _study(store, poisoned).state_reason
+        # A study claimed after the crash is decoded by new processes, not failed by the
+        # broken pool.
+        record_received(store, spool_dir, [later])
+        _queue(store)
+        _wait("the later study", lambda: _study(store, later).state != StudyState.QUEUED)
+        _wait(
+            "the later study to be scored",
+            _finished(store, {StudyState.FAILED: 1, StudyState.DONE: 1}),
+        )
+        assert _study(store, later).attempts == 1
+
+
+def test_a_claim_that_cannot_be_begun_goes_back_and_the_rest_are_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default lease (120 s): a claim left out would wait that long; the test would not.
+    config = _config(tmp_path)
+    files = write_benchmark_files(config.store.spool_dir, 3, size_mb=0.25, views_per_study=1)
+    decide = worker_module.decide_study
+    calls: list[int] = []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # e.g. the store was gone for a moment
+            raise OSError("the first claim cannot be begun")
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "decide_study", fails_once)
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("every study to be scored", _finished(store, {StudyState.DONE: 3}), timeout=60)
+        attempts = sorted(_study(store, path).attempts for path in files)
+        assert attempts == [1, 1, 2]  # the one that failed to begin counted its attempt
+
+
+def test_the_next_revision_keeps_its_lease_when_the_last_one_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, lease_s=3.0)  # renewed every second
+    spool_dir = Path(config.store.spool_dir)
+    files = write_benchmark_files(spool_dir, 3, size_mb=0.25, views_per_study=3)
+    first, late = files[:2], files[2:]
+    with _running(config, first) as (store, _spool, worker):
+        gates = [threading.Event(), threading.Event()]
+        passes: list[int] = []
+        start = worker.model.start
+
+        def held(views: Any) -> Any:  # each forward pass waits for the test's word
+            passes.append(len(views))
+            gates[min(len(passes), 2) - 1].wait(60)
+            return start(views)
+
+        monkeypatch.setattr(worker.model, "start", held)
+        _wait("revision 1's forward pass", lambda: passes)
+        record_received(store, spool_dir, late)  # a late instance: revision 2
+        _queue(store)
+        worker.wake()
+        _wait(
+            "revision 2 claimed",
+            lambda: (
+                _study(store, late[0]).revision == 2
+                and _study(store, late[0]).state == StudyState.SCORING
+            ),
+        )
+        gates[0].set()  # revision 1 is scored, and its result discarded
+        _wait("revision 2's forward pass", lambda: len(passes) >= 2)
+        held_until = _study(store, late[0]).lease_expires_at
+        time.sleep(2 * config.worker.lease_s)  # while revision 2 is still being scored
+        assert WorkQueue(store).expire_leases(config.worker.max_attempts) == []
+        assert _study(store, late[0]).lease_expires_at > held_until
+        gates[1].set()
+        _wait("revision 2 scored", _finished(store, {StudyState.DONE: 1}))
+        study = _study(store, late[0])
+        assert (study.revision, study.attempts) == (2, 1)
