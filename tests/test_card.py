@@ -206,11 +206,23 @@ def test_unverified_load_does_not_need_the_weights(tmp_path: Path):
         ("XR_WRIST = 0.4", "XR_ELBOW = 0.4", "thresholds.XR_ELBOW: the card does not cover"),
         ("created = 2025-11-26", 'created = "last week"', "created must be a date"),
         ("std = [0.229, 0.224, 0.225]", "std = [0.229, 0.224]", "std must be a list of 3"),
-        ("std = [0.229, 0.224, 0.225]", "std = [0.229, 0.0, 0.225]", "std must be > 0"),
+        (
+            "std = [0.229, 0.224, 0.225]",
+            "std = [0.229, 0.0, 0.225]",
+            "std must be between 0.001 and 1",
+        ),
+        ("std = [0.229, 0.224, 0.225]", "std = [inf, inf, inf]", "std must be a finite number"),
+        ("std = [0.229, 0.224, 0.225]", "std = [0.229, nan, 0.225]", "must be a finite number"),
+        (
+            "mean = [0.485, 0.456, 0.406]",
+            "mean = [123.675, 116.28, 103.53]",  # ImageNet's, in 0..255 units
+            "mean must be between 0 and 1, for pixels scaled to 0..1",
+        ),
+        ("auroc = 0.9", "auroc = inf", "metrics.auroc must be a finite number"),
         (f'"{DIGEST}"', '"abc"', "weights.sha256 must be 64 hex digits"),
         ('file = "weights.pt"\n', "", "weights.file must be a non-empty string"),
         ('file = "weights.pt"', 'init = "random"\nseed = 1', "in [weights] with init: sha256"),
-        ("auroc = 0.9", 'auroc = "high"', "metrics.auroc must be a number"),
+        ("auroc = 0.9", 'auroc = "high"', "metrics.auroc must be a finite number"),
     ],
 )
 def test_malformed_card_is_one_line_naming_the_problem(
@@ -219,6 +231,25 @@ def test_malformed_card_is_one_line_naming_the_problem(
     assert old in VALID
     message = _error(_card_dir(tmp_path, VALID.replace(old, new, 1)))
     assert expected in message, message
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_card_that_is_not_utf8_says_so(tmp_path: Path, encoding: str):
+    card = tmp_path / "card.toml"
+    card.write_text(VALID.replace("MURA-v1.1 train", "MURA-v1.1 train, révisé"), encoding=encoding)
+    (tmp_path / "weights.pt").write_bytes(WEIGHTS)
+    assert "not UTF-8 text" in _error(card)
+
+
+def test_a_weights_file_name_with_a_nul_is_one_line(tmp_path: Path):
+    text = VALID.replace('file = "weights.pt"', 'file = "weights\\u0000.pt"')
+    assert "weights.file holds a NUL character" in _error(_card_dir(tmp_path, text))
+
+
+def test_a_weights_file_that_cannot_be_read_is_one_line(tmp_path: Path):
+    # A file whose reads fail (EIO): what a failing disk gives; root reads past permissions.
+    text = VALID.replace('file = "weights.pt"', 'file = "/proc/self/mem"')
+    assert "mem: Input/output error" in _error(_card_dir(tmp_path, text))
 
 
 def test_seeded_init_needs_a_seed(tmp_path: Path):

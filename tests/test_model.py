@@ -497,6 +497,37 @@ def test_weights_changed_after_the_card_was_read(trained, tmp_path: Path):
         load_model(loaded, device="cpu", precision="fp32")
 
 
+def _card_for(tmp_path: Path, state: dict) -> ModelCard:
+    torch.save(state, tmp_path / "weights.pt")
+    return write_card(
+        tmp_path, name="m", version="1", weights_file=tmp_path / "weights.pt", training_data="x"
+    )
+
+
+def test_weights_that_are_not_finite_numbers_are_refused(tmp_path: Path):
+    state = build_densenet169().state_dict()
+    state["features.denseblock4.denselayer32.conv2.weight"][0, 0, 0, 0] = float("nan")
+    card = _card_for(tmp_path, state)
+    with pytest.raises(CardError, match="holds values that are not finite numbers") as caught:
+        load_model(card, device="cpu", precision="fp32")
+    assert "denselayer32.conv2.weight" in str(caught.value)
+
+
+def test_a_value_that_is_not_a_tensor_is_named_in_one_line(tmp_path: Path):
+    state = build_densenet169().state_dict()
+    state["classifier.bias"] = 0.0
+    with pytest.raises(CardError, match=re.escape("classifier.bias float vs [1]")) as caught:
+        load_model(_card_for(tmp_path, state), device="cpu", precision="fp32")
+    assert "\n" not in str(caught.value)
+
+
+def test_weights_saved_without_batch_counters_load(tmp_path: Path):
+    net = build_densenet169()
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model = load_model(_card_for(tmp_path, state), device="cpu", precision="fp32")
+    assert model.card.name == "m"
+
+
 def test_weights_file_that_is_not_a_state_dict(tmp_path: Path):
     (tmp_path / "weights.pt").write_bytes(b"definitely not a zip or pickle")
     card = write_card(

@@ -166,9 +166,14 @@ def _require_str(path: Path, raw: Mapping[str, Any], key: str, where: str = "") 
     return value
 
 
+#: The smallest normalisation std accepted: below it 1/std magnifies an input into values no
+#: trained network sees (and 1e-320 into infinity).
+_MIN_STD = 0.001
+
+
 def _number(path: Path, where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        _fail(path, f"{where} must be a number (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        _fail(path, f"{where} must be a finite number (got {value!r})")
     return float(value)
 
 
@@ -193,12 +198,20 @@ def _unknown_keys(path: Path, table: Mapping[str, Any], allowed: Iterable[str], 
         _fail(path, f"unknown key{'s' if len(extra) > 1 else ''} {where}{', '.join(extra)}")
 
 
-def _triple(path: Path, where: str, value: Any, positive: bool) -> tuple[float, float, float]:
+def _triple(
+    path: Path, where: str, value: Any, low: float, high: float
+) -> tuple[float, float, float]:
+    """Three numbers in *low* .. *high*: normalisation of pixels scaled to 0..1 (a card
+    written in 0..255 units, or a std that makes every input the same, is refused)."""
     if not isinstance(value, list) or len(value) != 3:
         _fail(path, f"{where} must be a list of 3 numbers (got {value!r})")
     numbers = tuple(_number(path, where, v) for v in value)
-    if positive and any(v <= 0 for v in numbers):
-        _fail(path, f"{where} must be > 0 (got {value!r})")
+    if any(not low <= v <= high for v in numbers):
+        _fail(
+            path,
+            f"{where} must be between {low:g} and {high:g}, for pixels scaled to 0..1 "
+            f"(got {value!r})",
+        )
     return numbers  # type: ignore[return-value]
 
 
@@ -248,11 +261,18 @@ def _parse_weights(
     digest = _require_str(path, raw, "sha256", "weights.").lower()
     if not _SHA256.match(digest):
         _fail(path, f"weights.sha256 must be 64 hex digits (got {raw['sha256']!r})")
+    if "\0" in file_name:
+        _fail(path, f"weights.file holds a NUL character (got {file_name!r})")
     weights = (path.parent / file_name).resolve()
     if verify:
-        if not weights.is_file():
+        try:
+            present = weights.is_file()
+            actual = sha256_file(weights) if present else ""
+        except OSError as exc:  # permissions, an I/O error …
+            reason = getattr(exc, "strerror", None) or exc
+            _fail(path, f"cannot read weights file {weights}: {reason}")
+        if not present:
             _fail(path, f"weights file missing: {weights}")
-        actual = sha256_file(weights)
         if actual != digest:
             _fail(
                 path,
@@ -308,8 +328,8 @@ def parse_card(raw: Mapping[str, Any], path: Path, *, verify_weights: bool = Tru
     _unknown_keys(path, norm, ("mean", "std"), "in [normalisation]: ")
     if "mean" not in norm or "std" not in norm:
         _fail(path, "[normalisation] needs both mean and std")
-    mean = _triple(path, "normalisation.mean", norm["mean"], positive=False)
-    std = _triple(path, "normalisation.std", norm["std"], positive=True)
+    mean = _triple(path, "normalisation.mean", norm["mean"], 0.0, 1.0)
+    std = _triple(path, "normalisation.std", norm["std"], _MIN_STD, 1.0)
 
     training = raw["training"]
     if not isinstance(training, dict):
@@ -365,6 +385,8 @@ def load_card(path: str | os.PathLike[str], *, verify_weights: bool = True) -> M
         _fail(card_path, f"cannot read: {exc.strerror or exc}")
     except tomllib.TOMLDecodeError as exc:
         _fail(card_path, f"not valid TOML: {exc}")
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: a Latin-1 or UTF-16 file
+        _fail(card_path, f"not UTF-8 text (TOML must be): byte {exc.start}")
     return parse_card(raw, card_path, verify_weights=verify_weights)
 
 

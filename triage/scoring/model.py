@@ -92,7 +92,7 @@ def _state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> s
     missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [
-        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        f"{k} {_shape(state[k])} vs {list(v.shape)}"
         for k, v in expected.items()
         if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
     ]
@@ -111,6 +111,21 @@ def _state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> s
         if items
     ]
     return "; ".join(parts)
+
+
+def _shape(value: object) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of *state* whose floating-point values are not all finite numbers."""
+    return [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -538,7 +553,22 @@ def _load_weights(card: ModelCard) -> nn.Module:
         raise CardError(
             f"model card {card.path}: weights do not fit {card.architecture}: {problem}"
         )
-    net.load_state_dict(state, strict=True)
+    not_finite = _non_finite_tensors(state)
+    if not_finite:
+        # A run that diverged: every view would score NaN (which is not above any threshold).
+        raise CardError(
+            f"model card {card.path}: weights file {weights.name} holds values that are not "
+            f"finite numbers (NaN or infinity) in {len(not_finite)} tensors, e.g. {not_finite[0]}"
+        )
+    try:
+        # Not strict: the check above is, but for num_batches_tracked, which eval never uses
+        # (a file saved without it loads with the module's own).
+        net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # what the check above lets through
+        message = " ".join(str(exc).split())[:200]
+        raise CardError(
+            f"model card {card.path}: weights do not fit {card.architecture}: {message}"
+        ) from None
     return net
 
 
