@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from triage import metrics
@@ -90,16 +91,8 @@ class Daemon:
             metrics.register_worker(worker.load)
         _publish_model(config, worker)
         listeners = ListenerPool(config)
-        try:
-            listeners.start()
-        except ListenerStartError as exc:
-            raise StartupError(str(exc)) from exc
         scheduler = Scheduler(config, store, on_queued=worker.wake if worker else None)
-        scheduler.start()
-        if worker:
-            worker.start()
-        if sender:
-            sender.start()
+        _start_all(listeners, scheduler, worker, sender)
         if not spool.has_room():
             log.warning("spool_below_free_space_floor", free_bytes=spool.free_bytes())
         if not config.dicom.allowed_peers:
@@ -160,6 +153,44 @@ class Daemon:
         return 0
 
 
+def _start_all(listeners, scheduler, worker, sender) -> None:  # type: ignore[no-untyped-def]
+    """Start the listener processes, scheduler, worker and sender, in that order; if one
+    cannot start, stop those that did (their processes and threads would keep the daemon
+    running, accepting studies nothing scores) and raise :class:`StartupError`."""
+    started: list[Callable[[], object]] = []
+    try:
+        try:
+            listeners.start()
+        except ListenerStartError as exc:
+            raise StartupError(str(exc)) from exc
+        started.append(lambda: listeners.stop(0))
+        scheduler.start()
+        started.append(scheduler.stop)
+        if worker:
+            _start_worker(worker)
+        if sender:
+            sender.start()
+    except BaseException:
+        for stop in reversed(started):
+            try:
+                stop()
+            except Exception as exc:  # stop the rest all the same
+                log.warning("stop_after_failed_start_failed", error=str(exc))
+        raise
+
+
+def _start_worker(worker) -> None:  # type: ignore[no-untyped-def]
+    """``worker.start()`` (it warms up: decode processes, a first forward pass); when that
+    fails, the worker is stopped and :class:`StartupError` says why in one line."""
+    try:
+        worker.start()
+    except Exception as exc:
+        worker.stop(0)
+        raise StartupError(
+            f"cannot start the worker: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from exc
+
+
 def _publish_model(config: Config, worker) -> None:  # type: ignore[no-untyped-def]
     """``triage_model_info``: the worker's model and device, else the card (device "none")."""
     if worker is not None:
@@ -212,7 +243,7 @@ def run_worker(config: Config) -> int:
     worker = _make_worker(config, store, spool, None)
     metrics.register_worker(worker.load)
     _publish_model(config, worker)
-    worker.start()
+    _start_worker(worker)
     health.add("worker", worker)
     health.worker_enabled = True
     if http:
