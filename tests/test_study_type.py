@@ -83,10 +83,13 @@ def header(
         ("XR ELBOW 3V", ELBOW),
         ("ELBOW (BILAT)", ELBOW),
         ("RADIAL HEAD VIEW", ELBOW),
+        ("XR RAD HEAD LT", ELBOW),  # radial head, not the head
         ("XR SHOULDER 3+ VIEWS", SHOULDER),
         ("SHOULDER, LEFT; AXIAL", SHOULDER),
         ("RT SHLDR", SHOULDER),
         ("SHOULDER SCAPULA Y", SHOULDER),  # a MURA part wins over other anatomy in one text
+        ("SCAPULAR Y VIEW", SHOULDER),  # a shoulder series' own view, not a scapula study
+        ("Y VIEW", SHOULDER),
         ("DX SHOULDER/HUMERUS", SHOULDER),
     ],
 )
@@ -131,6 +134,9 @@ def test_body_part_examined(body_part: str, expected: StudyType):
         ("ANKLE", "ankle"),
         ("C-SPINE", "spine"),
         ("CLAVICLE", "clavicle"),
+        ("XR FOREFOOT", "forefoot"),
+        ("XR METATARSALS LT", "metatarsals"),
+        ("OS CALCIS AXIAL", "os calcis"),
     ],
 )
 def test_other_anatomy_is_none_with_a_reason(text: str, named: str):
@@ -288,3 +294,53 @@ def test_type_the_model_does_not_cover_is_none():
 def test_empty_study():
     decision = decide_study([])
     assert decision.study_type is None and decision.reason == "no scorable view: no views"
+
+
+def test_a_digit_is_a_toe_when_another_text_of_the_view_names_the_foot():
+    decision = detect_study_type_from(series_description="DIGITS OBL", protocol_name="FOOT")
+    assert decision.study_type is None and decision.other_anatomy
+    finger = detect_study_type_from(series_description="DIGITS OBL", protocol_name="HAND")
+    assert finger.study_type is FINGER
+
+
+@pytest.mark.parametrize("body_part", [None, "EXTREMITY"])
+def test_a_view_whose_own_series_names_other_anatomy_is_not_typed_by_the_study(
+    body_part: str | None,
+):
+    # A study description types the views that name nothing themselves; not a chest or a
+    # foot series filed in it.
+    extra = {"BodyPartExamined": body_part} if body_part else {}
+    hands = [
+        header(StudyDescription="XR HANDS AND FEET BILAT", SeriesDescription=s, **extra)
+        for s in ("HANDS PA", "HANDS NORGAARD", "PA")
+    ]
+    feet = header(StudyDescription="XR HANDS AND FEET BILAT", SeriesDescription="FOOT R DP")
+    chest = header(StudyDescription="XR HANDS AND FEET BILAT", ProtocolName="CHEST PA", **extra)
+    decision = decide_study([*hands, feet, chest])
+    assert decision.study_type is HAND
+    assert decision.scored_uids == tuple(view.SOPInstanceUID for view in hands)
+    reasons = {v.sop_instance_uid: v.reason for v in decision.skipped_views}
+    assert reasons[feet.SOPInstanceUID].endswith("SeriesDescription 'FOOT R DP' names foot")
+    assert reasons[chest.SOPInstanceUID].endswith("ProtocolName 'CHEST PA' names chest")
+
+
+def test_a_body_part_examined_is_not_overruled_by_the_series():
+    # BodyPartExamined is the view's own: a "SCAPULA" series of a shoulder view stays.
+    view = header(BodyPartExamined="SHOULDER", SeriesDescription="SCAPULA")
+    assert decide_study([view]).scored_uids == (view.SOPInstanceUID,)
+
+
+@pytest.mark.parametrize(
+    "description", ["XR SKELETAL SURVEY INFANT", "BONE SURVEY COMPLETE", "BABYGRAM"]
+)
+def test_a_skeletal_survey_is_skipped_whatever_its_views_name(description: str):
+    views = [
+        header(BodyPartExamined=part, StudyDescription=description)
+        for part in ("HAND", "HAND", "FOREARM", "HUMERUS", "CHEST", "SKULL")
+    ]
+    decision = decide_study(views)
+    assert decision.study_type is None and not decision.scored_uids
+    assert decision.reason == (
+        f"no scorable view: not an upper-extremity radiograph: StudyDescription "
+        f"{description!r} names a survey of several parts"
+    )

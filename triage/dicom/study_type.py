@@ -11,14 +11,17 @@ Headers only (no pixels): the worker reads each instance with ``stop_before_pixe
    msk-triage's own CAM overlays are not;
 2. finds each eligible view's type (:func:`detect_study_type`): the first of BodyPartExamined,
    StudyDescription, SeriesDescription and ProtocolName that names any anatomy decides. A part
-   outside MURA (chest, knee …) excludes the view; a source naming nothing is passed over;
+   outside MURA (chest, knee …) excludes the view; a source naming nothing is passed over. A
+   view typed by the study's description is excluded all the same when its own series
+   description or protocol names other anatomy (a chest series filed in a hand study);
 3. takes the study type by majority over the views that have one (a tie goes to the type of
    the earliest of those views in the order given), and scores every eligible view that was not
    excluded, including views whose own headers name no part or another MURA part (a hand view
    in a wrist study belongs to that study).
 
-A study with no scorable view, or none naming a MURA part, gets ``study_type=None`` and a
-reason; the worker marks it SKIPPED.
+A study with no scorable view, or none naming a MURA part, or described as a survey of several
+parts (a skeletal survey, whose views each name their own part), gets ``study_type=None`` and
+a reason; the worker marks it SKIPPED.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ SOURCES: tuple[str, ...] = (
 )
 
 _TYPE_WORDS: dict[StudyType, tuple[str, ...]] = {
-    StudyType.ELBOW: ("ELBOW", "ELBOWS", "ELB", "OLECRANON", "RADIAL HEAD"),
+    StudyType.ELBOW: ("ELBOW", "ELBOWS", "ELB", "OLECRANON", "RADIAL HEAD", "RAD HEAD"),
     StudyType.FINGER: (
         "FINGER",
         "FINGERS",
@@ -74,7 +77,20 @@ _TYPE_WORDS: dict[StudyType, tuple[str, ...]] = {
     ),
     StudyType.HAND: ("HAND", "HANDS", "HND", "METACARPAL", "METACARPALS"),
     StudyType.HUMERUS: ("HUMERUS", "HUMERI", "HUMERAL", "HUM", "UPPER ARM", "ARM", "ARMS"),
-    StudyType.SHOULDER: ("SHOULDER", "SHOULDERS", "SHLDR", "SHLD", "GLENOHUMERAL"),
+    StudyType.SHOULDER: (
+        "SHOULDER",
+        "SHOULDERS",
+        "SHLDR",
+        "SHLD",
+        "GLENOHUMERAL",
+        # The shoulder series' own views: the scapula named by them is not a scapula study.
+        "SCAPULAR Y",
+        "SCAPULA Y",
+        "Y SCAPULA",
+        "Y VIEW",
+        "OUTLET VIEW",
+        "GRASHEY",
+    ),
     StudyType.WRIST: (
         "WRIST",
         "WRISTS",
@@ -97,8 +113,31 @@ _AMBIGUOUS_WORDS: dict[str, StudyType] = {
     "NAVICULAR": StudyType.WRIST,
 }
 _LOWER_LIMB = frozenset(
-    {"FOOT", "FEET", "TOE", "TOES", "ANKLE", "ANKLES", "HEEL", "CALCANEUS", "HALLUX", "LEG"}
+    {
+        "FOOT",
+        "FEET",
+        "FOREFOOT",
+        "MIDFOOT",
+        "HINDFOOT",
+        "TOE",
+        "TOES",
+        "ANKLE",
+        "ANKLES",
+        "HEEL",
+        "CALCANEUS",
+        "CALCANEUM",
+        "OS CALCIS",
+        "TARSAL",
+        "TARSALS",
+        "METATARSAL",
+        "METATARSALS",
+        "HALLUX",
+        "LEG",
+    }
 )
+#: Words of a study description that make the study something other than one of MURA's seven
+#: (each view of a skeletal survey names its own part: a hand, a humerus …).
+_NOT_A_MURA_STUDY = frozenset({"SURVEY", "BABYGRAM", "BABYGRAMS"})
 #: Anatomy outside MURA: naming it first rules a view out.
 _OTHER_PARTS = frozenset(
     {
@@ -252,15 +291,25 @@ def _unglue(word: str) -> str:
     return word
 
 
-def parse_anatomy(text: str) -> tuple[StudyType | None, str | None]:
+def _names_lower_limb(text: str) -> bool:
+    tokens = _tokens(text)
+    return any(
+        " ".join(tokens[i : i + 2]) in _LOWER_LIMB or tokens[i] in _LOWER_LIMB
+        for i in range(len(tokens))
+    )
+
+
+def parse_anatomy(text: str, lower_limb: bool = False) -> tuple[StudyType | None, str | None]:
     """The anatomy one header text names: (type, word) for a MURA part, (None, word) for
     another part, (None, None) when it names none.
 
     Within one text a MURA part wins over other anatomy, and the first one in reading order
-    over later ones ("XR HAND AND WRIST" → hand).
+    over later ones ("XR HAND AND WRIST" → hand). Words shared with the foot ("DIGIT",
+    "PHALANGES") name a finger only when no lower-limb word is in the text, or, with
+    *lower_limb*, in another text of the same view.
     """
     tokens = _tokens(text)
-    lower_limb = any(token in _LOWER_LIMB for token in tokens)
+    lower_limb = lower_limb or _names_lower_limb(text)
     first_other: str | None = None
     index = 0
     while index < len(tokens):
@@ -289,11 +338,12 @@ def detect_study_type_from(
 ) -> StudyTypeDecision:
     """The study type named by these header values (see :func:`detect_study_type`)."""
     values = (body_part, study_description, series_description, protocol_name)
+    lower_limb = any(_names_lower_limb(str(value or "")) for value in values)
     for source, value in zip(SOURCES, values, strict=True):
         text = str(value or "").strip()
         if not text:
             continue
-        study_type, word = parse_anatomy(text)
+        study_type, word = parse_anatomy(text, lower_limb)
         if study_type is not None:
             return StudyTypeDecision(
                 study_type, f"{source} {text!r} names the {study_type.display}", source
@@ -372,6 +422,19 @@ def _summary(reasons: Iterable[str]) -> str:
     return "; ".join(f"{n}× {reason}" if n > 1 else reason for reason, n in counts.items())
 
 
+def _survey(views: Sequence[Dataset]) -> str:
+    """Why the study is not one of MURA's seven whatever its views name (a skeletal
+    survey), or ''."""
+    for ds in views:
+        description = _text(ds, "StudyDescription").strip()
+        if any(token in _NOT_A_MURA_STUDY for token in _tokens(description)):
+            return (
+                f"not an upper-extremity radiograph: StudyDescription {description!r} names "
+                "a survey of several parts"
+            )
+    return ""
+
+
 def decide_study(
     views: Sequence[Dataset], covered: Iterable[StudyType] | None = None
 ) -> StudyDecision:
@@ -381,6 +444,12 @@ def decide_study(
     majority go to the earliest. *covered* (the model card's study types) turns a type the
     model was not trained for into a skip.
     """
+    survey = _survey(views)
+    if survey:
+        decisions = tuple(
+            ViewDecision(_text(ds, "SOPInstanceUID"), False, None, survey) for ds in views
+        )
+        return StudyDecision(None, f"no scorable view: {survey}", decisions)
     decisions: list[ViewDecision] = []
     candidates: list[tuple[int, StudyType | None]] = []
     for position, ds in enumerate(views):
@@ -390,6 +459,14 @@ def decide_study(
             decisions.append(ViewDecision(uid, False, None, eligibility.reason))
             continue
         found = detect_study_type(ds)
+        if found.source == "StudyDescription":
+            # The study's words typed the view: its own series or protocol may say it is not
+            # one of them ("CHEST PA" in an "XR HAND" study, feet in "HANDS AND FEET").
+            own = detect_study_type_from(
+                None, None, _text(ds, "SeriesDescription"), _text(ds, "ProtocolName")
+            )
+            if own.other_anatomy:
+                found = own
         if found.other_anatomy:
             decisions.append(ViewDecision(uid, False, None, found.reason))
             continue
