@@ -258,6 +258,44 @@ def test_an_8_bit_voi_lut_on_12_bit_pixels_is_looked_up_as_dcmtk_renders_it(
         np.testing.assert_allclose(display, shown, atol=1 / 255)
 
 
+@pytest.mark.parametrize(
+    ("entries", "bits", "stored"),
+    [
+        (4096, 8, np.uint8),  # 8-bit entries, packed two to a word
+        (4096, 8, np.uint16),  # 8-bit entries, one to a word (older writers)
+        (256, 16, np.uint16),  # fewer entries than index values: the last one after them
+    ],
+)
+def test_palette_colour_is_looked_up_as_dcmtk_renders_it(
+    tmp_path: Path, entries: int, bits: int, stored: type
+):
+    index = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))
+    top = 2**bits - 1
+    ramp = np.round(np.linspace(0, top, entries))
+    ds = make_ds(index, photometric="PALETTE COLOR", bits_stored=12, sop_class=SECONDARY_CAPTURE)
+    for colour, scale in (("Red", 1.0), ("Green", 0.5), ("Blue", 0.25)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [entries, 0, bits])
+        lut = np.round(ramp * scale).astype(stored)
+        setattr(
+            ds,
+            f"{colour}PaletteColorLookupTableData",
+            lut.astype(f"<{lut.dtype.str[1:]}").tobytes(),
+        )
+    path = save(ds, tmp_path / "palette.dcm")
+    display, note = display_pixels(pydicom.dcmread(path))
+    assert note == "palette colour converted to luminance"
+    shown = ramp[np.minimum(index, entries - 1)] / top
+    expected = shown * (0.299 + 0.587 * 0.5 + 0.114 * 0.25)
+    np.testing.assert_allclose(display, expected, atol=2e-3)
+    if shutil.which("dcm2pnm"):  # the reference rendering, to luminance the same way
+        subprocess.run(
+            ["dcm2pnm", "+op", path, str(tmp_path / "palette.ppm")], check=True, capture_output=True
+        )
+        _, width, height, _, data = (tmp_path / "palette.ppm").read_bytes().split(maxsplit=4)
+        rgb = np.frombuffer(data, np.uint8).reshape(int(height), int(width), 3) / 255.0
+        np.testing.assert_allclose(display, rgb @ np.array([0.299, 0.587, 0.114]), atol=2 / 255)
+
+
 def test_modality_lut_sequence_then_window():
     pixels = np.array([[0, 1], [2, 3]], dtype=np.uint16)
     ds = make_ds(pixels, bits_stored=12, WindowCenter=150.5, WindowWidth=201)

@@ -403,10 +403,40 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
     return mapping.inverted() if invert else mapping
 
 
+def _palette(ds: Dataset, frame: np.ndarray) -> tuple[np.ndarray, float]:
+    """*frame* through the data set's Palette Color LUTs: RGB, and the value of full scale.
+
+    Looked up here rather than by pydicom's ``apply_color_lut`` (3.0), which indexes 8-bit
+    entries with 8-bit integers: a palette of more than 256 entries wraps modulo 256 and is
+    never clamped to its last entry (PS3.3 C.7.6.3.1.5). Segmented palettes (C.7.9.2) are
+    still expanded by pydicom.
+    """
+    if "RedPaletteColorLookupTableData" not in ds:
+        rgb = apply_color_lut(frame, ds)
+        return rgb, float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "iu" else 1.0
+    declared, first, depth = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+    entries = declared or 65536
+    order = "<" if _little_endian(ds) else ">"
+    luts = []
+    for colour in ("Red", "Green", "Blue"):
+        data = bytes(ds[f"{colour}PaletteColorLookupTableData"].value)
+        # 8-bit entries are packed two to a word; some writers give each its own word.
+        wide = len(data) >= 2 * entries
+        lut = np.frombuffer(data, dtype=f"{order}u2" if wide else np.uint8)[:entries]
+        if lut.size == 0:
+            raise ValueError(f"the {colour.lower()} palette has no entries")
+        luts.append(lut)
+    if len({lut.size for lut in luts}) != 1:
+        raise ValueError("the red, green and blue palettes differ in length")
+    index = np.clip(frame.astype(np.int64) - first, 0, luts[0].size - 1)
+    rgb = np.stack([lut[index] for lut in luts], axis=-1)
+    top = 255.0 if depth == 8 and int(rgb.max()) <= 255 else 65535.0
+    return rgb, top
+
+
 def _colour(ds: Dataset, frame: np.ndarray, photometric: str, notes: list[str]) -> np.ndarray:
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(frame, ds)
-        top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "iu" else 1.0
+        rgb, top = _palette(ds, frame)
         notes.append("palette colour converted to luminance")
     else:
         rgb = frame
