@@ -62,7 +62,7 @@ from triage.scoring.worker import (  # noqa: E402
 from triage.store.models import StudyState, utcnow  # noqa: E402
 from triage.store.repository import Store  # noqa: E402
 from triage.store.spool import Spool  # noqa: E402
-from triage.testing.received import received_store  # noqa: E402
+from triage.testing.received import local_worker_config, received_store  # noqa: E402
 from triage.testing.synth import write_benchmark_files  # noqa: E402
 
 
@@ -136,34 +136,21 @@ def worker_forward(model: ScoringModel, batch: int, images: int) -> float:
 
 def worker_config(args: argparse.Namespace, work: Path, overlays: bool) -> Config:
     """The daemon's defaults with the benchmark's store, spool, model and worker settings."""
-    spool_dir = work / "spool"
-    base = load_config(None, env={}, base_dir=work)
-    return dataclasses.replace(
-        base,
-        store=dataclasses.replace(
-            base.store,
-            url=f"sqlite:///{work / 'bench.db'}",
-            spool_dir=str(spool_dir),
-            min_free_mb=0,
-        ),
-        model=dataclasses.replace(
-            base.model,
-            device=args.device,
-            precision=args.precision,
-            batch_size=args.batch,
-            batch_wait_ms=args.wait_ms,
-            allow_unvalidated=True,
-            compile=args.compile,
-        ),
-        worker=dataclasses.replace(
-            base.worker,
-            decode_processes=args.decode_processes,
-            claim_batch=max(args.batch // args.views * 2, 4),
-            poll_interval_s=0.05,
-        ),
-        outputs=dataclasses.replace(base.outputs, overlays=overlays),
-        # Nothing scrapes them, and several `triage worker` processes would share one port.
-        http=dataclasses.replace(base.http, enabled=False),
+    return local_worker_config(
+        work,
+        model={
+            "device": args.device,
+            "precision": args.precision,
+            "batch_size": args.batch,
+            "batch_wait_ms": args.wait_ms,
+            "compile": args.compile,
+        },
+        worker={
+            "decode_processes": args.decode_processes,
+            "claim_batch": max(args.batch // args.views * 2, 4),
+            "poll_interval_s": 0.05,
+        },
+        overlays=overlays,
     )
 
 

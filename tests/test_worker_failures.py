@@ -8,7 +8,6 @@ pool job (:mod:`tests.crashing_jobs`).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,39 +19,24 @@ from typing import Any
 import pytest
 
 from tests import crashing_jobs
-from triage.config import Config, load_config
+from triage.config import Config
 from triage.scoring import worker as worker_module
 from triage.scoring.worker import Worker, load_configured_model
 from triage.store.models import Study, StudyState, utcnow
 from triage.store.repository import Store
 from triage.store.spool import Spool
 from triage.store.work_queue import WorkQueue
-from triage.testing.received import received_store, record_received
+from triage.testing.received import local_worker_config, received_store, record_received
 from triage.testing.synth import write_benchmark_files
 
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, **worker: Any) -> Config:
-    base = load_config(None, env={}, base_dir=tmp_path)
-    return dataclasses.replace(
-        base,
-        store=dataclasses.replace(
-            base.store,
-            url=f"sqlite:///{tmp_path / 'triage.db'}",
-            spool_dir=str(tmp_path / "spool"),
-            min_free_mb=0,
-        ),
-        model=dataclasses.replace(
-            base.model,
-            device="cpu",
-            precision="fp32",
-            batch_size=2,
-            allow_unvalidated=True,
-            threads=1,
-        ),
-        worker=dataclasses.replace(base.worker, decode_processes=1, poll_interval_s=0.05, **worker),
-        outputs=dataclasses.replace(base.outputs, overlays=False),
+    return local_worker_config(
+        tmp_path,
+        model={"device": "cpu", "precision": "fp32", "batch_size": 2, "threads": 1},
+        worker={"decode_processes": 1, "poll_interval_s": 0.05, **worker},
     )
 
 

@@ -9,7 +9,6 @@ pipelining turned on over a CPU model, against each view's own forward pass.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from datetime import timedelta
@@ -18,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from triage import metrics
-from triage.config import load_config
 from triage.scoring.preprocess import decode_view
 from triage.scoring.worker import Worker, load_configured_model
 from triage.store.models import Result, StudyState, utcnow
-from triage.testing.received import received_store
+from triage.testing.received import local_worker_config, received_store
 from triage.testing.synth import write_benchmark_files
 
 #: fp32, one view at a time against batches of three: only the summation order differs.
@@ -31,22 +29,12 @@ _BATCH_TOLERANCE = 1e-5
 
 @pytest.mark.slow
 def test_batches_in_flight_give_each_view_its_own_result(tmp_path: Path) -> None:
-    base = load_config(None, env={}, base_dir=tmp_path)
-    config = dataclasses.replace(
-        base,
-        store=dataclasses.replace(
-            base.store,
-            url=f"sqlite:///{tmp_path / 'triage.db'}",
-            spool_dir=str(tmp_path / "spool"),
-            min_free_mb=0,
-        ),
-        # Batches of three across two-view studies: every batch but the first holds views
-        # of two studies, and each starts while the one before is still to be delivered.
-        model=dataclasses.replace(
-            base.model, device="cpu", precision="fp32", batch_size=3, allow_unvalidated=True
-        ),
-        worker=dataclasses.replace(base.worker, decode_processes=1, poll_interval_s=0.05),
-        outputs=dataclasses.replace(base.outputs, overlays=False),
+    # Batches of three across two-view studies: every batch but the first holds views of two
+    # studies, and each starts while the one before is still to be delivered.
+    config = local_worker_config(
+        tmp_path,
+        model={"device": "cpu", "precision": "fp32", "batch_size": 3},
+        worker={"decode_processes": 1, "poll_interval_s": 0.05},
     )
     spool_dir = Path(config.store.spool_dir)
     files = write_benchmark_files(spool_dir, 10, size_mb=0.25, views_per_study=2, seed=5)

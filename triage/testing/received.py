@@ -3,12 +3,15 @@ store as the listener records the instances it stores (not yet queued)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.engine import Engine
 
+from triage.config import Config, load_config
 from triage.dicom.sop import DX_FOR_PRESENTATION
 from triage.store.db import make_engine, upgrade_schema
 from triage.store.repository import InstanceMeta, Store
@@ -46,3 +49,25 @@ def received_store(url: str, spool_dir: Path, files: Iterable[Path]) -> tuple[En
     spool.prepare()
     record_received(store, spool_dir, files)
     return engine, store, spool
+
+
+def local_worker_config(
+    work: Path, *, model: dict[str, Any], worker: dict[str, Any], overlays: bool = False
+) -> Config:
+    """The daemon's defaults with an SQLite store and a spool in *work*, no free-space floor,
+    no HTTP endpoint, the demo model allowed, and these ``[model]`` and ``[worker]`` values."""
+    base = load_config(None, env={}, base_dir=work)
+    return dataclasses.replace(
+        base,
+        store=dataclasses.replace(
+            base.store,
+            url=f"sqlite:///{work / 'triage.db'}",
+            spool_dir=str(work / "spool"),
+            min_free_mb=0,
+        ),
+        model=dataclasses.replace(base.model, allow_unvalidated=True, **model),
+        worker=dataclasses.replace(base.worker, **worker),
+        outputs=dataclasses.replace(base.outputs, overlays=overlays),
+        # Nothing scrapes it, and several workers would share one port.
+        http=dataclasses.replace(base.http, enabled=False),
+    )
