@@ -66,7 +66,33 @@ def _named(study: list[Dataset], name: str, charset: str) -> list[Dataset]:
     return study
 
 
+def _with_sequences(study: list[Dataset]) -> list[Dataset]:
+    """Sequences in the patient and study modules, as RIS and PACS data carry them: copied
+    into the outputs from headers that, read back, hold them as raw elements."""
+    for source in study:
+        other_id = Dataset()
+        other_id.PatientID = "H-0042"
+        other_id.IssuerOfPatientID = "OTHER HOSPITAL"
+        other_id.TypeOfPatientID = "TEXT"
+        source.OtherPatientIDsSequence = DicomSequence([other_id])
+        qualifiers = Dataset()
+        qualifiers.UniversalEntityID = "2.16.840.1.113883.19.5"
+        qualifiers.UniversalEntityIDType = "ISO"
+        source.IssuerOfPatientIDQualifiersSequence = DicomSequence([qualifiers])
+        procedure = Dataset()
+        procedure.CodeValue = "XRWRIST3"
+        procedure.CodingSchemeDesignator = "99LOCAL"
+        procedure.CodeMeaning = "XR WRIST 3+ VIEWS"
+        source.ProcedureCodeSequence = DicomSequence([procedure])
+        referenced = Dataset()
+        referenced.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+        referenced.ReferencedSOPInstanceUID = generate_uid()
+        source.ReferencedStudySequence = DicomSequence([referenced])
+    return study
+
+
 STUDIES: dict[str, Callable[[], list[Dataset]]] = {
+    "patient and study sequences": lambda: _with_sequences(make_study("DX")),
     "CR MONOCHROME1": lambda: make_study("CR", photometric="MONOCHROME1"),
     "DX": lambda: make_study("DX"),
     "latin-1 names": lambda: _named(make_study("DX"), "Müller^Jürgen", "ISO_IR 100"),

@@ -231,7 +231,7 @@ def _dataset(dataset: Dataset, parent_charset: str | tuple[str, ...]) -> bytes:
             continue
         elem = elements[tag]
         if isinstance(elem, RawDataElement):
-            if elem.is_undefined_length:
+            if elem.length == 0xFFFFFFFF:  # (a RawDataElement has no is_undefined_length)
                 raise _Unsupported("raw element of undefined length")
             if raw_as_is and elem.VR is not None:
                 parts.append(_element(tag, elem.VR, elem.value or b""))

@@ -445,6 +445,11 @@ def make_study(
         ds.ManufacturerModelName = model
         ds.PatientName = study["name"]
         ds.PatientID = study["id"]
+        ds.IssuerOfPatientID = "SGH"
+        # As RIS and PACS data carry them: sequences in the patient and study modules, which
+        # the outputs copy from headers read back as raw elements.
+        ds.OtherPatientIDsSequence = DicomSequence([_other_patient_id(study["id"])])
+        ds.ProcedureCodeSequence = DicomSequence([_procedure_code(plan.part, study["description"])])
         ds.PatientBirthDate = study["birth"]
         ds.PatientSex = study["sex"]
         ds.PatientAge = study["age"]
@@ -621,6 +626,22 @@ _VIEW_CODES = {  # CID 4010 DX View
     "LLO": ("399184004", "left oblique"),
     "RLO": ("399236003", "right oblique"),
 }
+
+
+def _other_patient_id(patient_id: str) -> Dataset:
+    item = Dataset()
+    item.PatientID = f"MPI-{patient_id}"[:64]
+    item.IssuerOfPatientID = "REGIONAL MPI"
+    item.TypeOfPatientID = "TEXT"
+    return item
+
+
+def _procedure_code(part: BodyPart, description: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = f"XR{getattr(part, 'value', part)}".replace("_", "")[:16]
+    item.CodingSchemeDesignator = "99SGH"
+    item.CodeMeaning = description[:64] or "XR"
+    return item
 
 
 def _view_code(view: str, lat: str | None) -> Dataset:
