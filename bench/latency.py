@@ -289,7 +289,9 @@ def profile_steps(
                 probability=float(sum(probabilities) / len(probabilities)),
                 threshold=model.card.threshold_for(StudyType.WRIST),
                 views=tuple(
-                    ViewResult(v.sop_instance_uid, float(p), cams.numpy()[i], v.note)
+                    ViewResult(
+                        v.sop_instance_uid, float(p), cams.numpy()[i], v.note, float(logits[i])
+                    )
                     for i, (v, p) in enumerate(zip(decoded, probabilities, strict=True))
                 ),
             )

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from tests.dicom_validate import (
     dciodvfy,
@@ -445,3 +446,22 @@ def test_a_display_made_for_the_overlay_box_is_drawn_as_it_is(
             image = rgb[rgb.shape[0] - size[0] :]
             assert np.array_equal(image[..., 0], display)
             assert np.array_equal(image[..., 2], display)
+
+
+@pytest.mark.parametrize("logit", [-40.0, 40.0])
+def test_the_bias_is_the_views_own_logit_where_a_probability_saturates(logit: float) -> None:
+    # Beyond about ±14 the bias cannot be recovered from the probability (clipped away from
+    # 0 and 1; float32 rounds it to 1 past +16.6): a confident normal view got heat, a
+    # confident abnormal one lost it.
+    from triage.dicom.sc import classifier_bias, heat_steps, local_logits
+    from triage.scoring.result import ViewResult
+
+    cam = np.random.default_rng(6).normal(0.0, 2.0, (7, 7)).astype(np.float32)
+    bias = logit - float(cam.mean())
+    probability = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float32)))
+    assert not 1e-6 < probability < 1 - 1e-6  # past what logit(probability) recovered
+    view = ViewResult("1.2.3.4", probability, cam, logit=logit)
+    assert classifier_bias(view) == pytest.approx(bias, abs=1e-5)
+    np.testing.assert_allclose(local_logits(view), cam + np.float32(bias), rtol=1e-6)
+    steps = heat_steps(view, 140, 112, 0.5)
+    assert steps.all() if logit > 0 else not steps.any(), "every cell is far from 0.5"

@@ -57,10 +57,16 @@ _LABEL_WARNING = (255, 80, 80)
 
 
 def classifier_bias(view: ViewResult) -> float:
-    """The classifier bias, recovered from the view: ``logit(probability) - mean(cam)``."""
+    """The classifier bias, recovered from the view: its logit minus the CAM's mean.
+
+    The logit is the model's own when the view carries it; ``logit(probability)`` (clipped
+    to ±13.8) only stands in for it, exactly only while the view's logit is within that.
+    """
     cam = np.asarray(view.cam, dtype=np.float64)
     if cam.ndim != 2 or cam.size == 0:
         raise ValueError(f"CAM of view {view.sop_instance_uid} is not a 2-D grid: {cam.shape}")
+    if view.logit is not None:
+        return float(view.logit) - float(cam.mean())
     p = min(max(float(view.probability), _P_EPS), 1.0 - _P_EPS)
     return math.log(p / (1.0 - p)) - float(cam.mean())
 

@@ -33,6 +33,9 @@ class ViewResult:
     cam: np.ndarray
     #: How the pixels were interpreted when that was a choice ("first of 3 frames", …).
     note: str = ""
+    #: The view's logit as the model gave it (None: recovered from the probability, which
+    #: float32 rounds to 0 or 1 beyond about ±16).
+    logit: float | None = None
 
 
 @dataclass(frozen=True)

@@ -544,15 +544,19 @@ class Worker:
             self._forward_failed(ready, exc)
             return
         probabilities = torch.sigmoid(logits).tolist()
+        logit_values = logits.tolist()
         cam_arrays = cams.numpy()
         # With a batch in flight, counted from the last batch's delivery when that was later
         # than this one's start, so that the model's busy time is not counted twice.
         now = time.monotonic()
         metrics.observe_views(now - max(started.at, self._last_delivered), len(ready))
         self._last_delivered = now
-        for (study, view), probability, cam in zip(ready, probabilities, cam_arrays, strict=True):
+        scored = zip(ready, probabilities, logit_values, cam_arrays, strict=True)
+        for (study, view), probability, logit, cam in scored:
             uid = view.sop_instance_uid
-            study.scored[uid] = ViewResult(uid, float(probability), np.array(cam), view.note)
+            study.scored[uid] = ViewResult(
+                uid, float(probability), np.array(cam), view.note, float(logit)
+            )
             study.pixels[uid] = ViewPixels(
                 study.headers[uid], view.display, (view.rows, view.columns)
             )
