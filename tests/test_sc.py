@@ -465,3 +465,33 @@ def test_the_bias_is_the_views_own_logit_where_a_probability_saturates(logit: fl
     np.testing.assert_allclose(local_logits(view), cam + np.float32(bias), rtol=1e-6)
     steps = heat_steps(view, 140, 112, 0.5)
     assert steps.all() if logit > 0 else not steps.any(), "every cell is far from 0.5"
+
+
+def test_the_overlay_carries_the_sources_whole_patient_and_study_identity(
+    dx_study: list[pydicom.Dataset], tmp_path: Path
+) -> None:
+    # An archive that reconciles by IssuerOfPatientID or other IDs files the overlay with the
+    # same patient record as the SR, which carries them all.
+    source = dx_study[0]
+    source.IssuerOfPatientID = "SGH"
+    other = pydicom.Dataset()
+    other.PatientID = "MPI-0042"
+    other.IssuerOfPatientID = "REGIONAL MPI"
+    other.TypeOfPatientID = "TEXT"
+    source.OtherPatientIDsSequence = [other]
+    source.PatientAge = "047Y"
+    source.PatientWeight = "71.5"
+    source.PatientComments = "left-handed"
+    source.StudyDescription = "XR WRIST 3V LT"
+    procedure = pydicom.Dataset()
+    procedure.CodeValue = "XRWRIST3"
+    procedure.CodingSchemeDesignator = "99SGH"
+    procedure.CodeMeaning = "XR WRIST 3+ VIEWS"
+    source.ProcedureCodeSequence = [procedure]
+    sc = _overlay(source, make_result(dx_study))
+    for element in source:
+        if element.tag.group == 0x0010:
+            assert str(sc[element.tag].value) == str(element.value), element.keyword
+    assert sc.StudyDescription == "XR WRIST 3V LT"
+    assert sc.ProcedureCodeSequence[0].CodeValue == "XRWRIST3"
+    _validate(sc, tmp_path / "sc.dcm")

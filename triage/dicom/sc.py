@@ -26,6 +26,7 @@ import datetime
 import functools
 import math
 import re
+from copy import deepcopy
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -54,6 +55,31 @@ _P_EPS = 1e-6
 _LABEL_BACKGROUND = (0, 0, 0)
 _LABEL_TEXT = (255, 255, 255)
 _LABEL_WARNING = (255, 80, 80)
+
+
+#: General Study module attributes copied from the source beyond what highdicom copies.
+_STUDY_ATTRIBUTES = (
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "ProcedureCodeSequence",
+    "ReferencedStudySequence",
+    "AdmittingDiagnosesDescription",
+)
+
+
+def _copy_patient_and_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
+    """Every Patient module attribute (group 0010) and the study attributes of the source
+    that *target* lacks: highdicom copies only the core ones, and an overlay filed without
+    the source's IssuerOfPatientID or OtherPatientIDsSequence may be reconciled to another
+    patient record than its SR by an archive that keys on them."""
+    for element in source:
+        if element.tag.group == 0x0010 and element.tag not in target:
+            target.add(deepcopy(element))
+    for keyword in _STUDY_ATTRIBUTES:
+        if keyword in source and keyword not in target:
+            target.add(deepcopy(source[keyword]))
 
 
 def classifier_bias(view: ViewResult) -> float:
@@ -268,6 +294,7 @@ def build_cam_overlay(
         content_time=created.time(),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    _copy_patient_and_study(source, sc)
     orientation = list(source.get("PatientOrientation") or [])
     sc.PatientOrientation = orientation if len(orientation) == 2 else None
     set_series_laterality(sc, laterality)
