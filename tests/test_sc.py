@@ -495,3 +495,21 @@ def test_the_overlay_carries_the_sources_whole_patient_and_study_identity(
     assert sc.StudyDescription == "XR WRIST 3V LT"
     assert sc.ProcedureCodeSequence[0].CodeValue == "XRWRIST3"
     _validate(sc, tmp_path / "sc.dcm")
+
+
+@pytest.mark.parametrize(
+    ("study_p", "threshold", "shown"),
+    [
+        (0.503, 0.5, "study p=0.503 (threshold 0.500): ABNORMAL"),
+        (0.5, 0.5, "study p=0.50 (threshold 0.50): normal"),
+        (0.82, 0.5, "study p=0.82 (threshold 0.50): ABNORMAL"),
+        (0.4951, 0.495, "study p=0.4951 (threshold 0.4950): ABNORMAL"),
+    ],
+)
+def test_the_label_never_shows_a_probability_equal_to_the_threshold_it_is_above(
+    study_p: float, threshold: float, shown: str
+) -> None:
+    from triage.dicom.sc import _label_text
+
+    lines = _label_text(VALIDATED, 0.7, study_p, threshold, study_p > threshold)
+    assert lines[1].endswith(shown)

@@ -323,3 +323,29 @@ def test_missing_source_or_other_study_is_refused(dx_study: list[pydicom.Dataset
     mixed = make_result([*dx_study[:2], stranger])
     with pytest.raises(ValueError, match="not all in study"):
         build_sr([*dx_study, stranger], mixed, VALIDATED, device_uid=DEVICE_UID)
+
+
+@pytest.mark.parametrize(
+    ("probability", "threshold", "code"),
+    [
+        (0.5000004, 0.5, "263654008"),  # above by less than six decimals show: abnormal
+        (0.5, 0.5, "17621005"),  # at the threshold: normal
+        (0.49999996, 0.5, "17621005"),
+        (0.4000001, 0.4, "263654008"),
+    ],
+)
+def test_the_probability_and_threshold_read_the_way_the_finding_goes(
+    dx_study: list[pydicom.Dataset], probability: float, threshold: float, code: str
+) -> None:
+    # A reader (or a worklist rule) comparing the two numbers the SR shows finds its finding.
+    require_tools("dsrdump")
+    result = make_result(dx_study[:1], probabilities=[probability], threshold=threshold)
+    content = "\n".join(
+        dsrdump_content(dsrdump(build_sr(dx_study, result, VALIDATED, device_uid=DEVICE_UID)))
+    )
+    assert f'CODE:(121071,DCM,"Finding")=({code},SCT,' in content
+    shown = float(re.findall(r'NUM:\(122157,DCM,"Probability"\)="([^"]+)"', content)[0])
+    shown_threshold = float(
+        re.findall(r'NUM:\(122411,DCM,"Threshold Value"\)="([^"]+)"', content)[0]
+    )
+    assert (shown > shown_threshold) == result.abnormal

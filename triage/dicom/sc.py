@@ -43,7 +43,7 @@ from triage.dicom.sr import (
     series_description,
     software_versions,
 )
-from triage.scoring.result import ModelInfo, StudyResult, ViewResult
+from triage.scoring.result import ModelInfo, StudyResult, ViewResult, shown_decimals
 from triage.uids import derived_uid
 
 #: Series number of the overlays (the SR is 9900).
@@ -357,9 +357,13 @@ def _label_text(
     model: ModelInfo, view_p: float, study_p: float, threshold: float, abnormal: bool
 ) -> list[str]:
     finding = "ABNORMAL" if abnormal else "normal"
+    # The threshold as the card gives it (up to 4 decimals), the probability beside it.
+    given = len(f"{threshold:.4f}".rstrip("0").partition(".")[2])
+    digits = shown_decimals(study_p, threshold, max(2, given))
     lines = [
         f"AI HEAT MAP (class activation) - {model.name} {model.version}",
-        f"view p={view_p:.2f}   study p={study_p:.2f} (threshold {threshold:.2f}): {finding}",
+        f"view p={view_p:.2f}   study p={study_p:.{digits}f} (threshold {threshold:.{digits}f}): "
+        f"{finding}",
     ]
     if not model.validated:
         lines.append("NOT VALIDATED - NOT FOR DIAGNOSIS")

@@ -39,7 +39,7 @@ from pydicom.sr.codedict import codes
 import triage
 from triage import __version__
 from triage.dicom import iod_lookup
-from triage.scoring.result import ModelInfo, StudyResult
+from triage.scoring.result import ModelInfo, StudyResult, shown_decimals
 from triage.uids import derived_uid
 
 # Every SR, overlay and parametric map goes through highdicom's IOD table searches several
@@ -143,6 +143,7 @@ def build_sr(
     site_code, site_meaning = result.study_type.finding_site
     lateralities = {laterality_of(ds) for ds in evidence}
     study_laterality = lateralities.pop() if len(lateralities) == 1 else ""
+    decimals = shown_decimals(result.probability, result.threshold, 6)
 
     study_group = _group(
         tracking=("study", _tracking_uid(result, "study")),
@@ -151,11 +152,11 @@ def build_sr(
         measurements=[
             hd.sr.Measurement(
                 name=codes.DCM.Probability,
-                value=_rounded(result.probability),
+                value=_rounded(result.probability, decimals),
                 unit=_NO_UNITS,
                 derivation=codes.SCT.Mean,
             ),
-            _threshold_measurement(_rounded(result.threshold)),
+            _threshold_measurement(_rounded(result.threshold, decimals)),
         ],
         finding=_finding(result.abnormal),
         comments=(
@@ -256,10 +257,11 @@ def _measurement_report(
         return hd.sr.MeasurementReport(**common, referenced_images=None)
 
 
-def _rounded(value: float) -> float:
+def _rounded(value: float, decimals: int = 6) -> float:
     # Six decimals are beyond any meaningful precision of a probability, and keep the DS
-    # readable ("0.82", not "0.82000000000000" from a float sum).
-    return round(float(value), 6)
+    # readable ("0.82", not "0.82000000000000" from a float sum); more only where the study
+    # probability would read as its threshold (see shown_decimals).
+    return round(float(value), decimals)
 
 
 def _tracking_uid(result: StudyResult, subject: str) -> str:

@@ -22,6 +22,17 @@ class ModelInfo:
     manufacturer: str = MANUFACTURER
 
 
+def shown_decimals(probability: float, threshold: float, at_least: int) -> int:
+    """How many decimals to write a probability and its threshold with: *at_least*, or more
+    where fewer would round them onto the same value or the wrong way round ("p 0.50,
+    threshold 0.50: abnormal")."""
+    above = probability > threshold
+    for decimals in range(at_least, 16):
+        if (round(probability, decimals) > round(threshold, decimals)) == above:
+            return decimals
+    return 16
+
+
 @dataclass(frozen=True)
 class ViewResult:
     """One scored view (a source image)."""
