@@ -186,6 +186,20 @@ def test_training_input_is_the_daemons_preprocessing(tmp_path: Path) -> None:
     assert read_png_pixels(png).dtype == np.uint8
 
 
+def test_a_16_bit_png_is_trained_on_as_the_daemon_shows_the_same_pixels(tmp_path: Path) -> None:
+    # Raw 12-bit values in a 16-bit PNG: divided by 65535 they were near black, while the
+    # daemon stretches the same pixels in a DICOM (no window) between their percentiles.
+    pixels = np.clip(np.random.default_rng(0).normal(2000, 600, (90, 70)), 0, 4095)
+    pixels = pixels.astype(np.uint16)
+    png = tmp_path / "image1.png"
+    Image.fromarray(pixels).save(png)
+    prep = Preprocessing(64, IMAGENET_MEAN, IMAGENET_STD)
+    array = load_view_array(View(png, "s", "p", StudyType.WRIST, 1), prep)
+    dcm = _dicom(tmp_path / "dicom", pixels, "1.2.3", "P1", "WRIST")
+    daemon = decode_view(str(dcm), 64, IMAGENET_MEAN, IMAGENET_STD).array
+    np.testing.assert_allclose(array, daemon, atol=1e-5)
+
+
 def test_augmentation_is_seeded_per_epoch_and_index(tmp_path: Path) -> None:
     pngs = []
     for i in range(3):
@@ -236,10 +250,11 @@ def _dicom(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
+    wide = pixels.dtype == np.uint16  # 12-bit data in 16-bit words, as CR writes it
+    ds.BitsAllocated, ds.BitsStored = (16, 12) if wide else (8, 8)
+    ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=pixels.dtype if wide else np.uint8).tobytes()
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -279,3 +294,18 @@ def test_study_keys_normalise() -> None:
         "valid/XR_WRIST/patient11185/study1_positive"
     )
     assert normalise_study_key(" 1.2.840.1 ") == "1.2.840.1"
+    # A prefix with a folder named like a split: the split is the last one.
+    assert normalise_study_key("/mnt/train/MURA-v1.1/valid/XR_HAND/patient1/study1_negative") == (
+        "valid/XR_HAND/patient1/study1_negative"
+    )
+
+
+def test_csv_paths_under_a_folder_named_like_the_split_load(tmp_path: Path) -> None:
+    mura = tmp_path / "MURA-v1.1"
+    study = "XR_WRIST/patient00001/study1_positive"
+    _png(mura / "train" / study / "image1.png", 90)
+    prefix = "/mnt/train/MURA-v1.1"  # absolute paths from the machine that wrote the CSVs
+    (mura / "train_image_paths.csv").write_text(f"{prefix}/train/{study}/image1.png\n")
+    (mura / "train_labeled_studies.csv").write_text(f"{prefix}/train/{study}/,1\n")
+    [view] = load_mura(tmp_path, "train")
+    assert view.path == mura / "train" / study / "image1.png"

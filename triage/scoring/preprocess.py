@@ -285,6 +285,16 @@ def _percentile_mapping(
     return _Mapping("affine", slope / span, (intercept - low) / span)
 
 
+def stretch_raw(values: np.ndarray) -> np.ndarray:
+    """Raw grey values (no window, no LUT) as the daemon displays them: float32 0..1,
+    stretched between the robust percentiles of a sample of them, as :func:`display_pixels`
+    does for a DICOM image without a VOI. For training images that are not display values
+    (16-bit PNGs), so a model learns on what the daemon will show it."""
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"expected a 2-D grey image, got {values.shape}")
+    return _percentile_mapping(Dataset(), values, None, 1.0, 0.0).apply(values)
+
+
 def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping, float] | None:
     """Modality LUT (and the VOI LUT when *voi*) tabulated over the image's integer values.
 

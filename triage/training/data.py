@@ -91,7 +91,13 @@ def _relative_to_split(path: str, split: str, source: str) -> PurePosixPath:
     parts = PurePosixPath(path.strip().replace("\\", "/")).parts
     if split not in parts:
         raise DataError(f"{source}: path {path!r} is not under a {split!r} folder")
-    return PurePosixPath(*parts[parts.index(split) :])
+    return PurePosixPath(*parts[_last(parts, split) :])
+
+
+def _last(parts: tuple[str, ...], name: str) -> int:
+    """The index of the last *name* in *parts*: a prefix may hold a folder of the split's
+    name too (``/mnt/train/MURA-v1.1/train/XR_WRIST/…``)."""
+    return len(parts) - 1 - parts[::-1].index(name)
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -196,9 +202,9 @@ def normalise_study_key(key: str) -> str:
     """A study key as the loaders spell it: MURA paths from the split folder, UIDs as is."""
     key = key.strip().replace("\\", "/").rstrip("/")
     parts = PurePosixPath(key).parts
-    for split in MURA_SPLITS:
-        if split in parts:
-            return str(PurePosixPath(*parts[parts.index(split) :]))
+    found = [(_last(parts, split), split) for split in MURA_SPLITS if split in parts]
+    if found:
+        return str(PurePosixPath(*parts[max(found)[0] :]))
     return key
 
 
@@ -361,21 +367,27 @@ def one_class_types(views: Iterable[View]) -> list[StudyType]:
 
 
 def read_png_pixels(path: str | Path) -> np.ndarray:
-    """A PNG/JPEG radiograph as ``prepare_array`` takes it (uint8/uint16 grey or uint8 RGB).
+    """A PNG/JPEG radiograph as ``prepare_array`` takes it (uint8 grey or RGB, float 0..1).
 
-    The conversion to 0..1 and colour → luminance is left to ``prepare_array``, so a MURA PNG
-    and the same pixels wrapped in a DICOM secondary capture give the daemon's exact input.
+    8-bit images are display values: the conversion to 0..1 and colour → luminance is left
+    to ``prepare_array``, so a MURA PNG and the same pixels wrapped in a DICOM secondary
+    capture give the daemon's exact input. Wider ones (16-bit, 32-bit, float) are raw values:
+    stretched as the daemon stretches a DICOM image without a window
+    (:func:`~triage.scoring.preprocess.stretch_raw`), not divided by 65535 into near black.
     """
     with Image.open(path) as im:
         if im.mode in ("L", "RGB", "RGBA"):
             return np.asarray(im)
-        if im.mode in ("I;16", "I;16B", "I;16L"):
-            return np.asarray(im).astype(np.uint16)
-        if im.mode in ("I", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            lo, hi = float(arr.min()), float(arr.max())
-            scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-            return scaled.astype(np.float32)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            from triage.scoring.preprocess import UndecodableView, stretch_raw
+
+            raw = np.asarray(im)
+            if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+                raise DataError(f"{path}: pixel values that are not finite numbers")
+            try:
+                return stretch_raw(raw)
+            except UndecodableView as exc:
+                raise DataError(f"{path}: {exc.reason}") from None
         # Palette, grey + alpha, CMYK …: PIL's own conversion to grey.
         return np.asarray(im.convert("L"))
 
