@@ -233,6 +233,63 @@ def test_destination_refusing_the_association_fails_the_study_with_the_reason(
     assert daemon.stop() == 0
 
 
+_SC_ONLY = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[SCOnly]
+PresentationContext1 = SecondaryCaptureImageStorage\\Uncompressed
+[[Profiles]]
+[SCOnly]
+PresentationContexts = SCOnly
+"""
+
+
+def test_a_destination_that_stores_no_sr_fails_for_good_and_holds_back_no_other(
+    daemon_factory, tmp_path
+) -> None:
+    profile = tmp_path / "sc-only.cfg"
+    profile.write_text(_SC_ONLY)
+    archive = Storescp(tmp_path / "archive", extra=["-xf", str(profile), "SCOnly"]).start()
+    pacs = Storescp(tmp_path / "pacs")  # down while the archive refuses
+    daemon = daemon_factory(
+        scoring_config(archive.destination("archive"), pacs.destination("pacs"))
+    ).start()
+    study_uid, _ = send_study(daemon, tmp_path / "in", body_part="WRIST", views=1, seed=17)
+    study = wait_state(daemon, study_uid, StudyState.FAILED)
+    # Said as what it is, at once: a configuration to change, not a network to debug.
+    assert study.state_reason == (
+        "delivery to archive failed: the peer does not store Comprehensive 3D SR Storage "
+        "(it accepted no presentation context for it)"
+    )
+    pacs.start()
+    outbox = Outbox(daemon.store())
+    wait_until(
+        lambda: all(
+            d.state is DeliveryState.DONE
+            for d, _ in outbox.deliveries(study_uid)
+            if d.destination == "pacs"
+        ),
+        60,
+        0.2,
+        "the PACS to get its objects although the archive failed",
+    )
+    assert sorted(str(ds.SOPClassUID) for ds in pacs.received()) == sorted([SR_CLASS, SC_CLASS])
+    # Retried, the SR goes alone: the peer accepts no context at all, and says so again.
+    assert outbox.retry(study_uid=study_uid) == 1
+    study = wait_state(daemon, study_uid, StudyState.FAILED)
+    assert study.state_reason == (
+        "delivery to archive failed: the peer stores none of the SOP classes offered: "
+        "Comprehensive 3D SR Storage"
+    )
+    [sr] = [
+        d for d, o in outbox.deliveries(study_uid) if d.destination == "archive" and o.kind == "sr"
+    ]
+    assert sr.attempts == 1  # not retried as if the peer were down
+    assert daemon.stop() == 0
+
+
 def test_crash_between_send_and_bookkeeping_resends_the_same_instances(
     daemon_factory, tmp_path
 ) -> None:

@@ -124,6 +124,19 @@ def test_permanent_failure_keeps_the_peer_status(store: Store) -> None:
     assert delivery.last_status == 0xA900 and delivery.last_error == "status 0xA900"
 
 
+def test_a_cancelled_study_has_nothing_to_retry(store: Store) -> None:
+    from triage.store.operations import cancel
+
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs",))
+    [item, _] = outbox.claim_due("pacs", 10, 60)
+    outbox.failed(item.delivery_id, "status 0xC000", BACKOFF, status=0xC000, permanent=True)
+    cancel(store, study, "wrong patient")
+    # Nothing would send it: saying "1 delivery will be sent again" would be a lie.
+    assert outbox.retry(study_uid=study) == 0
+    assert outbox.retry() == 0
+
+
 def test_late_instance_cancels_pending_deliveries_of_the_old_revision(store: Store) -> None:
     outbox = Outbox(store)
     study = delivering_study(store, destinations=("pacs",))

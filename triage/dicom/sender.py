@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
@@ -151,8 +151,11 @@ class Sender:
         else:
             reason = _association_failure(assoc)
         if assoc is None or not assoc.is_established:
-            # A permanent rejection (unknown calling AE …) needs an administrator, not retries.
-            permanent = assoc is not None and _rejected_permanently(assoc)
+            # A permanent rejection (unknown calling AE …) or a peer that stores none of the
+            # SOP classes offered needs an administrator, not retries.
+            permanent = assoc is not None and (
+                _rejected_permanently(assoc) or bool(_refused_sop_classes(assoc))
+            )
             for item in due:
                 if item.delivery_id in datasets:
                     self._failed(destination, item, reason, permanent=permanent)
@@ -173,6 +176,17 @@ class Sender:
     def _store_one(  # type: ignore[no-untyped-def]
         self, assoc, destination: DestinationConfig, item: DueDelivery, dataset, message_id: int
     ) -> None:
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+        if item.sop_class_uid not in accepted:
+            # Its configuration must change (and `triage-admin retry` then sends it).
+            self._failed(
+                destination,
+                item,
+                f"the peer does not store {_sop_class_name(item.sop_class_uid)} (it accepted "
+                "no presentation context for it)",
+                permanent=True,
+            )
+            return
         try:
             response = assoc.send_c_store(dataset, msg_id=message_id)
         except Exception as exc:
@@ -269,9 +283,25 @@ _REJECT_DIAGNOSTICS = {
 }
 
 
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def _refused_sop_classes(assoc) -> list[str]:  # type: ignore[no-untyped-def]
+    """The SOP classes offered, when the peer accepted none of them (pynetdicom then aborts
+    the association itself: it is no abort of the peer's), else []."""
+    if assoc.is_established or assoc.accepted_contexts:
+        return []
+    return sorted({_sop_class_name(str(c.abstract_syntax)) for c in assoc.rejected_contexts})
+
+
 def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
     if assoc.is_established:
         return ""
+    refused = _refused_sop_classes(assoc)
+    if refused:
+        return f"the peer stores none of the SOP classes offered: {', '.join(refused)}"
     primitive = rejection(assoc)
     if primitive is not None:
         kind = "permanently" if primitive.result == 0x01 else "transiently"

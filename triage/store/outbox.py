@@ -69,7 +69,9 @@ class Outbox:
                     Delivery.state == DeliveryState.PENDING,
                     Delivery.next_attempt_at <= now,
                     Output.revision == Study.revision,
-                    Study.state == StudyState.DELIVERING,
+                    # FAILED too: a destination that failed for good does not hold back the
+                    # others (the study stays FAILED; `triage-admin retry` resumes it).
+                    Study.state.in_((StudyState.DELIVERING, StudyState.FAILED)),
                 )
                 .order_by(Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
@@ -199,7 +201,11 @@ class Outbox:
                 select(Delivery, Output, Study)
                 .join(Output, Delivery.output_id == Output.id)
                 .join(Study, Output.study_id == Study.id)
-                .where(Delivery.state == DeliveryState.FAILED, Output.revision == Study.revision)
+                .where(
+                    Delivery.state == DeliveryState.FAILED,
+                    Output.revision == Study.revision,
+                    Study.state != StudyState.CANCELLED,  # cancelled: nothing is sent
+                )
             )
             if delivery_ids is not None:
                 statement = statement.where(Delivery.id.in_(list(delivery_ids)))
