@@ -244,6 +244,40 @@ def test_rescoring_a_revision_reuses_output_rows(store: Store) -> None:
         assert session.query(Result).one().probability == 0.3
 
 
+def test_rescoring_by_another_model_supersedes_the_old_outputs_still_to_deliver(
+    store: Store,
+) -> None:
+    # A requeue after a model upgrade: the same revision, outputs with other UIDs. The old
+    # SR still waiting for a PACS that is down must not reach it after the new one.
+    from triage.store.operations import requeue
+    from triage.store.outbox import Outbox
+
+    queue, outbox = WorkQueue(store), Outbox(store)
+    study_uid = queued_study(store, 8)
+    [claim] = queue.claim("w1", 1, 60)
+    old = outputs_for(claim)
+    assert queue.complete(claim, result_for(claim, 0.9), MODEL, old, ["pacs"], 1.0)
+    assert queue.previous_sr(claim, old[0].sop_instance_uid) is None  # itself, rebuilt
+    requeue(store, study_uid, actor="test")
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    [again] = queue.claim("w1", 1, 60)
+    assert again.revision == claim.revision
+    new = [
+        OutputFile("sr", o.sop_class_uid, o.sop_instance_uid + "2", o.series_uid, None, o.path, 9)
+        for o in old
+    ]
+    # The new SR names the old one (delivered or not) as its predecessor.
+    assert queue.previous_sr(again, new[0].sop_instance_uid) == old[0].path
+    upgraded = ModelInfo(name="demo", version="0.2", validated=False)
+    assert queue.complete(again, result_for(again, 0.2), upgraded, new, ["pacs"], 1.0)
+    rows = {o.sop_instance_uid: d for d, o in outbox.deliveries(study_uid)}
+    stale = rows[old[0].sop_instance_uid]
+    assert stale.state is DeliveryState.CANCELLED and "superseded" in stale.last_error
+    [due] = outbox.claim_due("pacs", 10, 60)
+    assert due.sop_instance_uid == new[0].sop_instance_uid
+    assert outbox.delivered(due.delivery_id) == study_uid  # DONE: the stale one is not awaited
+
+
 def test_a_study_with_several_outputs_and_destinations_gets_every_delivery(store: Store) -> None:
     queue = WorkQueue(store)
     queued_study(store, 8, views=3)

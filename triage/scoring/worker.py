@@ -36,6 +36,7 @@ from pydicom import Dataset, dcmread
 from triage import failpoints, metrics
 from triage.config import Config
 from triage.dicom.sc import OverlayBox
+from triage.dicom.sr import sr_sop_instance_uid
 from triage.dicom.study_type import decide_study
 from triage.logs import get_logger
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
@@ -653,7 +654,7 @@ class Worker:
             result,
             info,
             study.pixels,
-            self.queue.previous_sr(study.claim),
+            self.queue.previous_sr(study.claim, sr_sop_instance_uid(result, info)),
         )
         if self._processes > 1:
             request = replace(request, stage_prefix=f"{uuid.uuid4().hex[:16]}-")

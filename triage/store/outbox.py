@@ -131,7 +131,8 @@ class Outbox:
             .where(
                 Output.study_id == study.id,
                 Output.revision == study.revision,
-                Delivery.state != DeliveryState.DONE,
+                # Cancelled: superseded by a rescoring of the same revision.
+                Delivery.state.not_in((DeliveryState.DONE, DeliveryState.CANCELLED)),
             )
         )
         if outstanding:

@@ -379,19 +379,21 @@ class WorkQueue:
         add_event(session, study, previous, reason, now)
         return Transition(study.study_uid, study.revision, previous, state)
 
-    def previous_sr(self, claim: Claim) -> str | None:
-        """The outbox path of the newest SR of an earlier revision (the new SR's predecessor).
-
-        A first revision has none: no query (this runs once per study on the worker)."""
-        if claim.revision <= 1:
-            return None
+    def previous_sr(self, claim: Claim, new_sr_uid: str = "") -> str | None:
+        """The outbox path of the SR the new one (*new_sr_uid*) replaces: the newest of an
+        earlier revision, or of this one by another model (a requeue after an upgrade).
+        None when there is none (the same SR rebuilt replaces nothing)."""
         with self.store.read_session() as session:
             return session.scalar(
                 select(Output.path)
                 .where(
                     Output.study_id == claim.study_id,
                     Output.kind == "sr",
-                    Output.revision < claim.revision,
+                    (Output.revision < claim.revision)
+                    | (
+                        (Output.revision == claim.revision)
+                        & (Output.sop_instance_uid != new_sr_uid)
+                    ),
                 )
                 .order_by(Output.revision.desc(), Output.id.desc())
                 .limit(1)
@@ -499,6 +501,27 @@ class _Statements:
             .where(outputs.c.id == bindparam("output_id"))
             .values(path=bindparam("new_path"), size_bytes=bindparam("new_size"))
         )
+        # Deliveries still to make of this revision's outputs that a rescoring did not make
+        # again (another model version: other UIDs): the PACS must not get them after the
+        # new ones.
+        self.supersede_deliveries = (
+            update(deliveries)
+            .where(
+                deliveries.c.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
+                deliveries.c.output_id.in_(
+                    select(outputs.c.id).where(
+                        outputs.c.study_id == bindparam("study_id"),
+                        outputs.c.revision == bindparam("revision"),
+                        outputs.c.sop_instance_uid.not_in(bindparam("uids", expanding=True)),
+                    )
+                ),
+            )
+            .values(
+                state=DeliveryState.CANCELLED,
+                last_error="superseded: the study was scored again",
+                updated_at=bindparam("now"),
+            )
+        )
         self.deliveries_of = select(
             deliveries.c.id, deliveries.c.output_id, deliveries.c.destination
         ).where(deliveries.c.output_id.in_(bindparam("ids", expanding=True)))
@@ -533,6 +556,15 @@ def _record_outputs(
     if not outputs:
         return
     sql = _STATEMENTS
+    connection.execute(
+        sql.supersede_deliveries,
+        {
+            "study_id": study_id,
+            "revision": revision,
+            "uids": [o.sop_instance_uid for o in outputs],
+            "now": now,
+        },
+    )
     ids = dict(
         connection.execute(
             sql.outputs_by_uid, {"uids": [o.sop_instance_uid for o in outputs]}
