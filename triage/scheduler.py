@@ -57,6 +57,10 @@ class Scheduler:
             max_instances=1,
             coalesce=True,
             next_run_time=datetime.now(UTC),
+            # However late the scheduler starts or a run comes (a busy host), the run is made:
+            # APScheduler's default skips one more than 1 s late, and with it the purge at
+            # start, then for an hour.
+            misfire_grace_time=None,
         )
 
     def queue_quiet_studies(self) -> int:
