@@ -281,6 +281,50 @@ def test_dataset_of_another_sop_class_is_refused_with_a900(daemon_factory, tmp_p
     assert daemon.stop() == 0
 
 
+def test_a_data_set_whose_pixel_data_is_cut_short_is_refused_with_c000(
+    daemon_factory, tmp_path
+) -> None:
+    """The header parses (pixel data is read lazily), the pixels are not all there: never
+    acknowledged as stored, as if the image could be read later."""
+    from pynetdicom import AE, _config
+
+    daemon = daemon_factory().start()
+    good = study_files(tmp_path / "in", views=1, modality="CR")[0]
+    data = good.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    ds = pydicom.dcmread(good, stop_before_pixels=True)
+    ae = AE(ae_title="ROUTER")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    _config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are
+    try:
+        response = assoc.send_c_store(cut)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    assert response.Status == 0xC000
+    assert "pixel data cut short" in response.ErrorComment
+    assert daemon.store().counts_by_state() == {}
+    assert storescu(daemon.port, [good]).acknowledged == 1  # the whole file still goes in
+    assert daemon.stop() == 0
+
+
+def test_a_sop_class_the_daemon_does_not_store_is_refused_with_0122(tmp_path) -> None:
+    """Sent under the presentation context of a class it stores (the listener answers 0xA900
+    for that), or let through by anything else: never taken for a view of its study."""
+    from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, Status
+    from triage.dicom.validation import Rejected, check_instance
+
+    mr_image = "1.2.840.10008.5.1.4.1.1.4"
+    good = study_files(tmp_path / "in", views=1, modality="CR")[0]
+    mr = rewrite(good, tmp_path / "mr.dcm", SOPClassUID=mr_image, Modality="MR")
+    uid = str(pydicom.dcmread(mr).SOPInstanceUID)
+    verdict = check_instance(mr, mr_image, uid, frozenset(DEFAULT_STORAGE_CLASSES))
+    assert verdict == Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
+
+
 def test_low_disk_space_answers_a700_and_stores_nothing(daemon_factory, tmp_path) -> None:
     daemon = daemon_factory({"store": {"min_free_mb": 1_000_000_000}}).start()
     files = study_files(tmp_path / "in", views=2)

@@ -294,6 +294,14 @@ class Listener:
         # pynetdicom wrote the data set, as it arrived, to a Part 10 file in the spool's temp
         # folder (see start()); it deletes that name after we answer.
         received = event.dataset_path
+        if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
+            log.warning(
+                "instance_rejected",
+                status=f"0x{Status.DATASET_MISMATCH:04X}",
+                reason="SOP class differs from the presentation context's",
+                calling_ae=event.assoc.requestor.ae_title,
+            )
+            return Status.DATASET_MISMATCH, "SOP class differs from the presentation context"
         verdict = check_instance(
             received,
             str(request.AffectedSOPClassUID),

@@ -61,6 +61,8 @@ class Status:
     """C-STORE response statuses (PS3.4 B.2.3) and the codes msk-triage uses within them."""
 
     SUCCESS = 0x0000
+    #: Refused: SOP class not supported (not one msk-triage stores).
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: Refused, out of resources: the spool is under its free-space floor or a write failed.
     OUT_OF_RESOURCES = 0xA700
     #: Refused, out of resources: the store could not record the instance; retry later.

@@ -54,10 +54,15 @@ def check_instance(
 ) -> Accepted | Rejected:
     """Validate a received instance (a Part 10 file, as a path or bytes).
 
-    Rejects (with the status a PACS expects) an unreadable data set (0xC000), a missing or
+    Rejects (with the status a PACS expects) a SOP class msk-triage does not store (0x0122),
+    an unreadable data set or one whose pixel data is cut short (0xC000), a missing or
     malformed UID (0xC001), a SOP Instance UID other than the request's (0xC002), and a data set
     that does not match its SOP class: another class, or an image class without pixels (0xA900).
     """
+    if affected_sop_class not in image_classes:
+        # Sent under a presentation context of another class: stored, it would be taken
+        # for a view of its study.
+        return Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
     try:
         dataset = read_header(source)
         values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality", "Manufacturer")}
@@ -81,6 +86,8 @@ def check_instance(
         if missing or not has_pixels:
             what = ", ".join(missing + ([] if has_pixels else ["PixelData"]))
             return Rejected(Status.DATASET_MISMATCH, f"image SOP class without {what}")
+        if _pixel_data_cut_short(dataset, source):
+            return Rejected(Status.UNREADABLE, "pixel data cut short (data set truncated)")
     modality = _text(values["Modality"]) or None
     return Accepted(
         study_uid=_text(values["StudyInstanceUID"]),
@@ -90,6 +97,20 @@ def check_instance(
         modality=modality[:16] if modality else None,
         own_output=_text(values["Manufacturer"]) == MANUFACTURER,
     )
+
+
+def _pixel_data_cut_short(dataset: Dataset, source: str | os.PathLike[str] | bytes) -> bool:
+    """Whether native Pixel Data's declared length runs past the end of the file (read with
+    its value deferred, a truncated data set parses without complaint)."""
+    if 0x7FE00010 not in dataset:
+        return False
+    raw = dataset.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(raw, "length", None)
+    tell = getattr(raw, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:  # encapsulated: checked later
+        return False
+    size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+    return tell + length > size
 
 
 def _text(value: object) -> str:
