@@ -104,6 +104,9 @@ def _pixel_data_cut_short(dataset: Dataset, source: str | os.PathLike[str] | byt
     its value deferred, a truncated data set parses without complaint)."""
     if 0x7FE00010 not in dataset:
         return False
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_deflated:
+        return False  # offsets into the inflated stream, not the file
     raw = dataset.get_item(0x7FE00010, keep_deferred=True)
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
