@@ -109,6 +109,14 @@ def test_multi_view_study_is_stored_grouped_and_idempotent(daemon_factory, tmp_p
         message="both associations audited",
     )
     assert sorted((a.instances_stored, a.instances_duplicate) for a in audits) == [(0, 3), (3, 0)]
+    # One of them again, filed under another study: acknowledged, and no file of it left
+    # there (no row would name it; the spool recovery would make it a new study).
+    moved = rewrite(
+        files[0], tmp_path / "moved.dcm", StudyInstanceUID="1.2.826.0.1.3680043.8.498.1"
+    )
+    assert storescu(daemon.port, [moved]).acknowledged == 1
+    assert store.get_study("1.2.826.0.1.3680043.8.498.1") is None
+    assert sorted(p.parent.name for p in spool.rglob("*.dcm")) == [study_uid] * 3
     assert daemon.stop() == 0
 
 

@@ -355,6 +355,11 @@ class Listener:
             return Status.STORE_UNAVAILABLE, "store unavailable; retry later"
         if result.duplicate:
             tally.duplicate += 1
+            if result.study_uid != verdict.study_uid:
+                # Held already, in another study: the name linked above is no row's, and the
+                # spool recovery would take it for a new study once that one is purged.
+                self.spool.remove(relative)
+                bound.warning("duplicate_in_another_study", stored_in=result.study_uid)
             return Status.SUCCESS, ""
         tally.stored += 1
         tally.bytes_stored += size
