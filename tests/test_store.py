@@ -173,3 +173,33 @@ def test_migrations_downgrade_to_empty_and_up_again(store_url: str) -> None:
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     assert upgrade_schema(engine) == head_revision()
     engine.dispose()
+
+
+def test_the_association_audit_waits_a_second_for_a_locked_sqlite_store(tmp_path) -> None:
+    # Written before an association is accepted: another process holding the write lock (a
+    # backup, a long purge) must not keep a peer, C-ECHO included, waiting past its timeout.
+    import sqlite3
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    database = tmp_path / "triage.db"
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade_schema(engine)
+    store = Store(engine)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="locked"):
+            store.open_association("PACS", "TRIAGE", "127.0.0.1", 1234, False, 1)
+        assert time.monotonic() - started < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.open_association("PACS", "TRIAGE", "127.0.0.1", 1234, False, 1)
+    # Every other transaction, on the same pooled connection, waits as long as before.
+    with store.session() as session, session.begin():
+        assert session.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+    engine.dispose()

@@ -15,6 +15,10 @@ from alembic import command
 
 #: Execution option marking a read-only connection (SQLite then skips BEGIN IMMEDIATE).
 READ_ONLY = "triage_read_only"
+#: Execution option: how long (ms) a transaction on SQLite waits for another process's write
+#: lock before "database is locked" (default: the engine's 30 s).
+LOCK_WAIT_MS = "triage_lock_wait_ms"
+_DEFAULT_LOCK_WAIT_MS = 30000
 
 
 class StoreUnavailable(RuntimeError):
@@ -64,13 +68,21 @@ def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={_DEFAULT_LOCK_WAIT_MS}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
             # Reads (see Store.read_session) need no write lock: deferred BEGIN.
-            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            options = connection.get_execution_options()
+            read_only = options.get(READ_ONLY, False)
+            wait = options.get(LOCK_WAIT_MS)
+            # Set for this transaction, and back to the default on the connection's next
+            # one: only then, so the C-STORE path pays nothing for it.
+            if wait is not None or connection.info.get(LOCK_WAIT_MS) is not None:
+                milliseconds = int(wait if wait is not None else _DEFAULT_LOCK_WAIT_MS)
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={milliseconds}")
+                connection.info[LOCK_WAIT_MS] = wait
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine

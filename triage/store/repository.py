@@ -7,13 +7,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Update, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage.store.db import READ_ONLY
+from triage.store.db import LOCK_WAIT_MS, READ_ONLY
 from triage.store.models import (
     REOPENED_BY_LATE_INSTANCE,
     AssociationOutcome,
@@ -66,6 +66,10 @@ class Transition:
     to_state: StudyState
 
 
+#: How long (ms) the association audit waits for another process's write lock (SQLite).
+AUDIT_LOCK_WAIT_MS = 1000
+
+
 class Store:
     """The study store on one engine (SQLite or PostgreSQL)."""
 
@@ -74,6 +78,12 @@ class Store:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._readers = sessionmaker(
             engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
+        # The association audit is written before an association is accepted: on a store
+        # another process holds locked (a backup, a long purge) it gives up after 1 s rather
+        # than keep every peer, C-ECHO included, waiting past its own timeout.
+        self._audits = sessionmaker(
+            engine.execution_options(**{LOCK_WAIT_MS: AUDIT_LOCK_WAIT_MS}), expire_on_commit=False
         )
         self._postgres = engine.dialect.name == "postgresql"
         # SQLite takes one writer at a time; a second thread of this process waiting inside
@@ -90,11 +100,13 @@ class Store:
         """A new session for reading only (no write lock on SQLite)."""
         return self._readers()
 
-    def transaction(self, work: Callable[[Session], T], retries: int = 3) -> T:
+    def transaction(
+        self, work: Callable[[Session], T], retries: int = 3, *, sessions: Any = None
+    ) -> T:
         """Run *work(session)* in one transaction; retried when a concurrent insert wins a
         unique-key race (the retry then sees the winner's row)."""
         for attempt in range(retries):
-            with self._writer_lock, self._sessions() as session:
+            with self._writer_lock, (sessions or self._sessions)() as session:
                 try:
                     with session.begin():
                         return work(session)
@@ -304,7 +316,7 @@ class Store:
             session.flush()
             return record.id
 
-        return self.transaction(work)
+        return self.transaction(work, sessions=self._audits)
 
     def close_association(
         self,
