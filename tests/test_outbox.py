@@ -137,6 +137,27 @@ def test_a_cancelled_study_has_nothing_to_retry(store: Store) -> None:
     assert outbox.retry() == 0
 
 
+def test_deliveries_to_a_destination_no_longer_configured_fail_with_the_reason(
+    store: Store,
+) -> None:
+    # Renamed or removed in the config: nothing would send them; the study would wait in
+    # DELIVERING for ever, with no reason, never purged.
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs", "archive"))
+    assert outbox.fail_unconfigured(["pacs"]) == ["archive"]
+    row = store.get_study(study)
+    assert row.state is StudyState.FAILED
+    assert (
+        row.state_reason
+        == "delivery to archive failed: destination archive is no longer configured"
+    )
+    assert {d.state for d, _ in outbox.deliveries(study) if d.destination == "archive"} == {
+        DeliveryState.FAILED
+    }
+    assert len(outbox.claim_due("pacs", 10, 60)) == 2  # the configured one is still served
+    assert outbox.fail_unconfigured(["pacs"]) == []
+
+
 def test_late_instance_cancels_pending_deliveries_of_the_old_revision(store: Store) -> None:
     outbox = Outbox(store)
     study = delivering_study(store, destinations=("pacs",))

@@ -73,7 +73,7 @@ class Daemon:
         if is_sqlite(engine):
             # Only this daemon writes an SQLite store: whatever is still marked in progress was
             # left by a crash. Take it back now instead of waiting for leases to expire.
-            _recover_after_crash(store)
+            _recover_after_crash(config, store)
             # The listener's SQLite commits do not wait for the disk: after a power loss its
             # last rows may be gone while their (durable) spool files are there.
             _record_spool_orphans(config, store, spool)
@@ -312,15 +312,21 @@ def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:
         )
 
 
-def _recover_after_crash(store: Store) -> None:
+def _recover_after_crash(config: Config, store: Store) -> None:
     """On an SQLite store (one daemon): close audit rows, give claimed studies back to the
-    queue and make leased deliveries due, all left by a daemon that did not stop cleanly."""
+    queue and make leased deliveries due, all left by a daemon that did not stop cleanly;
+    and fail the deliveries to destinations the config no longer names."""
     from triage.store.outbox import Outbox
     from triage.store.work_queue import WorkQueue
 
     closed = store.close_abandoned_associations()
     released = WorkQueue(store).release_stale_claims("claim released at restart")
     due = Outbox(store).release_leases()
+    gone = Outbox(store).fail_unconfigured([d.name for d in config.destinations])
+    if gone:
+        # Their studies go FAILED with the reason; `triage-admin retry` cannot bring a
+        # destination back, a config with it can (requeue then sends to the new ones).
+        log.warning("deliveries_to_unconfigured_destinations_failed", destinations=gone)
     if closed or released or due:
         log.warning(
             "recovered_after_crash",

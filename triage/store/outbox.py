@@ -228,6 +228,27 @@ class Outbox:
 
         return self.store.transaction(work)
 
+    def fail_unconfigured(self, configured: Sequence[str]) -> list[str]:
+        """Fail for good every delivery still to make to a destination not in *configured*
+        (removed or renamed in the config: nothing would ever send it, and its study would
+        wait in DELIVERING for ever). Returns the destinations it failed deliveries to."""
+        with self.store.read_session() as session:
+            rows = session.execute(
+                select(Delivery.id, Delivery.destination).where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.destination.not_in(list(configured)),
+                )
+            ).all()
+        backoff = Backoff(1.0, 1.0, 1.0, 1)
+        for delivery_id, destination in rows:
+            self.failed(
+                delivery_id,
+                f"destination {destination} is no longer configured",
+                backoff,
+                permanent=True,
+            )
+        return sorted({destination for _, destination in rows})
+
     def release_leases(self) -> int:
         """Make every claimed (or backing-off) PENDING delivery due now: for a restart of the
         only sender. Returns how many."""
