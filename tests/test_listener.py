@@ -343,6 +343,43 @@ def test_low_disk_space_answers_a700_and_stores_nothing(daemon_factory, tmp_path
     assert daemon.stop() == 0
 
 
+@pytest.fixture
+def small_disk(tmp_path):  # type: ignore[no-untyped-def]
+    """A 12 MB tmpfs (root only: CI runs as root), unmounted afterwards."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_disk_that_fills_during_a_transfer_answers_a700(
+    daemon_factory, tmp_path, small_disk
+) -> None:
+    """Past the free-space floor check, the disk fills while the data set arrives: the peer
+    gets "out of resources" (the connection was dropped: a network error to the PACS), no
+    partial file stays, and the daemon goes on."""
+    daemon = daemon_factory(
+        {"store": {"spool_dir": str(small_disk / "spool"), "min_free_mb": 0}}
+    ).start()
+    big = make_study(body_part="WRIST", views=3, rows=2048, cols=2048, seed=41)  # ~8 MB each
+    files = write_study(big, tmp_path / "big")
+    run = storescu(daemon.port, files, extra=["--no-halt"])
+    assert run.acknowledged == 1
+    assert run.failure_statuses == ["0xa700", "0xa700"], run.output
+    assert not any((small_disk / "spool" / "tmp").iterdir())
+    assert len(daemon.store().study_instances(str(big[0].StudyInstanceUID))) == 1
+    assert echoscu(daemon.port).returncode == 0
+    assert daemon.stop() == 0
+    assert '"event": "spool_write_failed"' in daemon.log_text()
+
+
 def test_quiet_period_queues_and_a_late_instance_opens_revision_2(daemon_factory, tmp_path) -> None:
     daemon = daemon_factory({"study": {"quiet_period_s": 1.0, "check_interval_s": 0.2}}).start()
     files = study_files(tmp_path / "in", views=2)

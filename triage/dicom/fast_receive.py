@@ -328,6 +328,9 @@ class SpoolTempFile:
         self._fd: int | None = fd
         self._written = 0
         self._flushed = 0
+        #: The first write that failed (a full disk, an I/O error): the rest of the data set
+        #: is read and dropped, and the C-STORE is answered 0xA700 (see :func:`write_error`).
+        self.error: OSError | None = None
         self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
 
     def write(self, data: Any) -> int:
@@ -335,8 +338,14 @@ class SpoolTempFile:
         assert self._fd is not None
         view = memoryview(data)
         size = len(view)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        if self.error is not None:
+            return size
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self._failed(exc)
+            return size
         self._account(size)
         return size
 
@@ -344,12 +353,23 @@ class SpoolTempFile:
         """Move *count* bytes from the pipe *pipe* to the end of the file (splice(2))."""
         assert self._fd is not None
         left = count
-        while left:
-            moved = os.splice(pipe, self._fd, left, flags=_SPLICE_MOVE)
+        while left and self.error is None:
+            try:
+                moved = os.splice(pipe, self._fd, left, flags=_SPLICE_MOVE)
+            except OSError as exc:
+                self._failed(exc)
+                break
             if moved == 0:
                 raise OSError("pipe emptied before the data were written")
             left -= moved
-        self._account(count)
+        while left:  # what the file did not take: out of the pipe, so the message goes on
+            left -= len(os.read(pipe, min(left, 1 << 20)))
+        if self.error is None:
+            self._account(count)
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        _WRITE_ERRORS[self.name] = exc
 
     def _account(self, size: int) -> None:
         self._written += size
@@ -369,10 +389,21 @@ class SpoolTempFile:
 
     def close(self) -> None:
         """Close the descriptor (pynetdicom then deletes the name)."""
+        _WRITE_ERRORS.pop(self.name, None)
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+#: Temp file name → the write that failed on it, until the file is closed.
+_WRITE_ERRORS: dict[str, OSError] = {}
+
+
+def write_error(path: str | os.PathLike[str] | None) -> OSError | None:
+    """The error a received data set's spool temp file got while it was written, if any
+    (the bytes after it were dropped: the file is not the data set)."""
+    return None if path is None else _WRITE_ERRORS.get(os.fspath(path))
 
 
 def _mkstemp(directory: str) -> tuple[int, str]:

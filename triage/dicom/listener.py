@@ -25,7 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import DicomConfig
 from triage.dicom import fast_commands, prompt_reactors
-from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files
+from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files, write_error
 from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
 from triage.dicom.validation import Accepted, Rejected, check_instance
 from triage.logs import get_logger
@@ -294,6 +294,14 @@ class Listener:
         # pynetdicom wrote the data set, as it arrived, to a Part 10 file in the spool's temp
         # folder (see start()); it deletes that name after we answer.
         received = event.dataset_path
+        failed_write = write_error(received)
+        if failed_write is not None:  # the disk filled (or failed) while it arrived
+            log.error(
+                "spool_write_failed",
+                error=f"{failed_write.strerror or failed_write}",
+                calling_ae=event.assoc.requestor.ae_title,
+            )
+            return Status.OUT_OF_RESOURCES, "cannot write to the spool"
         if str(request.AffectedSOPClassUID) != str(event.context.abstract_syntax):
             log.warning(
                 "instance_rejected",
