@@ -344,3 +344,11 @@ def test_a_skeletal_survey_is_skipped_whatever_its_views_name(description: str):
         f"no scorable view: not an upper-extremity radiograph: StudyDescription "
         f"{description!r} names a survey of several parts"
     )
+
+
+def test_patients_in_counts_distinct_patient_ids_ignoring_empty_ones():
+    from triage.dicom.study_type import patients_in
+
+    views = [header(PatientID="A1"), header(PatientID=" A1 "), header(PatientID=""), header()]
+    assert patients_in(views) == 1
+    assert patients_in([*views, header(PatientID="B2")]) == 2

@@ -182,3 +182,24 @@ def test_the_next_revision_keeps_its_lease_when_the_last_one_finishes(
         _wait("revision 2 scored", _finished(store, {StudyState.DONE: 1}))
         study = _study(store, late[0])
         assert (study.revision, study.attempts) == (2, 1)
+
+
+def test_a_study_uid_reused_for_another_patient_is_failed_not_scored(tmp_path: Path) -> None:
+    # A modality or RIS that reuses a StudyInstanceUID: one result would mix two patients'
+    # images under one patient's name. The operator is told; nothing is scored or sent.
+    import pydicom
+
+    config = _config(tmp_path)
+    files = write_benchmark_files(config.store.spool_dir, 4, size_mb=0.25, views_per_study=2)
+    other = pydicom.dcmread(files[1])
+    other.PatientID = f"{other.PatientID}-OTHER"
+    other.save_as(files[1])
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("both studies", _finished(store, {StudyState.DONE: 1, StudyState.FAILED: 1}))
+        mixed = _study(store, files[0])
+        assert mixed.state is StudyState.FAILED and mixed.attempts == 1
+        assert (
+            "instances of 2 patients under one StudyInstanceUID (PatientID differs)"
+            in mixed.state_reason
+        )
+        assert other.PatientID not in mixed.state_reason  # no identity in the reason either

@@ -422,6 +422,12 @@ def _summary(reasons: Iterable[str]) -> str:
     return "; ".join(f"{n}× {reason}" if n > 1 else reason for reason, n in counts.items())
 
 
+def patients_in(views: Iterable[Dataset]) -> int:
+    """How many patients (distinct non-empty PatientIDs) the views of one study belong to:
+    more than one is a StudyInstanceUID reused by a modality or RIS, never one study."""
+    return len({_text(ds, "PatientID").strip() for ds in views} - {""})
+
+
 def _survey(views: Sequence[Dataset]) -> str:
     """Why the study is not one of MURA's seven whatever its views name (a skeletal
     survey), or ''."""
@@ -512,4 +518,5 @@ __all__ = [
     "detect_study_type",
     "detect_study_type_from",
     "parse_anatomy",
+    "patients_in",
 ]

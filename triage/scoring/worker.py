@@ -37,7 +37,7 @@ from triage import failpoints, metrics
 from triage.config import Config
 from triage.dicom.sc import OverlayBox
 from triage.dicom.sr import sr_sop_instance_uid
-from triage.dicom.study_type import decide_study
+from triage.dicom.study_type import decide_study, patients_in
 from triage.logs import get_logger
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
 from triage.scoring.model import PendingForward, ScoringModel, resolve_device
@@ -372,6 +372,16 @@ class Worker:
                 paths[instance.sop_instance_uid] = instance.path
             except Exception as exc:
                 skipped.append(SkippedView(instance.sop_instance_uid, f"unreadable: {exc}"))
+        patients = patients_in(headers.values())
+        if patients > 1:
+            # One result would mix two patients' images, and the SR would name one of them.
+            reason = (
+                f"instances of {patients} patients under one StudyInstanceUID (PatientID "
+                "differs): not scored; correct the study at its source, then cancel it here"
+            )
+            if self.queue.fail_attempt(claim, reason, max_attempts=1):
+                bound.error("study_of_several_patients", patients=patients)
+            return
         decision = decide_study(list(headers.values()), covered=self.model.card.study_types)
         if decision.study_type is None:
             if self.queue.skip(claim, decision.reason):
