@@ -160,6 +160,7 @@ class Sender:
                 if item.delivery_id in datasets:
                     self._failed(destination, item, reason, permanent=permanent)
             return
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
         try:
             for message_id, item in enumerate(due, start=1):
                 dataset = datasets.get(item.delivery_id)
@@ -167,6 +168,16 @@ class Sender:
                     continue
                 if not assoc.is_established:
                     self._failed(destination, item, "association ended during the transfer")
+                    continue
+                if item.sop_class_uid not in accepted:
+                    # Its configuration must change (and `triage-admin retry` then sends it).
+                    self._failed(
+                        destination,
+                        item,
+                        f"the peer does not store {_sop_class_name(item.sop_class_uid)} (it "
+                        "accepted no presentation context for it)",
+                        permanent=True,
+                    )
                     continue
                 self._store_one(assoc, destination, item, dataset, message_id)
         finally:
@@ -176,17 +187,6 @@ class Sender:
     def _store_one(  # type: ignore[no-untyped-def]
         self, assoc, destination: DestinationConfig, item: DueDelivery, dataset, message_id: int
     ) -> None:
-        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
-        if item.sop_class_uid not in accepted:
-            # Its configuration must change (and `triage-admin retry` then sends it).
-            self._failed(
-                destination,
-                item,
-                f"the peer does not store {_sop_class_name(item.sop_class_uid)} (it accepted "
-                "no presentation context for it)",
-                permanent=True,
-            )
-            return
         try:
             response = assoc.send_c_store(dataset, msg_id=message_id)
         except Exception as exc:
