@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import numpy as np
+import pytest
 
 from triage.scoring.result import ModelInfo, StudyResult, ViewResult
 from triage.store.models import DeliveryState, StudyState, utcnow
@@ -118,10 +119,19 @@ def test_permanent_failure_keeps_the_peer_status(store: Store) -> None:
     outbox = Outbox(store)
     study = delivering_study(store, destinations=("pacs",))
     [item, _] = outbox.claim_due("pacs", 10, 60)
-    state = outbox.failed(item.delivery_id, "status 0xA900", BACKOFF, status=0xA900, permanent=True)
+    # A permanent failure is never retried: it needs no backoff.
+    state = outbox.failed(item.delivery_id, "status 0xA900", status=0xA900, permanent=True)
     assert state is DeliveryState.FAILED
     [(delivery, _)] = [r for r in outbox.deliveries(study) if r[0].id == item.delivery_id]
     assert delivery.last_status == 0xA900 and delivery.last_error == "status 0xA900"
+
+
+def test_a_failure_that_may_be_retried_needs_a_backoff(store: Store) -> None:
+    outbox = Outbox(store)
+    delivering_study(store, destinations=("pacs",))
+    [item, _] = outbox.claim_due("pacs", 10, 60)
+    with pytest.raises(ValueError, match="needs a backoff"):
+        outbox.failed(item.delivery_id, "cannot connect")
 
 
 def test_a_cancelled_study_has_nothing_to_retry(store: Store) -> None:

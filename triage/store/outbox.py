@@ -150,12 +150,17 @@ class Outbox:
         self,
         delivery_id: int,
         error: str,
-        backoff: Backoff,
+        backoff: Backoff | None = None,
         *,
         status: int | None = None,
         permanent: bool = False,
     ) -> DeliveryState | None:
-        """Record a failed attempt: retry after the backoff, or FAILED (and the study too)."""
+        """Record a failed attempt: retry after the backoff, or FAILED (and the study too).
+
+        *backoff* is needed unless *permanent*: a permanent failure is never retried.
+        """
+        if backoff is None and not permanent:
+            raise ValueError("a failure that may be retried needs a backoff")
 
         def work(session: Session) -> DeliveryState | None:
             delivery = session.get(Delivery, delivery_id)
@@ -164,7 +169,7 @@ class Outbox:
             now = utcnow()
             delivery.last_status = status
             delivery.last_error = error[:1000]
-            if permanent or delivery.attempts >= backoff.max_attempts:
+            if backoff is None or permanent or delivery.attempts >= backoff.max_attempts:
                 delivery.state = DeliveryState.FAILED
                 output = session.get(Output, delivery.output_id)
                 assert output is not None
@@ -239,13 +244,9 @@ class Outbox:
                     Delivery.destination.not_in(list(configured)),
                 )
             ).all()
-        backoff = Backoff(1.0, 1.0, 1.0, 1)
         for delivery_id, destination in rows:
             self.failed(
-                delivery_id,
-                f"destination {destination} is no longer configured",
-                backoff,
-                permanent=True,
+                delivery_id, f"destination {destination} is no longer configured", permanent=True
             )
         return sorted({destination for _, destination in rows})
 
