@@ -333,15 +333,19 @@ def _first_voi_lut(ds: Dataset) -> tuple[int, np.ndarray, int]:
     if not 8 <= depth <= 16:
         raise ValueError(f"{depth} bits per VOI LUT entry (8 to 16 allowed)")
     element = item["LUTData"]
-    if isinstance(element.value, bytes):  # OW: 16-bit words in the data set's byte order
-        order = "<" if _little_endian(ds) else ">"
-        entries = np.frombuffer(element.value, dtype=f"{order}u2").astype(np.int64)
+    if isinstance(element.value, bytes):  # OW
+        entries = _words(ds, element.value).astype(np.int64)
     else:
         entries = np.asarray(element.value, dtype=np.int64).reshape(-1)
     entries = entries[: entries_declared or 65536]
     if entries.size == 0:
         raise ValueError("the VOI LUT has no entries")
     return first, entries, depth
+
+
+def _words(ds: Dataset, data: bytes) -> np.ndarray:
+    """*data* (OW) as unsigned 16-bit words, in the byte order of *ds*'s encoding."""
+    return np.frombuffer(data, dtype="<u2" if _little_endian(ds) else ">u2")
 
 
 def _little_endian(ds: Dataset) -> bool:
@@ -426,13 +430,12 @@ def _palette(ds: Dataset, frame: np.ndarray) -> tuple[np.ndarray, float]:
         return rgb, float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "iu" else 1.0
     declared, first, depth = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
     entries = declared or 65536
-    order = "<" if _little_endian(ds) else ">"
     luts = []
     for colour in ("Red", "Green", "Blue"):
         data = bytes(ds[f"{colour}PaletteColorLookupTableData"].value)
         # 8-bit entries are packed two to a word; some writers give each its own word.
         wide = len(data) >= 2 * entries
-        lut = np.frombuffer(data, dtype=f"{order}u2" if wide else np.uint8)[:entries]
+        lut = (_words(ds, data) if wide else np.frombuffer(data, dtype=np.uint8))[:entries]
         if lut.size == 0:
             raise ValueError(f"the {colour.lower()} palette has no entries")
         luts.append(lut)
