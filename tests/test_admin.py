@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import update
 
 from tests.peers import Storescp, free_port, write_config
@@ -178,7 +179,11 @@ def build_site(tmp_path: Path, url: str) -> Site:
             session.execute(
                 update(Study)
                 .where(Study.study_uid == uids[key])
-                .values(state_changed_at=long_ago, created_at=long_ago - timedelta(days=1))
+                .values(
+                    state_changed_at=long_ago,
+                    created_at=long_ago - timedelta(days=1),
+                    last_instance_at=long_ago - timedelta(days=1),
+                )
             )
     config = write_config(
         tmp_path / "triage.toml",
@@ -584,6 +589,36 @@ def test_purge_removes_only_finished_old_studies_files_and_rows(site: Site) -> N
     assert set(gone["study_uids"]) == {site.uids["DONE"], site.uids["FAILED_DELIVERY"]}
     left = {r["state"] for r in as_json(site, "studies")["studies"]}
     assert left == {"RECEIVING", "QUEUED", "SCORING", "DELIVERING"}
+
+
+def test_purge_keeps_a_late_instance_of_a_cancelled_study_for_the_retention_period(
+    site: Site,
+) -> None:
+    cancelled = site.uids["CANCELLED_OLD"]
+    datasets = _spool_study(site.spool, 7)  # the same study: a view the PACS sent again today
+    late = datasets[0]
+    late.SOPInstanceUID = generate_uid()
+    relative = site.spool.relative_path(cancelled, str(late.SOPInstanceUID))
+    [written] = write_study([late], site.spool.root / "incoming")
+    written.rename(site.spool.root / relative)
+    site.store.record_instance(
+        InstanceMeta(
+            cancelled,
+            str(late.SeriesInstanceUID),
+            str(late.SOPInstanceUID),
+            str(late.SOPClassUID),
+            "1.2.840.10008.1.2.1",
+            "DX",
+            relative,
+            (site.spool.root / relative).stat().st_size,
+        ),
+        None,
+    )
+    assert site.store.get_study(cancelled).state is StudyState.CANCELLED  # acknowledged, kept
+    purged = as_json(site, "purge", "--older-than", "30")
+    assert cancelled not in purged["study_uids"] and len(purged["study_uids"]) == 3
+    assert (site.spool.root / relative).exists()
+    assert site.store.instance_exists(str(late.SOPInstanceUID))
 
 
 # --- db ------------------------------------------------------------------------------------

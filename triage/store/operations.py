@@ -216,6 +216,9 @@ def purge(
             .where(
                 Study.state.in_(FINISHED_STATES),
                 Study.state_changed_at < cutoff,
+                # A cancelled study keeps the late instances it is sent (a requeue may want
+                # them): each is kept for the retention period like any other.
+                Study.last_instance_at < cutoff,
                 Study.id > after_id,
             )
             .order_by(Study.id)
