@@ -120,6 +120,74 @@ def test_multi_view_study_is_stored_grouped_and_idempotent(daemon_factory, tmp_p
     assert daemon.stop() == 0
 
 
+_LISTENER_RACING_A_PURGE = """
+import sys
+from triage.config import load_config
+from triage.dicom.listener import Listener
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.repository import Store
+from triage.store.spool import Spool
+
+config = load_config(sys.argv[1], env={})
+spool = Spool(config.spool_path)
+spool.prepare()
+engine = make_engine(config.store.url)
+upgrade_schema(engine)
+
+
+class PurgedWhileRecording(Store):
+    def record_instance(self, meta, association_id):
+        # The purge of this study's finished revision commits while the row waits for the
+        # store's lock: the file the listener adopted a moment ago is gone.
+        spool.remove(meta.path)
+        return super().record_instance(meta, association_id)
+
+
+listener = Listener(config.dicom, PurgedWhileRecording(engine), spool)
+listener.start()
+print(listener.port, flush=True)
+sys.stdin.read()
+listener.stop(1.0)
+"""
+
+
+def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The PACS re-sends an instance of a study that the purge is removing at that moment:
+    the file adopted before the row was written is linked again, not lost once acknowledged.
+    The listener runs in its own process (it patches pynetdicom); only the interleaving is
+    injected."""
+    config = write_config(
+        tmp_path / "triage.toml",
+        {
+            "dicom": {"port": 0, "ae_title": "TRIAGE"},
+            "store": {"url": f"sqlite:///{tmp_path / 'triage.db'}", "spool_dir": "spool"},
+        },
+    )
+    listener = subprocess.Popen(
+        [sys.executable, "-c", _LISTENER_RACING_A_PURGE, str(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        assert listener.stdout is not None
+        port = int(listener.stdout.readline())
+        files = study_files(tmp_path / "in", views=2, rows=64, cols=64)
+        run = storescu(port, files)
+        assert run.acknowledged == 2, run.output
+    finally:
+        assert listener.stdin is not None
+        listener.stdin.close()
+        listener.wait(timeout=30)
+    spool = tmp_path / "spool"
+    for path in files:
+        ds = pydicom.dcmread(path)
+        kept = spool / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+        assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID
+
+
 @pytest.mark.parametrize("max_pdu_size", [4096, 131072, 1048576])
 def test_data_sets_over_many_pdus_are_stored_byte_for_byte(
     daemon_factory, tmp_path, max_pdu_size: int

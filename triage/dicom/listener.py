@@ -369,6 +369,16 @@ class Listener:
                 self.spool.remove(relative)
                 bound.warning("duplicate_in_another_study", stored_in=result.study_uid)
             return Status.SUCCESS, ""
+        if not self.spool.holds(relative):
+            # A purge of this study's old revision, committed while the row was being
+            # written, removed the file adopted above (the PACS re-sent an instance it had
+            # sent before): link it again from the received file, still there.
+            try:
+                self.spool.adopt(received, relative)
+            except SpoolError as exc:
+                bound.error("spool_write_failed", error=str(exc))
+                return Status.OUT_OF_RESOURCES, "cannot write to the spool"
+            bound.info("instance_restored_after_purge")
         tally.stored += 1
         tally.bytes_stored += size
         tally.studies.add(verdict.study_uid)

@@ -173,6 +173,10 @@ class Spool:
             return
         _fsync_dir(folder.parent)
 
+    def holds(self, relative: str) -> bool:
+        """Whether the spool has a file at *relative*."""
+        return (self.root / relative).is_file()
+
     def remove(self, relative: str) -> None:
         """Delete a spooled file (and its study folder when it becomes empty)."""
         path = self.root / relative
