@@ -175,6 +175,39 @@ def test_migrations_downgrade_to_empty_and_up_again(store_url: str) -> None:
     engine.dispose()
 
 
+def test_a_migration_down_and_up_keeps_every_study_instance_and_event(store_url: str) -> None:
+    # On SQLite, 0002's downgrade rebuilds `studies`; with foreign keys enforced, dropping
+    # the old table cascaded to every instance and history row.
+    from sqlalchemy import text
+
+    from alembic import command
+    from triage.store.db import _alembic_config
+
+    engine = make_engine(store_url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    for n in range(3):
+        store.record_instance(meta(f"1.2.3.{n}"), None)
+
+    def counts() -> dict[str, int]:
+        with engine.connect() as connection:
+            return {
+                table: connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                for table in ("studies", "instances", "study_events")
+            }
+
+    before = counts()
+    assert before == {"studies": 1, "instances": 3, "study_events": 1}
+    command.downgrade(_alembic_config(engine), "0001")
+    assert counts() == before
+    upgrade_schema(engine)
+    assert counts() == before
+    if engine.dialect.name == "sqlite":  # enforced again on the connection the migrations used
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    engine.dispose()
+
+
 def test_the_association_audit_waits_a_second_for_a_locked_sqlite_store(tmp_path) -> None:
     # Written before an association is accepted: another process holding the write lock (a
     # backup, a long purge) must not keep a peer, C-ECHO included, waiting past its timeout.
