@@ -29,7 +29,7 @@ from pydicom.sr.codedict import codes
 
 from triage.dicom.sc import classifier_bias, set_series_laterality, upsample
 from triage.dicom.sr import MANUFACTURER, laterality_of, series_description, software_versions
-from triage.scoring.result import ModelInfo, StudyResult, ViewResult
+from triage.scoring.result import ModelInfo, StudyResult, ViewResult, output_identity
 from triage.uids import derived_uid
 
 #: Series number of the parametric maps (the SR is 9900, the overlays 9901).
@@ -49,14 +49,23 @@ _DIRECTIONS = {
 def parametric_map_series_uid(result: StudyResult, model: ModelInfo, view: ViewResult) -> str:
     """SeriesInstanceUID of the parametric map of *view* (one series per map, see above)."""
     return derived_uid(
-        result.study_uid, result.revision, model.version, "pm", "series", view.sop_instance_uid
+        result.study_uid,
+        result.revision,
+        output_identity(result, model),
+        "pm",
+        "series",
+        view.sop_instance_uid,
     )
 
 
 def parametric_map_sop_instance_uid(result: StudyResult, model: ModelInfo, view: ViewResult) -> str:
     """SOPInstanceUID of the parametric map of *view* (the same on every rebuild)."""
     return derived_uid(
-        result.study_uid, result.revision, model.version, "pm", view.sop_instance_uid
+        result.study_uid,
+        result.revision,
+        output_identity(result, model),
+        "pm",
+        view.sop_instance_uid,
     )
 
 
@@ -170,7 +179,12 @@ def _with_own_frame_of_reference(
         if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             header.add(element)
     header.FrameOfReferenceUID = derived_uid(
-        result.study_uid, result.revision, model.version, "pm", "frame", view.sop_instance_uid
+        result.study_uid,
+        result.revision,
+        output_identity(result, model),
+        "pm",
+        "frame",
+        view.sop_instance_uid,
     )
     header.PositionReferenceIndicator = None
     header.ImagePositionPatient = [0.0, 0.0, 0.0]

@@ -43,7 +43,13 @@ from triage.dicom.sr import (
     series_description,
     software_versions,
 )
-from triage.scoring.result import ModelInfo, StudyResult, ViewResult, shown_decimals
+from triage.scoring.result import (
+    ModelInfo,
+    StudyResult,
+    ViewResult,
+    output_identity,
+    shown_decimals,
+)
 from triage.uids import derived_uid
 
 #: Series number of the overlays (the SR is 9900).
@@ -204,13 +210,24 @@ def overlay_series_uid(result: StudyResult, model: ModelInfo, laterality: str = 
 
     Laterality is a series attribute, so a study with left and right views gets two series.
     """
-    return derived_uid(result.study_uid, result.revision, model.version, "sc", "series", laterality)
+    return derived_uid(
+        result.study_uid,
+        result.revision,
+        output_identity(result, model),
+        "sc",
+        "series",
+        laterality,
+    )
 
 
 def overlay_sop_instance_uid(result: StudyResult, model: ModelInfo, view: ViewResult) -> str:
     """SOPInstanceUID of the overlay of *view* (the same on every rebuild)."""
     return derived_uid(
-        result.study_uid, result.revision, model.version, "sc", view.sop_instance_uid
+        result.study_uid,
+        result.revision,
+        output_identity(result, model),
+        "sc",
+        view.sop_instance_uid,
     )
 
 

@@ -39,7 +39,7 @@ from pydicom.sr.codedict import codes
 import triage
 from triage import __version__
 from triage.dicom import iod_lookup
-from triage.scoring.result import ModelInfo, StudyResult, shown_decimals
+from triage.scoring.result import ModelInfo, StudyResult, output_identity, shown_decimals
 from triage.uids import derived_uid
 
 # Every SR, overlay and parametric map goes through highdicom's IOD table searches several
@@ -98,12 +98,14 @@ def laterality_of(source: pydicom.Dataset) -> str:
 
 def sr_series_uid(result: StudyResult, model: ModelInfo) -> str:
     """SeriesInstanceUID of the SR of this study revision (the same on every rebuild)."""
-    return derived_uid(result.study_uid, result.revision, model.version, "sr", "series")
+    return derived_uid(
+        result.study_uid, result.revision, output_identity(result, model), "sr", "series"
+    )
 
 
 def sr_sop_instance_uid(result: StudyResult, model: ModelInfo) -> str:
     """SOPInstanceUID of the SR of this study revision (the same on every rebuild)."""
-    return derived_uid(result.study_uid, result.revision, model.version, "sr")
+    return derived_uid(result.study_uid, result.revision, output_identity(result, model), "sr")
 
 
 def build_sr(

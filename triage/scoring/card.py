@@ -128,6 +128,7 @@ class ModelCard:
             version=self.version,
             validated=self.validated,
             threshold=self.threshold,
+            weights=self.weights_sha256 or f"{self.init}:{self.seed}",
         )
 
     def threshold_for(self, study_type: StudyType | None) -> float:

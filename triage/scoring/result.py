@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from triage import MANUFACTURER
+from triage import MANUFACTURER, __version__
 from triage.study_types import StudyType
 
 
@@ -20,6 +20,8 @@ class ModelInfo:
     #: Operating point: a study is abnormal if its probability is > threshold.
     threshold: float = 0.5
     manufacturer: str = MANUFACTURER
+    #: Which weights: their SHA-256, or how a weightless card initialises them ("seeded:0").
+    weights: str = ""
 
 
 def shown_decimals(probability: float, threshold: float, at_least: int) -> int:
@@ -73,3 +75,25 @@ class StudyResult:
     def abnormal(self) -> bool:
         """The finding: abnormal when the study probability is above the threshold."""
         return self.probability > self.threshold
+
+
+def output_identity(result: StudyResult, model: ModelInfo) -> str:
+    """What a result's output UIDs derive from besides its study and revision.
+
+    Everything that can change what the SR and overlays say: the model (name, version, its
+    weights, validated or not), the study's operating threshold and this software's version
+    (preprocessing). The same result built again after a crash gets the same UIDs, so a
+    repeated delivery sends the same instances; a re-tuned threshold, other weights under an
+    unchanged version, or an upgrade get new ones. A PACS keeps the first instance it gets
+    under a UID (Orthanc does by default): reused UIDs would keep the stale finding there.
+    """
+    return "|".join(
+        (
+            model.name,
+            model.version,
+            model.weights,
+            "validated" if model.validated else "not validated",
+            repr(float(result.threshold)),
+            f"msk-triage {__version__}",
+        )
+    )
