@@ -208,6 +208,37 @@ def test_a_migration_down_and_up_keeps_every_study_instance_and_event(store_url:
     engine.dispose()
 
 
+def test_a_study_sent_again_after_its_purge_continues_at_the_next_revision(
+    store: Store, tmp_path
+) -> None:
+    # Its outputs derive their UIDs from the revision: at revision 1 again, a new finding
+    # would reuse the purged one's UIDs, and the PACS would keep the purged (stale) SR.
+    from datetime import timedelta
+
+    from triage.store.models import utcnow
+    from triage.store.operations import cancel, purge
+    from triage.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    for expected in (1, 2, 3):
+        recorded = store.record_instance(meta("1.2.3.1"), None)
+        assert (recorded.duplicate, recorded.revision) == (False, expected)
+        cancel(store, STUDY, "finished")
+        report = purge(store, spool, 0, now=utcnow() + timedelta(seconds=1))
+        assert report.study_uids == [STUDY] and store.get_study(STUDY) is None
+    store.record_instance(meta("1.2.3.2"), None)
+    with store.read_session() as session:
+        from sqlalchemy import select
+
+        from triage.store.models import Study, StudyEvent
+
+        events = session.scalars(
+            select(StudyEvent.reason).join(Study).where(Study.study_uid == STUDY)
+        ).all()
+    assert list(events) == ["first instance received after revision 3 was purged"]
+
+
 def test_the_association_audit_waits_a_second_for_a_locked_sqlite_store(tmp_path) -> None:
     # Written before an association is accepted: another process holding the write lock (a
     # backup, a long purge) must not keep a peer, C-ECHO included, waiting past its timeout.

@@ -291,3 +291,18 @@ class WorkerRecord(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class PurgedStudy(Base):
+    """Where a purged study's revisions stopped.
+
+    A study the PACS sends again after the purge removed it continues at the next revision:
+    its outputs then get new UIDs. Starting again at revision 1 would give a new finding the
+    UIDs of the purged one, and a PACS keeps the first instance it gets under a UID.
+    """
+
+    __tablename__ = "purged_studies"
+
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_revision: Mapped[int] = mapped_column(Integer)
+    purged_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -22,6 +22,7 @@ from triage.store.models import (
     DeliveryState,
     Instance,
     Output,
+    PurgedStudy,
     Study,
     StudyState,
     WorkerRecord,
@@ -242,6 +243,17 @@ def purge(
                 report.files += 1
                 report.bytes += size
         if not dry_run:
+            revisions = {
+                uid: revision
+                for uid, revision in session.execute(
+                    select(Study.study_uid, Study.revision).where(Study.id.in_(ids))
+                )
+            }
+            session.execute(delete(PurgedStudy).where(PurgedStudy.study_uid.in_(revisions)))
+            session.add_all(
+                PurgedStudy(study_uid=uid, last_revision=revision, purged_at=now)
+                for uid, revision in revisions.items()
+            )
             # ON DELETE CASCADE takes instances, events, results, views, outputs, deliveries.
             session.execute(delete(Study).where(Study.id.in_(ids)))
         report.study_uids.extend(uid for _, uid in rows)

@@ -22,6 +22,7 @@ from triage.store.models import (
     DeliveryState,
     Instance,
     Output,
+    PurgedStudy,
     Study,
     StudyEvent,
     StudyState,
@@ -175,18 +176,21 @@ class Store:
             ).first()
             change = ""
             if study is None:
+                purged = connection.execute(
+                    _FIND_PURGED_REVISION, {"study_uid": meta.study_uid}
+                ).scalar()
+                revision = 1 if purged is None else purged + 1
                 study_id = connection.execute(
                     _INSERT_STUDY,
                     {
                         "study_uid": meta.study_uid,
                         "state": StudyState.RECEIVING,
-                        "revision": 1,
+                        "revision": revision,
                         "created_at": now,
                         "state_changed_at": now,
                         "last_instance_at": now,
                     },
                 ).inserted_primary_key[0]
-                revision = 1
                 _insert_event(
                     connection,
                     study_id,
@@ -194,7 +198,9 @@ class Store:
                     StudyState.RECEIVING,
                     revision,
                     now,
-                    "first instance received",
+                    "first instance received"
+                    if purged is None
+                    else f"first instance received after revision {purged} was purged",
                 )
                 change = "opened"
             elif study.state in REOPENED_BY_LATE_INSTANCE:
@@ -439,6 +445,9 @@ _TOUCH_STUDY = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("study_id"))
     .values(last_instance_at=bindparam("now"))
+)
+_FIND_PURGED_REVISION = select(PurgedStudy.__table__.c.last_revision).where(
+    PurgedStudy.__table__.c.study_uid == bindparam("study_uid")
 )
 _INSERT_STUDY = insert(_STUDIES)
 _INSERT_INSTANCE = insert(_INSTANCES)
