@@ -196,3 +196,62 @@ def test_restart_makes_leased_deliveries_due(store: Store) -> None:
     assert outbox.claim_due("pacs", 10, lease_s=600) == []
     assert outbox.release_leases() == len(claimed)
     assert len(outbox.claim_due("pacs", 10, lease_s=600)) == len(claimed)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("record", ["delivered", "failed"])
+def test_recording_a_delivery_locks_the_study_before_the_delivery(pg_url: str, record: str):
+    """A late instance locks the study, then cancels its pending deliveries; the sender
+    recording one of them must take the rows in the same order, or PostgreSQL kills one of
+    the two as a deadlock (a C-STORE answered 0xA701, or a lost acknowledgement)."""
+    import threading
+
+    from sqlalchemy import select, text, update
+
+    from tests.peers import wait_until
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.models import Delivery, Study
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs",))
+    [item, _] = outbox.claim_due("pacs", 10, 60)
+    outcome: dict[str, object] = {}
+
+    def sender() -> None:
+        try:
+            if record == "delivered":
+                outcome["sender"] = outbox.delivered(item.delivery_id)
+            else:
+                outcome["sender"] = outbox.failed(item.delivery_id, "refused", permanent=True)
+        except Exception as exc:  # the deadlock's victim
+            outcome["sender"] = exc
+
+    with engine.connect() as late_instance:
+        late_instance.execute(text("SET lock_timeout = '5s'"))
+        late_instance.execute(select(Study.id).where(Study.study_uid == study).with_for_update())
+        thread = threading.Thread(target=sender)
+        thread.start()
+        wait_until(
+            lambda: late_instance.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one(),
+            message="the sender waits for the study's row",
+        )
+        # The sender holds nothing the late instance needs next (NOWAIT: no deadlock to
+        # wait for; PostgreSQL's retry of a deadlock's victim would hide the wrong order).
+        late_instance.execute(
+            select(Delivery.id).where(Delivery.id == item.delivery_id).with_for_update(nowait=True)
+        )
+        late_instance.execute(
+            update(Delivery).where(Delivery.id == item.delivery_id).values(state="CANCELLED")
+        )
+        late_instance.commit()
+        thread.join(30)
+    assert outcome["sender"] is None  # it saw the cancellation, and nothing failed
+    engine.dispose()

@@ -267,3 +267,57 @@ def test_the_association_audit_waits_a_second_for_a_locked_sqlite_store(tmp_path
     with store.session() as session, session.begin():
         assert session.execute(text("PRAGMA busy_timeout")).scalar() == 30000
     engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("api", ["transaction", "core_transaction"])
+def test_the_victim_of_a_deadlock_runs_again(pg_url: str, api: str) -> None:
+    """PostgreSQL rolls back one of two deadlocked transactions; its work runs again (a
+    C-STORE must not be answered 0xA701 because another writer took rows in another order)."""
+    import threading
+    from collections import Counter
+
+    from sqlalchemy import select
+
+    from triage.store.models import Study
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    first, second = "1.2.3.100", "1.2.3.200"
+    store.record_instance(meta(f"{first}.1", study=first), None)
+    store.record_instance(meta(f"{second}.1", study=second), None)
+    attempts: Counter[str] = Counter()
+    barrier = threading.Barrier(2, timeout=10)
+    finished: dict[str, object] = {}
+
+    def locking(name: str, order: tuple[str, str]):  # type: ignore[no-untyped-def]
+        def work(session_or_connection) -> str:  # type: ignore[no-untyped-def]
+            attempts[name] += 1
+            for n, uid in enumerate(order):
+                session_or_connection.execute(
+                    select(Study.id).where(Study.study_uid == uid).with_for_update()
+                )
+                if n == 0 and attempts[name] == 1:
+                    barrier.wait()  # each holds one row and wants the other's
+            return name
+
+        return work
+
+    def run(name: str, order: tuple[str, str]) -> None:
+        try:
+            finished[name] = getattr(store, api)(locking(name, order))
+        except Exception as exc:
+            finished[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("a", (first, second))),
+        threading.Thread(target=run, args=("b", (second, first))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert finished == {"a": "a", "b": "b"}
+    assert sum(attempts.values()) == 3  # one of them ran twice
+    engine.dispose()

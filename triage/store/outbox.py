@@ -102,7 +102,7 @@ class Outbox:
         """Record an acknowledged delivery; returns the study UID if the study is now DONE."""
 
         def work(session: Session) -> str | None:
-            delivery = session.get(Delivery, delivery_id)
+            delivery = self._with_study_locked(session, delivery_id)
             if delivery is None or delivery.state is not DeliveryState.PENDING:
                 return None
             now = utcnow()
@@ -113,6 +113,21 @@ class Outbox:
             return self._finish_study_if_delivered(session, delivery.output_id, now)
 
         return self.store.transaction(work)
+
+    def _with_study_locked(self, session: Session, delivery_id: int) -> Delivery | None:
+        """The delivery, read after its study's row is locked.
+
+        Study first, then its deliveries: the order in which a late instance (which cancels
+        the study's pending deliveries) and `cancel` take them. Updating the delivery first
+        deadlocked against a late instance on PostgreSQL, and the loser was a C-STORE.
+        """
+        output_id = session.scalar(select(Delivery.output_id).where(Delivery.id == delivery_id))
+        if output_id is None:
+            return None
+        study_id = select(Output.study_id).where(Output.id == output_id).scalar_subquery()
+        session.execute(self._locked(select(Study.id).where(Study.id == study_id)))
+        # Read now, under the lock: a late instance may have cancelled it meanwhile.
+        return session.get(Delivery, delivery_id, populate_existing=True)
 
     def _finish_study_if_delivered(
         self, session: Session, output_id: int, now: datetime
@@ -163,7 +178,7 @@ class Outbox:
             raise ValueError("a failure that may be retried needs a backoff")
 
         def work(session: Session) -> DeliveryState | None:
-            delivery = session.get(Delivery, delivery_id)
+            delivery = self._with_study_locked(session, delivery_id)
             if delivery is None or delivery.state is not DeliveryState.PENDING:
                 return None
             now = utcnow()

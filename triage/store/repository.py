@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Update, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage.store.db import LOCK_WAIT_MS, READ_ONLY
@@ -105,14 +105,15 @@ class Store:
         self, work: Callable[[Session], T], retries: int = 3, *, sessions: Any = None
     ) -> T:
         """Run *work(session)* in one transaction; retried when a concurrent insert wins a
-        unique-key race (the retry then sees the winner's row)."""
+        unique-key race (the retry then sees the winner's row), or when PostgreSQL chose it
+        as a deadlock's or serialisation conflict's victim."""
         for attempt in range(retries):
             with self._writer_lock, (sessions or self._sessions)() as session:
                 try:
                     with session.begin():
                         return work(session)
-                except IntegrityError:
-                    if attempt == retries - 1:
+                except (IntegrityError, OperationalError) as exc:
+                    if attempt == retries - 1 or not _worth_retrying(exc):
                         raise
         raise AssertionError("unreachable")
 
@@ -122,8 +123,8 @@ class Store:
             try:
                 with self._writer_lock, self.engine.begin() as connection:
                     return work(connection)
-            except IntegrityError:
-                if attempt == retries - 1:
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == retries - 1 or not _worth_retrying(exc):
                     raise
         raise AssertionError("unreachable")
 
@@ -446,6 +447,18 @@ _TOUCH_STUDY = (
     .where(_STUDIES.c.id == bindparam("study_id"))
     .values(last_instance_at=bindparam("now"))
 )
+#: PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
+#: and may simply run again.
+_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    """Whether a failed transaction may run again: a lost unique-key race or a conflict."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _CONFLICT_SQLSTATES
+
+
 _FIND_PURGED_REVISION = select(PurgedStudy.__table__.c.last_revision).where(
     PurgedStudy.__table__.c.study_uid == bindparam("study_uid")
 )
