@@ -321,3 +321,22 @@ def test_the_victim_of_a_deadlock_runs_again(pg_url: str, api: str) -> None:
     assert finished == {"a": "a", "b": "b"}
     assert sum(attempts.values()) == 3  # one of them ran twice
     engine.dispose()
+
+
+def test_purge_removes_outputs_no_row_names(store: Store, tmp_path) -> None:
+    # A result discarded by a crash between its files and its row leaves files only the
+    # study's outbox folder ties to it.
+    from triage.store.operations import cancel, purge
+    from triage.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    store.record_instance(meta("1.2.3.1"), None)
+    cancel(store, STUDY, "finished")
+    leftover = f"outbox/{STUDY}/2.25.1234.dcm"
+    spool.write(leftover, [b"an SR no row names"])
+    later = utcnow() + timedelta(seconds=1)
+    dry = purge(store, spool, 0, dry_run=True, now=later)
+    assert (dry.files, dry.bytes) == (1, 18) and spool.path(leftover).exists()
+    done = purge(store, spool, 0, now=later)
+    assert done.files == 1 and not spool.path(leftover).parent.exists()

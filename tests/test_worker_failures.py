@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from tests import crashing_jobs
 from triage.config import Config
 from triage.scoring import worker as worker_module
 from triage.scoring.worker import Worker, load_configured_model
-from triage.store.models import Study, StudyState, utcnow
+from triage.store.models import Output, Study, StudyState, utcnow
 from triage.store.repository import Store
 from triage.store.spool import Spool
 from triage.store.work_queue import WorkQueue
@@ -182,6 +183,12 @@ def test_the_next_revision_keeps_its_lease_when_the_last_one_finishes(
         _wait("revision 2 scored", _finished(store, {StudyState.DONE: 1}))
         study = _study(store, late[0])
         assert (study.revision, study.attempts) == (2, 1)
+        # Revision 1's outputs went with its result: no row names them, nothing would ever
+        # send or purge them.
+        with store.read_session() as session:
+            recorded = set(session.scalars(select(Output.path)))
+        written = {str(p.relative_to(_spool.root)) for p in _spool.root.glob("outbox/*/*")}
+        assert recorded and written == recorded
 
 
 def test_a_study_uid_reused_for_another_patient_is_failed_not_scored(tmp_path: Path) -> None:

@@ -614,6 +614,10 @@ class Worker:
             elapsed_ms = (time.monotonic() - study.started) * 1000
             destinations = [d.name for d in self.config.destinations]
             if not self.queue.complete(claim, result, info, outputs, destinations, elapsed_ms):
+                # No row names these files (unless a rescoring recorded the same ones): nothing
+                # would ever send or purge them.
+                for path in self.queue.unrecorded_outputs([o.path for o in outputs]):
+                    self.spool.remove(path)
                 bound.info("result_discarded", reason="study changed while it was scored")
                 return
             metrics.STUDY_SCORING_SECONDS.observe(elapsed_ms / 1000)

@@ -242,6 +242,18 @@ def purge(
             if size >= 0:
                 report.files += 1
                 report.bytes += size
+        listed = set(outputs)
+        for _, uid in rows:
+            # Outputs no row names: a result discarded by a crash between the files and its
+            # row. They belong to this study as surely as its listed ones.
+            folder = spool.path(f"outbox/{uid}")
+            for leftover in sorted(folder.glob("*.dcm")) if folder.is_dir() else ():
+                if f"outbox/{uid}/{leftover.name}" in listed:
+                    continue  # counted above (still there on a dry run)
+                size = _remove_file(leftover, dry_run)
+                if size >= 0:
+                    report.files += 1
+                    report.bytes += size
         if not dry_run:
             revisions = {
                 uid: revision

@@ -379,6 +379,14 @@ class WorkQueue:
         add_event(session, study, previous, reason, now)
         return Transition(study.study_uid, study.revision, previous, state)
 
+    def unrecorded_outputs(self, paths: Sequence[str]) -> list[str]:
+        """Those of *paths* (outbox files) that no output row names."""
+        if not paths:
+            return []
+        with self.store.read_session() as session:
+            recorded = set(session.scalars(select(Output.path).where(Output.path.in_(paths))))
+        return [path for path in paths if path not in recorded]
+
     def previous_sr(self, claim: Claim, new_sr_uid: str = "") -> str | None:
         """The outbox path of the SR the new one (*new_sr_uid*) replaces: the newest of an
         earlier revision, or of this one by another model (a requeue after an upgrade).
