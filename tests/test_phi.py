@@ -27,8 +27,11 @@ NAME = "Wimbleworth^Ottoline^Q"
 PATIENT_ID = "MRN-55501234"
 BIRTH_DATE = "19380517"
 ACCESSION = "ACC-7312298"
-#: Every piece of identity that must stay out (the name's parts too).
-SECRETS = ("Wimbleworth", "Ottoline", PATIENT_ID, BIRTH_DATE, ACCESSION)
+#: A name without "^", as legacy modalities and HL7 mappings write them: highdicom warns
+#: about it, quoting it whole.
+FLAT_NAME = "QUILLBERRY MARGOT"
+#: Every piece of identity that must stay out (the names' parts too).
+SECRETS = ("Wimbleworth", "Ottoline", "QUILLBERRY", "MARGOT", PATIENT_ID, BIRTH_DATE, ACCESSION)
 
 
 def _assert_clean(text: str, where: str) -> None:
@@ -55,8 +58,13 @@ def test_no_patient_identity_in_logs_http_or_admin_output(
     )
     files = write_study(datasets, tmp_path / "in")
     study_uid = str(datasets[0].StudyInstanceUID)
-    assert storescu(daemon.port, files).acknowledged == 2
+    flat = make_study(body_part="HAND", views=1, rows=256, cols=256, seed=32)
+    for ds in flat:
+        ds.PatientName, ds.PatientID = FLAT_NAME, PATIENT_ID
+    files += write_study(flat, tmp_path / "flat")
+    assert storescu(daemon.port, files).acknowledged == 3
     wait_state(daemon, study_uid, StudyState.DONE)
+    wait_state(daemon, str(flat[0].StudyInstanceUID), StudyState.DONE)
     # The results did reach the PACS, with the patient module copied as DICOM requires.
     assert {str(ds.PatientID) for ds in pacs.received()} == {PATIENT_ID}
     for path in ("/metrics", "/healthz", "/readyz"):
@@ -100,3 +108,39 @@ def test_no_patient_identity_in_logs_http_or_admin_output(
     assert '"event": "instance_stored"' in log  # debug lines from the listener process too
     for number, line in enumerate(lines, 1):
         _assert_clean(line, f"log line {number}")
+
+
+def test_library_warnings_and_errors_reach_the_log_without_the_values_they_quote(
+    tmp_path,
+) -> None:
+    """highdicom warns with the whole PatientName, pydicom raises with the unparsable birth
+    date: in a process whose logging is configured (the daemon, the listener) and in the
+    worker's pool processes, where outputs are built, only the warning's kind is logged."""
+    import subprocess
+    import sys
+
+    script = """
+import io, sys, warnings
+from highdicom.valuerep import check_person_name
+if sys.argv[1] == "daemon":
+    from triage.logs import configure_logging
+    configure_logging("info", "json")
+else:
+    from triage.scoring.worker import _init_decode_process
+    _init_decode_process()
+warnings.simplefilter("always")
+check_person_name("QUILLBERRY MARGOT")
+"""
+    for process in ("daemon", "pool"):
+        run = subprocess.run(
+            [sys.executable, "-c", script, process], capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        _assert_clean(run.stdout + run.stderr, f"the {process} process's output")
+        assert "UserWarning at" in run.stderr and "text withheld" in run.stderr
+
+    from triage.logs import error_text
+
+    reason = error_text(ValueError("Unable to convert '19380517' to 'DA' object"))
+    _assert_clean(reason, "a stored failure reason")
+    assert reason.startswith("ValueError: Unable to convert")

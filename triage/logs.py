@@ -8,7 +8,10 @@ as a second line of defence (e.g. a future ``log.info(..., patient_name=...)`` b
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -52,6 +55,51 @@ def _shared_processors() -> list[Any]:
     ]
 
 
+#: A quoted value in an exception's message ('…' or "…").
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as ``Type: message`` for logs and stored reasons, quoted values withheld.
+
+    Library errors quote the value they could not parse: pydicom's ``Unable to convert
+    '1938-05-17' to 'DA' object`` is a birth date. A reason is logged, stored, and printed by
+    `triage-admin`, so no quoted text goes into one.
+    """
+    return f"{type(exc).__name__}: {_QUOTED.sub('…', str(exc))}"
+
+
+def _show_warning_without_its_text(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` that logs a warning's category and origin, never its text.
+
+    Library warnings quote the values they complain about: highdicom warns with the whole
+    PatientName when it has no ``^``, pydicom with the invalid date. Shown as Python shows
+    them, they reached the journal verbatim, and not as JSON.
+    """
+    origin = "/".join(Path(filename).parts[-2:])
+    logging.getLogger("py.warnings").warning(
+        "%s at %s:%d (text withheld: it may quote patient data)",
+        category.__name__,
+        origin,
+        lineno,
+    )
+
+
+def hide_warning_texts() -> None:
+    """Route Python warnings of this process to the log without their text (see above).
+
+    Called by :func:`configure_logging`, and by pool processes that build outputs.
+    """
+    warnings.showwarning = _show_warning_without_its_text
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Route structlog and the standard library (pynetdicom, APScheduler, Alembic) to *stream*.
 
@@ -84,6 +132,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    hide_warning_texts()
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

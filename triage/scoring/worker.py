@@ -38,7 +38,7 @@ from triage.config import Config
 from triage.dicom.sc import OverlayBox
 from triage.dicom.sr import sr_sop_instance_uid
 from triage.dicom.study_type import decide_study, patients_in
-from triage.logs import get_logger
+from triage.logs import error_text, get_logger, hide_warning_texts
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
 from triage.scoring.model import PendingForward, ScoringModel, resolve_device
 from triage.scoring.outputs import (
@@ -107,6 +107,7 @@ def _init_decode_process() -> None:
     die_with_parent(signal.SIGKILL)
     retain_freed_memory()
     init_decode_worker()
+    hide_warning_texts()  # highdicom warns with the patient's name (outputs are built here)
 
 
 def _warm_process(config: Config, model: ModelInfo) -> bool:
@@ -333,7 +334,7 @@ class Worker:
                     )
                     last_heartbeat = now
             except Exception as exc:  # the store may be down for a while: keep trying
-                log.error("claim_loop_error", error=f"{type(exc).__name__}: {exc}")
+                log.error("claim_loop_error", error=error_text(exc))
             if claimed == 0:
                 self._wake.wait(self.config.worker.poll_interval_s)
                 self._wake.clear()
@@ -345,7 +346,7 @@ class Worker:
         try:
             self._begin(claim)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = error_text(exc)
             log.error(
                 "claim_begin_failed",
                 study_uid=claim.study_uid,
@@ -492,7 +493,7 @@ class Worker:
                 study.give_back = "the decode processes were restarted"
                 self._view_done(study)
             except Exception as exc:
-                study.error = f"decoding failed: {type(exc).__name__}: {exc}"
+                study.error = f"decoding failed: {error_text(exc)}"
                 self._view_done(study)
         return ready
 
@@ -537,7 +538,7 @@ class Worker:
     def _forward_failed(self, ready: list[tuple[_InFlight, DecodedView]], exc: Exception) -> None:
         log.exception("forward_failed", views=len(ready))  # called while *exc* is handled
         for study, _view in ready:
-            study.error = f"model forward failed: {type(exc).__name__}: {exc}"
+            study.error = f"model forward failed: {error_text(exc)}"
             self._view_done(study)
 
     def _deliver(self, started: _Started) -> None:
@@ -637,7 +638,7 @@ class Worker:
             if self.on_scored:
                 self.on_scored()
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = error_text(exc)
             try:
                 state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
             except Exception as store_exc:  # the store is down: the lease expires instead
