@@ -773,3 +773,121 @@ def test_installed_command_works_while_the_daemon_runs(site: Site, daemon_factor
     wrong = run("study", "1.2.3.999")
     assert wrong.returncode == 1 and wrong.stderr == "triage-admin: no study 1.2.3.999\n"
     assert daemon.stop() == 0
+
+
+# --- argument values and TLS files that used to crash ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["echo", "X@127.0.0.1:1", "--calling-ae", "SEVENTEEN_CHARS_X"], "not a valid AE title"),
+        (["echo", "X@127.0.0.1:1", "--calling-ae", "A\\B"], "not a valid AE title"),
+        (["echo", "X\\Y@127.0.0.1:1"], "echo: not a valid AE title in"),
+        (["echo", "X@127.0.0.1:1", "--timeout", "inf"], "must be > 0 and <= 3600 seconds"),
+        (["purge", "--older-than", "inf"], "must be 0..36500 days (100 years)"),
+        (["purge", "--older-than", "nan"], "must be 0..36500 days (100 years)"),
+        (["purge", "--older-than", "1000000"], "must be 0..36500 days (100 years)"),
+        (["studies", "--newer-than", "99999999999d"], "at most 36500d (100 years)"),
+        (["studies", "--older-than", "99999999999d"], "at most 36500d (100 years)"),
+        (["worklist", "--newer-than", "99999999999d"], "at most 36500d (100 years)"),
+        (["studies", "--limit", "99999999999999999999"], "argument --limit: must be 1.."),
+        (["retry", "--delivery", "99999999999999999999999"], "not a delivery id"),
+    ],
+)
+def test_argument_values_that_would_crash_are_usage_errors(
+    tmp_path: Path, capsys, monkeypatch, args: list[str], message: str
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    config = write_config(tmp_path / "c.toml", {"store": {"url": f"sqlite:///{tmp_path}/t.db"}})
+    assert main(["--config", str(config), "db", "upgrade"]) == 0  # a store to crash on
+    capsys.readouterr()
+    assert main(["--config", str(config), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("triage-admin: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _outbox_files(spool: Spool) -> None:
+    """The SR and SC files tests.test_outbox.delivering_study points at, as real DICOM."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    (spool.root / "outbox").mkdir(parents=True, exist_ok=True)
+    for name, sop_class in (("sr.dcm", SR_CLASS), ("sc.dcm", SC_CLASS)):
+        ds = Dataset()
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = "2.25.7"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.file_meta.MediaStorageSOPInstanceUID = "2.25.7"
+        ds.save_as(spool.root / "outbox" / name, enforce_file_format=True)
+
+
+def test_a_destination_tls_file_that_does_not_load(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Refused with the config; one that stops loading while the daemon runs fails its
+    deliveries for good with the reason, and echo says it in one line."""
+    import ssl
+
+    from tests.test_config import _self_signed
+    from tests.test_outbox import delivering_study
+    from triage.config import load_config
+    from triage.dicom.sender import Sender
+
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    ca, _key = _self_signed(tmp_path / "pki", "ca")
+    config_path = write_config(
+        tmp_path / "tls.toml",
+        {
+            "store": {"url": f"sqlite:///{tmp_path}/t.db", "spool_dir": str(tmp_path / "spool")},
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+                | {"tls": True, "tls_ca": str(ca)}
+            ],
+        },
+    )
+    config = load_config(config_path, env={})
+    engine = make_engine(config.store.url)
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(config.spool_path)
+    spool.prepare()
+    _outbox_files(spool)
+    study_uid = delivering_study(store, destinations=("pacs",))
+    good_ca = ca.read_bytes()
+    ca.write_text("not a certificate\n")  # replaced after the daemon started
+    try:
+        assert Sender(config, store, spool).deliver_once(config.destinations[0]) == 2
+        assert main(["--config", str(config_path), "study", study_uid, "--json"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("triage-admin: config error: [destinations.pacs] tls_ca: cannot")
+        ca.write_bytes(good_ca)
+        assert main(["--config", str(config_path), "study", study_uid, "--json"]) == 0
+        deliveries = json.loads(capsys.readouterr().out)["deliveries"]
+    finally:
+        engine.dispose()
+    assert {d["state"] for d in deliveries} == {"FAILED"}
+    assert all(d["last_error"].startswith("cannot set up TLS: SSLError:") for d in deliveries)
+    assert all(d["attempts"] == 1 for d in deliveries)
+    ca.write_text("not a certificate\n")
+    assert main(["--config", str(config_path), "echo", "pacs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("triage-admin: config error: [destinations.pacs] tls_ca: cannot load")
+
+    # Between reading the config and echoing, the file may change: still one line.
+    def broken(_destination: object) -> None:
+        raise ssl.SSLError(136, "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found")
+
+    ca.write_bytes(good_ca)
+    monkeypatch.setattr("triage.dicom.sender.client_tls_context", broken)
+    assert main(["--config", str(config_path), "echo", "pacs"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "triage-admin: echo: destination pacs: cannot set up TLS:"
+        " [X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found\n"
+    )

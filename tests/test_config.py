@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,191 @@ def test_wrong_destination_model_and_delivery_values(tmp_path, toml, message) ->
     with pytest.raises(ConfigError, match=None) as caught:
         load_config(path, env={}, base_dir=tmp_path)
     assert message in str(caught.value)
+
+
+# --- through the command line: exit status 2 and one line ----------------------------------
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """`triage ARGS` in-process: (exit status, stderr)."""
+    from triage.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and its (unencrypted) key, made by openssl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={name}"),
+        ],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+    )
+    return folder / f"{name}.pem", folder / f"{name}.key"
+
+
+def test_tls_files_that_exist_but_do_not_load_are_config_errors(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TRIAGE_")]:
+        monkeypatch.delenv(name)
+    cert, key = _self_signed(tmp_path / "pki", "server")
+    other_cert, other_key = _self_signed(tmp_path / "pki", "other")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a certificate\n")
+    destination = '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\ntls = true\n'
+    cases = [
+        (
+            f'{destination}tls_ca = "{text}"\n',
+            "config error: [destinations.pacs] tls_ca: cannot load CA certificates from",
+        ),
+        (
+            f'{destination}tls_cert = "{text}"\ntls_key = "{key}"\n',
+            "config error: [destinations.pacs] tls_cert: no PEM certificate in",
+        ),
+        (
+            f'[dicom]\ntls = true\ntls_cert = "{text}"\ntls_key = "{key}"\n',
+            "config error: [dicom] tls_cert: no PEM certificate in",
+        ),
+        (
+            f'[dicom]\ntls = true\ntls_cert = "{cert}"\ntls_key = "{other_key}"\n',
+            "config error: [dicom] tls_key: cannot load",
+        ),
+        (
+            f'[dicom]\ntls = true\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{text}"\n',
+            "config error: [dicom] tls_ca: cannot load CA certificates",
+        ),
+    ]
+    path = tmp_path / "tls.toml"
+    for toml, message in cases:
+        path.write_text(toml)
+        for command in ("config", "serve"):
+            code, err = _cli(capsys, "--config", str(path), command)
+            assert code == 2, (toml, err)
+            assert err.startswith(f"triage: {message}"), err
+            assert len(err.strip().splitlines()) == 1
+    # The same files, right, load.
+    path.write_text(
+        f'[dicom]\ntls = true\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{other_cert}"\n'
+        f'{destination}tls_ca = "{cert}"\ntls_cert = "{other_cert}"\ntls_key = "{other_key}"\n'
+    )
+    assert _cli(capsys, "--config", str(path), "config") == (0, "")
+
+
+def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path, capsys, monkeypatch) -> None:
+    from triage import config as config_module
+    from triage.cli.admin import main as admin_main
+
+    folder = tmp_path / "a-directory.toml"
+    folder.mkdir()
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[dicom]\nae_title = "ÄRZTE"\n'.encode("latin-1"))
+    expected = {
+        folder: f"config error: cannot read {folder}: Is a directory",
+        latin1: f"config error: {latin1}: not UTF-8 text (byte 20)",
+    }
+    for path, message in expected.items():
+        assert _cli(capsys, "--config", str(path), "config") == (2, f"triage: {message}\n")
+        assert admin_main(["--config", str(path), "status"]) == 2
+        assert capsys.readouterr().err == f"triage-admin: {message}\n"
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # The tests run as root, whom file modes do not stop: refuse the open itself.
+    monkeypatch.setattr(config_module, "open", refused, raising=False)
+    code, err = _cli(capsys, "--config", str(latin1), "config")
+    assert (code, err) == (2, f"triage: config error: cannot read {latin1}: Permission denied\n")
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("[study]\nquiet_period_s = nan\n", {}, "[study] quiet_period_s: expected a finite number"),
+        ("[study]\ncheck_interval_s = inf\n", {}, "[study] check_interval_s: expected a finite"),
+        ("", {"TRIAGE_STUDY_QUIET_PERIOD_S": "nan"}, "[study] quiet_period_s: expected a finite"),
+        ("", {"TRIAGE_WORKER_LEASE_S": "-inf"}, "[worker] lease_s: expected a finite number"),
+        ("", {"TRIAGE_DELIVERY_TIMEOUT_S": "Infinity"}, "[delivery] timeout_s: expected a finite"),
+        (
+            "[store]\nretention_days = 1000000\n",
+            {},
+            "[store] retention_days: must be 1..36500 (100 years) (got 1000000)",
+        ),
+        (
+            "[study]\ncheck_interval_s = 1e12\n",
+            {},
+            "[study] check_interval_s: must be > 0 and <= 86400 s (one day)",
+        ),
+        ("[worker]\nlease_s = 4\n", {}, "[worker] lease_s: must be >= 5 and <= 86400 s"),
+        ("[dicom]\nshutdown_grace_s = 1e9\n", {}, "[dicom] shutdown_grace_s: must be >= 0 and"),
+        ("[model]\nbatch_wait_ms = 1e9\n", {}, "[model] batch_wait_ms: must be 0..60000"),
+        ("[delivery]\nbackoff_factor = 1e300\n", {}, "[delivery] backoff_factor: must be <= 10"),
+        ("[delivery]\nmax_attempts = 5000\n", {}, "[delivery] max_attempts: must be 1..100"),
+        ('[store]\nurl = "sqlite:///:memory:"\n', {}, "[store] url: an in-memory SQLite"),
+        ('[store]\nurl = "sqlite://"\n', {}, "[store] url: an in-memory SQLite database"),
+        ('[store]\nurl = "sqlite+pysqlite://"\n', {}, "[store] url: an in-memory SQLite"),
+        ("", {"TRIAGE_STORE_URL": "sqlite:///:memory:"}, "[store] url: an in-memory SQLite"),
+    ],
+)
+def test_non_finite_huge_and_in_memory_values_are_refused(
+    tmp_path, capsys, monkeypatch, toml, env, message
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TRIAGE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    code, err = _cli(capsys, "--config", str(path), "config")
+    assert code == 2 and err.startswith(f"triage: config error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "store", "message"),
+    [
+        (
+            "serve",
+            'url = "sqlite:///in-the-way/x.db"',
+            "cannot create the SQLite database's folder: a file is in the way: {dir}/in-the-way",
+        ),
+        (
+            "serve",
+            'spool_dir = "in-the-way/spool"',
+            "cannot create the spool folder {dir}/in-the-way/spool: a file is in the way:",
+        ),
+        (
+            "worker",
+            'spool_dir = "in-the-way"',
+            "cannot create the spool folder {dir}/in-the-way: a file is in the way:",
+        ),
+    ],
+)
+def test_a_store_or_spool_folder_that_cannot_be_made_stops_start_in_one_line(
+    tmp_path, command, store, message
+) -> None:
+    (tmp_path / "in-the-way").write_text("a file, not a folder\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"[store]\n{store}\n[worker]\nenabled = false\n[dicom]\nport = 0\n[http]\nport = 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "triage", "--config", str(config), command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("triage: " + message.format(dir=tmp_path)), last

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,4 +58,60 @@ def test_demo_says_what_to_do_when_the_daemon_is_not_running(daemon_factory) -> 
         check=False,
     )
     assert result.returncode == 1
-    assert "is the daemon running?" in result.stdout
+    assert "is the daemon running?" in result.stderr and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _demo(config: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "triage", "--config", str(config), "demo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_demo_run_elsewhere_than_the_daemon_finds_no_store_and_makes_none(
+    daemon_factory, tmp_path
+) -> None:
+    daemon = daemon_factory(
+        {"store": {"url": "sqlite:///var/triage.db", "spool_dir": "var/spool"}}
+    ).start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _demo(daemon.config_path, elsewhere, "--studies", "1")
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr == (
+        f"triage demo: no store at {elsewhere}/var/triage.db (relative paths in the config"
+        " resolve against the working directory: run from the daemon's, or pass --workdir)\n"
+    )
+    assert not (elsewhere / "var").exists()
+    # --workdir names the daemon's folder: the studies go, and the demo reads its store.
+    result = _demo(
+        daemon.config_path,
+        elsewhere,
+        "--workdir",
+        str(daemon.workdir),
+        "--studies",
+        "1",
+        "--timeout",
+        "1",
+    )
+    assert "sent 1 synthetic studies" in result.stdout, result.stderr
+    assert result.returncode == 1
+    assert result.stderr.startswith("triage demo: 1 studies not finished after 1 s;")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (elsewhere / "var").exists()
+    assert daemon.stop() == 0
+
+
+def test_demo_to_a_host_that_does_not_resolve_says_so_in_one_line(daemon_factory) -> None:
+    daemon = daemon_factory()  # its config only; nothing needs to run
+    result = _demo(daemon.config_path, daemon.workdir, "--host", "nonsense.invalid")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"triage demo: cannot reach nonsense.invalid:{daemon.port}: ")
+    assert len(result.stderr.strip().splitlines()) == 1

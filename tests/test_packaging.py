@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +27,106 @@ def test_every_package_under_triage_is_listed_in_pyproject() -> None:
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
     assert {"triage._migrations", "triage._migrations.versions"} <= listed
     assert (ROOT / "alembic" / "env.py").is_file()
+
+
+# --- the wheel, installed as README's systemd section does (not editable) ---------------------
+
+#: What the wheel is built from (a copy: building in the checkout would leave build/ there).
+_SOURCES = ("pyproject.toml", "README.md", "triage", "alembic", "models")
+
+
+def _build_wheel(work: Path) -> Path:
+    """The msk-triage wheel, built by setuptools from a copy of the sources."""
+    import shutil
+
+    source = work / "source"
+    source.mkdir()
+    for name in _SOURCES:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, source / name)
+    dist = work / "dist"
+    # The backend directly: pip would add seconds and need no more than this.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from setuptools.build_meta import build_wheel; build_wheel({str(dist)!r})",
+        ],
+        cwd=source,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    [wheel] = dist.glob("msk_triage-*.whl")
+    return wheel
+
+
+def _venv_with_dependencies(root: Path) -> Path:
+    """A fresh venv that sees this .venv's packages, but not its editable msk-triage."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    own_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # Not the .venv's site-packages itself: its .pth files would not run from a .pth line
+    # anyway, but its msk_triage dist-info would make two installed msk-triages.
+    visible = root / "dependencies"
+    visible.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        name = entry.name
+        if name.startswith(("msk_triage", "__editable__")) or name.endswith(".pth"):
+            continue
+        (visible / name).symlink_to(entry)
+    Path(own_site, "dependencies.pth").write_text(f"{visible}\n")
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_installed_wheel_migrates_a_store_and_finds_the_demo_card(tmp_path: Path) -> None:
+    wheel = _build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "triage/_migrations/env.py" in names
+    assert "triage/_models/demo/card.toml" in names
+    python = _venv_with_dependencies(tmp_path / "venv")
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps"),
+            *("--no-index", "--quiet", "--disable-pip-version-check", str(wheel)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    bin_dir = python.parent
+    workdir = tmp_path / "empty"  # like /var/lib/msk-triage: no checkout next to it
+    workdir.mkdir()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "VIRTUAL_ENV") and not key.startswith("TRIAGE_")
+    }
+    config = tmp_path / "store.toml"
+    config.write_text('[store]\nurl = "sqlite:///var/triage.db"\nspool_dir = "var/spool"\n')
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            args, cwd=workdir, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    where = run(str(python), "-c", "import triage; print(triage.__file__)")
+    assert where.stdout.startswith(str(tmp_path / "venv")), where.stdout + where.stderr
+    upgrade = run(str(bin_dir / "triage-admin"), "--config", str(config), "db", "upgrade")
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert (workdir / "var" / "triage.db").is_file()
+    for name in ("quickstart.toml", "triage.toml"):
+        shown = run(str(bin_dir / "triage"), "--config", str(ROOT / "deploy" / name), "config")
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        card = Path(json.loads(shown.stdout)["model"]["card"])
+        assert card.is_file() and card.is_relative_to(tmp_path / "venv"), card

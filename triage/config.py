@@ -9,8 +9,10 @@ message is a single line naming the key, so the daemon can stop with it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import ssl
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -34,8 +36,13 @@ def _fail(section: str, key: str, problem: str) -> typing.NoReturn:
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 
 
+def is_valid_ae_title(value: str) -> bool:
+    """1-16 printable ASCII characters, no backslash, not only spaces (DICOM PS3.5 AE VR)."""
+    return bool(_AE_TITLE.match(value)) and bool(value.strip())
+
+
 def _check_ae_title(section: str, key: str, value: str) -> None:
-    if not _AE_TITLE.match(value) or not value.strip():
+    if not is_valid_ae_title(value):
         _fail(section, key, f"not a valid AE title (1-16 printable characters, no '\\'): {value!r}")
 
 
@@ -45,9 +52,63 @@ def _check_port(section: str, key: str, value: int, allow_zero: bool = False) ->
         _fail(section, key, f"must be a TCP port {low}..65535 (got {value})")
 
 
-def _check_positive(section: str, key: str, value: float) -> None:
-    if value <= 0:
-        _fail(section, key, f"must be > 0 (got {value})")
+#: The longest duration a key in seconds may have: past it a value is a typo, and waits on
+#: huge timeouts overflow (threading's wait() refuses them).
+MAX_DURATION_S = 86400.0
+#: The longest retention: a cutoff 100 years back is still a valid date.
+MAX_RETENTION_DAYS = 36500
+
+
+def _check_duration(
+    section: str, key: str, value: float, *, low: float = 0.0, allow_low: bool = False
+) -> None:
+    """*value* in seconds must be above *low* (or equal to it with *allow_low*) and at most
+    :data:`MAX_DURATION_S`."""
+    too_low = value < low if allow_low else value <= low
+    if too_low or value > MAX_DURATION_S:
+        lower = f">= {low:g}" if allow_low else f"> {low:g}"
+        _fail(section, key, f"must be {lower} and <= {MAX_DURATION_S:g} s (one day) (got {value})")
+
+
+class _EncryptedKey(Exception):
+    """Raised by the passphrase callback: the daemon cannot type a passphrase."""
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKey
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """An ssl/OS error in a few words, without OpenSSL's source location."""
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        return exc.strerror
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc)) or type(exc).__name__
+
+
+def _check_tls_files(section: str, *, server: bool, ca: str, cert: str, key: str) -> None:
+    """Build the TLS context the daemon will build from these files, so a file that exists
+    but does not load (not PEM, a key that does not match, an encrypted key) stops here with
+    the key named, instead of failing every association once running."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    if ca:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (OSError, ValueError) as exc:
+            _fail(section, "tls_ca", f"cannot load CA certificates from {ca}: {_tls_reason(exc)}")
+    if not cert:
+        return
+    try:
+        pem = Path(cert).read_bytes()
+    except OSError as exc:
+        _fail(section, "tls_cert", f"cannot read {cert}: {_tls_reason(exc)}")
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        _fail(section, "tls_cert", f"no PEM certificate in {cert}")
+    try:
+        context.load_cert_chain(cert, key or None, password=_no_passphrase)
+    except _EncryptedKey:
+        _fail(section, "tls_key", f"{key} is encrypted: the daemon needs an unencrypted key")
+    except (OSError, ValueError) as exc:
+        _fail(section, "tls_key", f"cannot load {key} with tls_cert {cert}: {_tls_reason(exc)}")
 
 
 @dataclass(frozen=True)
@@ -104,9 +165,8 @@ class DicomConfig:
             if not is_valid_uid(uid):
                 _fail("dicom", "extra_sop_classes", f"not a UID: {uid!r}")
         for key in ("network_timeout_s", "acse_timeout_s", "dimse_timeout_s"):
-            _check_positive("dicom", key, getattr(self, key))
-        if self.shutdown_grace_s < 0:
-            _fail("dicom", "shutdown_grace_s", "must be >= 0")
+            _check_duration("dicom", key, getattr(self, key))
+        _check_duration("dicom", "shutdown_grace_s", self.shutdown_grace_s, allow_low=True)
         if self.tls:
             for key in ("tls_cert", "tls_key"):
                 path = getattr(self, key)
@@ -118,6 +178,9 @@ class DicomConfig:
                 _fail("dicom", "tls_ca", "required when tls_verify_client = true")
             if self.tls_ca and not Path(self.tls_ca).is_file():
                 _fail("dicom", "tls_ca", f"no such file: {self.tls_ca}")
+            _check_tls_files(
+                "dicom", server=True, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key
+            )
 
 
 @dataclass(frozen=True)
@@ -135,12 +198,25 @@ class StoreConfig:
         """Raise :class:`ConfigError` for a wrong value."""
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", self.url):
             _fail("store", "url", "must be a sqlite:/// or postgresql:// URL")
+        sqlite = re.match(r"^sqlite(?:\+\w+)?://(?:/([^?]*))?(?:\?(.*))?$", self.url)
+        if sqlite and (
+            not sqlite.group(1)
+            or sqlite.group(1) == ":memory:"
+            or "memory" in (sqlite.group(2) or "")
+        ):
+            # Each process (listeners, scheduler, worker, triage-admin) would get its own empty
+            # database: the listener could record nothing and answered every C-STORE 0xA701.
+            _fail("store", "url", "an in-memory SQLite database cannot be shared: name a file")
         if not self.spool_dir:
             _fail("store", "spool_dir", "must not be empty")
         if self.min_free_mb < 0:
             _fail("store", "min_free_mb", "must be >= 0")
-        if self.retention_days < 1:
-            _fail("store", "retention_days", "must be >= 1")
+        if not 1 <= self.retention_days <= MAX_RETENTION_DAYS:
+            _fail(
+                "store",
+                "retention_days",
+                f"must be 1..{MAX_RETENTION_DAYS} (100 years) (got {self.retention_days})",
+            )
 
 
 @dataclass(frozen=True)
@@ -154,9 +230,8 @@ class StudyConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a wrong value."""
-        if self.quiet_period_s < 0:
-            _fail("study", "quiet_period_s", "must be >= 0")
-        _check_positive("study", "check_interval_s", self.check_interval_s)
+        _check_duration("study", "quiet_period_s", self.quiet_period_s, allow_low=True)
+        _check_duration("study", "check_interval_s", self.check_interval_s)
 
 
 @dataclass(frozen=True)
@@ -212,8 +287,8 @@ class ModelConfig:
             _fail("model", "precision", f"must be auto, fp32 or bf16 (got {self.precision!r})")
         if not 1 <= self.batch_size <= 1024:
             _fail("model", "batch_size", f"must be 1..1024 (got {self.batch_size})")
-        if self.batch_wait_ms < 0:
-            _fail("model", "batch_wait_ms", "must be >= 0")
+        if not 0 <= self.batch_wait_ms <= 60000:
+            _fail("model", "batch_wait_ms", f"must be 0..60000 (got {self.batch_wait_ms})")
         if self.threads < 0:
             _fail("model", "threads", "must be >= 0")
 
@@ -242,9 +317,8 @@ class WorkerConfig:
             _fail("worker", "decode_processes", "must be 0..256")
         if self.max_attempts < 1:
             _fail("worker", "max_attempts", "must be >= 1")
-        if self.lease_s < 5:
-            _fail("worker", "lease_s", "must be >= 5")
-        _check_positive("worker", "poll_interval_s", self.poll_interval_s)
+        _check_duration("worker", "lease_s", self.lease_s, low=5, allow_low=True)
+        _check_duration("worker", "poll_interval_s", self.poll_interval_s)
         if not 1 <= self.claim_batch <= 256:
             _fail("worker", "claim_batch", "must be 1..256")
 
@@ -285,14 +359,18 @@ class DeliveryConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a wrong value."""
-        _check_positive("delivery", "backoff_start_s", self.backoff_start_s)
+        _check_duration("delivery", "backoff_start_s", self.backoff_start_s)
+        # start·factor^(attempts-1) must stay a float: 10^99 does, 2^1100 overflows.
         if self.backoff_factor < 1:
             _fail("delivery", "backoff_factor", "must be >= 1")
+        if self.backoff_factor > 10:
+            _fail("delivery", "backoff_factor", f"must be <= 10 (got {self.backoff_factor})")
         if self.backoff_max_s < self.backoff_start_s:
             _fail("delivery", "backoff_max_s", "must be >= backoff_start_s")
-        if self.max_attempts < 1:
-            _fail("delivery", "max_attempts", "must be >= 1")
-        _check_positive("delivery", "timeout_s", self.timeout_s)
+        _check_duration("delivery", "backoff_max_s", self.backoff_max_s)
+        if not 1 <= self.max_attempts <= 100:
+            _fail("delivery", "max_attempts", f"must be 1..100 (got {self.max_attempts})")
+        _check_duration("delivery", "timeout_s", self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -344,6 +422,10 @@ class DestinationConfig:
                 _fail(section, key, f"no such file: {path}")
         if bool(self.tls_cert) != bool(self.tls_key):
             _fail(section, "tls_key", "tls_cert and tls_key go together")
+        if self.tls:
+            _check_tls_files(
+                section, server=False, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key
+            )
 
 
 @dataclass(frozen=True)
@@ -416,12 +498,17 @@ def _coerce(section: str, key: str, kind: Any, value: Any, from_env: bool) -> An
     if kind is float:
         if from_env:
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 _fail(section, key, f"expected a number (got {value!r})")
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        elif isinstance(value, bool) or not isinstance(value, int | float):
             _fail(section, key, f"expected a number (got {value!r})")
-        return float(value)
+        else:
+            number = float(value)
+        # nan passes every "< low" check, inf every "> 0" one (TOML and float() read both).
+        if not math.isfinite(number):
+            _fail(section, key, f"expected a finite number (got {value!r})")
+        return number
     if kind is str:
         if not isinstance(value, str):
             _fail(section, key, f"expected a string (got {value!r})")
@@ -503,14 +590,22 @@ def _absolute_paths(config: Config, base: Path) -> Config:
 
 
 def _find_card(card: str, base: Path) -> str:
-    """A relative card path is looked up in *base*, then in the msk-triage checkout/install."""
+    """A relative card path is looked up in *base*, then in the msk-triage checkout, then in
+    the installed package (a wheel ships ``models/…`` as ``triage/_models/…``)."""
     if not card or Path(card).is_absolute():
         return card
     candidate = (base / card).resolve()
     if candidate.is_file():
         return str(candidate)
-    shipped = Path(__file__).resolve().parents[1] / card
-    return str(shipped) if shipped.is_file() else str(candidate)
+    package = Path(__file__).resolve().parent
+    shipped = [package.parent / card]
+    parts = Path(card).parts
+    if parts[0] == "models" and len(parts) > 1:
+        shipped.append(package / "_models" / Path(*parts[1:]))
+    for path in shipped:
+        if path.is_file():
+            return str(path)
+    return str(candidate)
 
 
 def load_config(
@@ -533,6 +628,12 @@ def load_config(
             raise ConfigError(f"config error: no such file: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config error: {path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config error: {path}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:  # no permission, a directory …
+            raise ConfigError(
+                f"config error: cannot read {path}: {exc.strerror or type(exc).__name__}"
+            ) from None
     _check_env_names(env)
     sections: dict[str, Any] = {}
     for name, values in raw.items():

@@ -4,10 +4,13 @@ PostgreSQL store and spool)."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+
+from sqlalchemy import Engine
 
 from triage import metrics
 from triage.config import Config
@@ -62,12 +65,12 @@ class Daemon:
         config = self.config
         stop = stop_event_on_signals()
         notifier = Notifier()
-        engine = make_engine(config.store.url)
+        engine = _make_engine(config)
         revision = upgrade_schema(engine)
         log.info("store_ready", engine=engine.dialect.name, schema=revision)
         store = Store(engine)
         spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-        removed = spool.prepare()
+        removed = _prepare_spool(spool)
         if removed:
             log.warning("spool_temp_files_removed", count=removed)
         if is_sqlite(engine):
@@ -232,12 +235,12 @@ def run_worker(config: Config) -> int:
     and delivery totals are ``triage serve``'s) on its own port."""
     stop = stop_event_on_signals()
     notifier = Notifier()
-    engine = make_engine(config.store.url)
+    engine = _make_engine(config)
     upgrade_schema(engine)
     store = Store(engine)
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
     # A daemon on this host may be receiving into the same spool right now.
-    spool.prepare(older_than_s=_FOREIGN_TEMP_AGE_S)
+    _prepare_spool(spool, older_than_s=_FOREIGN_TEMP_AGE_S)
     health = Health(store, spool, listener=False)
     http = _bind_http(config, health, role="worker")
     worker = _make_worker(config, store, spool, None)
@@ -275,6 +278,39 @@ def run_worker(config: Config) -> int:
     engine.dispose()
     log.info("stopped")
     return exit_code
+
+
+def _make_engine(config: Config) -> Engine:
+    """The store's engine; a SQLite folder that cannot be created stops start-up in one line."""
+    try:
+        return make_engine(config.store.url)
+    except OSError as exc:
+        raise _folder_error("the SQLite database's folder", exc) from exc
+
+
+def _prepare_spool(spool: Spool, older_than_s: float = 0.0) -> int:
+    """``spool.prepare()``; a spool folder that cannot be created stops start-up in one line."""
+    try:
+        return spool.prepare(older_than_s=older_than_s)
+    except OSError as exc:
+        raise _folder_error(f"the spool folder {spool.root}", exc) from exc
+
+
+def _folder_error(what: str, exc: OSError) -> StartupError:
+    """:class:`StartupError` for a folder that cannot be made. A path that is a file, that we
+    may not create or that is read-only needs the config or the host changed (exit 2: no
+    restart); anything else (a full or failing disk) may pass (exit 1)."""
+    lasting = isinstance(exc, PermissionError | NotADirectoryError | FileExistsError) or (
+        exc.errno == errno.EROFS
+    )
+    where = f": {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or type(exc).__name__
+    if isinstance(exc, NotADirectoryError | FileExistsError):
+        reason = "a file is in the way"
+    return StartupError(
+        f"cannot create {what}: {reason}{where}",
+        exit_code=2 if lasting else 1,
+    )
 
 
 def _bind_http(config: Config, health: Health, role: str = "serve") -> HttpServer | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -30,7 +31,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from triage import __version__
-from triage.config import Config, ConfigError, load_config
+from triage.config import (
+    MAX_RETENTION_DAYS,
+    Config,
+    ConfigError,
+    is_valid_ae_title,
+    load_config,
+)
 
 SCHEMA = "msk-triage-admin/1"
 
@@ -58,26 +65,38 @@ class AdminError(Exception):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: The longest age a filter or purge takes: a cutoff further back is no valid date.
+MAX_AGE_DAYS = MAX_RETENTION_DAYS
+#: Row ids are 64-bit integers in both stores (a larger one overflows the driver).
+MAX_ID = 2**63 - 1
 
 
 def parse_duration(text: str) -> float:
-    """``90s``, ``30m``, ``2h``, ``7d``, ``1w`` → seconds."""
+    """``90s``, ``30m``, ``2h``, ``7d``, ``1w`` → seconds (at most :data:`MAX_AGE_DAYS`)."""
     match = _DURATION.match(text)
     if not match:
         raise argparse.ArgumentTypeError(
             f"not a duration: {text!r} (a number and a unit: 90s, 30m, 2h, 7d, 1w)"
         )
-    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+    seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if seconds > MAX_AGE_DAYS * 86400:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_AGE_DAYS}d (100 years) (got {text.strip()!r})"
+        )
+    return seconds
 
 
 def parse_days(text: str) -> float:
-    """``30`` or ``30d`` (days, >= 0), or any duration (``12h``) → days."""
+    """``30`` or ``30d`` (days, 0..:data:`MAX_AGE_DAYS`), or any duration (``12h``) → days."""
     try:
         days = float(text)
     except ValueError:
         days = parse_duration(text) / 86400
-    if days < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 days (got {text!r})")
+    # float() reads "nan" and "inf" too.
+    if not math.isfinite(days) or not 0 <= days <= MAX_AGE_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"must be 0..{MAX_AGE_DAYS} days (100 years) (got {text!r})"
+        )
     return days
 
 
@@ -122,8 +141,39 @@ def parse_limit(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_ID} (got {value})")
+    return value
+
+
+def parse_delivery_id(text: str) -> int:
+    """A delivery id, as `triage-admin study` shows it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a delivery id: {text!r}") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"not a delivery id: {text!r} (1..{MAX_ID})")
+    return value
+
+
+def parse_ae_title(text: str) -> str:
+    """A DICOM AE title: 1-16 printable ASCII characters, no backslash."""
+    if not is_valid_ae_title(text):
+        raise argparse.ArgumentTypeError(
+            f"not a valid AE title (1-16 printable characters, no '\\'): {text!r}"
+        )
+    return text.strip()
+
+
+def parse_timeout(text: str) -> float:
+    """Seconds, more than 0 and at most an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds (got {text!r})")
     return value
 
 
@@ -747,6 +797,8 @@ def parse_target(config: Config, text: str) -> dict[str, Any]:
         if not 1 <= port <= 65535:
             raise AdminError(EXIT_USAGE, f"echo: port out of range in {text!r}")
         host = match.group("host").strip("[]")
+        if not is_valid_ae_title(match.group("ae")):
+            raise AdminError(EXIT_USAGE, f"echo: not a valid AE title in {text!r}")
         return {"ae_title": match.group("ae").strip(), "host": host, "port": port, "name": None}
     for destination in config.destinations:
         if destination.name == text:
@@ -809,7 +861,12 @@ def cmd_echo(ctx: Context) -> int:
     if target["name"]:
         destination = next(d for d in ctx.config.destinations if d.name == target["name"])
         calling = ctx.args.calling_ae or destination.calling_ae or ctx.config.dicom.ae_title
-        tls = client_tls_context(destination)
+        try:
+            tls = client_tls_context(destination)
+        except (OSError, ValueError) as exc:  # a TLS file changed since the config was read
+            raise AdminError(
+                EXIT_USAGE, f"echo: destination {destination.name}: cannot set up TLS: {exc}"
+            ) from exc
     outcome = echo(target, calling, ctx.args.timeout, tls)
     data = {"target": target, "calling_ae": calling, **outcome}
     where = f"{target['ae_title']}@{target['host']}:{target['port']}"
@@ -900,7 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     retry = command("retry", cmd_retry, "send FAILED deliveries again")
     which = retry.add_mutually_exclusive_group(required=True)
-    which.add_argument("--delivery", type=int, action="append", metavar="ID", help="repeatable")
+    which.add_argument(
+        "--delivery", type=parse_delivery_id, action="append", metavar="ID", help="repeatable"
+    )
     which.add_argument("--study", type=parse_uid, metavar="UID")
     which.add_argument("--all-failed", action="store_true")
 
@@ -930,8 +989,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     echo_cmd = command("echo", cmd_echo, "C-ECHO a DICOM peer (check routing)")
     echo_cmd.add_argument("target", help="AE@host:port, or the name of a [[destinations]] entry")
-    echo_cmd.add_argument("--calling-ae", help="our AE title (default: [dicom] ae_title)")
-    echo_cmd.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    echo_cmd.add_argument(
+        "--calling-ae", type=parse_ae_title, help="our AE title (default: [dicom] ae_title)"
+    )
+    echo_cmd.add_argument(
+        "--timeout", type=parse_timeout, default=10.0, help="seconds (default 10)"
+    )
     return parser
 
 

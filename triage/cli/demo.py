@@ -8,6 +8,7 @@ objects went.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from pynetdicom import AE
 
 from triage.config import Config
 from triage.dicom.sop import TRANSFER_SYNTAXES, VERIFICATION
-from triage.store.db import make_engine
 from triage.store.models import Result, Study, StudyState
 from triage.store.outbox import Outbox
 from triage.store.repository import Store
@@ -61,7 +61,10 @@ def _association(config: Config, host: str, port: int, classes: set[str]):  # ty
     ae.add_requested_context(VERIFICATION)
     for sop_class in sorted(classes):
         ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES[:2]))
-    assoc = ae.associate(host, port, ae_title=config.dicom.ae_title)
+    try:
+        assoc = ae.associate(host, port, ae_title=config.dicom.ae_title)
+    except (OSError, ValueError) as exc:  # a host name that does not resolve …
+        raise DemoError(f"cannot reach {host}:{port}: {exc}") from exc
     if not assoc.is_established:
         raise DemoError(
             f"no DICOM answer from {config.dicom.ae_title}@{host}:{port}: is the daemon running? "
@@ -69,6 +72,28 @@ def _association(config: Config, host: str, port: int, classes: set[str]):  # ty
             "TRIAGEDEMO in [dicom] allowed_peers if you set an allow list."
         )
     return assoc
+
+
+def check_daemon(config: Config, host: str | None) -> None:
+    """C-ECHO the daemon; :class:`DemoError` says what to do when it does not answer."""
+    host, port = _address(config, host)
+    assoc = _association(config, host, port, set())
+    try:
+        assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def open_daemon_store(config: Config) -> Store:
+    """The daemon's store, as `triage-admin` opens it: never created here (run elsewhere, a
+    relative SQLite path would name an empty new file), its schema checked."""
+    from triage.cli.admin import AdminError, open_store
+
+    try:
+        return open_store(config)
+    except AdminError as exc:
+        raise DemoError(exc.message) from exc
 
 
 def send_demo_studies(config: Config, count: int, host: str | None) -> list[SentStudy]:
@@ -187,8 +212,13 @@ def store_outputs(store: Store, study_id: int, revision: int) -> list:  # type: 
 
 def run_demo(config: Config, studies: int, timeout: float, host: str | None) -> int:
     """The whole demo; returns the exit code."""
-    engine = make_engine(config.store.url)
-    store = Store(engine)
+    try:
+        # Before any study is made: the daemon answers, and its store is the one we read.
+        check_daemon(config, host)
+        store = open_daemon_store(config)
+    except DemoError as exc:
+        print(f"triage demo: {exc}", file=sys.stderr)
+        return 1
     try:
         sent = send_demo_studies(config, studies, host)
         print(f"sent {len(sent)} synthetic studies ({sum(s.views for s in sent)} images)")
@@ -198,7 +228,7 @@ def run_demo(config: Config, studies: int, timeout: float, host: str | None) -> 
             print("  (no [[destinations]] configured: add your PACS to send results back)")
         return 0
     except DemoError as exc:
-        print(f"triage demo: {exc}")
+        print(f"triage demo: {exc}", file=sys.stderr)
         return 1
     finally:
-        engine.dispose()
+        store.engine.dispose()

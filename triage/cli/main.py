@@ -49,7 +49,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from triage.cli.demo import run_demo
 
-    config = load_config(_config_path(args))
+    config = load_config(_config_path(args), base_dir=args.workdir)
     return run_demo(config, args.studies, args.timeout, args.host)
 
 
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--studies", type=int, default=8, help="how many studies (default 8)")
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
     demo.add_argument("--host", default=None, help="the daemon's host (default: from the config)")
+    demo.add_argument(
+        "--workdir",
+        default=None,
+        help="resolve relative config paths against DIR (the daemon's working directory;"
+        " default: the current directory)",
+    )
     demo.set_defaults(func=_demo)
     synth = commands.add_parser(
         "synth", help="write synthetic studies (see `triage synth -- --help`)", add_help=False

@@ -137,7 +137,16 @@ class Sender:
         for sop_class, syntaxes in sop_classes.items():
             ordered = [*sorted(syntaxes), ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             ae.add_requested_context(sop_class, list(dict.fromkeys(ordered)))
-        tls = client_tls_context(destination)
+        try:
+            tls = client_tls_context(destination)
+        except (OSError, ValueError) as exc:
+            # A TLS file that stopped loading after start-up: every round would fail the same
+            # way before any attempt is recorded. Say why, once, and let an operator fix it.
+            reason = f"cannot set up TLS: {type(exc).__name__}: {exc}"
+            for item in due:
+                if item.delivery_id in datasets:
+                    self._failed(destination, item, reason, permanent=True)
+            return
         try:
             assoc = ae.associate(
                 destination.host,

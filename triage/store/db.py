@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from alembic.config import Config as AlembicConfig
@@ -90,12 +89,22 @@ def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
 
 
 def migrations_dir() -> Path:
-    """Where the Alembic environment is: ./alembic in a checkout, ``triage._migrations`` in a
-    wheel (pyproject maps the folder into the package)."""
-    checkout = Path(__file__).resolve().parents[2] / "alembic"
-    if (checkout / "env.py").is_file():
-        return checkout
-    return Path(str(resources.files("triage._migrations")))
+    """Where the Alembic environment is: ./alembic in a checkout, ``triage/_migrations`` in a
+    wheel (pyproject maps the folder into the package).
+
+    The folder has no ``__init__.py``: one in ./alembic would make it a regular package named
+    ``alembic`` that shadows the Alembic library for anything run from the checkout. So
+    ``triage._migrations`` is a namespace package, for which ``importlib.resources`` returns a
+    MultiplexedPath rather than a folder: look for the folder itself.
+    """
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package.parent / "alembic", package / "_migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StoreUnavailable(
+        f"the store migrations are missing ({package / '_migrations' / 'env.py'}):"
+        " reinstall msk-triage"
+    )
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:
