@@ -9,17 +9,23 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
+from sqlalchemy import select
 
 from triage.config import load_config
 from triage.procutil import WIDE_PIPE_BYTES
 from triage.scoring.priority_pool import BACKGROUND
 from triage.scoring.worker import Worker, load_configured_model
 from triage.store.db import make_engine, upgrade_schema
+from triage.store.models import Output, StudyState, utcnow
 from triage.store.repository import Store
 from triage.store.spool import Spool
+from triage.testing.received import local_worker_config, received_store
+from triage.testing.synth import write_benchmark_files
 
 #: How long the pool's one process is kept busy.
 _BUSY_S = 3.0
@@ -140,3 +146,48 @@ def test_a_build_that_fails_here_raises_its_error(worker: Worker) -> None:
     _keep_the_pool_busy(worker)
     with pytest.raises(TypeError):
         worker._in_pool_or_here(len, 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_japanese_study_without_an_accession_number_gets_its_sr_and_overlays(
+    tmp_path: Path,
+) -> None:
+    """Headers highdicom refuses as they are (an empty first character set value, a missing
+    Type 2 attribute) still give a study its outputs, not FAILED."""
+    config = local_worker_config(
+        tmp_path,
+        model={"device": "cpu", "precision": "fp32", "batch_size": 2, "threads": 1},
+        worker={"decode_processes": 1, "poll_interval_s": 0.05, "max_attempts": 1},
+        overlays=True,
+    )
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    files = write_benchmark_files(config.store.spool_dir, 2, size_mb=0.25, views_per_study=2)
+    for path in files:
+        source = pydicom.dcmread(path)
+        source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        source.PatientName = name
+        del source.AccessionNumber
+        source.save_as(path)
+    engine, store, spool = received_store(config.store.url, Path(config.store.spool_dir), files)
+    worker = Worker(config, store, spool, load_configured_model(config))
+    try:
+        worker.warm_up()
+        store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+        worker.start()
+        finished = (StudyState.DONE, StudyState.DELIVERING, StudyState.FAILED)
+        deadline = time.monotonic() + 120
+        while (study := store.get_study(files[0].parent.name)).state not in finished:
+            assert time.monotonic() < deadline, f"still {study.state}"
+            time.sleep(0.1)
+        assert study.state in (StudyState.DONE, StudyState.DELIVERING), study.state_reason
+        with store.read_session() as session:
+            outputs = list(session.scalars(select(Output).where(Output.study_id == study.id)))
+        assert sorted(output.kind for output in outputs) == ["sc", "sc", "sr"]
+        for output in outputs:
+            written = pydicom.dcmread(spool.root / output.path)
+            assert written.SpecificCharacterSet == ["", "ISO 2022 IR 87"], output.kind
+            assert str(written.PatientName) == name, output.kind
+            assert written.AccessionNumber in (None, ""), output.kind
+    finally:
+        worker.stop(10)
+        engine.dispose()

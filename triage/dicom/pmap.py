@@ -28,6 +28,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from triage.dicom.sc import classifier_bias, set_series_laterality, upsample
+from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import MANUFACTURER, laterality_of, series_description, software_versions
 from triage.scoring.result import ModelInfo, StudyResult, ViewResult, output_identity
 from triage.uids import derived_uid
@@ -126,8 +127,10 @@ def build_parametric_map(
             intercept=bias,
         ),
     ]
+    # The patient and study come from a repaired copy of the header (see build_sr).
+    header = header_for_outputs(source)
     pm = hd.pm.ParametricMap(
-        source_images=[_with_own_frame_of_reference(source, result, model, view)],
+        source_images=[_with_own_frame_of_reference(header, result, model, view)],
         pixel_array=values,
         series_instance_uid=parametric_map_series_uid(result, model, view),
         series_number=series_number,
@@ -157,8 +160,11 @@ def build_parametric_map(
         series_description=description,
         content_date=created.date(),
         content_time=created.time(),
+        # Declared below, once the text it must encode is all there.
+        specific_character_set=None,
     )
     set_series_laterality(pm, laterality)
+    declare_character_set(pm, header)
     return pm
 
 

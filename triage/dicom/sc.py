@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
 from triage.dicom import colormap as colormaps
+from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import (
     MANUFACTURER,
     laterality_of,
@@ -289,8 +290,10 @@ def build_cam_overlay(
     description = series_description("heat map", result, model)
     if series_laterality:
         description = f"{description} {series_laterality}"[:64]
+    # The patient and study come from a repaired copy of the header (see build_sr).
+    header = header_for_outputs(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=header,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -310,13 +313,15 @@ def build_cam_overlay(
         content_date=created.date(),
         content_time=created.time(),
         transfer_syntax_uid=ExplicitVRLittleEndian,
+        # Declared below, once the text it must encode is all there.
+        specific_character_set=None,
     )
-    _copy_patient_and_study(source, sc)
+    _copy_patient_and_study(header, sc)
     orientation = list(source.get("PatientOrientation") or [])
     sc.PatientOrientation = orientation if len(orientation) == 2 else None
     set_series_laterality(sc, laterality)
-    if source.get("BodyPartExamined"):
-        sc.BodyPartExamined = source.BodyPartExamined
+    if header.get("BodyPartExamined"):
+        sc.BodyPartExamined = header.BodyPartExamined
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = "; ".join(lines)
@@ -330,6 +335,7 @@ def build_cam_overlay(
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     reference.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
     sc.SourceImageSequence = [reference]
+    declare_character_set(sc, header)
     return sc
 
 

@@ -39,6 +39,7 @@ from pydicom.sr.codedict import codes
 import triage
 from triage import __version__
 from triage.dicom import iod_lookup
+from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.scoring.result import ModelInfo, StudyResult, output_identity, shown_decimals
 from triage.uids import derived_uid
 
@@ -140,6 +141,9 @@ def build_sr(
     other_study = [ds for ds in evidence if str(ds.StudyInstanceUID) != result.study_uid]
     if other_study:
         raise ValueError(f"sources are not all in study {result.study_uid}")
+    # Headers as they come from modalities: highdicom refuses many (missing Type 2
+    # attributes, odd character sets, dates of 00000000), and one header must not fail a study.
+    evidence = [header_for_outputs(ds) for ds in evidence]
 
     algorithm = _algorithm(model.name, model.version, model.manufacturer)
     site_code, site_meaning = result.study_type.finding_site
@@ -216,6 +220,8 @@ def build_sr(
         is_final=False,
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
+        # Declared below, once the text it must encode is all there.
+        specific_character_set=None,
         content_date=created.date(),
         content_time=created.time(),
     )
@@ -223,6 +229,7 @@ def build_sr(
     # What Comprehensive3DSR.from_dataset would parse the tree into, so that sr.content holds
     # the whole report.
     sr._content = report
+    declare_character_set(sr, evidence[0])
     return sr
 
 

@@ -1,0 +1,283 @@
+"""Outputs of studies whose headers are as modalities really send them: character sets
+highdicom does not take as spelt, missing Type 2 attributes, malformed dates and sexes,
+values longer than their VR allows. Every study still gets its SR, overlays and parametric
+maps, each valid (dciodvfy) and with the patient's name as the source has it.
+
+Sources are written to files and read back without pixels, as the worker holds them (their
+elements raw until read).
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests.dicom_validate import (
+    dciodvfy,
+    display_of,
+    make_result,
+    make_study,
+    require_tools,
+    write_dataset,
+)
+from triage.dicom.part10 import encode_part10
+from triage.dicom.pmap import build_parametric_map
+from triage.dicom.sc import build_cam_overlay
+from triage.dicom.source_header import header_for_outputs, normalise_character_set
+from triage.dicom.sr import build_sr
+from triage.scoring.result import ModelInfo
+from triage.uids import derived_uid
+
+MODEL = ModelInfo(name="densenet169-mura", version="1.2.0", validated=False)
+DEVICE_UID = derived_uid("test device")
+CREATED = datetime.datetime(2026, 1, 1, 12, 30, 5)
+PATIENT_NAME = 0x00100010
+
+JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+KOREAN = "Hong^Gildong=洪^吉洞=홍^길동"
+
+
+def _small_study(views: tuple[str, ...] = ("PA",)) -> list[pydicom.Dataset]:
+    return make_study("DX", views=views, rows=96, cols=80)
+
+
+def _received(study: list[pydicom.Dataset], tmp_path: Path) -> list[pydicom.Dataset]:
+    """*study* written and read back without pixels, as the worker reads it."""
+    return [
+        pydicom.dcmread(
+            write_dataset(source, tmp_path / f"source{index}.dcm"), stop_before_pixels=True
+        )
+        for index, source in enumerate(study)
+    ]
+
+
+def _written(output: pydicom.Dataset, path: Path) -> pydicom.Dataset:
+    """*output* encoded as the worker does, checked by dciodvfy, and read back."""
+    path.write_bytes(encode_part10(output))
+    validation = dciodvfy(path)
+    assert not validation.errors, f"{path.name}:\n{validation.output}"
+    return pydicom.dcmread(path)
+
+
+def _outputs(study: list[pydicom.Dataset], tmp_path: Path) -> dict[str, pydicom.Dataset]:
+    """SR, first overlay and first parametric map of *study*, as written and read back."""
+    require_tools("dciodvfy")
+    headers = _received(study, tmp_path)
+    result = make_result(study)
+    view = result.views[0]
+    built = {
+        "sr": build_sr(headers, result, MODEL, device_uid=DEVICE_UID, created=CREATED),
+        "sc": build_cam_overlay(headers[0], display_of(study[0]), view, result, MODEL),
+        "pm": build_parametric_map(headers[0], view, result, MODEL, device_uid=DEVICE_UID),
+    }
+    return {kind: _written(output, tmp_path / f"{kind}.dcm") for kind, output in built.items()}
+
+
+# --- character sets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("declared", "name", "raw", "description", "expected"),
+    [
+        (["", "ISO 2022 IR 87"], JAPANESE, None, "手首 XR", ["", "ISO 2022 IR 87"]),
+        (["", "ISO 2022 IR 149"], KOREAN, None, "손목 XR", ["", "ISO 2022 IR 149"]),
+        (
+            ["ISO 2022 IR 6", "ISO 2022 IR 149"],
+            KOREAN,
+            None,
+            "손목",
+            ["ISO 2022 IR 6", "ISO 2022 IR 149"],
+        ),
+        ("ISO_IR 6", "Smith^John", None, "XR WRIST", None),
+        ("ISO 2022 IR 100", "Müller^Jürgen", None, "Hüfte", "ISO_IR 100"),
+        ("ISO IR 100", "Müller^Jürgen", "latin-1", "XR WRIST", "ISO_IR 100"),
+        ("iso_ir 192", "Müller^Jürgen=李^小龙", "utf-8", "XR WRIST", "ISO_IR 192"),
+    ],
+    ids=[
+        "japanese",
+        "korean",
+        "korean-ir6",
+        "iso-ir-6",
+        "2022-ir100-alone",
+        "ISO-IR-100",
+        "lower-utf8",
+    ],
+)
+def test_outputs_of_a_common_character_set_are_valid_and_name_the_patient_as_the_source(
+    declared: str | list[str],
+    name: str,
+    raw: str | None,
+    description: str,
+    expected: str | list[str] | None,
+    tmp_path: Path,
+) -> None:
+    study = _small_study()
+    for source in study:
+        source.SpecificCharacterSet = declared
+        # pydicom cannot encode in a misspelt character set: the bytes are the test's.
+        source.add_new(PATIENT_NAME, "PN", name.encode(raw) if raw else name)
+        source.StudyDescription = description
+
+    for kind, output in _outputs(study, tmp_path).items():
+        assert output.get("SpecificCharacterSet") == expected, kind
+        assert str(output.PatientName) == name, kind
+        assert output.StudyDescription == description, kind
+
+
+def test_japanese_names_are_written_in_iso_2022_jis(tmp_path: Path) -> None:
+    study = _small_study()
+    study[0].SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    study[0].PatientName = JAPANESE
+    written = _outputs(study, tmp_path)["sr"]
+    encoded = written.get_item(PATIENT_NAME).value
+    assert encoded.startswith(b"Yamada^Tarou=\x1b$B")  # JIS X 0208 designated, not UTF-8
+
+
+def test_latin_1_names_without_a_character_set_are_declared_latin_1_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    # Old CR units write Latin-1 and declare nothing; pydicom reads it as Latin-1.
+    study = _small_study()
+    del study[0].SpecificCharacterSet
+    study[0].add_new(PATIENT_NAME, "PN", "Müller^Jürgen".encode("latin-1"))
+    for kind, output in _outputs(study, tmp_path).items():
+        assert output.SpecificCharacterSet == "ISO_IR 100", kind
+        assert output.get_item(PATIENT_NAME).value.rstrip(b" ") == b"M\xfcller^J\xfcrgen", kind
+
+
+def test_latin_1_bytes_declared_utf_8_keep_their_letters(tmp_path: Path) -> None:
+    # pydicom would make replacement characters of them.
+    study = _small_study()
+    study[0].SpecificCharacterSet = "ISO_IR 192"
+    study[0].add_new(PATIENT_NAME, "PN", "Müller^Jürgen".encode("latin-1"))
+    for kind, output in _outputs(study, tmp_path).items():
+        assert output.SpecificCharacterSet == "ISO_IR 192", kind
+        assert str(output.PatientName) == "Müller^Jürgen", kind
+
+
+def test_sr_text_the_sources_character_set_cannot_hold_makes_it_utf_8(tmp_path: Path) -> None:
+    require_tools("dciodvfy")
+    study = _small_study(("PA", "LL"))
+    for source in study:
+        del source.SpecificCharacterSet
+    headers = _received(study, tmp_path)
+    result = make_result(study[:1], skipped=[(study[1], "not a DICOM file: bad preamble ‘µ’")])
+    sr = build_sr(headers, result, MODEL, device_uid=DEVICE_UID, created=CREATED)
+    assert _written(sr, tmp_path / "sr.dcm").SpecificCharacterSet == "ISO_IR 192"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, ()),
+        ("ISO_IR 6", ()),
+        ("ISO 2022 IR 6", ()),
+        (["", "ISO 2022 IR 87"], ("", "ISO 2022 IR 87")),
+        (b"\\ISO 2022 IR 87 ", ("", "ISO 2022 IR 87")),  # raw, as read
+        ("ISO 2022 IR 87", ("", "ISO 2022 IR 87")),
+        (["ISO 2022 IR 6", "ISO 2022 IR 149"], ("ISO 2022 IR 6", "ISO 2022 IR 149")),
+        (["ISO_IR 13", "ISO 2022 IR 87"], ("ISO 2022 IR 13", "ISO 2022 IR 87")),
+        ("ISO 2022 IR 100", ("ISO_IR 100",)),
+        ("ISO IR 100", ("ISO_IR 100",)),
+        ("iso_ir 192", ("ISO_IR 192",)),
+        ("ISO_IR192", ("ISO_IR 192",)),
+        (["ISO_IR 100", "ISO_IR 100"], ("ISO_IR 100",)),
+        ("GB18030", ("GB18030",)),
+        ("WINDOWS-1252", ()),  # unknown: the text decides (see declare_character_set)
+    ],
+)
+def test_character_sets_are_normalised(value: object, expected: tuple[str, ...]) -> None:
+    assert normalise_character_set(value) == expected
+
+
+# --- missing and malformed values -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keyword",
+    [
+        "AccessionNumber",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientName",
+        "PatientID",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "ReferringPhysicianName",
+        "Modality",
+    ],
+)
+def test_a_missing_attribute_leaves_it_empty_in_every_output(keyword: str, tmp_path: Path) -> None:
+    study = _small_study()
+    delattr(study[0], keyword)
+    for kind, output in _outputs(study, tmp_path).items():
+        if keyword != "Modality":  # each output has its own
+            assert keyword in output and not output[keyword].value, kind
+        assert output.PatientID == "TRIAGE-0001" or keyword == "PatientID", kind
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("PatientSex", "U", ""),
+        ("PatientSex", "X", ""),
+        ("PatientSex", "m", "M"),
+        ("PatientSex", " f ", "F"),
+        ("PatientBirthDate", "00000000", ""),
+        ("PatientBirthDate", "19700000", ""),
+        ("StudyDate", "20260230", ""),
+        ("StudyDate", "2026.01.01", "20260101"),  # ACR-NEMA's form of a valid date
+        ("StudyTime", "10:15:00", ""),
+    ],
+)
+def test_a_malformed_value_is_emptied_or_mended_and_the_rest_kept(
+    keyword: str, value: str, expected: str, tmp_path: Path
+) -> None:
+    study = _small_study()
+    study[0][keyword].value = value
+    for kind, output in _outputs(study, tmp_path).items():
+        assert (output[keyword].value or "") == expected, kind
+        assert str(output.PatientName) == "Test^Patient", kind
+        assert output.AccessionNumber == "ACC0001", kind
+
+
+def test_values_longer_than_their_vr_allows_are_cut_to_length(tmp_path: Path) -> None:
+    study = _small_study()
+    source = study[0]
+    source.StudyDescription = "D" * 80  # LO: 64
+    source.AccessionNumber = "A" * 20  # SH: 16
+    source.StudyID = "S" * 20
+    source.PatientID = "P" * 70  # LO
+    source.PatientName = "N" * 70 + "^Given"  # PN: 64 per component group
+    source.ReferringPhysicianName = "R" * 70 + "^Q"
+    source.InstitutionName = "Universitätsklinikum " + "Z" * 60  # LO, into equipment
+
+    for kind, output in _outputs(study, tmp_path).items():
+        assert output.StudyDescription == "D" * 64, kind
+        assert output.AccessionNumber == "A" * 16, kind
+        assert output.StudyID == "S" * 16, kind
+        assert output.PatientID == "P" * 64, kind
+        # The name keeps its components: cut from the longest one.
+        assert str(output.PatientName) == "N" * 58 + "^Given", kind
+        assert str(output.ReferringPhysicianName) == "R" * 62 + "^Q", kind
+
+
+def test_the_header_copy_leaves_the_source_as_it_was() -> None:
+    [source] = _small_study()
+    source.PatientSex = "m"
+    source.StudyDescription = "D" * 80
+    del source.AccessionNumber
+    header = header_for_outputs(source)
+    assert (header.PatientSex, header.StudyDescription, header.AccessionNumber) == (
+        "M",
+        "D" * 64,
+        None,
+    )
+    assert (source.PatientSex, len(source.StudyDescription)) == ("m", 80)
+    assert "AccessionNumber" not in source and "PixelData" not in header
+    assert np.frombuffer(source.PixelData, np.uint16).size == 96 * 80

@@ -1,0 +1,391 @@
+"""Source headers made fit to build outputs from, and the character set those outputs declare.
+
+The SR, overlays and parametric maps copy the patient and study of a source image, and
+highdicom reads and checks several of its values. Real headers break it in common ways:
+a Type 2 attribute left out (AccessionNumber, PatientBirthDate …), a date of ``00000000``,
+a PatientSex of ``U``, a SpecificCharacterSet spelt ``ISO IR 100`` or ``\\ISO 2022 IR 87``
+(highdicom only takes the spellings of its enum, and no empty first value). One study's
+header must not make the study FAILED, so builders work from :func:`header_for_outputs`, a
+copy of the header with those repaired, hand highdicom no character set, and declare the
+character set on the finished object with :func:`declare_character_set`.
+
+The copy keeps every value that is valid as the source has it; what cannot be carried over
+validly is emptied (an unparseable date) or cut to its VR's length (a 70-character
+StudyDescription), which is what the outputs need to pass dciodvfy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pydicom
+from pydicom.charset import convert_encodings, default_encoding, python_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import DA, TM, PersonName
+
+#: Attributes highdicom reads from a source without a default; absent, they are added empty
+#: (all but Modality are Type 2 in the source's Patient and General Study modules).
+_REQUIRED = {
+    "PatientName": "PN",
+    "PatientID": "LO",
+    "PatientBirthDate": "DA",
+    "PatientSex": "CS",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "ReferringPhysicianName": "PN",
+    "StudyID": "SH",
+    "AccessionNumber": "SH",
+    "Modality": "CS",
+}
+#: Most characters of one value (PS3.5 6.2); PN is per component group. DS, IS and UI are
+#: left alone: cutting a number or a UID would change what it says.
+_MAX_CHARS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
+#: VRs whose values are encoded in the character set (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+_PATIENT_SEXES = frozenset({"M", "F", "O"})
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+_STRICT_DA = re.compile(r"^\d{8}$")
+_STRICT_TM = re.compile(r"^(?:[01]\d|2[0-3])(?:[0-5]\d(?:[0-5]\d(?:\.\d{1,6})?)?)?$")
+# "ISO IR 100", "ISO_IR100", "iso-2022-ir-87" …: the standard's terms as mistyped in the wild.
+_ISO_TERM = re.compile(r"^ISO[ _-]?(2022[ _-]?)?IR[ _-]?(\d+)$")
+#: Terms of the default repertoire (ASCII).
+_DEFAULT_TERMS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
+#: Terms that stand alone: no code extensions with them (PS3.3 C.12.1.1.2).
+_STANDALONE_TERMS = frozenset({"ISO_IR 192", "GB18030", "GBK"})
+_MULTI_BYTE_TERMS = frozenset(
+    {"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"}
+)
+_UTF8 = "ISO_IR 192"
+_LATIN_1 = "ISO_IR 100"
+_UTF8_ENCODINGS = convert_encodings(_UTF8)
+
+
+def normalise_character_set(value: Any) -> tuple[str, ...]:
+    """The defined terms a SpecificCharacterSet *value* means; ``()`` is the default repertoire.
+
+    Spelling variants are mapped to the standard's terms (``ISO IR 100``, ``iso_ir 192``);
+    ``ISO_IR 6`` and a single ISO 2022 term of a single-byte set mean what the plain term
+    does; a multi-valued value keeps its (possibly empty) first term and lists the others in
+    their ISO 2022 form, once each. Terms no codec is known for are dropped.
+    """
+    terms = [_standard_term(term) for term in _terms(value)]
+    if len(terms) > 1 and not all(term in _DEFAULT_TERMS for term in terms[1:]):
+        first = terms[0] if terms[0] in python_encoding else ""
+        if first in _STANDALONE_TERMS:
+            return (first,)  # the text is in it; code extensions cannot go with it
+        extended = [first if first in _DEFAULT_TERMS else _extension(first)]
+        for term in terms[1:]:
+            if term in python_encoding and term not in _STANDALONE_TERMS:
+                term = _extension(term)
+                if term not in extended:
+                    extended.append(term)
+        if len(extended) > 1:
+            return tuple(extended)
+        return _single(extended[0])
+    known = [term for term in terms if term in python_encoding]
+    return _single(known[0] if known else "")
+
+
+def _terms(value: Any) -> list[str]:
+    """The terms of a SpecificCharacterSet value as stored: decoded or raw bytes."""
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        values: list[object] = list(value.split("\\"))
+    else:
+        values = list(value)
+    return [str(term if term is not None else "").strip(" \x00") for term in values]
+
+
+def _standard_term(term: str) -> str:
+    term = term.strip().upper()
+    match = _ISO_TERM.match(term)
+    if match is None:
+        return term
+    number = int(match.group(2))
+    return f"ISO 2022 IR {number}" if match.group(1) else f"ISO_IR {number}"
+
+
+def _extension(term: str) -> str:
+    """*term* as a code extension (``ISO_IR 100`` → ``ISO 2022 IR 100``)."""
+    if term.startswith("ISO_IR "):
+        extended = "ISO 2022 IR " + term[len("ISO_IR ") :]
+        return extended if extended in python_encoding else term
+    return term
+
+
+def _single(term: str) -> tuple[str, ...]:
+    """The value of a character set of one term."""
+    if term in _DEFAULT_TERMS:
+        return ()
+    if term in _MULTI_BYTE_TERMS:  # a multi-byte set extends the default repertoire
+        return ("", term)
+    if term.startswith("ISO 2022 IR "):  # without a second set, the plain term says it
+        plain = "ISO_IR " + term[len("ISO 2022 IR ") :]
+        return (plain,) if plain in python_encoding else (term,)
+    return (term,)
+
+
+def character_set_of(dataset: pydicom.Dataset) -> tuple[str, ...]:
+    """The normalised SpecificCharacterSet of *dataset* (see :func:`normalise_character_set`)."""
+    element = dataset.get_item(_SPECIFIC_CHARACTER_SET)
+    if element is None:
+        return ()
+    return normalise_character_set(element.value)
+
+
+def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of *source*'s header (public elements, no pixel data) that the builders accept.
+
+    - SpecificCharacterSet is normalised; text that pydicom decoded wrongly because it could
+      not read the source's spelling is decoded again from its bytes, and text declared
+      UTF-8 whose bytes are not is read as Latin-1 (what such sources hold);
+    - the attributes highdicom reads (see ``_REQUIRED``) are added, empty, where absent;
+    - a DA or TM value that does not parse is emptied (one in another DICOM-era format is
+      rewritten in today's); a PatientSex that is not M, F or O (once stripped and upper-cased)
+      is emptied;
+    - text values longer than their VR allows are cut to length (PN per component group).
+
+    *source* is not changed (beyond pydicom decoding its raw elements on access, as any read
+    does); unchanged elements are shared with it.
+    """
+    declared = source.get_item(_SPECIFIC_CHARACTER_SET)
+    charset = normalise_character_set(declared.value if declared is not None else None)
+    header = _copied(source, _redecoding(declared, charset), top_level=True)
+    for keyword, vr in _REQUIRED.items():
+        if keyword not in header:
+            header.add_new(keyword, vr, None)
+    if charset:
+        header.SpecificCharacterSet = charset[0] if len(charset) == 1 else list(charset)
+    elif _SPECIFIC_CHARACTER_SET in header:
+        del header[_SPECIFIC_CHARACTER_SET]
+    return header
+
+
+def declare_character_set(output: pydicom.Dataset, header: pydicom.Dataset) -> None:
+    """Set *output*'s SpecificCharacterSet: *header*'s (from :func:`header_for_outputs`), or
+    the smallest that encodes every text value of *output* where that one cannot.
+
+    A source without a character set (or with the default one) whose text is not ASCII was
+    read as Latin-1, so ISO_IR 100 keeps those bytes as they were; text no declared set can
+    encode (a reason in the SR, a name decoded with replacement characters) makes it UTF-8.
+    """
+    charset = character_set_of(header)
+    texts = [text for text in _texts(output) if not text.isascii()]
+    if texts and not _encodes(charset, texts):
+        charset = (_LATIN_1,) if not charset and _encodes((_LATIN_1,), texts) else (_UTF8,)
+    if charset:
+        output.SpecificCharacterSet = charset[0] if len(charset) == 1 else list(charset)
+    elif _SPECIFIC_CHARACTER_SET in output:
+        del output[_SPECIFIC_CHARACTER_SET]
+
+
+# --- copying --------------------------------------------------------------------------------
+
+
+def _redecoding(
+    declared: DataElement | RawDataElement | None, charset: tuple[str, ...]
+) -> list[str] | None:
+    """The Python encodings to decode the source's text with again, or None if pydicom's are
+    right: where pydicom did not know the source's spelling (it then reads Latin-1) but the
+    normalised one is known, and for UTF-8 (to catch Latin-1 bytes declared UTF-8)."""
+    if charset == (_UTF8,):
+        return list(_UTF8_ENCODINGS)
+    if declared is None or not charset:
+        return None
+    terms = _terms(declared.value)
+    if all(term in python_encoding for term in terms):
+        return None  # pydicom read the source as it says
+    wanted = convert_encodings(list(charset))
+    return wanted if convert_encodings(terms) != wanted else None
+
+
+def _copied(
+    dataset: pydicom.Dataset, encodings: list[str] | None, *, top_level: bool = False
+) -> pydicom.Dataset:
+    # What pydicom decodes this data set's text with (it warns on every look at a misspelt
+    # character set, so once).
+    read_as = dataset._character_set if encodings is not None else None
+    copy = pydicom.Dataset()
+    for tag in list(dataset.keys()):
+        if tag.is_private or tag in _PIXEL_TAGS:
+            continue  # nothing highdicom or the builders copy into an output
+        element = _decoded(dataset, tag, encodings, read_as)
+        copy.add(_fitted(element, top_level=top_level, encodings=encodings))
+    return copy
+
+
+def _decoded(
+    dataset: pydicom.Dataset, tag: int, encodings: list[str] | None, read_as: object
+) -> DataElement:
+    """The element of *tag*, its text decoded with *encodings* when given."""
+    stored = dataset.get_item(tag)
+    if encodings is None or tag == _SPECIFIC_CHARACTER_SET:
+        return dataset[tag]
+    if isinstance(stored, RawDataElement):
+        vr = stored.VR or _dictionary_vr(tag)
+        if vr not in _TEXT_VRS:
+            return dataset[tag]
+        data = bytes(stored.value or b"")
+    else:
+        element = dataset[tag]
+        if element.VR not in _TEXT_VRS or read_as not in (default_encoding, [default_encoding]):
+            return element  # only pydicom's fallback reading (Latin-1) can be undone
+        latin_1 = _latin_1_bytes(element.value)
+        if latin_1 is None:
+            return element
+        data, vr = latin_1, element.VR
+        stored = RawDataElement(tag, vr, len(data), data, 0, False, True, True, False)
+    chosen = list(encodings)
+    if chosen == _UTF8_ENCODINGS:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            chosen = convert_encodings(_LATIN_1)  # declared UTF-8, written in Latin-1
+    return convert_raw_data_element(stored._replace(VR=vr), encoding=chosen, ds=dataset)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def _latin_1_bytes(value: object) -> bytes | None:
+    """The bytes pydicom read as Latin-1 into *value*, or None for a value of another kind."""
+    if value is None:
+        return b""
+    values = list(value) if isinstance(value, MultiValue | list) else [value]
+    try:
+        return "\\".join(str(v) for v in values).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def _fitted(element: DataElement, *, top_level: bool, encodings: list[str] | None) -> DataElement:
+    """*element*, or a new one with its value made valid for the output (see
+    :func:`header_for_outputs`)."""
+    vr, value = element.VR, element.value
+    if vr == "SQ":
+        return DataElement(
+            element.tag, vr, DicomSequence([_copied(item, encodings) for item in value or []])
+        )
+    if value is None or value == "":
+        return element
+    if vr in ("DA", "TM"):
+        fixed = _mapped(value, _date if vr == "DA" else _time)
+    elif top_level and element.tag == 0x00100040:  # PatientSex
+        sex = str(value).strip().upper()
+        fixed = sex if sex in _PATIENT_SEXES else ""
+    elif vr == "PN":
+        fixed = _mapped(value, _person_name)
+    elif vr in _MAX_CHARS:
+        limit = _MAX_CHARS[vr]
+        fixed = _mapped(value, lambda text: text if len(text) <= limit else text[:limit].rstrip())
+    else:
+        return element
+    if fixed == value:
+        return element
+    return DataElement(element.tag, vr, fixed)
+
+
+def _mapped(value: Any, fix: Callable[[Any], object]) -> object:
+    """*fix* applied to each value of *value* (one, or a MultiValue)."""
+    if isinstance(value, MultiValue | list):
+        return [fix(v) for v in value]
+    return fix(value)
+
+
+def _date(value: object) -> str:
+    text = str(value).strip()
+    if _STRICT_DA.match(text):
+        try:
+            datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        except ValueError:
+            return ""
+        return text
+    try:
+        parsed = DA(text)  # an ACR-NEMA "2026.01.01" is still a date
+    except (ValueError, TypeError, OverflowError):
+        return ""
+    return parsed.strftime("%Y%m%d") if isinstance(parsed, datetime.date) else ""
+
+
+def _time(value: object) -> str:
+    text = str(value).strip()
+    if _STRICT_TM.match(text):
+        return text
+    try:
+        parsed = TM(text)
+    except (ValueError, TypeError, OverflowError):
+        return ""
+    if not isinstance(parsed, datetime.time):
+        return ""
+    fraction = f".{parsed.microsecond:06d}" if parsed.microsecond else ""
+    return parsed.strftime("%H%M%S") + fraction
+
+
+def _person_name(value: object) -> str | PersonName:
+    text = str(value)
+    groups = text.split("=")
+    if all(len(group) <= _MAX_CHARS["PN"] for group in groups):
+        return value if isinstance(value, PersonName | str) else text
+    return "=".join(_fitted_group(group) for group in groups)
+
+
+def _fitted_group(group: str) -> str:
+    """A PN component group cut to 64 characters from its longest components, so that every
+    component (and caret) stays: a name cut to its family name alone reads as another form."""
+    limit = _MAX_CHARS["PN"]
+    components = group.split("^")
+    while sum(map(len, components)) + len(components) - 1 > limit:
+        longest = max(range(len(components)), key=lambda index: len(components[index]))
+        if not components[longest]:
+            return group[:limit]  # carets alone are too many
+        components[longest] = components[longest][:-1]
+    return "^".join(components)
+
+
+# --- character sets -------------------------------------------------------------------------
+
+
+def _texts(dataset: pydicom.Dataset) -> Iterator[str]:
+    """Every text value of *dataset*, nested ones included."""
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value or ():
+                yield from _texts(item)
+        elif element.VR in _TEXT_VRS and element.value is not None:
+            value = element.value
+            for text in value if isinstance(value, MultiValue | list) else [value]:
+                if text is not None:
+                    yield str(text)
+
+
+def _encodes(charset: tuple[str, ...], texts: Iterable[str]) -> bool:
+    """Whether every character of *texts* is in one of *charset*'s repertoires."""
+    codecs = ["ascii"] + [python_encoding[term] for term in charset if term not in _DEFAULT_TERMS]
+    for text in texts:
+        for char in set(text):
+            if not any(_encodable(char, codec) for codec in codecs):
+                return False
+    return True
+
+
+def _encodable(char: str, codec: str) -> bool:
+    try:
+        char.encode(codec)
+    except (UnicodeError, LookupError):
+        return False
+    return True
