@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +289,60 @@ def test_dicom_folder_labels_and_types(tmp_path: Path) -> None:
     labels.write_text("1.2.3.1,1\n1.2.3.404,0\n")
     with pytest.raises(DataError, match="no DICOM file"):
         load_dicom_folder(tmp_path, labels)
+
+
+def _copy_with(source: Path, target: Path, **values: str) -> Path:
+    """A copy of a DICOM file with other (possibly invalid) values."""
+    ds = pydicom.dcmread(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid values it writes
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_damaged_dicom_files_are_skipped_counted_and_quiet(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    img = np.full((20, 20), 100, np.uint8)
+    good = _dicom(tmp_path / "a", img, "1.2.3.1", "P1", "WRIST")
+    blob = good.read_bytes()
+    # An unknown VR in the file meta: dcmread raises NotImplementedError.
+    at = blob.index(b"\x02\x00\x10\x00UI", 132)
+    (tmp_path / "a" / "unknown_vr.dcm").write_bytes(blob[: at + 5] + b"f" + blob[at + 6 :])
+    # Rows (US) three bytes long: pydicom raises BytesLengthException parsing the value.
+    at = blob.index(b"\x28\x00\x10\x00US\x02\x00")
+    odd = blob[:at] + b"\x28\x00\x10\x00US\x03\x00" + blob[at + 8 : at + 10] + b"\x00"
+    (tmp_path / "a" / "odd_length.dcm").write_bytes(odd + blob[at + 10 :])
+    # UIDs holding a patient's name: pydicom's warnings quote the value.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _dicom(tmp_path / "b", img, "1.2.DOE^JOHN", "P2", "HAND")  # not labelled
+    named = _copy_with(good, tmp_path / "a" / "named.dcm", SOPInstanceUID="1.2.3.DOE^JANE")
+    # Warned about again by the study decision, which re-validates the SOP Class UID.
+    _copy_with(good, tmp_path / "a" / "class.dcm", SOPClassUID="1.2.DOE^JIM", SOPInstanceUID="9")
+    (tmp_path / "notes.txt").write_text("not DICOM")  # ignored, not counted as damaged
+
+    caplog.clear()
+    capfd.readouterr()
+    damaged: list[Path] = []
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        views = load_dicom_folder(tmp_path, {"1.2.3.1": 1}, damaged=damaged)
+        arrays = [load_view_array(v, Preprocessing(input_size=32)) for v in views]
+    assert sorted(v.path.name for v in views) == sorted([good.name, named.name])
+    assert all(a.shape == (3, 32, 32) for a in arrays)
+    assert sorted(p.name for p in damaged) == ["odd_length.dcm", "unknown_vr.dcm"]
+    assert [str(w.message) for w in caught] == []
+    assert "DOE" not in caplog.text and "DOE" not in capfd.readouterr().err
+
+    # A labelled study whose only file is damaged: missing, and the message says why.
+    for path in (tmp_path / "a").glob("*.dcm"):
+        if path.name not in ("odd_length.dcm", "unknown_vr.dcm"):
+            path.unlink()
+    with pytest.raises(DataError, match=r"no DICOM file.*2 damaged DICOM files skipped"):
+        load_dicom_folder(tmp_path, {"1.2.3.1": 1})
 
 
 def test_study_keys_normalise() -> None:

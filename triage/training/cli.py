@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,45 @@ if TYPE_CHECKING:
     from triage.training.data import View
 
 _DEVICES = ("auto", "cpu", "cuda")
+#: The model card's input-size range (triage.scoring.card; TrainOptions.check repeats it).
+_IMAGE_SIZES = (32, 2048)
+
+
+def _int_from(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {span} (got {value})")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number between low and high (each end open or closed)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {span} (got {text})")
+        return value
+
+    return parse
+
+
+_POSITIVE = _number(0.0, math.inf, low_open=True, high_open=True)
 
 
 def _add_data_args(parser: argparse.ArgumentParser, *, training: bool) -> None:
@@ -55,23 +95,35 @@ def add_commands(subparsers: Any) -> None:
     train.add_argument("--name", default="mura-densenet169", help="model name in the card")
     train.add_argument("--version", help="model version in the card (default: today's date)")
     train.add_argument("--description", default="", help="free text for the card")
-    train.add_argument("--image-size", type=int, default=224, help="input side in px (224)")
-    train.add_argument("--epochs", type=int, default=10, help="epochs (10)")
-    train.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    train.add_argument("--batch-size", type=int, default=8, help="mini-batch size (8)")
-    train.add_argument("--lr", type=float, default=1e-4, help="initial learning rate (1e-4)")
+    train.add_argument(
+        "--image-size",
+        type=_int_from(*_IMAGE_SIZES),
+        default=224,
+        help="input side in px, 32..2048 (224)",
+    )
+    train.add_argument("--epochs", type=_int_from(1), default=10, help="epochs (10)")
+    train.add_argument(
+        "--max-steps", type=_int_from(1), help="stop after this many optimiser steps"
+    )
+    train.add_argument("--batch-size", type=_int_from(1), default=8, help="mini-batch size (8)")
+    train.add_argument("--lr", type=_POSITIVE, default=1e-4, help="initial learning rate (1e-4)")
     train.add_argument(
         "--plateau-patience",
-        type=int,
+        type=_int_from(0),
         default=0,
         help="epochs without validation improvement before LR/10 (0: at the first plateau)",
     )
     train.add_argument("--no-flip", action="store_true", help="no random lateral flips")
     train.add_argument(
-        "--max-rotation", type=float, default=30.0, help="random rotation range ± degrees (30)"
+        "--max-rotation",
+        type=_number(0.0, 180.0, low_open=False, high_open=False),
+        default=30.0,
+        help="random rotation range ± degrees (30)",
     )
     train.add_argument(
-        "--workers", type=int, help="data-loading processes (default: 0 on a CPU, 8 with CUDA)"
+        "--workers",
+        type=_int_from(0),
+        help="data-loading processes (default: 0 on a CPU, 8 with CUDA)",
     )
     train.add_argument("--device", default="auto", choices=_DEVICES, help="auto: CUDA if present")
     train.add_argument(
@@ -90,14 +142,22 @@ def add_commands(subparsers: Any) -> None:
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt if present"
     )
     train.add_argument(
-        "--checkpoint-every", type=int, default=500, help="also checkpoint every N steps (500)"
+        "--checkpoint-every",
+        type=_int_from(0),
+        default=500,
+        help="also checkpoint every N steps, 0: only after validations (500)",
     )
-    train.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    train.add_argument(
+        "--log-every", type=_int_from(1), default=50, help="progress line every N steps"
+    )
     train.add_argument(
         "--cache-images", action="store_true", help="keep prepared images in memory (small sets)"
     )
     train.add_argument(
-        "--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CIs (10000)"
+        "--bootstrap",
+        type=_int_from(0),
+        default=10_000,
+        help="bootstrap resamples for the CIs (10000)",
     )
     train.set_defaults(func=run_train)
 
@@ -123,24 +183,30 @@ def add_commands(subparsers: Any) -> None:
     )
     point = ev.add_mutually_exclusive_group()
     point.add_argument(
-        "--threshold", type=float, help="one threshold for all (default: the card's)"
+        "--threshold",
+        type=_number(0.0, 1.0, low_open=True, high_open=True),
+        help="one threshold for all, in (0, 1) (default: the card's)",
     )
     point.add_argument(
         "--tune-threshold",
-        type=float,
+        type=_number(0.0, 1.0, low_open=True, high_open=False),
         metavar="SENSITIVITY",
         help="choose global and per-type thresholds reaching this sensitivity on these studies "
         "and write them into the card (which becomes unvalidated)",
     )
     ev.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     ev.add_argument("--plots", type=Path, metavar="DIR", help="write ROC plots (PNG) here")
-    ev.add_argument("--bootstrap", type=int, default=10_000, help="resamples (10000)")
+    ev.add_argument("--bootstrap", type=_int_from(0), default=10_000, help="resamples (10000)")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     ev.add_argument("--device", default="auto", choices=_DEVICES)
     ev.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--workers", type=int, default=0, help="decoding processes (0)")
+    ev.add_argument("--batch-size", type=_int_from(1), default=32)
+    ev.add_argument("--workers", type=_int_from(0), default=0, help="decoding processes (0)")
     ev.set_defaults(func=run_evaluate)
+
+
+def _files(n: int) -> str:
+    return f"{n} damaged DICOM file{'' if n == 1 else 's'}"
 
 
 def _fail(message: str) -> int:
@@ -162,9 +228,22 @@ def _training_data(args: argparse.Namespace) -> tuple[list[View], list[View], st
             "give --mura ROOT, or all of --train-dicom, --train-labels, --valid-dicom, "
             "--valid-labels"
         )
+    views: list[list[View]] = []
+    for folder, labels in (
+        (args.train_dicom, args.train_labels),
+        (args.valid_dicom, args.valid_labels),
+    ):
+        damaged: list[Path] = []
+        views.append(load_dicom_folder(folder, labels, damaged=damaged))
+        if damaged:
+            # A count, not the paths: exported folders are often named after the patient.
+            print(
+                f"warning: {_files(len(damaged))} under {folder} skipped",
+                file=sys.stderr,
+            )
     return (
-        load_dicom_folder(args.train_dicom, args.train_labels),
-        load_dicom_folder(args.valid_dicom, args.valid_labels),
+        views[0],
+        views[1],
         f"DICOM {args.train_dicom} labelled by {Path(args.train_labels).name}",
     )
 
@@ -175,7 +254,6 @@ def run_train(args: argparse.Namespace) -> int:
     from triage.training.train import TrainOptions, train
 
     try:
-        train_views, valid_views, description = _training_data(args)
         options = TrainOptions(
             out_dir=args.out,
             name=args.name,
@@ -199,8 +277,11 @@ def run_train(args: argparse.Namespace) -> int:
             bootstrap_resamples=args.bootstrap,
             description=args.description,
         )
-        if args.version:
+        if args.version is not None:
             options.version = args.version
+        # Before the data: a DICOM scan can take minutes, a bad option should not.
+        options.check()
+        train_views, valid_views, description = _training_data(args)
         result = train(train_views, valid_views, options, training_data=description)
     except (DataError, CardError, ValueError, OSError) as exc:
         return _fail(str(exc))
@@ -223,7 +304,11 @@ def _evaluation_views(args: argparse.Namespace, notes: list[str]) -> tuple[list[
         raise DataError("give --mura ROOT, or --dicom DIR with --labels CSV")
     # Studies the daemon would skip are left out, as the daemon would, and counted.
     skipped: list[tuple[str, str]] = []
-    views = load_dicom_folder(args.dicom, args.labels, skipped=skipped)
+    damaged: list[Path] = []
+    views = load_dicom_folder(args.dicom, args.labels, skipped=skipped, damaged=damaged)
+    if damaged:
+        # A count, not the paths: exported folders are often named after the patient.
+        notes.append(f"{_files(len(damaged))} skipped")
     if skipped:
         notes.append(
             f"{len(skipped)} labelled studies skipped as the daemon would, e.g. "

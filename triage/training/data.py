@@ -12,7 +12,10 @@ reimplementations have shipped with the mapping inverted.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ __all__ = [
     "load_view_array",
     "normalise_study_key",
     "one_class_types",
+    "quiet_pydicom",
     "read_png_pixels",
     "read_uid_labels",
     "steps_per_epoch",
@@ -248,11 +252,51 @@ def _view_order(item: tuple[Path, Any]) -> tuple[int, int, str, str]:
     )
 
 
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log records for the duration.
+
+    pydicom quotes the offending value when it warns ("Invalid value for VR UI: '…'",
+    over-long PN or LO values), and that value may be a patient's name, ID or birth date: it
+    must not reach stderr or a log. Not thread-safe (it swaps process-wide filters), which
+    the training CLI does not need.
+    """
+    logger = logging.getLogger("pydicom")
+    was_disabled = logger.disabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.disabled = True
+        try:
+            yield
+        finally:
+            logger.disabled = was_disabled
+
+
+def _read_header(path: Path) -> Any:
+    """The header of a DICOM file with every top-level value parsed, or None if not DICOM.
+
+    Raises whatever pydicom raises on a damaged file. Values are parsed here because pydicom
+    parses them lazily: a damaged value would otherwise raise later, out of the study
+    decision, with no file to blame and no way to skip just that file.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        return None
+    for _element in ds:
+        pass
+    return ds
+
+
 def load_dicom_folder(
     folder: str | Path,
     labels: Mapping[str, int] | str | Path,
     *,
     skipped: list[tuple[str, str]] | None = None,
+    damaged: list[Path] | None = None,
 ) -> list[View]:
     """The views of the labelled studies under ``folder`` (searched recursively).
 
@@ -260,34 +304,58 @@ def load_dicom_folder(
     (:func:`triage.dicom.study_type.decide_study`, views ordered by series and instance
     number), so a model is trained and evaluated on what the daemon would score. Files that are
     not DICOM are ignored, and so are studies the labels do not mention (a folder may hold more
-    than one data set). Every labelled study must be found and have one patient. A labelled
-    study the daemon would skip raises DataError, unless ``skipped`` is given: then
-    (StudyInstanceUID, reason) is appended to it, as the daemon would record it.
+    than one data set). DICOM files that cannot be read (damaged, truncated, unreadable) are
+    skipped; their paths are appended to ``damaged`` when given. pydicom's warnings are
+    silenced throughout (they can quote patient data). Every labelled study must be found
+    and have one patient. A labelled study the daemon would skip raises DataError, unless
+    ``skipped`` is given: then (StudyInstanceUID, reason) is appended to it, as the daemon
+    would record it.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from triage.dicom.study_type import decide_study
-
     folder = Path(folder)
     if not isinstance(labels, Mapping):
         labels = read_uid_labels(labels)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
+    # Not just the reading: the study decision warns again on the values it re-validates
+    # (UID(…) of a damaged SOP Class UID).
+    with quiet_pydicom():
+        return _load_dicom_folder(folder, labels, skipped, damaged)
+
+
+def _load_dicom_folder(
+    folder: Path,
+    labels: Mapping[str, int],
+    skipped: list[tuple[str, str]] | None,
+    damaged: list[Path] | None,
+) -> list[View]:
+    from triage.dicom.study_type import decide_study
+
     headers: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
+    bad: list[Path] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+            ds = _read_header(path)
+            if ds is None:
+                continue
+            uid = str(ds.get("StudyInstanceUID", "") or "")
+        # pydicom raises many types on damaged files (NotImplementedError for an unknown VR,
+        # BytesLengthException, struct.error …): one such file skips, not stops, a scan of
+        # thousands.
+        except Exception:
+            bad.append(path)
             continue
-        uid = str(ds.get("StudyInstanceUID", "") or "")
         if uid in labels:
             headers[uid].append((path, ds))
+    if damaged is not None:
+        damaged.extend(bad)
 
     missing = sorted(set(labels) - set(headers))
     if missing:
+        also = (
+            f" ({len(bad)} damaged DICOM file{'' if len(bad) == 1 else 's'} skipped)" if bad else ""
+        )
         raise DataError(
-            f"{folder}: {len(missing)} labelled studies have no DICOM file, e.g. {missing[0]}"
+            f"{folder}: {len(missing)} labelled studies have no DICOM file, e.g. {missing[0]}{also}"
         )
     views: list[View] = []
     for uid, items in headers.items():
@@ -407,8 +475,10 @@ def load_view_array(view: View, prep: Preprocessing) -> np.ndarray:
         from triage.scoring.preprocess import UndecodableView, decode_view
 
         try:
-            # A small display image: training only needs the model input.
-            decoded = decode_view(str(view.path), prep.input_size, prep.mean, prep.std, 64)
+            # Quiet: reading the file again re-parses the values the scan was silenced for.
+            with quiet_pydicom():
+                # A small display image: training only needs the model input.
+                decoded = decode_view(str(view.path), prep.input_size, prep.mean, prep.std, 64)
         except UndecodableView as exc:
             raise DataError(f"{view.path}: {exc.reason}") from None
         return decoded.array
@@ -523,6 +593,8 @@ def steps_per_epoch(n_views: int, batch_size: int) -> int:
     The last partial batch is dropped (it is a different subset each epoch): a batch of one
     makes batch normalisation fail on a 1×1 feature map and is a noisy step anyway.
     """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1 (got {batch_size})")
     return n_views // batch_size
 
 

@@ -4,4 +4,5 @@ from __future__ import annotations
 
 
 class DataError(ValueError):
-    """The data set is malformed or inconsistent (message says where)."""
+    """Bad input: the data set is malformed or inconsistent, an option is out of range, or a
+    run cannot go on (it diverged); the message is one line saying where and what to do."""

@@ -11,6 +11,8 @@ studies they read.
 from __future__ import annotations
 
 import csv
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ AGGREGATE = "aggregate"
 METRICS = ("auroc", "f1", "kappa", "sensitivity", "specificity")
 #: Card thresholds must be strictly inside (0, 1).
 _THRESHOLD_FLOOR = 1e-6
+#: The suffix :func:`operating_point_version` appends, e.g. ``+t0.4935.3fa9c1``.
+_OPERATING_POINT_SUFFIX = re.compile(r"\+t[0-9.]+\.[0-9a-f]{6}$")
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,29 @@ def format_report(report: Mapping[str, Any]) -> str:
 # Operating point into the model card
 
 
+def operating_point_version(
+    version: str, threshold: float, thresholds: Mapping[StudyType, float]
+) -> str:
+    """``version`` marked with an operating point: ``2025.11.1+t0.4935.3fa9c1``.
+
+    The global threshold to four places for people, then six hex digits of a digest of every
+    threshold at full precision, so operating points that differ only in a per-type threshold
+    or past the fourth place get different versions too (barring a one-in-16-million digest
+    clash). A suffix from an earlier tuning is replaced, not stacked. The same operating point
+    gives the same version, as it should: the same weights make the same decisions there.
+    """
+    base = _OPERATING_POINT_SUFFIX.sub("", version) or version
+    point = ";".join(
+        [repr(float(threshold))]
+        + [
+            f"{t.value}={float(v)!r}"
+            for t, v in sorted(thresholds.items(), key=lambda i: i[0].value)
+        ]
+    )
+    digest = hashlib.sha256(point.encode()).hexdigest()[:6]
+    return f"{base}+t{threshold:.4f}.{digest}"
+
+
 def write_operating_point(
     card: Any,
     *,
@@ -375,7 +402,9 @@ def write_operating_point(
     """Rewrite ``card`` (a ModelCard) with tuned thresholds and the metrics they give.
 
     The card becomes unvalidated: a validation covers an operating point, and this changes it.
-    Returns the card as reloaded.
+    Its version gets the operating point's suffix (:func:`operating_point_version`): results
+    at another operating point are other results, and the SRs name the version. Its metrics
+    become this evaluation's only. Returns the card as reloaded.
     """
     from triage.scoring.card import write_card
 
@@ -396,7 +425,7 @@ def write_operating_point(
     return write_card(
         card.path,
         name=card.name,
-        version=card.version,
+        version=operating_point_version(card.version, threshold, covered),
         weights_file=card.weights_path,
         training_data=card.training_data,
         architecture=card.architecture,
@@ -407,8 +436,12 @@ def write_operating_point(
         thresholds=covered,
         study_types=card.study_types,
         validated=False,
-        # Training-time entries (validation loss) stay; the rest is at the new operating point.
-        metrics={**card.metrics, **card_metrics(report)},
+        # This evaluation's metrics only. Merging kept earlier ones this data could not
+        # replace (CIs it did not compute, study types it lacks) under a note saying all are
+        # at this operating point. The training validation loss goes too: it is not
+        # threshold-dependent, but it was measured on other data; the training notes and
+        # valid_report.json keep it.
+        metrics=card_metrics(report),
         description=card.description,
         training_notes="\n".join([*kept, note, measured]),
         created=card.created,

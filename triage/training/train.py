@@ -28,6 +28,7 @@ import random
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -61,6 +62,29 @@ from triage.training.metrics import auroc
 WEIGHTS_FILE = "weights.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+#: What a checkpoint must hold to be resumed from.
+_CHECKPOINT_KEYS = frozenset(
+    {
+        "format",
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "step_in_epoch",
+        "step",
+        "best_loss",
+        "best_epoch",
+        "best_probs",
+        "history",
+        "rng",
+        "data",
+    }
+)
+#: The input sizes ``triage.scoring.card`` accepts: a run at any other size trains weights
+#: whose card the daemon refuses. The dry run of the card in ``check`` applies the card's own
+#: rule as well; these give the message in terms of ``--image-size``.
+MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass
@@ -101,6 +125,81 @@ class TrainOptions:
     bootstrap_resamples: int = 10_000
     description: str = ""
 
+    def check(self) -> None:
+        """Raise DataError, CardError or ValueError naming the first option that cannot give a run.
+
+        Called before any data is read or network built: a bad option must fail in a second,
+        not after hours of training (the card's fields used to be checked only when the card
+        was written at the very end).
+        """
+        for flag, value, low in (
+            ("--epochs", self.epochs, 1),
+            ("--max-steps", self.max_steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("eval_batch_size", self.eval_batch_size, 1),
+            ("--plateau-patience", self.plateau_patience, 0),
+            ("--workers", self.workers, 0),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--log-every", self.log_every, 1),
+            ("--bootstrap", self.bootstrap_resamples, 0),
+            ("--image-size", self.image_size, MIN_IMAGE_SIZE),
+        ):
+            if value is None and flag in ("--max-steps", "--workers"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DataError(f"{flag} must be an integer >= {low} (got {value!r})")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise DataError(
+                f"--image-size must be {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, the model card's "
+                f"range (got {self.image_size})"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(f"--lr must be a positive number (got {self.lr!r})")
+        if not (math.isfinite(self.max_rotation) and self.max_rotation >= 0):
+            raise DataError(f"--max-rotation must be >= 0 degrees (got {self.max_rotation!r})")
+        if self.batch_size == 1 and densenet_final_side(self.image_size) == 1:
+            # Training-mode batch normalisation needs two values per channel, and the last
+            # block's feature map is 1×1 at this size.
+            raise DataError(
+                f"--batch-size 1 at {self.image_size} px leaves batch normalisation a single "
+                "value per channel; use --batch-size 2 or more"
+            )
+        step_config(torch.device("cpu"), self.precision)  # raises on an unknown precision
+        resolve_device(self.device)  # raises on an unknown device, or cuda without one
+        if self.imagenet_weights is not None and not Path(self.imagenet_weights).is_file():
+            raise DataError(f"--imagenet-weights {self.imagenet_weights}: no such file")
+        self._check_card_fields()
+
+    def _check_card_fields(self) -> None:
+        """Dry run of the card this run will write, with the card loader's own rules."""
+        from triage.scoring.card import (
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            ModelCard,
+            dumps_card,
+            parse_card,
+        )
+
+        card_path = Path(self.out_dir).absolute() / "card.toml"
+        card = ModelCard(
+            path=card_path,
+            name=self.name,
+            version=self.version,
+            architecture="densenet169",
+            input_size=self.image_size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            threshold=0.5,
+            study_types=tuple(StudyType),
+            validated=False,
+            created=date.today(),
+            training_data="(the training data)",
+            weights_path=card_path.parent / WEIGHTS_FILE,
+            weights_sha256="0" * 64,
+            description=self.description,
+        )
+        parse_card(tomllib.loads(dumps_card(card)), card_path, verify_weights=False)
+
 
 @dataclass
 class TrainResult:
@@ -115,6 +214,15 @@ class TrainResult:
     history: list[dict[str, Any]]
     #: The evaluation of the best weights on the validation set (evaluate.evaluate_table).
     report: dict[str, Any]
+
+
+def densenet_final_side(image_size: int) -> int:
+    """The side of DenseNet-169's last feature map for a square input of ``image_size``."""
+    side = (image_size - 1) // 2 + 1  # 7×7 convolution, stride 2, padding 3
+    side = (side - 1) // 2 + 1  # 3×3 max pool, stride 2, padding 1
+    for _ in range(3):  # three transitions, 2×2 average pool, stride 2
+        side //= 2
+    return side
 
 
 def _stderr(line: str) -> None:
@@ -318,6 +426,7 @@ def train(
     from triage.scoring.card import write_card
     from triage.scoring.model import build_densenet169
 
+    options.check()
     if not train_views or not valid_views:
         raise DataError("training and validation sets must both have images")
     check_patient_split({"train": train_views, "valid": valid_views})
@@ -352,9 +461,7 @@ def train(
     weights_path = out / WEIGHTS_FILE
     ckpt: dict[str, Any] | None = None
     if options.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: unknown checkpoint format {ckpt.get('format')!r}")
+        ckpt = _load_checkpoint(ckpt_path)
         if ckpt["data"] != signature:
             raise ValueError(
                 f"{ckpt_path}: written for other training/validation data or image size; "
@@ -373,7 +480,19 @@ def train(
     # Validation is weighted with the *training* weights: the same loss, measured elsewhere.
     valid_ds = ViewDataset(valid_views, prep, weights=weights, cache=options.cache_images)
 
-    model = build_densenet169(options.imagenet_weights)
+    try:
+        model = build_densenet169(options.imagenet_weights)
+    except ValueError:
+        raise  # already one line naming the file and what does not fit
+    except Exception as exc:
+        if options.imagenet_weights is None:
+            raise
+        # torch.load on a file of another kind raises UnpicklingError, RuntimeError …, with
+        # multi-line messages; the kind of failure is what helps here.
+        raise DataError(
+            f"--imagenet-weights {options.imagenet_weights}: not a PyTorch state dict "
+            f"({type(exc).__name__})"
+        ) from None
     cfg = step_config(device, options.precision)
     model.to(device)
     if cfg.channels_last:
@@ -390,15 +509,21 @@ def train(
     best_probs: np.ndarray | None = None
     history: list[dict[str, Any]] = []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        best_loss, best_epoch = ckpt["best_loss"], ckpt["best_epoch"]
-        if ckpt["best_probs"] is not None:
-            best_probs = ckpt["best_probs"].numpy()
-        history = json.loads(ckpt["history"])
-        _set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+            best_loss, best_epoch = ckpt["best_loss"], ckpt["best_epoch"]
+            if ckpt["best_probs"] is not None:
+                best_probs = ckpt["best_probs"].numpy()
+            history = json.loads(ckpt["history"])
+            _set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise DataError(
+                f"{ckpt_path}: cannot resume from it ({type(exc).__name__}); delete it to "
+                "start afresh, or use another output folder"
+            ) from None
         log(f"resumed from {ckpt_path}: epoch {epoch + 1}, step {global_step}")
 
     def checkpoint() -> None:
@@ -423,6 +548,18 @@ def train(
         )
 
     max_steps = options.max_steps if options.max_steps is not None else options.epochs * spe
+    # The first step whose loss was not finite (0: none) and that loss, kept on the device:
+    # reading each step's loss would synchronise CUDA every step. They are read where the loop
+    # synchronises anyway (progress lines, checkpoints, validation), and every step on a CPU.
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+
+    def stop_if_diverged() -> None:
+        if int(bad_step):
+            raise DataError(
+                f"training diverged at step {int(bad_step)} (loss {float(bad_loss):g}); lower --lr"
+            )
+
     log(
         f"training {options.name} on {device} ({_describe_views(train_views)}; validation "
         f"{_describe_views(valid_views)}), {options.image_size} px, batch {options.batch_size}, "
@@ -449,6 +586,11 @@ def train(
             loss = train_step(model, optimizer, x, y, w, cfg)
             global_step += 1
             step_in_epoch += 1
+            first = (bad_step == 0) & ~torch.isfinite(loss)
+            bad_step = torch.where(first, global_step, bad_step)
+            bad_loss = torch.where(first, loss, bad_loss)
+            if device.type != "cuda":
+                stop_if_diverged()
             # Summed on the device: a float() per step would synchronise CUDA every step.
             window_loss = window_loss + loss
             epoch_loss = epoch_loss + loss
@@ -456,6 +598,7 @@ def train(
             epoch_n += 1
             window_images += len(y)
             if global_step % options.log_every == 0 or step_in_epoch == spe:
+                stop_if_diverged()
                 elapsed = time.perf_counter() - window_start
                 log(
                     f"epoch {epoch + 1}/{options.epochs} step {step_in_epoch}/{spe} "
@@ -466,10 +609,12 @@ def train(
                 window_loss, window_n, window_images = 0.0, 0, 0
                 window_start = time.perf_counter()
             if options.checkpoint_every and global_step % options.checkpoint_every == 0:
+                stop_if_diverged()  # never checkpoint a network that has gone to NaN
                 checkpoint()
             if global_step >= max_steps:
                 break
 
+        stop_if_diverged()
         probs, valid_loss = predict(
             model,
             valid_ds,
@@ -477,6 +622,11 @@ def train(
             batch_size=options.eval_batch_size,
             workers=workers,
         )
+        if not math.isfinite(valid_loss):
+            raise DataError(
+                f"training diverged at step {global_step} (validation loss {valid_loss:g}); "
+                "lower --lr"
+            )
         table = study_table(valid_views, probs)
         valid_auroc = float(auroc(table.labels, table.probs)[0])  # NaN with one class
         finished_epoch = step_in_epoch >= spe
@@ -507,7 +657,12 @@ def train(
         _atomic_write_text(json.dumps(history, indent=2), out / "history.json")
 
     if best_probs is None:
-        raise RuntimeError("no validation was run (epochs or max_steps is 0)")
+        # The options are checked, so only a resume can get here: a checkpoint written before
+        # any validation, already at the --max-steps / --epochs asked for.
+        raise DataError(
+            f"no validation was run: the run stopped at step {global_step}, epoch "
+            f"{epoch + 1}, before one; raise --max-steps or --epochs to continue"
+        )
     report = evaluate_table(
         study_table(valid_views, best_probs),
         n_resamples=options.bootstrap_resamples,
@@ -557,6 +712,26 @@ def train(
         history=history,
         report=report,
     )
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint to resume from, or DataError saying why it cannot be used."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # A truncated file raises RuntimeError (PytorchStreamReader), another kind of file
+        # UnpicklingError …, all with multi-line messages.
+        raise DataError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}); delete it to start "
+            "afresh, or use another output folder"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise DataError(f"{path}: unknown checkpoint format {found!r}")
+    missing = sorted(_CHECKPOINT_KEYS - set(ckpt))
+    if missing:
+        raise DataError(f"{path}: incomplete checkpoint, no {', '.join(missing)}")
+    return ckpt
 
 
 def study_types_of(views: Sequence[View]) -> list[StudyType]:

@@ -1,0 +1,299 @@
+"""`triage train` / `triage evaluate` on bad input, and the card a re-tuned operating point writes.
+
+Bad options fail before any data is read (argparse's usage error, exit 2, or one ``triage: …``
+line, exit 1); a run that goes to NaN, a damaged checkpoint or ImageNet file stop with one
+line and no traceback; damaged DICOM files are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from triage.scoring.card import CardError, ModelCard, load_card, write_card
+from triage.study_types import StudyType
+from triage.testing.synth import write_labelled_dicom_dataset, write_mura_dataset
+from triage.training.cli import main
+from triage.training.data import DataError, steps_per_epoch
+from triage.training.evaluate import (
+    StudyTable,
+    card_metrics,
+    evaluate_table,
+    operating_point_version,
+    tune_thresholds,
+    write_operating_point,
+)
+from triage.training.train import TrainOptions, densenet_final_side, train
+
+
+def _tiny(tmp_path: Path) -> Path:
+    root = tmp_path / "tiny"
+    write_mura_dataset(
+        root,
+        studies_per_type=4,
+        min_size=48,
+        max_size=64,
+        seed=3,
+        study_types=(StudyType.WRIST, StudyType.HAND),
+        valid_fraction=0.5,
+    )
+    return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: no OpenMP spinning against other busy processes on a shared host."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+#: Small and fast: what every training run here adds to its arguments.
+_FAST = ["--image-size", "32", "--batch-size", "4", "--bootstrap", "0", "--device", "cpu"]
+
+
+def _last_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "command, args, flag",
+    [
+        ("train", ["--epochs", "0"], "--epochs"),
+        ("train", ["--max-steps", "0"], "--max-steps"),
+        ("train", ["--batch-size", "0"], "--batch-size"),
+        ("train", ["--image-size", "16"], "--image-size"),
+        ("train", ["--image-size", "4096"], "--image-size"),
+        ("train", ["--lr", "nan"], "--lr"),
+        ("train", ["--lr", "0"], "--lr"),
+        ("train", ["--log-every", "0"], "--log-every"),
+        ("train", ["--bootstrap", "-1"], "--bootstrap"),
+        ("evaluate", ["--batch-size", "0"], "--batch-size"),
+        ("evaluate", ["--threshold", "1.5"], "--threshold"),
+        ("evaluate", ["--tune-threshold", "0"], "--tune-threshold"),
+        ("evaluate", ["--workers", "-1"], "--workers"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, args: list[str], flag: str
+) -> None:
+    where = ["--out", str(tmp_path / "o")] if command == "train" else ["--card", str(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--mura", str(tmp_path / "none"), *where, *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--version", " "], "version must be a non-empty string"),
+        (["--version", ""], "version must be a non-empty string"),
+        (["--name", ""], "name must be a non-empty string"),
+        (["--batch-size", "1", "--image-size", "32"], "single value per channel"),
+        (["--imagenet-weights", "/nonexistent/densenet.pth"], "no such file"),
+    ],
+)
+def test_card_fields_and_option_combinations_are_checked_before_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    # The data folder does not exist: an option checked only after the data (or, for the
+    # card's fields, after training) would fail with another message.
+    out = tmp_path / "o"
+    assert main(["train", "--mura", str(tmp_path / "none"), "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("triage: ") and err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_options_are_checked_for_programmatic_runs_too(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    for bad in ({"epochs": 0}, {"max_steps": 0}, {"batch_size": 0}, {"image_size": 16}):
+        with pytest.raises(DataError, match="must be"):
+            train([], [], TrainOptions(out_dir=out, **bad), training_data="x")  # type: ignore[arg-type]
+    with pytest.raises(CardError, match="version must be a non-empty string"):
+        train([], [], TrainOptions(out_dir=out, version=" "), training_data="x")
+    assert not out.exists()
+    with pytest.raises(DataError, match="batch size"):
+        steps_per_epoch(10, 0)
+    TrainOptions(out_dir=out, image_size=32).check()
+    TrainOptions(out_dir=out, image_size=2048).check()  # the card's whole range is accepted
+
+
+def test_final_feature_side_is_densenets() -> None:
+    from triage.scoring.model import build_densenet169
+
+    features = build_densenet169().features.eval()
+    with torch.inference_mode():
+        for size in (32, 48, 61, 62, 64, 100):
+            side = features(torch.zeros(1, 3, size, size)).shape[-1]
+            assert densenet_final_side(size) == side, size
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_diverging_run_stops_at_once_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    code = main(
+        ["train", "--mura", str(_tiny(tmp_path)), "--out", str(out), *_FAST, "--max-steps", "3",
+         "--lr", "1e30", "--log-every", "100", "--checkpoint-every", "0"]
+    )  # fmt: skip
+    assert code == 1
+    last = _last_line(capsys)
+    assert re.fullmatch(
+        r"triage: training diverged at step \d \(loss (nan|inf)\); lower --lr", last
+    )
+    # Stopped before validating or checkpointing a network gone to NaN.
+    assert not (out / "card.toml").exists() and not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_damaged_checkpoints_and_imagenet_files_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = _tiny(tmp_path)
+    out = tmp_path / "o"
+    run = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--log-every", "100"]
+
+    not_torch = tmp_path / "densenet.pth"
+    not_torch.write_text("[model]\ncard = 'x'\n")
+    assert main([*run, "--max-steps", "1", "--imagenet-weights", str(not_torch)]) == 1
+    assert _last_line(capsys).endswith("not a PyTorch state dict (UnpicklingError)")
+
+    # A real checkpoint, cut short as a full disk or a copy would leave it.
+    assert main([*run, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    ckpt_path = out / "checkpoint.pt"
+    whole = ckpt_path.read_bytes()
+    ckpt_path.write_bytes(whole[: len(whole) // 2])
+    assert main([*run, "--max-steps", "2", "--resume"]) == 1
+    assert re.fullmatch(
+        r"triage: \S+checkpoint.pt: not a readable checkpoint \(\w+\); .*", _last_line(capsys)
+    )
+
+    torch.save({"format": 1, "data": "x"}, ckpt_path)
+    assert main([*run, "--max-steps", "2", "--resume"]) == 1
+    assert "incomplete checkpoint, no best_epoch" in _last_line(capsys)
+
+    # A checkpoint written between steps and validation (by --checkpoint-every), resumed at
+    # the step it holds: nothing to select weights from, said as such.
+    ckpt_path.write_bytes(whole)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["best_probs"] = None
+    torch.save(ckpt, ckpt_path)
+    assert main([*run, "--max-steps", "1", "--resume"]) == 1
+    assert _last_line(capsys).startswith("triage: no validation was run: the run stopped at step 1")
+
+
+def test_damaged_dicom_files_are_counted_by_both_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from triage.training.cli import _evaluation_views, _training_data
+
+    labels = write_labelled_dicom_dataset(tmp_path / "d", studies=2, rows=32, cols=32, seed=1)
+    good = next(p for p in sorted((tmp_path / "d").rglob("*.dcm")))
+    blob = bytearray(good.read_bytes())
+    blob[blob.index(b"\x02\x00\x10\x00UI", 132) + 5] = ord("f")  # an unknown VR
+    (tmp_path / "d" / "damaged.dcm").write_bytes(bytes(blob))
+
+    notes: list[str] = []
+    args = argparse.Namespace(mura=None, dicom=tmp_path / "d", labels=labels)
+    assert _evaluation_views(args, notes)[0]
+    assert notes == ["1 damaged DICOM file skipped"]
+
+    args = argparse.Namespace(
+        mura=None, train_dicom=tmp_path / "d", train_labels=labels, valid_dicom=tmp_path / "d",
+        valid_labels=labels,
+    )  # fmt: skip
+    _training_data(args)
+    err = capsys.readouterr().err
+    assert err.count(f"warning: 1 damaged DICOM file under {tmp_path / 'd'} skipped") == 2
+
+
+def _card(tmp_path: Path) -> ModelCard:
+    weights = tmp_path / "m" / "weights.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"only hashed here")
+    return write_card(
+        tmp_path / "m",
+        name="m",
+        version="2025.11.1",
+        weights_file=weights,
+        training_data="t",
+        input_size=32,
+        study_types=[StudyType.HAND, StudyType.WRIST],
+        metrics={
+            "auroc": 0.9,
+            "auroc_ci95_low": 0.8,
+            "auroc_ci95_high": 0.95,
+            "valid_loss": 0.3,
+            "XR_HAND": {"auroc": 0.7},
+        },
+        training_notes="best epoch 1 (validation loss 0.3)\nMetrics: validation set.",
+    )
+
+
+def test_a_retuned_card_holds_this_evaluations_metrics_and_its_own_version(
+    tmp_path: Path,
+) -> None:
+    card = _card(tmp_path)
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    # Wrist studies only: the card's XR_HAND metrics and CIs cannot come from this data.
+    table = StudyTable(
+        [f"s{i}" for i in range(20)],
+        [StudyType.WRIST] * 20,
+        labels,
+        np.clip(0.3 * labels + rng.random(20) * 0.7, 0.01, 0.99),
+        np.ones(20, dtype=np.int64),
+    )
+    threshold, thresholds = tune_thresholds(table, 0.9)
+    report = evaluate_table(table, threshold=threshold, thresholds=thresholds, n_resamples=0)
+
+    def tune(card: ModelCard, threshold: float, thresholds: dict[StudyType, float]) -> ModelCard:
+        return write_operating_point(
+            card,
+            threshold=threshold,
+            thresholds=thresholds,
+            target_sensitivity=0.9,
+            report=report,
+            data_description="local wrists",
+        )
+
+    tuned = tune(card, threshold, thresholds)
+    assert dict(tuned.metrics) == card_metrics(report)
+    assert "XR_HAND" not in tuned.metrics and "valid_loss" not in tuned.metrics
+    assert not any("ci95" in key for key in tuned.metrics)
+    assert "validation loss 0.3" in tuned.training_notes
+
+    # A version of its own, that the card loader accepts.
+    version = tuned.version
+    assert re.fullmatch(rf"2025\.11\.1\+t{threshold:.4f}\.[0-9a-f]{{6}}", version)
+    assert load_card(tmp_path / "m").version == version
+    # The same operating point again: the same version. Another: the suffix is replaced.
+    assert tune(tuned, threshold, thresholds).version == version
+    other = tune(tuned, threshold, {StudyType.WRIST: thresholds[StudyType.WRIST] + 1e-4})
+    assert other.version != version and other.version.count("+t") == 1
+    assert other.version.startswith("2025.11.1+t")
+
+
+def test_operating_point_versions_tell_every_threshold_apart() -> None:
+    wrist = {StudyType.WRIST: 0.4}
+    base = operating_point_version("1.0", 0.5, wrist)
+    assert base.startswith("1.0+t0.5000.")
+    assert operating_point_version("1.0", 0.50001, wrist) != base
+    assert operating_point_version("1.0", 0.5, {StudyType.WRIST: 0.41}) != base
+    assert operating_point_version("1.0", 0.5, {**wrist, StudyType.HAND: 0.4}) != base
+    assert operating_point_version(base, 0.5, wrist) == base
