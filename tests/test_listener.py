@@ -832,3 +832,51 @@ def test_associations_beyond_the_maximum_are_rejected(daemon_factory) -> None:
     )
     assert records[0].reason == "local limit exceeded (maximum associations)"
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "stalled",
+    [
+        pytest.param(b"\x01\x00\x00\x00\x01\x00" + b"\x00" * 10, id="inside an A-ASSOCIATE-RQ"),
+        pytest.param(b"\x01\x00\x00\x80\x00\x00", id="announcing an 8 MiB PDU"),
+    ],
+)
+def test_a_peer_that_stops_sending_inside_a_pdu_loses_its_slot(daemon_factory, stalled) -> None:
+    # A dead link that sends no RST, or a scanner: the connection is dropped after the
+    # network timeout, instead of holding an association slot (here the only one) for ever.
+    daemon = daemon_factory(
+        {"dicom": {"max_associations": 1, "network_timeout_s": 2, "acse_timeout_s": 2}}
+    ).start()
+    with socket.create_connection(("127.0.0.1", daemon.port)) as peer:
+        peer.sendall(stalled)
+        time.sleep(0.5)  # accepted, and stuck reading the rest
+        wait_until(
+            lambda: echoscu(daemon.port).returncode == 0,
+            timeout=20,
+            message="the stalled connection's slot freed",
+        )
+    assert daemon.stop() == 0
+
+
+def test_a_private_sop_class_in_extra_sop_classes_is_stored(daemon_factory, tmp_path) -> None:
+    # pynetdicom serves C-STORE by SOP class: one it does not know (a vendor's private CR
+    # class) was negotiated, then every C-STORE under it was aborted.
+    private = "1.2.392.200036.9125.1.1.2"
+    daemon = daemon_factory({"dicom": {"extra_sop_classes": [private]}}).start()
+    [source] = study_files(tmp_path / "in", views=1, rows=64, cols=64)
+    sent = rewrite(source, tmp_path / "private.dcm", SOPClassUID=private)
+    ds = pydicom.dcmread(sent)
+    ds.file_meta.MediaStorageSOPClassUID = private
+    ds.save_as(sent)
+    profile = tmp_path / "private.cfg"
+    profile.write_text(
+        "[[TransferSyntaxes]]\n[Explicit]\nTransferSyntax1 = LittleEndianExplicit\n"
+        "[[PresentationContexts]]\n[Private]\n"
+        f"PresentationContext1 = {private}\\Explicit\n"
+        "[[Profiles]]\n[Private]\nPresentationContexts = Private\n"
+    )
+    run = storescu(daemon.port, [sent], extra=["-xf", str(profile), "Private"])
+    assert run.acknowledged == 1, run.output
+    [instance] = daemon.store().study_instances(str(ds.StudyInstanceUID))
+    assert instance.sop_class_uid == private
+    assert daemon.stop() == 0

@@ -222,10 +222,19 @@ def _close_fds(*fds: int) -> None:
             os.close(fd)
 
 
+#: How much of a PDU other than a data set's is read at once.
+_CHUNK = 256 * 1024
+
+
 def _recv_exactly(sock: FastAssociationSocket, count: int) -> bytearray:
-    data = sock.recv(count)
-    if len(data) != count:
-        raise EOFError(f"connection closed ({len(data)} of {count} bytes)")
+    # Grown as the bytes arrive, not allocated from the length the header announces: any
+    # peer, before it is even associated, could otherwise make each connection cost 8 MiB.
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(min(count - len(data), _CHUNK))
+        if not chunk:
+            raise EOFError(f"connection closed ({len(data)} of {count} bytes)")
+        data += chunk
     return data
 
 

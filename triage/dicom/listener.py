@@ -101,6 +101,10 @@ class _Server(ThreadedAssociationServer):
         # pynetdicom wraps with the handshake in the accept loop: one slow or hostile client
         # would stall every other peer. Wrap here, handshake in the connection's own thread.
         client, address = self.socket.accept()
+        # An accepted socket has no timeout: a peer that stops sending inside a PDU (a dead
+        # link that sends no RST, a scanner) would hold its thread and an association slot
+        # for ever, and enough of them lock every modality out.
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
@@ -167,6 +171,7 @@ class Listener:
         ae.dimse_timeout = self.config.dimse_timeout_s
         ae.require_called_aet = self.config.require_called_ae
         ae.add_supported_context(VERIFICATION)
+        _register_storage_classes(self.storage_classes)
         for sop_class in sorted(self.storage_classes):
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         return ae
@@ -442,6 +447,18 @@ class Listener:
             )
         except Exception as exc:
             log.error("association_audit_failed", error=_one_line(exc))
+
+
+def _register_storage_classes(uids: frozenset[str]) -> None:
+    """Make pynetdicom serve C-STORE under SOP classes it does not know (private or newer
+    ones from ``extra_sop_classes``): it picks the service from the SOP class, and for an
+    unknown one aborts the association on every C-STORE."""
+    from pynetdicom.service_class import ServiceClass, StorageServiceClass
+    from pynetdicom.sop_class import register_uid, uid_to_service_class
+
+    for uid in sorted(uids):
+        if uid_to_service_class(uid) is ServiceClass:
+            register_uid(uid, "TriageStorage_" + uid.replace(".", "_"), StorageServiceClass)
 
 
 def _acse_reply_kind(primitive: Any) -> str:

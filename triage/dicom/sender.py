@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.status import STATUS_WARNING, code_to_category
 
 from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
@@ -34,8 +35,15 @@ BATCH = 64
 
 
 def _is_transient(status: int) -> bool:
-    """Out-of-resources answers (0xA7xx) say "try later"; other failures will not go away."""
-    return 0xA700 <= status <= 0xA7FF
+    """Out-of-resources answers (0xA7xx, and the general 0x0213 resource limitation) say
+    "try later"; other failures will not go away."""
+    return 0xA700 <= status <= 0xA7FF or status == 0x0213
+
+
+def _stored(status: int) -> bool:
+    """Success or a warning: the peer stored the object (0xB000–0xBFFF for storage, and the
+    general warnings of PS3.7 Annex C, e.g. 0x0001 and 0x0107, that pynetdicom classes so)."""
+    return status == 0x0000 or code_to_category(status) == STATUS_WARNING
 
 
 def client_tls_context(destination: DestinationConfig) -> ssl.SSLContext | None:
@@ -206,7 +214,7 @@ class Sender:
             self._failed(destination, item, "no response (timeout or aborted association)")
             return
         failpoints.hit("after_send")
-        if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success, or warning (stored)
+        if _stored(status):
             finished = self.outbox.delivered(item.delivery_id, int(status))
             metrics.DELIVERY_ATTEMPTS.labels(destination.name, "delivered").inc()
             log.info(
