@@ -401,6 +401,23 @@ def test_a_sop_class_the_daemon_does_not_store_is_refused_with_0122(tmp_path) ->
     assert verdict == Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
 
 
+def test_a_received_file_that_cannot_be_read_is_out_of_resources_not_unreadable(
+    tmp_path,
+) -> None:
+    # The file went (or the disk failed) on our side: 0xC000 would tell the PACS the data
+    # set is bad and not worth sending again.
+    from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, Status
+    from triage.dicom.validation import check_instance
+
+    verdict = check_instance(
+        str(tmp_path / "gone.dcm"),
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.3.4",
+        frozenset(DEFAULT_STORAGE_CLASSES),
+    )
+    assert verdict.status == Status.OUT_OF_RESOURCES
+
+
 def test_low_disk_space_answers_a700_and_stores_nothing(daemon_factory, tmp_path) -> None:
     daemon = daemon_factory({"store": {"min_free_mb": 1_000_000_000}}).start()
     files = study_files(tmp_path / "in", views=2)
@@ -788,6 +805,26 @@ def test_port_in_use_fails_with_a_clear_message(daemon_factory) -> None:
     assert second.process.wait(60) == 1
     assert "cannot listen on 127.0.0.1:" in second.log_text()
     assert "listen_port_busy_retrying" in second.log_text()
+    assert first.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_spool_is_refused_before_it_touches_anything(
+    daemon_factory,
+) -> None:
+    # It used to clean the first one's temp folder (a file being received: 0xC000 to the
+    # PACS) and take back its claims as a crash's leftovers, then fail on the port.
+    first = daemon_factory(name="first").start()
+    receiving = Path(first.sections["store"]["spool_dir"]) / "tmp" / "being-received.part"
+    receiving.write_bytes(b"half a data set")
+    second = daemon_factory(
+        {"store": dict(first.sections["store"]), "dicom": {"port": first.port}}, name="second"
+    )
+    second.start(wait=False)
+    assert second.process.wait(60) == 1
+    assert "another `triage serve` is running on this spool" in second.log_text()
+    assert "spool_temp_files_removed" not in second.log_text()
+    assert receiving.read_bytes() == b"half a data set"
+    assert echoscu(first.port).returncode == 0
     assert first.stop() == 0
 
 

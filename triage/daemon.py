@@ -5,12 +5,15 @@ PostgreSQL store and spool)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
 
 from triage import metrics
 from triage.config import Config
@@ -20,7 +23,7 @@ from triage.httpd import HttpServer
 from triage.logs import get_logger
 from triage.notify import Notifier
 from triage.scheduler import Scheduler
-from triage.store.db import is_sqlite, make_engine, upgrade_schema
+from triage.store.db import is_sqlite, make_engine, normalise_url, upgrade_schema
 from triage.store.repository import Store
 from triage.store.spool import Spool
 
@@ -59,12 +62,16 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._lock: list[IO[bytes]] = []
 
     def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT, stop cleanly; returns the exit code."""
         config = self.config
         stop = stop_event_on_signals()
         notifier = Notifier()
+        # Before anything is touched: a second daemon on this spool would remove the first
+        # one's files being received and take back its claims as a crash's leftovers.
+        self._lock = _only_daemon_on(config)
         engine = _make_engine(config)
         revision = upgrade_schema(engine)
         log.info("store_ready", engine=engine.dialect.name, schema=revision)
@@ -278,6 +285,32 @@ def run_worker(config: Config) -> int:
     engine.dispose()
     log.info("stopped")
     return exit_code
+
+
+def _only_daemon_on(config: Config) -> list[IO[bytes]]:
+    """Hold an exclusive lock on the spool (and beside a SQLite store) for this process's
+    life, or stop with one line when another `triage serve` holds it."""
+    held: list[IO[bytes]] = []
+    places = [(config.spool_path, ".serve.lock", "spool")]
+    url = make_url(normalise_url(config.store.url))
+    if url.get_backend_name() == "sqlite" and url.database:
+        database = Path(url.database)
+        places.append((database.parent, f"{database.name}.serve.lock", "SQLite store"))
+    for folder, name, what in places:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / name, "ab")  # noqa: SIM115 - held until the process ends
+        except OSError as exc:
+            raise _folder_error(f"the {what} folder {folder}", exc) from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StartupError(
+                f"another `triage serve` is running on this {what} ({folder}): stop it first"
+            ) from None
+        held.append(handle)
+    return held
 
 
 def _make_engine(config: Config) -> Engine:

@@ -66,6 +66,10 @@ def check_instance(
     try:
         dataset = read_header(source)
         values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality", "Manufacturer")}
+    except OSError as exc:
+        # Our side failed (the file is gone, the disk errs), not the data set: "try later",
+        # never 0xC000, which a PACS takes as final.
+        return Rejected(Status.OUT_OF_RESOURCES, f"cannot read the received file: {exc.strerror}")
     except Exception as exc:  # pydicom raises many types on corrupt input
         return Rejected(Status.UNREADABLE, f"unreadable data set: {type(exc).__name__}")
     bad = [key for key in _REQUIRED_UIDS if not is_valid_uid(_text(values[key]))]
