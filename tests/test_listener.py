@@ -917,3 +917,43 @@ def test_a_private_sop_class_in_extra_sop_classes_is_stored(daemon_factory, tmp_
     [instance] = daemon.store().study_instances(str(ds.StudyInstanceUID))
     assert instance.sop_class_uid == private
     assert daemon.stop() == 0
+
+
+def test_a_listener_that_dies_has_its_open_associations_closed_in_the_audit(
+    daemon_factory,
+) -> None:
+    # Killed mid-association (the OOM killer): the daemon starts another, and the rows of
+    # the dead one's associations are ABORTED, not ACTIVE for ever.
+    import os
+
+    from pynetdicom import AE
+
+    daemon = daemon_factory().start()
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert held.is_established
+    try:
+        [active] = wait_until(
+            lambda: [
+                r for r in daemon.store().associations() if r.outcome is AssociationOutcome.ACTIVE
+            ],
+            message="the association audited as active",
+        )
+        os.kill(active.listener_pid, signal.SIGKILL)
+        record = wait_until(
+            lambda: next(
+                (
+                    r
+                    for r in daemon.store().associations()
+                    if r.id == active.id and r.outcome is AssociationOutcome.ABORTED
+                ),
+                None,
+            ),
+            timeout=30,
+            message="the dead listener's association closed",
+        )
+        assert record.reason == "listener stopped before the association ended"
+    finally:
+        held.abort()
+    assert daemon.stop() == 0

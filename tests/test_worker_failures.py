@@ -210,3 +210,23 @@ def test_a_study_uid_reused_for_another_patient_is_failed_not_scored(tmp_path: P
             in mixed.state_reason
         )
         assert other.PatientID not in mixed.state_reason  # no identity in the reason either
+
+
+def test_a_decode_process_outlives_ctrl_c() -> None:
+    # Ctrl-C in a terminal signals the whole process group; the worker then gives its
+    # studies back without charging an attempt, which a decode process killed by the
+    # KeyboardInterrupt would (a broken pool fails the studies it ran).
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from triage.scoring.worker import _init_decode_process\n"
+        "_init_decode_process()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('still decoding')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "still decoding" in run.stdout, run.stderr

@@ -135,8 +135,16 @@ class Daemon:
         watchdog_s = notifier.watchdog_s
         tick = notifier.check_interval_s
         was_live = True
+
+        def close_audit_rows_of(pid: int) -> None:
+            # Its associations ended with it; left ACTIVE, they would count as active for
+            # ever (and hold back the metrics' scan of the audit table).
+            closed = store.close_abandoned_associations({pid})
+            if closed:
+                log.warning("associations_closed_for_dead_listener", pid=pid, count=closed)
+
         while not stop.wait(tick):
-            listeners.supervise()
+            listeners.supervise(close_audit_rows_of)
             live, loops = health.live()
             if live and watchdog_s is not None:
                 notifier.watchdog()

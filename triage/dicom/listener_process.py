@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -152,12 +153,18 @@ class ListenerPool:
             self.stop(0)
             raise
 
-    def supervise(self) -> None:
-        """Restart any listener process that died (the daemon calls this every second)."""
+    def supervise(self, on_died: Callable[[int], object] | None = None) -> None:
+        """Restart any listener process that died (the daemon calls this every second);
+        *on_died(pid)* first, for what the dead process left behind."""
         for index, process in enumerate(self._processes):
             if process.is_alive():
                 continue
             log.error("listener_process_died", pid=process.pid, exitcode=process.exitcode)
+            if on_died is not None and process.pid is not None:
+                try:
+                    on_died(process.pid)
+                except Exception as exc:  # the store may be down: the restart matters more
+                    log.error("listener_cleanup_failed", pid=process.pid, error=str(exc))
             try:
                 self._processes[index] = self._spawn()
             except ListenerStartError as exc:

@@ -105,6 +105,9 @@ def _init_decode_process() -> None:
     """Decode processes die with the worker, keep freed memory for the next view (see
     :func:`~triage.procutil.retain_freed_memory`) and use one torch thread each."""
     die_with_parent(signal.SIGKILL)
+    # Ctrl-C reaches the whole process group: the worker gives its studies back itself; a
+    # decode process dying of it would charge them a failed attempt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     retain_freed_memory()
     init_decode_worker()
     hide_warning_texts()  # highdicom warns with the patient's name (outputs are built here)
