@@ -33,3 +33,27 @@ def test_every_job_runs_at_start_even_when_the_scheduler_starts_late(
     finally:
         scheduler.stop()
         engine.dispose()
+
+
+def test_the_hourly_purge_removes_temp_files_no_one_writes_any_more(tmp_path: Path) -> None:
+    # A C-STORE that pynetdicom served as another service leaves its received file behind;
+    # a peer retrying it would otherwise fill the disk before the next start.
+    import os
+
+    from triage.store.spool import Spool
+
+    config = load_config(None, env={}, base_dir=tmp_path)
+    engine = make_engine(f"sqlite:///{tmp_path / 'triage.db'}")
+    upgrade_schema(engine)
+    spool = Spool(config.spool_path)
+    spool.prepare()
+    stale, current = spool.temp_dir / "stale.part", spool.temp_dir / "being-received.part"
+    stale.write_bytes(b"left behind")
+    current.write_bytes(b"arriving")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    try:
+        Scheduler(config, Store(engine)).purge_expired()
+    finally:
+        engine.dispose()
+    assert not stale.exists() and current.exists()

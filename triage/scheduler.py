@@ -23,6 +23,9 @@ log = get_logger("triage.scheduler")
 
 #: How often finished studies past retention are purged (the first run is at start).
 PURGE_EVERY_S = 3600.0
+#: A temp file not written to for this long belongs to no transfer or output in progress
+#: (the network timeout ends a stalled transfer; outputs are committed within seconds).
+STALE_TEMP_FILE_S = 3600.0
 
 
 class Scheduler:
@@ -89,9 +92,14 @@ class Scheduler:
     def purge_expired(self) -> int:
         """Remove finished studies older than ``[store] retention_days`` (as `triage-admin
         purge` does); returns how many."""
-        report = purge(
-            self.store, Spool(self.config.spool_path), float(self.config.store.retention_days)
-        )
+        spool = Spool(self.config.spool_path)
+        report = purge(self.store, spool, float(self.config.store.retention_days))
+        # A data set pynetdicom received but never handed to us (a peer's C-STORE naming a
+        # service it is not, aborted) leaves its temp file; a peer that keeps retrying would
+        # fill the disk before the next start cleans the folder.
+        stale = spool.prepare(older_than_s=STALE_TEMP_FILE_S)
+        if stale:
+            log.warning("stale_temp_files_removed", count=stale)
         if report.study_uids or report.workers:
             log.info(
                 "purged",
