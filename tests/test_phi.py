@@ -139,8 +139,29 @@ check_person_name("QUILLBERRY MARGOT")
         _assert_clean(run.stdout + run.stderr, f"the {process} process's output")
         assert "UserWarning at" in run.stderr and "text withheld" in run.stderr
 
-    from triage.logs import error_text
+    from pydicom import Dataset
+
+    from triage.logs import error_text, identity_values
 
     reason = error_text(ValueError("Unable to convert '19380517' to 'DA' object"))
     _assert_clean(reason, "a stored failure reason")
-    assert reason.startswith("ValueError: Unable to convert")
+    assert reason == "ValueError: Unable to convert … to 'DA' object"
+    header = Dataset()
+    header.PatientName, header.PatientID = NAME, PATIENT_ID
+    header.PatientBirthDate, header.AccessionNumber = BIRTH_DATE, ACCESSION
+    unquoted = ValueError(f"no view of Wimbleworth in {ACCESSION} for {PATIENT_ID}")
+    _assert_clean(error_text(unquoted, identity_values([header])), "a reason naming them")
+    # What failed stays readable: keywords, element and UID names, UIDs, paths, "can't".
+    for kept in (
+        "KeyError: 'PixelData'",
+        "ValueError: The dataset's 'BitsStored' value can't be 0",
+        "ValueError: a (0002,0010) 'Transfer Syntax UID' value of 'MPEG2 Main Profile / Main"
+        " Level' is not supported",
+        "ValueError: no such file '/var/lib/msk-triage/var/spool/1.2.3/4.5.6.dcm'",
+        "ValueError: SOP class '1.2.840.10008.5.1.4.1.1.1' not stored",
+    ):
+        kind, message = kept.split(": ", 1)
+        assert (
+            error_text(ValueError(message) if kind == "ValueError" else KeyError("PixelData"))
+            == kept
+        )

@@ -7,10 +7,12 @@ as a second line of defence (e.g. a future ``log.info(..., patient_name=...)`` b
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +57,79 @@ def _shared_processors() -> list[Any]:
     ]
 
 
-#: A quoted value in an exception's message ('…' or "…").
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+#: A quoted value in an exception's message: quotes not inside a word (so "can't" is none).
+_QUOTED = re.compile(r"(?<!\w)(['\"])([^'\"\n]*)\1(?!\w)")
+#: A UID (at least two components: a bare number may be a patient ID or a date).
+_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
+#: Identity attributes whose values a failure reason must never carry.
+_IDENTITY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "AccessionNumber",
+    "PatientAddress",
+    "PatientMotherBirthName",
+)
 
 
-def error_text(exc: BaseException) -> str:
-    """An exception as ``Type: message`` for logs and stored reasons, quoted values withheld.
+def identity_values(datasets: Iterable[Any]) -> set[str]:
+    """The patient-identity values of *datasets* (and a name's components), to withhold."""
+    values: set[str] = set()
+    for dataset in datasets:
+        for keyword in _IDENTITY_KEYWORDS:
+            value = dataset.get(keyword)
+            for item in value if isinstance(value, list | tuple) or _multi(value) else [value]:
+                text = str(item or "").strip()
+                if len(text) >= 2:
+                    values.add(text)
+                    values.update(part for part in re.split(r"[\^=]", text) if len(part) >= 2)
+    return values
+
+
+def _multi(value: Any) -> bool:
+    return type(value).__name__ == "MultiValue"
+
+
+@functools.cache
+def _dictionary_words() -> frozenset[str]:
+    """DICOM keywords, element names and VRs, and the names of UIDs pydicom knows."""
+    from pydicom.datadict import DicomDictionary
+    from pydicom.uid import UID_dictionary
+    from pydicom.valuerep import VR
+
+    words = set(VR.__members__)
+    words |= {entry[2] for entry in DicomDictionary.values()}
+    words |= {entry[4] for entry in DicomDictionary.values()}
+    words |= {entry[0] for entry in UID_dictionary.values()}
+    return frozenset(words)
+
+
+def _harmless(quoted: str) -> bool:
+    """A quoted word that says what failed rather than whose data: a DICOM keyword, element
+    name or VR, a UID, a transfer syntax's or SOP class's name, a path."""
+    return quoted in _dictionary_words() or bool(_UID.fullmatch(quoted)) or quoted.startswith("/")
+
+
+def error_text(exc: BaseException, withheld: Iterable[str] = ()) -> str:
+    """An exception as ``Type: message`` for logs and stored reasons, identity withheld.
 
     Library errors quote the value they could not parse: pydicom's ``Unable to convert
-    '1938-05-17' to 'DA' object`` is a birth date. A reason is logged, stored, and printed by
-    `triage-admin`, so no quoted text goes into one.
+    '1938-05-17' to 'DA' object`` is a birth date. A reason is logged, stored and printed by
+    `triage-admin`: the *withheld* values (see :func:`identity_values`) become "…" wherever
+    they appear, and so does any other quoted text that is not a keyword, VR, UID, UID name
+    or path, so that the reason still says what failed.
     """
-    return f"{type(exc).__name__}: {_QUOTED.sub('…', str(exc))}"
+    text = str(exc)
+    for value in sorted(set(withheld), key=len, reverse=True):
+        # As a whole word: a two-letter name part must not eat the middle of other words.
+        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", "…", text)
+
+    def quoted(match: re.Match[str]) -> str:
+        return match.group(0) if _harmless(match.group(2)) else "…"
+
+    return f"{type(exc).__name__}: {_QUOTED.sub(quoted, text)}"
 
 
 def _show_warning_without_its_text(

@@ -38,7 +38,7 @@ from triage.config import Config
 from triage.dicom.sc import OverlayBox
 from triage.dicom.sr import sr_sop_instance_uid
 from triage.dicom.study_type import decide_study, patients_in
-from triage.logs import error_text, get_logger, hide_warning_texts
+from triage.logs import error_text, get_logger, hide_warning_texts, identity_values
 from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
 from triage.scoring.model import PendingForward, ScoringModel, resolve_device
 from triage.scoring.outputs import (
@@ -337,7 +337,8 @@ class Worker:
                     )
                     last_heartbeat = now
             except Exception as exc:  # the store may be down for a while: keep trying
-                log.error("claim_loop_error", error=error_text(exc))
+                # The store holds no patient identity: its errors are logged whole.
+                log.error("claim_loop_error", error=f"{type(exc).__name__}: {exc}")
             if claimed == 0:
                 self._wake.wait(self.config.worker.poll_interval_s)
                 self._wake.clear()
@@ -641,7 +642,7 @@ class Worker:
             if self.on_scored:
                 self.on_scored()
         except Exception as exc:
-            reason = error_text(exc)
+            reason = error_text(exc, identity_values(study.headers.values()))
             try:
                 state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
             except Exception as store_exc:  # the store is down: the lease expires instead
