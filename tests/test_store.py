@@ -340,3 +340,39 @@ def test_purge_removes_outputs_no_row_names(store: Store, tmp_path) -> None:
     assert (dry.files, dry.bytes) == (1, 18) and spool.path(leftover).exists()
     done = purge(store, spool, 0, now=later)
     assert done.files == 1 and not spool.path(leftover).parent.exists()
+
+
+def test_an_instance_sent_again_while_its_study_is_purged_opens_the_study_again(
+    store: Store, tmp_path, monkeypatch
+) -> None:
+    # Acknowledged as already held while the purge removed it, it was lost (PostgreSQL read
+    # the stored instance without waiting for the purge's lock).
+    import time
+
+    import triage.store.operations as operations
+    from triage.store.operations import cancel, purge
+    from triage.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    for sop in ("1.2.3.0", "1.2.3.1"):
+        spool.write(meta(sop).path, [b"an instance"])
+        store.record_instance(meta(sop), None)
+    cancel(store, STUDY, "finished")
+    removing = threading.Event()
+    remove_file = operations._remove_file
+
+    def slowly(path, dry_run):  # type: ignore[no-untyped-def]
+        removing.set()
+        time.sleep(1.0)  # a big batch: its studies stay locked while their files go
+        return remove_file(path, dry_run)
+
+    monkeypatch.setattr(operations, "_remove_file", slowly)
+    later = utcnow() + timedelta(seconds=1)
+    purging = threading.Thread(target=purge, args=(store, spool, 0), kwargs={"now": later})
+    purging.start()
+    assert removing.wait(10)
+    again = store.record_instance(meta("1.2.3.1"), None)
+    purging.join(30)
+    assert (again.duplicate, again.revision) == (False, 2)
+    assert [i.sop_instance_uid for i in store.study_instances(STUDY)] == ["1.2.3.1"]

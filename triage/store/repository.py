@@ -166,7 +166,10 @@ class Store:
         """
 
         def work(connection: Connection) -> RecordResult:
-            found = connection.execute(_FIND_STORED_INSTANCE, {"sop_uid": meta.sop_instance_uid})
+            found = connection.execute(
+                _FIND_STORED_INSTANCE_SHARED if self._postgres else _FIND_STORED_INSTANCE,
+                {"sop_uid": meta.sop_instance_uid},
+            )
             stored = found.first()
             if stored is not None:
                 return RecordResult(True, stored.study_uid, stored.revision)
@@ -437,6 +440,10 @@ _FIND_STORED_INSTANCE = (
     .select_from(_INSTANCES.join(_STUDIES, _STUDIES.c.id == _INSTANCES.c.study_id))
     .where(_INSTANCES.c.sop_instance_uid == bindparam("sop_uid"))
 )
+# A purge holds its studies FOR UPDATE while their files go: a stored instance's study is
+# read FOR SHARE, so a re-sent instance waits, then finds its row gone and opens the study
+# again, instead of being acknowledged as held while its file is being removed.
+_FIND_STORED_INSTANCE_SHARED = _FIND_STORED_INSTANCE.with_for_update(read=True, of=_STUDIES)
 _FIND_STUDY = select(_STUDIES.c.id, _STUDIES.c.state, _STUDIES.c.revision).where(
     _STUDIES.c.study_uid == bindparam("study_uid")
 )
