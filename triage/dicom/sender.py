@@ -148,12 +148,22 @@ class Sender:
         try:
             tls = client_tls_context(destination)
         except (OSError, ValueError) as exc:
-            # A TLS file that stopped loading after start-up: every round would fail the same
-            # way before any attempt is recorded. Say why, once, and let an operator fix it.
-            reason = f"cannot set up TLS: {type(exc).__name__}: {exc}"
+            # A TLS file that stopped loading after start-up (often for a moment: a
+            # certificate being rotated). Recorded as an attempt, with backoff, so the
+            # reason shows and the deliveries fail only after their attempts.
+            files = ", ".join(
+                f"{key} {value}"
+                for key, value in (
+                    ("tls_ca", destination.tls_ca),
+                    ("tls_cert", destination.tls_cert),
+                    ("tls_key", destination.tls_key),
+                )
+                if value
+            )
+            reason = f"cannot set up TLS ({files}): {type(exc).__name__}: {exc}"
             for item in due:
                 if item.delivery_id in datasets:
-                    self._failed(destination, item, reason, permanent=True)
+                    self._failed(destination, item, reason)
             return
         try:
             assoc = ae.associate(
