@@ -403,3 +403,32 @@ def test_study_latency_counts_from_the_first_instance_of_the_current_revision(
         )
     assert abs(study_latency_s(store, uid) - 12.0) < 1e-6
     assert study_latency_s(store, "1.2.3.4.5.6.404") is None
+
+
+def test_a_discarded_results_files_go_only_once_the_study_moved_to_another_revision(
+    store: Store,
+) -> None:
+    # Another claim of the same revision (a forced requeue, an expired lease) writes the
+    # same outbox files and may not have recorded them yet: they stay for the purge.
+    from triage.store.operations import requeue
+
+    queue = WorkQueue(store)
+    study = queued_study(store, 41)
+    [claim] = queue.claim("w1", 1, 60)
+    paths = [o.path for o in outputs_for(claim)]
+    requeue(store, study, force=True)
+    assert queue.discardable_outputs(claim, paths) == []
+    store.record_instance(  # a late instance: revision 2 writes other files
+        InstanceMeta(
+            study,
+            study + ".9",
+            study + ".late",
+            "1.2.840.10008.5.1.4.1.1.1",
+            "1.2.840.10008.1.2.1",
+            "CR",
+            f"{study}/{study}.late.dcm",
+            10,
+        ),
+        None,
+    )
+    assert queue.discardable_outputs(claim, paths) == paths

@@ -619,9 +619,9 @@ class Worker:
             elapsed_ms = (time.monotonic() - study.started) * 1000
             destinations = [d.name for d in self.config.destinations]
             if not self.queue.complete(claim, result, info, outputs, destinations, elapsed_ms):
-                # No row names these files (unless a rescoring recorded the same ones): nothing
-                # would ever send or purge them.
-                for path in self.queue.unrecorded_outputs([o.path for o in outputs]):
+                # No row names these files: nothing would send them, and only the purge
+                # would remove them, with the study, weeks from now.
+                for path in self.queue.discardable_outputs(claim, [o.path for o in outputs]):
                     self.spool.remove(path)
                 bound.info("result_discarded", reason="study changed while it was scored")
                 return

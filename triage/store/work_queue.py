@@ -379,11 +379,17 @@ class WorkQueue:
         add_event(session, study, previous, reason, now)
         return Transition(study.study_uid, study.revision, previous, state)
 
-    def unrecorded_outputs(self, paths: Sequence[str]) -> list[str]:
-        """Those of *paths* (outbox files) that no output row names."""
+    def discardable_outputs(self, claim: Claim, paths: Sequence[str]) -> list[str]:
+        """Those of *paths* (the outbox files of *claim*'s discarded result) that may go now:
+        none while the study is still at the claim's revision, since another claim of it (a
+        forced requeue, an expired lease) writes the same files and may not have recorded
+        them yet; the purge takes what is left with the study. Else those no row names."""
         if not paths:
             return []
         with self.store.read_session() as session:
+            revision = session.scalar(select(Study.revision).where(Study.id == claim.study_id))
+            if revision is None or revision == claim.revision:
+                return []
             recorded = set(session.scalars(select(Output.path).where(Output.path.in_(paths))))
         return [path for path in paths if path not in recorded]
 
