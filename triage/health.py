@@ -14,9 +14,10 @@ store's and the spool's.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import text
 
@@ -25,6 +26,41 @@ from triage.store.spool import Spool
 
 #: How long /readyz waits for the store before it says it does not answer.
 STORE_CHECK_TIMEOUT_S = 3.0
+
+T = TypeVar("T")
+
+
+class StoreNotAnswering(TimeoutError):
+    """A :class:`BoundedCall` got no answer in time (or its previous call is still waiting)."""
+
+
+class BoundedCall:
+    """Runs store reads for an HTTP endpoint in one background thread and waits at most
+    *timeout_s* for each: a store that does not answer (a frozen server, a partition) must not
+    hang the endpoint, and repeated requests must not pile up threads waiting on it. While a
+    call is still waiting, the next one fails at once rather than queue behind it."""
+
+    def __init__(self, name: str, timeout_s: float, busy: str) -> None:
+        self.timeout_s = timeout_s
+        self._busy = busy
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: Future[Any] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, work: Callable[[], T]) -> T:
+        """*work()*'s result or exception, or :class:`StoreNotAnswering`."""
+        with self._lock:
+            if self._pending is not None and not self._pending.done():
+                raise StoreNotAnswering(self._busy)
+            self._pending = future = self._pool.submit(work)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise StoreNotAnswering(f"no answer within {self.timeout_s:g} s") from None
+
+    def close(self) -> None:
+        """Stop the thread once idle (a call still waiting is abandoned, not waited for)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Loop(Protocol):
@@ -46,10 +82,11 @@ class Health:
         self.listener_expected = listener
         self.listener_port: int | None = None
         self.worker_enabled = False
-        # One store check at a time: a hung database must not pile up threads.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readyz-store")
-        self._pending: Future[None] | None = None
-        self._lock = threading.Lock()
+        self._store_call = BoundedCall(
+            "readyz-store",
+            STORE_CHECK_TIMEOUT_S,
+            busy="the previous store check has not returned yet",
+        )
 
     def add(self, name: str, loop: Loop) -> None:
         """Watch *loop* under *name* (``listener``, ``scheduler``, ``worker``, ``sender``)."""
@@ -71,14 +108,10 @@ class Health:
 
     def check_store(self) -> dict[str, Any]:
         """``{"ok": …, "error": …}`` within :data:`STORE_CHECK_TIMEOUT_S`."""
-        with self._lock:
-            if self._pending is not None and not self._pending.done():
-                return {"ok": False, "error": "the previous store check has not returned yet"}
-            self._pending = future = self._pool.submit(self._ping_store)
         try:
-            future.result(timeout=STORE_CHECK_TIMEOUT_S)
-        except FutureTimeout:
-            return {"ok": False, "error": f"no answer within {STORE_CHECK_TIMEOUT_S:g} s"}
+            self._store_call(self._ping_store)
+        except StoreNotAnswering as exc:
+            return {"ok": False, "error": str(exc)}
         except Exception as exc:
             first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
             return {"ok": False, "error": f"{type(exc).__name__}: {first}"}
@@ -107,7 +140,7 @@ class Health:
 
     def close(self) -> None:
         """Stop the store-check thread (a hung check is abandoned)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._store_call.close()
 
 
 def _alive(loop: Loop) -> bool:
@@ -117,4 +150,4 @@ def _alive(loop: Loop) -> bool:
         return False
 
 
-__all__ = ["Health", "Loop"]
+__all__ = ["BoundedCall", "Health", "Loop", "StoreNotAnswering"]

@@ -22,10 +22,10 @@ registry, so importing this module twice (tests) or beside other libraries never
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,10 +38,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from triage.health import BoundedCall
 from triage.logs import get_logger
 from triage.store.models import utcnow
 from triage.store.queries import (
     AssociationCounter,
+    AssociationTotals,
     delivery_counts,
     oldest_queued_at,
     study_counts,
@@ -51,6 +53,10 @@ from triage.store.repository import Store
 from triage.store.spool import Spool
 
 log = get_logger("triage.metrics")
+
+#: How long a scrape waits for the store before it reports ``triage_store_up 0`` (Prometheus'
+#: default scrape timeout is 10 s; /readyz waits as long).
+SCRAPE_STORE_TIMEOUT_S = 3.0
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -132,8 +138,12 @@ class StoreCollector(Collector):
         self.store = store
         self.spool = spool
         self._associations = AssociationCounter()
-        # Scrapes may overlap (threaded HTTP server); the incremental counter is not re-entrant.
-        self._lock = threading.Lock()
+        # One thread reads for every scrape, so overlapping scrapes (threaded HTTP server) never
+        # enter the incremental counter together, and a store that does not answer costs
+        # each scrape SCRAPE_STORE_TIMEOUT_S at most, not a blocked thread.
+        self._store_call = BoundedCall(
+            "metrics-store", SCRAPE_STORE_TIMEOUT_S, busy="the previous scrape is still waiting"
+        )
 
     def describe(self) -> Iterator[Metric]:
         """Nothing up front: registering must not query the store."""
@@ -145,12 +155,7 @@ class StoreCollector(Collector):
         up = GaugeMetricFamily("triage_store_up", "1 if the last scrape could read the store")
         families: list[Metric] = []
         try:
-            with self._lock, self.store.read_session() as session:
-                now = utcnow()
-                totals = self._associations.totals(session, now)
-                studies = study_counts(session)
-                oldest = oldest_queued_at(session)
-                deliveries = delivery_counts(session)
+            now, totals, studies, oldest, deliveries = self._store_call(self._read)
         except Exception as exc:
             log.warning("metrics_store_unavailable", error=f"{type(exc).__name__}: {exc}")
             up.add_metric([], 0)
@@ -227,6 +232,23 @@ class StoreCollector(Collector):
         took.add_metric([], time.monotonic() - started)
         yield took
 
+    def _read(
+        self,
+    ) -> tuple[datetime, AssociationTotals, dict[str, int], datetime | None, dict[str, int]]:
+        with self.store.read_session() as session:
+            now = utcnow()
+            return (
+                now,
+                self._associations.totals(session, now),
+                study_counts(session),
+                oldest_queued_at(session),
+                delivery_counts(session),
+            )
+
+    def close(self) -> None:
+        """Let the reading thread go (a read still waiting on the store is abandoned)."""
+        self._store_call.close()
+
 
 @dataclass(frozen=True)
 class WorkerLoad:
@@ -295,6 +317,7 @@ def register_store(store: Store, spool: Spool) -> None:
     global _collector
     if _collector is not None:
         REGISTRY.unregister(_collector)
+        _collector.close()
     _collector = StoreCollector(store, spool)
     REGISTRY.register(_collector)
 

@@ -7,6 +7,8 @@ that locks the rows it moves (SKIP LOCKED), so running it twice moves nothing tw
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -23,6 +25,11 @@ log = get_logger("triage.scheduler")
 
 #: How often finished studies past retention are purged (the first run is at start).
 PURGE_EVERY_S = 3600.0
+#: How long :meth:`Scheduler.stop` waits for the jobs in progress. One stuck on a store that
+#: stops answering is left behind after this, so the daemon's stop stays well inside
+#: systemd's TimeoutStopSec (the daemon then bounds its store waits, which ends the job); a
+#: purge left behind is safe, each batch being one transaction (files go before rows).
+STOP_WAIT_S = 10.0
 #: A temp file not written to for this long belongs to no transfer or output in progress
 #: (the network timeout ends a stalled transfer; outputs are committed within seconds).
 STALE_TEMP_FILE_S = 3600.0
@@ -39,6 +46,9 @@ class Scheduler:
         self.on_queued = on_queued
         self.work_queue = WorkQueue(store)
         self._scheduler = BackgroundScheduler(timezone=UTC)
+        #: Names of the jobs running now (see stop()).
+        self._running: set[str] = set()
+        self._idle = threading.Condition()
         self.add_job("queue_quiet_studies", self.queue_quiet_studies, config.study.check_interval_s)
         self.add_job("expire_leases", self.expire_leases, max(1.0, config.worker.lease_s / 10))
         self.add_job("purge", self.purge_expired, PURGE_EVERY_S)
@@ -47,10 +57,16 @@ class Scheduler:
         """Run *job* every *every_s* seconds, never two at once, starting now."""
 
         def guarded() -> None:
+            with self._idle:
+                self._running.add(name)
             try:
                 job()
             except Exception as exc:  # the next run retries; the scheduler keeps going
                 log.error("job_failed", job=name, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._idle:
+                    self._running.discard(name)
+                    self._idle.notify_all()
 
         self._scheduler.add_job(
             guarded,
@@ -120,7 +136,16 @@ class Scheduler:
         """Start the jobs in the background."""
         self._scheduler.start()
 
-    def stop(self) -> None:
-        """Stop scheduling and wait for running jobs to finish."""
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=True)
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """Stop scheduling and wait up to *wait_s* for running jobs to finish; those still
+        running then (a store that does not answer) are left to end on their own."""
+        if not self._scheduler.running:
+            return
+        self._scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + wait_s
+        with self._idle:
+            while self._running and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            stuck = sorted(self._running)
+        if stuck:
+            log.warning("scheduler_jobs_left_running", jobs=stuck, waited_s=wait_s)

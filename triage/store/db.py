@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import os
+import socket
+import threading
+import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from alembic import command
+from triage.logs import get_logger
 
 #: Execution option marking a read-only connection (SQLite then skips BEGIN IMMEDIATE).
 READ_ONLY = "triage_read_only"
@@ -18,6 +30,54 @@ READ_ONLY = "triage_read_only"
 #: lock before "database is locked" (default: the engine's 30 s).
 LOCK_WAIT_MS = "triage_lock_wait_ms"
 _DEFAULT_LOCK_WAIT_MS = 30000
+
+log = get_logger("triage.store")
+
+# What bounds a PostgreSQL store that stops answering (a frozen server, a partition), by where
+# the wait is. psycopg 3 has no read timeout: a query whose answer never comes waits forever
+# unless something below ends it.
+#
+# - Opening a connection: libpq's connect_timeout covers the TCP connect and the whole start-up
+#   (a server that accepts and never answers included).
+# - A pooled connection before each use: a ping (SQLAlchemy's pre-ping, done here) whose
+#   connection is cut after PING_TIMEOUT_S; the pool then opens a new one (connect_timeout).
+#   A store that froze between two transactions (the usual case) costs at most both.
+# - Inside a transaction, a dead peer host or network (no ACK, no keepalive reply): TCP
+#   keepalives and tcp_user_timeout make the kernel drop the connection within ~25 s.
+# - Inside a transaction, a server that is alive but slow (a lock held by a purge batch):
+#   statement_timeout, on the listener's connections only (see below).
+# - Inside a transaction, a server process or middlebox that is frozen (the kernel still ACKs
+#   and answers keepalives, so TCP sees nothing wrong and the server never sees the query, so
+#   statement_timeout never fires): only a clock on this side. The listener's connections are
+#   cut when held past LISTENER_HOLD_S, so a C-STORE answers 0xA701 while the peer still
+#   waits. The daemon's other work (scheduler, worker, sender, migrations) is not cut while it
+#   runs, as a purge batch or a migration under the advisory lock may rightly take long: such
+#   a loop stalls until the store answers, and nothing else waits for it. /readyz and
+#   /metrics bound their own waits (triage.health.BoundedCall), and once stopping the daemon
+#   calls bound_store_waits, so the stop ends within systemd's TimeoutStopSec.
+#: libpq connect_timeout (s): TCP connect plus start-up and authentication.
+CONNECT_TIMEOUT_S = 5
+#: A pooled connection's ping before use is cut after this long.
+PING_TIMEOUT_S = 3.0
+#: The listener's connections (one C-STORE's record, an audit row) are cut when held longer.
+LISTENER_HOLD_S = 15.0
+#: Server-side bound on one listener statement, lock waits included (no shorter lock_timeout:
+#: a late instance for a study in a purge batch is meant to wait for the batch); below
+#: LISTENER_HOLD_S so a live server answers with its own error first.
+LISTENER_STATEMENT_TIMEOUT_MS = 10000
+#: TCP keepalives: first probe after 10 s of silence, then every 5 s, 3 unanswered probes end
+#: the connection; tcp_user_timeout ends one whose sent data go unacknowledged as long.
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25000,
+}
+_FRESH = "triage_fresh"
+#: The watch thread looks at most this often: a cut may come this much late, and a busy
+#: listener's every checkout does not wake it.
+_WATCH_TICK_S = 0.5
 
 
 class StoreUnavailable(RuntimeError):
@@ -85,7 +145,183 @@ def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    query = make_url(url).query
+    # Settings given in the URL win over these defaults.
+    connect_args: dict[str, Any] = {
+        key: value
+        for key, value in {"connect_timeout": CONNECT_TIMEOUT_S, **_KEEPALIVES}.items()
+        if key not in query
+    }
+    hold_s = None
+    if spool_backed:
+        # The listener runs only short statements; the main engine runs none: a purge batch
+        # and a migration (waiting for another daemon's under the advisory lock) must finish.
+        hold_s = LISTENER_HOLD_S
+        given = query.get("options")
+        options = f"-c statement_timeout={LISTENER_STATEMENT_TIMEOUT_MS}"
+        connect_args["options"] = f"{given} {options}" if isinstance(given, str) else options
+    # No pool_pre_ping: SQLAlchemy's runs before any checkout event and has no time bound;
+    # _watch_connections pings under its own clock.
+    engine = create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
+    _watch_connections(engine, hold_s)
+    return engine
+
+
+def bound_store_waits(engine: Engine, seconds: float) -> None:
+    """From now on, cut the connection under any use of *engine*'s pool that lasts longer
+    than *seconds* (counted from now for those in use): its statement fails as on a dropped
+    connection. For a stop that must end although the store stopped answering; no-op on
+    SQLite (a local file does not freeze that way, and its lock waits are bounded)."""
+    waits = _WATCHES.get(engine)
+    if waits is not None:
+        waits.bound(seconds)
+
+
+@dataclass
+class _Use:
+    """One checked-out connection: a duplicate of its socket (so a cut can never hit another
+    file that reuses the number once the driver closed it), and when it must be cut."""
+
+    sock: socket.socket
+    since: float
+    deadline: float | None
+    what: str = "use"
+    generation: int = 0
+
+
+class _ConnectionWatch:
+    """Cuts (shutdown(2) on the socket) the connections of one engine held past their
+    deadline, from one background thread."""
+
+    def __init__(self, hold_s: float | None) -> None:
+        self.hold_s = hold_s
+        self._uses: dict[int, _Use] = {}
+        self._deadlines: list[tuple[float, int, int]] = []
+        self._generation = 0
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, record: ConnectionPoolEntry, dbapi_connection: Any, seconds: float) -> None:
+        """Watch *record*'s connection for at most *seconds* (the ping)."""
+        try:
+            sock = socket.socket(fileno=os.dup(dbapi_connection.fileno()))
+        except (OSError, AttributeError, ValueError):
+            return  # not a socket we can watch: unbounded, as before
+        now = time.monotonic()
+        with self._wake:
+            old = self._uses.pop(id(record), None)
+            self._generation += 1
+            use = _Use(sock, now, now + seconds, "ping", self._generation)
+            self._uses[id(record)] = use
+            self._schedule(use, id(record))
+        if old is not None:
+            old.sock.close()
+
+    def hold(self, record: ConnectionPoolEntry) -> None:
+        """The ping passed: from now, *record*'s use is bounded by the hold bound, if any."""
+        with self._wake:
+            use = self._uses.get(id(record))
+            if use is None:
+                return
+            use.what = "use"
+            use.deadline = None if self.hold_s is None else use.since + self.hold_s
+            if use.deadline is not None:
+                self._schedule(use, id(record))
+
+    def disarm(self, record: ConnectionPoolEntry) -> None:
+        """*record* went back to the pool (or was invalidated): stop watching it."""
+        with self._wake:
+            use = self._uses.pop(id(record), None)
+        if use is not None:
+            use.sock.close()
+
+    def bound(self, seconds: float) -> None:
+        """Every use, now and later, lasts at most *seconds* (those in use: from now)."""
+        limit = time.monotonic() + seconds
+        with self._wake:
+            self.hold_s = seconds if self.hold_s is None else min(self.hold_s, seconds)
+            for key, use in self._uses.items():
+                if use.deadline is None or limit < use.deadline:
+                    use.deadline = limit
+                    self._schedule(use, key)
+
+    def _schedule(self, use: _Use, key: int) -> None:
+        # Called with the condition held; the heap may hold stale entries (checked on expiry).
+        assert use.deadline is not None
+        entry = (use.deadline, use.generation, key)
+        heapq.heappush(self._deadlines, entry)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="store-watch", daemon=True)
+            self._thread.start()
+        elif self._deadlines[0] is entry:
+            self._wake.notify()  # due before the thread means to wake (else: let it sleep)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due: list[_Use] = []
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _, generation, key = heapq.heappop(self._deadlines)
+                    use = self._uses.get(key)
+                    if (
+                        use is not None
+                        and use.generation == generation
+                        and use.deadline is not None
+                        and use.deadline <= now
+                    ):
+                        use.deadline = None  # cut once
+                        due.append(use)
+                for use in due:
+                    # Under the lock: disarm() cannot close the duplicate meanwhile.
+                    with contextlib.suppress(OSError):
+                        use.sock.shutdown(socket.SHUT_RDWR)
+                    log.warning(
+                        "store_connection_cut",
+                        during=use.what,
+                        held_s=round(now - use.since, 1),
+                    )
+                if self._deadlines:
+                    self._wake.wait(max(self._deadlines[0][0] - now, _WATCH_TICK_S))
+                else:
+                    self._wake.wait()
+
+
+_WATCHES: weakref.WeakKeyDictionary[Engine, _ConnectionWatch] = weakref.WeakKeyDictionary()
+
+
+def _watch_connections(engine: Engine, hold_s: float | None) -> None:
+    """Ping each pooled connection before use under PING_TIMEOUT_S, and cut a use held past
+    *hold_s* (or past :func:`bound_store_waits`)."""
+    watch = _ConnectionWatch(hold_s)
+    _WATCHES[engine] = watch
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+        record.info[_FRESH] = True  # just opened: no ping needed
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        watch.arm(record, dbapi_connection, PING_TIMEOUT_S)
+        if not record.info.pop(_FRESH, False):
+            try:
+                dialect.do_ping(dbapi_connection)
+            except dialect.loaded_dbapi.Error as exc:
+                watch.disarm(record)
+                # The pool opens a new connection and tries once more. Those beside it that
+                # idled through the same outage are likely dead too: renew them all.
+                failed = f"store connection failed its ping: {_short(exc)}"
+                raise InvalidatePoolError(failed) from exc
+        watch.hold(record)
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+        watch.disarm(record)
+
+    @event.listens_for(engine, "invalidate")
+    def _on_invalidate(_dbapi_connection, record, _exc) -> None:  # type: ignore[no-untyped-def]
+        watch.disarm(record)  # before the driver closes it
 
 
 def migrations_dir() -> Path:
