@@ -957,3 +957,30 @@ def test_a_listener_that_dies_has_its_open_associations_closed_in_the_audit(
     finally:
         held.abort()
     assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
+def test_after_a_kill_9_on_postgresql_the_dead_listeners_associations_are_closed(
+    daemon_factory, pg_url
+) -> None:
+    # Only the SQLite store closed every ACTIVE row at start (one daemon per store); a
+    # PostgreSQL store is shared, so this host's rows whose listener is gone are closed.
+    from pynetdicom import AE
+
+    daemon = daemon_factory({"store": {"url": pg_url}}).start()
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert held.is_established
+    [active] = wait_until(
+        lambda: [
+            r for r in daemon.store().associations() if r.outcome is AssociationOutcome.ACTIVE
+        ],
+        message="the association audited as active",
+    )
+    daemon.kill()
+    held.abort()
+    daemon.start()
+    [record] = [r for r in daemon.store().associations() if r.id == active.id]
+    assert record.outcome is AssociationOutcome.ABORTED
+    assert daemon.stop() == 0

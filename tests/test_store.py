@@ -376,3 +376,23 @@ def test_an_instance_sent_again_while_its_study_is_purged_opens_the_study_again(
     purging.join(30)
     assert (again.duplicate, again.revision) == (False, 2)
     assert [i.sop_instance_uid for i in store.study_instances(STUDY)] == ["1.2.3.1"]
+
+
+def test_a_dead_listeners_rows_are_closed_on_its_host_only(store: Store) -> None:
+    # Several hosts' daemons share a PostgreSQL store: a pid names a process on one host.
+    from sqlalchemy import update
+
+    from triage.store.models import AssociationRecord
+
+    here = store.open_association("PACS", "TRIAGE", "10.0.0.1", 1, False, 4242)
+    there = store.open_association("PACS", "TRIAGE", "10.0.0.2", 2, False, 4242)
+    with store.session() as session, session.begin():
+        session.execute(
+            update(AssociationRecord)
+            .where(AssociationRecord.id == there)
+            .values(listener_host="another-host")
+        )
+    assert store.close_abandoned_associations({4242}) == 1
+    assert store.close_abandoned_associations(alive=lambda pid: False) == 0
+    outcomes = {row.id: row.outcome for row in store.associations()}
+    assert outcomes == {here: AssociationOutcome.ABORTED, there: AssociationOutcome.ACTIVE}

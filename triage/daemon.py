@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -23,13 +24,23 @@ from triage.httpd import HttpServer
 from triage.logs import get_logger
 from triage.notify import Notifier
 from triage.scheduler import Scheduler
-from triage.store.db import is_sqlite, make_engine, normalise_url, upgrade_schema
+from triage.store.db import (
+    bound_store_waits,
+    is_sqlite,
+    make_engine,
+    normalise_url,
+    upgrade_schema,
+)
 from triage.store.repository import Store
 from triage.store.spool import Spool
 
 log = get_logger("triage.daemon")
 #: `triage worker` removes only temp files older than this at start (see Spool.prepare).
 _FOREIGN_TEMP_AGE_S = 3600.0
+#: Once stopping, no use of the store lasts longer than this (see bound_store_waits): a store
+#: that stopped answering (a frozen server, a partition) must not hold the stop past systemd's
+#: TimeoutStopSec (120 s); what is left waiting on it then fails as on a dropped connection.
+_STOP_STORE_WAIT_S = 20.0
 
 
 class StartupError(RuntimeError):
@@ -87,6 +98,11 @@ class Daemon:
             # The listener's SQLite commits do not wait for the disk: after a power loss its
             # last rows may be gone while their (durable) spool files are there.
             _record_spool_orphans(config, store, spool)
+        else:
+            # Other hosts' daemons share the store: only this host's dead listeners' rows.
+            closed = store.close_abandoned_associations(alive=_pid_alive)
+            if closed:
+                log.warning("recovered_after_crash", associations_closed=closed)
         health = Health(store, spool)
         # Bound before anything else starts: a taken port stops start-up right here.
         http = _bind_http(config, health)
@@ -157,6 +173,7 @@ class Daemon:
                 was_live = live
         notifier.stopping("stopping")
         log.info("stopping")
+        bound_store_waits(engine, _STOP_STORE_WAIT_S)
         listeners.stop(config.dicom.shutdown_grace_s)
         scheduler.stop()
         if worker:
@@ -286,6 +303,7 @@ def run_worker(config: Config) -> int:
         if watchdog_s is not None:
             notifier.watchdog()
     notifier.stopping("stopping")
+    bound_store_waits(engine, _STOP_STORE_WAIT_S)
     worker.stop(config.dicom.shutdown_grace_s)
     if http:
         http.stop()
@@ -295,21 +313,42 @@ def run_worker(config: Config) -> int:
     return exit_code
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process *pid* runs on this host (a zombie, dead but not yet reaped by an
+    init that reaps slowly, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass  # no /proc: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _only_daemon_on(config: Config) -> list[IO[bytes]]:
     """Hold an exclusive lock on the spool (and beside a SQLite store) for this process's
     life, or stop with one line when another `triage serve` holds it."""
     held: list[IO[bytes]] = []
-    places = [(config.spool_path, ".serve.lock", "spool")]
+    spool = config.spool_path
+    places = [(spool, ".serve.lock", "spool", f"the spool folder {spool}")]
     url = make_url(normalise_url(config.store.url))
     if url.get_backend_name() == "sqlite" and url.database:
         database = Path(url.database)
-        places.append((database.parent, f"{database.name}.serve.lock", "SQLite store"))
-    for folder, name, what in places:
+        lock = f"{database.name}.serve.lock"
+        places.append((database.parent, lock, "SQLite store", "the SQLite database's folder"))
+    for folder, name, what, described in places:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             handle = open(folder / name, "ab")  # noqa: SIM115 - held until the process ends
         except OSError as exc:
-            raise _folder_error(f"the {what} folder {folder}", exc) from exc
+            raise _folder_error(described, exc) from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -159,6 +159,8 @@ class AssociationRecord(Base):
     peer_port: Mapped[int] = mapped_column(Integer)
     tls: Mapped[bool] = mapped_column(default=False)
     listener_pid: Mapped[int] = mapped_column(Integer)
+    #: The listener's host (None on rows written before migration 0004).
+    listener_host: Mapped[str | None] = mapped_column(String(128))
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -313,6 +314,7 @@ class Store:
                 peer_port=peer_port,
                 tls=tls,
                 listener_pid=listener_pid,
+                listener_host=socket.gethostname()[:128],
                 started_at=utcnow(),
                 outcome=AssociationOutcome.ACTIVE,
                 instances_stored=0,
@@ -357,17 +359,32 @@ class Store:
 
         self.transaction(work)
 
-    def close_abandoned_associations(self, listener_pids: set[int] | None = None) -> int:
-        """Mark ACTIVE audit rows left by a crashed process as ABORTED; returns how many."""
+    def close_abandoned_associations(
+        self,
+        listener_pids: set[int] | None = None,
+        *,
+        alive: Callable[[int], bool] | None = None,
+    ) -> int:
+        """Mark ACTIVE audit rows left by a crashed process as ABORTED; returns how many.
+
+        All of them (an SQLite store has one daemon), or only those of this host's listener
+        processes in *listener_pids*, or (with *alive*) those of this host's listeners that
+        are not alive: a PostgreSQL store is shared by the daemons of several hosts.
+        """
+        host = socket.gethostname()[:128]
 
         def work(session: Session) -> int:
             statement = select(AssociationRecord).where(
                 AssociationRecord.outcome == AssociationOutcome.ACTIVE
             )
+            if listener_pids is not None or alive is not None:
+                statement = statement.where(AssociationRecord.listener_host == host)
             if listener_pids is not None:
                 statement = statement.where(AssociationRecord.listener_pid.in_(listener_pids))
             count = 0
             for record in session.scalars(statement):
+                if alive is not None and alive(record.listener_pid):
+                    continue
                 record.outcome = AssociationOutcome.ABORTED
                 record.ended_at = utcnow()
                 record.reason = "listener stopped before the association ended"
