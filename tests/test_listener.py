@@ -297,13 +297,25 @@ def test_invalid_input_gets_the_right_status_and_the_daemon_keeps_running(
     assert '"event": "instance_rejected"' in log and "missing or invalid StudyInstanceUID" in log
 
 
-def test_non_image_sop_class_is_not_negotiated(daemon_factory, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "sop_class",
+    [
+        pytest.param("1.2.840.10008.5.1.4.1.1.88.11", id="a report (Basic Text SR)"),
+        pytest.param("1.2.840.10008.5.1.4.1.1.88.34", id="an SR like ours"),
+        pytest.param("1.2.840.10008.5.1.4.1.1.11.1", id="a presentation state"),
+    ],
+)
+def test_non_view_objects_of_a_study_are_acknowledged_and_not_stored(
+    daemon_factory, tmp_path, sop_class
+) -> None:
+    # A PACS re-sending a whole study sends its reports and our results too: refusing them
+    # failed the PACS's whole job (Orthanc stops at the first object it cannot send).
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     daemon = daemon_factory().start()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -315,13 +327,15 @@ def test_non_image_sop_class_is_not_negotiated(daemon_factory, tmp_path) -> None
     ds.Modality = "SR"
     path = tmp_path / "sr.dcm"
     ds.save_as(path, enforce_file_format=True)
-    run = storescu(daemon.port, [path])
-    assert run.acknowledged == 0
-    assert run.returncode != 0
-    assert "No presentation context" in run.output or "no acceptable" in run.output.lower()
-    assert daemon.store().counts_by_state() == {}
-    assert echoscu(daemon.port).returncode == 0
+    view = study_files(tmp_path / "in", views=1, rows=64, cols=64)
+    run = storescu(daemon.port, [path, *view], extra=["--required"])  # its SOP classes only
+    assert run.acknowledged == 2, run.output
+    assert daemon.store().get_study(str(ds.StudyInstanceUID)) is None
+    assert len(daemon.store().study_instances(str(pydicom.dcmread(view[0]).StudyInstanceUID))) == 1
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    wait_until(lambda: not list((spool / "tmp").iterdir()), message="no temp file left")
     assert daemon.stop() == 0
+    assert '"event": "non_view_ignored"' in daemon.log_text()
 
 
 def test_dataset_of_another_sop_class_is_refused_with_a900(daemon_factory, tmp_path) -> None:

@@ -467,6 +467,11 @@ def test_explicit_store_to_the_triage_modality_comes_back_as_sr_and_overlays(
     check_sr(outputs.srs[0], daemon, sent, sent.sop_uids)
     check_overlays(outputs.scs, sent, sent.sop_uids)
     assert wait_state(daemon, sent.study_uid, StudyState.DONE).revision == 1
+    # The whole study again, our SR and overlays in it (the manual re-send of
+    # deploy/orthanc/README.md): every object goes, and nothing is scored again.
+    again = orthanc.store_to_modality([sent.study_id])
+    assert again["InstancesCount"] == 3 + 1 + 3 and again["FailedInstancesCount"] == 0
+    assert wait_state(daemon, sent.study_uid, StudyState.DONE).revision == 1
 
 
 def test_results_ready_while_orthanc_is_stopped_are_delivered_when_it_returns(

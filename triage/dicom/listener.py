@@ -26,7 +26,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from triage.config import DicomConfig
 from triage.dicom import fast_commands, prompt_reactors
 from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files, write_error
-from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION, Status
+from triage.dicom.sop import (
+    ACKNOWLEDGED_NOT_STORED,
+    DEFAULT_STORAGE_CLASSES,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    Status,
+)
 from triage.dicom.validation import Accepted, Rejected, check_instance
 from triage.logs import get_logger
 from triage.store.models import AssociationOutcome
@@ -172,7 +178,7 @@ class Listener:
         ae.require_called_aet = self.config.require_called_ae
         ae.add_supported_context(VERIFICATION)
         _register_storage_classes(self.storage_classes)
-        for sop_class in sorted(self.storage_classes):
+        for sop_class in sorted(self.storage_classes | set(ACKNOWLEDGED_NOT_STORED)):
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         return ae
 
@@ -315,6 +321,19 @@ class Listener:
                 calling_ae=event.assoc.requestor.ae_title,
             )
             return Status.DATASET_MISMATCH, "SOP class differs from the presentation context"
+        if (
+            str(request.AffectedSOPClassUID) in ACKNOWLEDGED_NOT_STORED
+            and str(request.AffectedSOPClassUID) not in self.storage_classes
+        ):
+            # A report, a presentation state, our own results: part of the study the PACS
+            # sends, nothing to score.
+            tally.duplicate += 1
+            log.info(
+                "non_view_ignored",
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                calling_ae=event.assoc.requestor.ae_title,
+            )
+            return Status.SUCCESS, ""
         verdict = check_instance(
             received,
             str(request.AffectedSOPClassUID),

@@ -35,6 +35,21 @@ DEFAULT_STORAGE_CLASSES: tuple[str, ...] = (
     SECONDARY_CAPTURE,
 )
 
+#: Objects that travel with a radiograph study but are not views: msk-triage's own SR and
+#: parametric maps, and others' reports, dose reports, key objects and presentation states.
+#: A PACS re-sending a whole study (its results included) must not fail on them, so they are
+#: accepted, acknowledged and not stored.
+ACKNOWLEDGED_NOT_STORED: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR (msk-triage's SR)
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map (msk-triage's CAM maps)
+)
+
 #: Uncompressed first (most peers propose it), then the common compressed syntaxes, all of
 #: which pydicom decodes with the pylibjpeg plugins.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
