@@ -49,6 +49,8 @@ _MAX_CHARS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "
 #: VRs whose values are encoded in the character set (PS3.5 6.1.2.3).
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 _PATIENT_SEXES = frozenset({"M", "F", "O"})
+#: PatientID, IssuerOfPatientID, AccessionNumber, StudyID: never changed (see _fitted).
+_MATCHING_KEYS = frozenset({0x00100020, 0x00100021, 0x00080050, 0x00200010})
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _SPECIFIC_CHARACTER_SET = 0x00080005
 
@@ -290,6 +292,11 @@ def _fitted(element: DataElement, *, top_level: bool, encodings: list[str] | Non
         fixed = sex if sex in _PATIENT_SEXES else ""
     elif vr == "PN":
         fixed = _mapped(value, _person_name)
+    elif element.tag in _MATCHING_KEYS:
+        # The PACS (Orthanc: PatientID with the StudyInstanceUID) and the RIS (the accession
+        # number) file results by these: cut, they would file them under another patient or
+        # order. Too long already in the source, they are copied as they are.
+        return element
     elif vr in _MAX_CHARS:
         limit = _MAX_CHARS[vr]
         fixed = _mapped(value, lambda text: text if len(text) <= limit else text[:limit].rstrip())
