@@ -7,8 +7,9 @@ runs: reads take no write lock, and every change is one transaction on the study
 Output is a table for people, or with ``--json`` one JSON object for scripts (schema in the
 README; every object carries ``"schema": "msk-triage-admin/1"``; keys are only ever added).
 
-Exit codes: 0 ok; 1 the operation failed or found nothing (unknown study, nothing to retry,
-echo failed, schema behind for ``db current``); 2 usage or configuration error; 3 the store
+Exit codes: 0 ok; 1 the operation failed or found nothing (unknown study, nothing to retry
+for the study or delivery named (``retry --all-failed`` with nothing failed is 0), echo
+failed, schema behind for ``db current``); 2 usage or configuration error; 3 the store
 cannot be used (unreachable, no such SQLite file, schema missing or not current).
 
 Patient identity is not in the store and is never shown, except by ``study UID
