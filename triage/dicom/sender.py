@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -91,11 +92,13 @@ class Sender:
             event.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the round in progress and stop."""
+        """Finish the round in progress and stop; *timeout* bounds the whole wait (one per
+        destination, in turn, went past systemd's TimeoutStopSec with a few of them)."""
         self._stop.set()
         self.wake()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
         """True while every delivery thread runs."""
