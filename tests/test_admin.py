@@ -827,28 +827,19 @@ def _outbox_files(spool: Spool) -> None:
         ds.save_as(spool.root / "outbox" / name, enforce_file_format=True)
 
 
-def test_a_destination_tls_file_that_does_not_load(tmp_path: Path, capsys, monkeypatch) -> None:
-    """Refused with the config; one that stops loading while the daemon runs counts as a
-    failed attempt with the reason (retried after its backoff), and echo says it in one
-    line."""
-    import ssl
-
-    from tests.test_config import _self_signed
+def sender_site(tmp_path: Path, destination: dict[str, Any]) -> tuple[Any, Any, Store, Spool, str]:
+    """A config with one destination, its migrated SQLite store and spool, and a study
+    whose SR and SC (real DICOM files) are due to it: (config path, config, store, spool,
+    study UID). The caller disposes of ``store.engine``."""
     from tests.test_outbox import delivering_study
     from triage.config import load_config
-    from triage.dicom.sender import Sender
 
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
-    ca, _key = _self_signed(tmp_path / "pki", "ca")
     config_path = write_config(
-        tmp_path / "tls.toml",
+        tmp_path / "triage.toml",
         {
             "store": {"url": f"sqlite:///{tmp_path}/t.db", "spool_dir": str(tmp_path / "spool")},
             "destinations": [
-                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
-                | {"tls": True, "tls_ca": str(ca)}
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"} | destination
             ],
         },
     )
@@ -859,7 +850,26 @@ def test_a_destination_tls_file_that_does_not_load(tmp_path: Path, capsys, monke
     spool = Spool(config.spool_path)
     spool.prepare()
     _outbox_files(spool)
-    study_uid = delivering_study(store, destinations=("pacs",))
+    return config_path, config, store, spool, delivering_study(store, destinations=("pacs",))
+
+
+def test_a_destination_tls_file_that_does_not_load(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Refused with the config; one that stops loading while the daemon runs counts as a
+    failed attempt with the reason (retried after its backoff), and echo says it in one
+    line."""
+    import ssl
+
+    from tests.test_config import _self_signed
+    from triage.dicom.sender import Sender
+
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    ca, _key = _self_signed(tmp_path / "pki", "ca")
+    config_path, config, store, spool, study_uid = sender_site(
+        tmp_path, {"port": free_port(), "tls": True, "tls_ca": str(ca)}
+    )
+    engine = store.engine
     good_ca = ca.read_bytes()
     ca.write_text("not a certificate\n")  # replaced after the daemon started
     try:

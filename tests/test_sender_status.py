@@ -13,16 +13,11 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, evt
 
-from tests.peers import free_port, write_config
-from tests.test_admin import SC_CLASS, SR_CLASS, _outbox_files
-from tests.test_outbox import delivering_study
-from triage.config import load_config
+from tests.peers import free_port
+from tests.test_admin import SC_CLASS, SR_CLASS, sender_site
 from triage.dicom.sender import Sender
-from triage.store.db import make_engine, upgrade_schema
 from triage.store.models import DeliveryState
 from triage.store.outbox import Outbox
-from triage.store.repository import Store
-from triage.store.spool import Spool
 
 
 @pytest.mark.parametrize(
@@ -52,23 +47,8 @@ def test_the_pacs_status_decides_delivered_retried_or_failed(
     server = pacs.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _e: status)]
     )
-    config_path = write_config(
-        tmp_path / "triage.toml",
-        {
-            "store": {"url": f"sqlite:///{tmp_path}/t.db", "spool_dir": str(tmp_path / "spool")},
-            "destinations": [
-                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"} | {"port": port}
-            ],
-        },
-    )
-    config = load_config(config_path, env={})
-    engine = make_engine(config.store.url)
-    upgrade_schema(engine)
-    store = Store(engine)
-    spool = Spool(config.spool_path)
-    spool.prepare()
-    _outbox_files(spool)
-    study_uid = delivering_study(store, destinations=("pacs",))
+    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    engine = store.engine
     try:
         Sender(config, store, spool).deliver_once(config.destinations[0])
         states = {delivery.state for delivery, _ in Outbox(store).deliveries(study_uid)}

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.test_training import _tiny, one_thread  # noqa: F401 - a fixture
 from triage.scoring.card import CardError, ModelCard, load_card, write_card
 from triage.study_types import StudyType
-from triage.testing.synth import write_labelled_dicom_dataset, write_mura_dataset
+from triage.testing.synth import write_labelled_dicom_dataset
 from triage.training.cli import main
 from triage.training.data import DataError, steps_per_epoch
 from triage.training.evaluate import (
@@ -30,30 +30,6 @@ from triage.training.evaluate import (
     write_operating_point,
 )
 from triage.training.train import TrainOptions, densenet_final_side, train
-
-
-def _tiny(tmp_path: Path) -> Path:
-    root = tmp_path / "tiny"
-    write_mura_dataset(
-        root,
-        studies_per_type=4,
-        min_size=48,
-        max_size=64,
-        seed=3,
-        study_types=(StudyType.WRIST, StudyType.HAND),
-        valid_fraction=0.5,
-    )
-    return root
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: no OpenMP spinning against other busy processes on a shared host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 #: Small and fast: what every training run here adds to its arguments.
 _FAST = ["--image-size", "32", "--batch-size", "4", "--bootstrap", "0", "--device", "cpu"]
