@@ -145,7 +145,7 @@ check_person_name("QUILLBERRY MARGOT")
 
     reason = error_text(ValueError("Unable to convert '19380517' to 'DA' object"))
     _assert_clean(reason, "a stored failure reason")
-    assert reason == "ValueError: Unable to convert … to 'DA' object"
+    assert reason == "ValueError: Unable to convert ... to 'DA' object"
     header = Dataset()
     header.PatientName, header.PatientID = NAME, PATIENT_ID
     header.PatientBirthDate, header.AccessionNumber = BIRTH_DATE, ACCESSION

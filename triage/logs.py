@@ -59,6 +59,9 @@ def _shared_processors() -> list[Any]:
 
 #: A quoted value in an exception's message: quotes not inside a word (so "can't" is none).
 _QUOTED = re.compile(r"(?<!\w)(['\"])([^'\"\n]*)\1(?!\w)")
+#: What a withheld value becomes: ASCII, as a reason may end up in an SR (a non-ASCII one
+#: would make it UTF-8 for nothing).
+_WITHHELD = "..."
 #: A UID (at least two components: a bare number may be a patient ID or a date).
 _UID = re.compile(r"[0-9]+(\.[0-9]+)+")
 #: Identity attributes whose values a failure reason must never carry.
@@ -117,17 +120,17 @@ def error_text(exc: BaseException, withheld: Iterable[str] = ()) -> str:
 
     Library errors quote the value they could not parse: pydicom's ``Unable to convert
     '1938-05-17' to 'DA' object`` is a birth date. A reason is logged, stored and printed by
-    `triage-admin`: the *withheld* values (see :func:`identity_values`) become "…" wherever
+    `triage-admin`: the *withheld* values (see :func:`identity_values`) become "..." wherever
     they appear, and so does any other quoted text that is not a keyword, VR, UID, UID name
     or path, so that the reason still says what failed.
     """
     text = str(exc)
     for value in sorted(set(withheld), key=len, reverse=True):
         # As a whole word: a two-letter name part must not eat the middle of other words.
-        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", "…", text)
+        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", _WITHHELD, text)
 
     def quoted(match: re.Match[str]) -> str:
-        return match.group(0) if _harmless(match.group(2)) else "…"
+        return match.group(0) if _harmless(match.group(2)) else _WITHHELD
 
     return f"{type(exc).__name__}: {_QUOTED.sub(quoted, text)}"
 

@@ -105,7 +105,7 @@ def _count(value: object) -> int:
 
 def _oneline(text: str, limit: int = 160) -> str:
     flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _sample(frame: np.ndarray) -> np.ndarray:
