@@ -78,7 +78,11 @@ def test_demo_card():
     assert card.mean == IMAGENET_MEAN and card.std == IMAGENET_STD
     assert set(card.study_types) == set(StudyType)
     assert card.info == ModelInfo(
-        name="mura-densenet169-demo", version="0.0.0-demo", validated=False, threshold=0.5
+        name="mura-densenet169-demo",
+        version="0.0.0-demo",
+        validated=False,
+        threshold=0.5,
+        weights="seeded:0",
     )
 
 
