@@ -57,3 +57,68 @@ def test_the_hourly_purge_removes_temp_files_no_one_writes_any_more(tmp_path: Pa
     finally:
         engine.dispose()
     assert not stale.exists() and current.exists()
+
+
+def test_a_purge_in_progress_ends_when_the_scheduler_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first purge after retention is switched on can take minutes on network storage:
+    # the stop waited for all of it, past systemd's TimeoutStopSec.
+    from datetime import timedelta
+
+    import triage.store.operations as operations
+    from triage.store.models import StudyState, utcnow
+    from triage.store.operations import cancel
+    from triage.store.repository import InstanceMeta
+    from triage.store.spool import Spool
+
+    config = load_config(None, env={}, base_dir=tmp_path)
+    engine = make_engine(f"sqlite:///{tmp_path / 'triage.db'}")
+    upgrade_schema(engine)
+    store = Store(engine)
+    spool = Spool(config.spool_path)
+    spool.prepare()
+    for n in range(30):
+        study = f"1.2.3.{n}"
+        sop = f"{study}.1"
+        spool.write(f"{study}/{sop}.dcm", [b"an instance"])
+        store.record_instance(
+            InstanceMeta(
+                study,
+                study + ".9",
+                sop,
+                "1.2.840.10008.5.1.4.1.1.1",
+                "1.2.840.10008.1.2.1",
+                "CR",
+                f"{study}/{sop}.dcm",
+                11,
+            ),
+            None,
+        )
+        cancel(store, study, "finished")
+    removing = threading.Event()
+    remove_file = operations._remove_file
+
+    def slowly(path, dry_run):  # type: ignore[no-untyped-def]
+        removing.set()
+        time.sleep(0.2)
+        return remove_file(path, dry_run)
+
+    monkeypatch.setattr(operations, "_remove_file", slowly)
+    monkeypatch.setattr(operations, "utcnow", lambda: utcnow() + timedelta(days=60))
+    scheduler = Scheduler(config, Store(engine))
+    purging = threading.Thread(target=scheduler.purge_expired)
+    scheduler.start()
+    purging.start()
+    assert removing.wait(10)
+    started = time.monotonic()
+    scheduler.stop()
+    purging.join(5)
+    assert not purging.is_alive() and time.monotonic() - started < 5
+    # The batch's rows stayed (its files part gone): the next purge finishes it.
+    assert store.counts_by_state() == {StudyState.CANCELLED: 30}
+    monkeypatch.setattr(operations, "_remove_file", remove_file)
+    Scheduler(config, Store(engine)).purge_expired()
+    assert store.counts_by_state() == {}
+    assert not list(spool.root.glob("1.2.3.*"))
+    engine.dispose()

@@ -49,6 +49,8 @@ class Scheduler:
         #: Names of the jobs running now (see stop()).
         self._running: set[str] = set()
         self._idle = threading.Condition()
+        #: Set by stop(): a purge in progress ends after its current study batch's files.
+        self._stopping = threading.Event()
         self.add_job("queue_quiet_studies", self.queue_quiet_studies, config.study.check_interval_s)
         self.add_job("expire_leases", self.expire_leases, max(1.0, config.worker.lease_s / 10))
         self.add_job("purge", self.purge_expired, PURGE_EVERY_S)
@@ -109,7 +111,9 @@ class Scheduler:
         """Remove finished studies older than ``[store] retention_days`` (as `triage-admin
         purge` does); returns how many."""
         spool = Spool(self.config.spool_path)
-        report = purge(self.store, spool, float(self.config.store.retention_days))
+        report = purge(
+            self.store, spool, float(self.config.store.retention_days), stop=self._stopping
+        )
         # A data set pynetdicom received but never handed to us (a peer's C-STORE naming a
         # service it is not, aborted) leaves its temp file; a peer that keeps retrying would
         # fill the disk before the next start cleans the folder.
@@ -141,6 +145,7 @@ class Scheduler:
         running then (a store that does not answer) are left to end on their own."""
         if not self._scheduler.running:
             return
+        self._stopping.set()
         self._scheduler.shutdown(wait=False)
         deadline = time.monotonic() + wait_s
         with self._idle:

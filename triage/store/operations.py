@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -184,6 +185,10 @@ def _remove_file(path: Path, dry_run: bool) -> int:
     return size
 
 
+class _Stopped(Exception):
+    """The purge was asked to stop in the middle of a batch."""
+
+
 def purge(
     store: Store,
     spool: Spool,
@@ -192,6 +197,7 @@ def purge(
     dry_run: bool = False,
     batch: int = 100,
     now: datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> PurgeReport:
     """Remove studies that finished (DONE, SKIPPED, CANCELLED, FAILED) more than
     *older_than_days* ago: their spooled instances, their outbox files and every row of
@@ -202,7 +208,9 @@ def purge(
     instance for one of them waits and then opens a new study instead of re-opening a study
     whose files are half gone. Only files the store lists are removed: a file the listener
     is writing for such a late instance stays. Files go before rows, so a crash in between
-    leaves rows that the next purge finishes.
+    leaves rows that the next purge finishes; so does a *stop* set meanwhile (the daemon
+    stopping): the batch in progress ends at its next file, its rows stay, and the purge
+    returns what it did before.
     """
     now = now or utcnow()
     cutoff = now - timedelta(days=older_than_days)
@@ -238,6 +246,8 @@ def purge(
         report.instances += len(paths)
         report.outputs += len(outputs)
         for relative in (*paths, *outputs):
+            if stop is not None and stop.is_set():
+                raise _Stopped
             size = _remove_file(spool.path(relative), dry_run)
             if size >= 0:
                 report.files += 1
@@ -272,12 +282,19 @@ def purge(
         return len(rows)
 
     while True:
-        if dry_run:
-            with store.read_session() as session:
-                done = one_batch(session)
-        else:
-            done = store.transaction(one_batch, retries=1)
-        if done < batch:
+        counted = (report.instances, report.outputs)
+        try:
+            if dry_run:
+                with store.read_session() as session:
+                    done = one_batch(session)
+            else:
+                done = store.transaction(one_batch, retries=1)
+        except _Stopped:
+            # The rows of that batch stay (rolled back) for the next purge; the files it
+            # removed are gone and counted.
+            report.instances, report.outputs = counted
+            return report
+        if done < batch or (stop is not None and stop.is_set()):
             break
 
     def old_workers(session: Session) -> int:
