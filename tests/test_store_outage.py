@@ -221,3 +221,30 @@ def test_the_scheduler_stop_does_not_wait_for_ever_on_a_stuck_job(
     finally:
         release.set()
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_watch_thread_ends_when_it_has_nothing_to_watch(pg_url: str) -> None:
+    # One per engine, waiting for ever: the thread (and its engine's watch) outlived every
+    # disposed engine.
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from triage.store.db import make_engine
+
+    def watching() -> int:
+        return sum(thread.name == "store-watch" for thread in threading.enumerate())
+
+    before = watching()
+    for _ in range(5):
+        engine = make_engine(pg_url)
+        for _ in range(2):
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        engine.dispose()
+    deadline = time.monotonic() + 10
+    while watching() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watching() <= before

@@ -284,7 +284,10 @@ class _ConnectionWatch:
                 if self._deadlines:
                     self._wake.wait(max(self._deadlines[0][0] - now, _WATCH_TICK_S))
                 else:
-                    self._wake.wait()
+                    # Nothing to watch: end (a thread per engine would outlive every disposed
+                    # engine); _schedule starts another when a deadline comes.
+                    self._thread = None
+                    return
 
 
 _WATCHES: weakref.WeakKeyDictionary[Engine, _ConnectionWatch] = weakref.WeakKeyDictionary()
