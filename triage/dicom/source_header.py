@@ -11,7 +11,10 @@ character set on the finished object with :func:`declare_character_set`.
 
 The copy keeps every value that is valid as the source has it; what cannot be carried over
 validly is emptied (an unparseable date) or cut to its VR's length (a 70-character
-StudyDescription), which is what the outputs need to pass dciodvfy.
+StudyDescription), which is what the outputs need to pass dciodvfy. The keys a PACS and a
+RIS file results by (PatientID, IssuerOfPatientID, AccessionNumber, StudyID) are the
+exception: copied exactly, even too long, since results filed under a cut PatientID land
+under another patient.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
     - a DA or TM value that does not parse is emptied (one in another DICOM-era format is
       rewritten in today's); a PatientSex that is not M, F or O (once stripped and upper-cased)
       is emptied;
-    - text values longer than their VR allows are cut to length (PN per component group).
+    - text values longer than their VR allows are cut to length (PN per component group),
+      except the matching keys (``_MATCHING_KEYS``), which are copied as they are.
 
     *source* is not changed (beyond pydicom decoding its raw elements on access, as any read
     does); unchanged elements are shared with it.
