@@ -209,10 +209,10 @@ def purge(
     whose files are half gone. Batches are small (*batch* studies) so that this wait stays
     well under the 10 s a listener's statement may take on PostgreSQL (past it the PACS is
     answered 0xA701 and sends again), also on slow network storage. Only files the store
-    lists are removed: a file the listener is writing for such a late instance stays. Files go before rows, so a crash in between
-    leaves rows that the next purge finishes; so does a *stop* set meanwhile (the daemon
-    stopping): the batch in progress ends at its next file, its rows stay, and the purge
-    returns what it did before.
+    lists are removed: a file the listener is writing for such a late instance stays. Files
+    go before rows, so a crash in between leaves rows that the next purge finishes; so does
+    a *stop* set meanwhile (the daemon stopping): the batch in progress ends at its next
+    file, its rows stay, and the purge returns what it did before.
     """
     now = now or utcnow()
     cutoff = now - timedelta(days=older_than_days)
