@@ -142,8 +142,8 @@ class DicomConfig:
     tls_ca: str = ""
     tls_verify_client: bool = False
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` for a wrong value."""
+    def validate(self, load_tls: bool = True) -> None:
+        """Raise :class:`ConfigError` for a wrong value (*load_tls*: see :func:`load_config`)."""
         _check_ae_title("dicom", "ae_title", self.ae_title)
         _check_port("dicom", "port", self.port, allow_zero=True)
         for peer in self.allowed_peers:
@@ -178,9 +178,10 @@ class DicomConfig:
                 _fail("dicom", "tls_ca", "required when tls_verify_client = true")
             if self.tls_ca and not Path(self.tls_ca).is_file():
                 _fail("dicom", "tls_ca", f"no such file: {self.tls_ca}")
-            _check_tls_files(
-                "dicom", server=True, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key
-            )
+            if load_tls:
+                _check_tls_files(
+                    "dicom", server=True, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key
+                )
 
 
 @dataclass(frozen=True)
@@ -405,8 +406,8 @@ class DestinationConfig:
     tls_cert: str = ""
     tls_key: str = ""
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` for a wrong value."""
+    def validate(self, load_tls: bool = True) -> None:
+        """Raise :class:`ConfigError` for a wrong value (*load_tls*: see :func:`load_config`)."""
         section = f"destinations.{self.name or '?'}"
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
             _fail(section, "name", "must be 1-64 letters, digits, '_', '.' or '-'")
@@ -422,7 +423,7 @@ class DestinationConfig:
                 _fail(section, key, f"no such file: {path}")
         if bool(self.tls_cert) != bool(self.tls_key):
             _fail(section, "tls_key", "tls_cert and tls_key go together")
-        if self.tls:
+        if self.tls and load_tls:
             _check_tls_files(
                 section, server=False, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key
             )
@@ -612,11 +613,15 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    *,
+    load_tls: bool = True,
 ) -> Config:
     """Read *path* (or only defaults when ``None``), apply environment overrides, validate.
 
     Relative paths in the result are resolved against *base_dir* (default: the current
-    directory), so the defaults put everything under ``./var``.
+    directory), so the defaults put everything under ``./var``. With *load_tls* the TLS
+    files are loaded as the daemon will load them; without (`triage-admin`, whose operators
+    may not read the daemon's private key), they need only exist.
     """
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
@@ -653,10 +658,13 @@ def load_config(
         Config(**sections, source=str(path or "")), Path(base_dir or os.getcwd())
     )
     for name in SECTIONS:
-        getattr(config, name).validate()
+        if name == "dicom":
+            config.dicom.validate(load_tls)
+        else:
+            getattr(config, name).validate()
     names = [d.name for d in config.destinations]
     for destination in config.destinations:
-        destination.validate()
+        destination.validate(load_tls)
     duplicated = {n for n in names if names.count(n) > 1}
     if duplicated:
         raise ConfigError(f"config error: [[destinations]] name: duplicated {sorted(duplicated)}")

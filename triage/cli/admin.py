@@ -1017,7 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
     as_json = bool(getattr(args, "json", False))
     path = getattr(args, "config", None) or os.environ.get("TRIAGE_CONFIG") or None
     try:
-        config = load_config(path, base_dir=getattr(args, "workdir", None))
+        # Operators may not read the daemon's TLS key: `echo` loads a destination's TLS
+        # files itself, with its own one-line error.
+        config = load_config(path, base_dir=getattr(args, "workdir", None), load_tls=False)
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc), as_json)
     ctx = Context(config=config, args=args, json=as_json)
