@@ -15,10 +15,11 @@ import importlib.metadata
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+
+from tests.venvs import venv_seeing_this_one
 
 REPO = Path(__file__).resolve().parents[1]
 #: What the GPU machine's image lacks of what this project installs (the wheels' list plus
@@ -38,28 +39,13 @@ def _top_level_entries(distribution: str) -> set[str]:
 
 def _machine_like_python(root: Path) -> Path:
     """A venv that sees this .venv's packages except NOT_ON_THE_MACHINE."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    site = Path(sysconfig.get_paths()["purelib"])
     hidden: set[str] = set()
     for name in NOT_ON_THE_MACHINE:
         try:
             hidden |= _top_level_entries(name)
         except importlib.metadata.PackageNotFoundError:
             continue
-    visible = root / "visible-packages"
-    visible.mkdir()
-    for entry in site.iterdir():
-        if entry.name not in hidden and not entry.name.endswith(".pth"):
-            (visible / entry.name).symlink_to(entry)
-    python = root / "bin" / "python"
-    own_site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    Path(own_site, "machine.pth").write_text(f"{visible}\n")
-    return python
+    return venv_seeing_this_one(root, hidden.__contains__)
 
 
 @pytest.mark.slow

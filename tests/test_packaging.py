@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.venvs import venv_seeing_this_one
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,25 +67,7 @@ def _build_wheel(work: Path) -> Path:
 
 def _venv_with_dependencies(root: Path) -> Path:
     """A fresh venv that sees this .venv's packages, but not its editable msk-triage."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    python = root / "bin" / "python"
-    own_site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    # Not the .venv's site-packages itself: its .pth files would not run from a .pth line
-    # anyway, but its msk_triage dist-info would make two installed msk-triages.
-    visible = root / "dependencies"
-    visible.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        name = entry.name
-        if name.startswith(("msk_triage", "__editable__")) or name.endswith(".pth"):
-            continue
-        (visible / name).symlink_to(entry)
-    Path(own_site, "dependencies.pth").write_text(f"{visible}\n")
-    return python
+    return venv_seeing_this_one(root, lambda name: name.startswith(("msk_triage", "__editable__")))
 
 
 @pytest.mark.slow

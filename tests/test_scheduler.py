@@ -67,9 +67,9 @@ def test_a_purge_in_progress_ends_when_the_scheduler_stops(
     from datetime import timedelta
 
     import triage.store.operations as operations
+    from tests.test_work_queue import queued_study
     from triage.store.models import StudyState, utcnow
     from triage.store.operations import cancel
-    from triage.store.repository import InstanceMeta
     from triage.store.spool import Spool
 
     config = load_config(None, env={}, base_dir=tmp_path)
@@ -79,22 +79,8 @@ def test_a_purge_in_progress_ends_when_the_scheduler_stops(
     spool = Spool(config.spool_path)
     spool.prepare()
     for n in range(30):
-        study = f"1.2.3.{n}"
-        sop = f"{study}.1"
-        spool.write(f"{study}/{sop}.dcm", [b"an instance"])
-        store.record_instance(
-            InstanceMeta(
-                study,
-                study + ".9",
-                sop,
-                "1.2.840.10008.5.1.4.1.1.1",
-                "1.2.840.10008.1.2.1",
-                "CR",
-                f"{study}/{sop}.dcm",
-                11,
-            ),
-            None,
-        )
+        study = queued_study(store, n, views=1)
+        spool.write(f"{study}/{study}.0.dcm", [b"an instance"])
         cancel(store, study, "finished")
     removing = threading.Event()
     remove_file = operations._remove_file
@@ -120,5 +106,5 @@ def test_a_purge_in_progress_ends_when_the_scheduler_stops(
     monkeypatch.setattr(operations, "_remove_file", remove_file)
     Scheduler(config, Store(engine)).purge_expired()
     assert store.counts_by_state() == {}
-    assert not list(spool.root.glob("1.2.3.*"))
+    assert not list(spool.root.glob("1.2.826.*"))
     engine.dispose()
