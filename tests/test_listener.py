@@ -998,3 +998,33 @@ def test_after_a_kill_9_on_postgresql_the_dead_listeners_associations_are_closed
     [record] = [r for r in daemon.store().associations() if r.id == active.id]
     assert record.outcome is AssociationOutcome.ABORTED
     assert daemon.stop() == 0
+
+
+def test_a_c_store_sent_under_the_verification_context_leaves_no_temp_file(
+    daemon_factory, tmp_path
+) -> None:
+    """A C-STORE whose command names Verification, sent under the Verification context:
+    pynetdicom routes it to the Verification service, which does not store. The data set it
+    wrote to the spool's temp folder is deleted when the request ends, not at the hourly
+    sweep, and the daemon goes on."""
+    from pynetdicom import AE
+
+    daemon = daemon_factory().start()
+    good = study_files(tmp_path / "in", views=1, modality="CR")[0]
+    ds = pydicom.dcmread(good)
+    verification = "1.2.840.10008.1.1"
+    ds.SOPClassUID = verification
+    ae = AE(ae_title="ROUTER")
+    ae.add_requested_context(verification, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    try:
+        assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
+    wait_until(lambda: not list(temp.iterdir()), timeout=10, message="temp file deleted")
+    assert daemon.store().counts_by_state() == {}
+    assert echoscu(daemon.port).returncode == 0
+    assert daemon.stop() == 0

@@ -41,6 +41,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from pynetdicom import association as association_module
 from pynetdicom import dimse_messages
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
@@ -429,3 +430,32 @@ def install_spool_temp_files(temp_dir: Path) -> None:
         return SpoolTempFile(directory)
 
     dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment]
+    _delete_data_sets_after_each_request()
+
+
+def _delete_data_sets_after_each_request() -> None:
+    """Delete a C-STORE's temp file when pynetdicom has finished with the request.
+
+    pynetdicom deletes it only in its Storage service. A C-STORE that goes anywhere else (its
+    command names Verification, it arrives during release, its context was not accepted) left
+    the file in the spool's temp folder until the hourly sweep. By the time the request
+    returns an accepted file is linked into the spool under its own name, so the temp name
+    can always go.
+    """
+    original = association_module.Association._serve_request
+    if getattr(original, "_deletes_data_sets", False):
+        return
+
+    def serve_request(self: Any, msg: Any, context_id: int) -> None:
+        try:
+            original(self, msg, context_id)
+        finally:
+            data_set_file = getattr(msg, "_dataset_file", None)
+            if data_set_file is not None:
+                with contextlib.suppress(OSError):
+                    data_set_file.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(data_set_file.name)
+
+    serve_request._deletes_data_sets = True  # type: ignore[attr-defined]
+    association_module.Association._serve_request = serve_request  # type: ignore[method-assign]
