@@ -827,10 +827,12 @@ def _outbox_files(spool: Spool) -> None:
         ds.save_as(spool.root / "outbox" / name, enforce_file_format=True)
 
 
-def sender_site(tmp_path: Path, destination: dict[str, Any]) -> tuple[Any, Any, Store, Spool, str]:
-    """A config with one destination, its migrated SQLite store and spool, and a study
-    whose SR and SC (real DICOM files) are due to it: (config path, config, store, spool,
-    study UID). The caller disposes of ``store.engine``."""
+def sender_site(
+    tmp_path: Path, destination: dict[str, Any], *more: dict[str, Any]
+) -> tuple[Any, Any, Store, Spool, str]:
+    """A config with destination "pacs" (and *more*, each with its own name), its migrated
+    SQLite store and spool, and a study whose SR and SC (real DICOM files) are due to each:
+    (config path, config, store, spool, study UID). The caller disposes of ``store.engine``."""
     from tests.test_outbox import delivering_study
     from triage.config import load_config
 
@@ -839,7 +841,8 @@ def sender_site(tmp_path: Path, destination: dict[str, Any]) -> tuple[Any, Any, 
         {
             "store": {"url": f"sqlite:///{tmp_path}/t.db", "spool_dir": str(tmp_path / "spool")},
             "destinations": [
-                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"} | destination
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1"} | destination,
+                *({"ae_title": "PACS", "host": "127.0.0.1"} | other for other in more),
             ],
         },
     )
@@ -850,7 +853,8 @@ def sender_site(tmp_path: Path, destination: dict[str, Any]) -> tuple[Any, Any, 
     spool = Spool(config.spool_path)
     spool.prepare()
     _outbox_files(spool)
-    return config_path, config, store, spool, delivering_study(store, destinations=("pacs",))
+    names = ("pacs", *(other["name"] for other in more))
+    return config_path, config, store, spool, delivering_study(store, destinations=names)
 
 
 def test_a_destination_tls_file_that_does_not_load(tmp_path: Path, capsys, monkeypatch) -> None:

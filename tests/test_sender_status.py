@@ -56,3 +56,60 @@ def test_the_pacs_status_decides_delivered_retried_or_failed(
         server.shutdown()
         engine.dispose()
     assert states == {expected}
+
+
+def test_stop_bounds_the_whole_wait_not_each_destination(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two PACSs that take a C-STORE and never answer it: stop(timeout) returns after about
+    *timeout* in all, not *timeout* per destination (a few of them went past systemd's
+    TimeoutStopSec), and the deliveries stay due for the next start."""
+    import threading
+    import time
+
+    from tests.peers import wait_until
+
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    release = threading.Event()
+    entered: list[str] = []
+
+    def hang(event: evt.Event) -> int:
+        entered.append(event.assoc.acceptor.ae_title)
+        release.wait(30)
+        return 0xA700
+
+    servers = []
+    ports = [free_port(), free_port()]
+    for port in ports:
+        pacs = AE(ae_title="PACS")
+        for sop_class in (SR_CLASS, SC_CLASS):
+            pacs.add_supported_context(sop_class)
+        servers.append(
+            pacs.start_server(
+                ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, hang)]
+            )
+        )
+    _path, config, store, spool, study_uid = sender_site(
+        tmp_path, {"port": ports[0]}, {"name": "archive", "port": ports[1]}
+    )
+    engine = store.engine
+    sender = Sender(config, store, spool)
+    try:
+        sender.start()
+        wait_until(lambda: len(entered) == 2, message="both PACSs holding a C-STORE")
+        started = time.monotonic()
+        sender.stop(timeout=2.0)
+        stopped_after = time.monotonic() - started
+    finally:
+        release.set()
+        for server in servers:
+            server.shutdown()
+    try:
+        wait_until(lambda: not sender.alive() and not any(t.is_alive() for t in sender._threads))
+        states = {delivery.state for delivery, _ in Outbox(store).deliveries(study_uid)}
+    finally:
+        engine.dispose()
+    assert stopped_after < 3.5  # one 2 s bound, not 2 s per destination
+    assert states == {DeliveryState.PENDING}
