@@ -9,6 +9,7 @@ import fcntl
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -174,18 +175,31 @@ class Daemon:
         notifier.stopping("stopping")
         log.info("stopping")
         bound_store_waits(engine, _STOP_STORE_WAIT_S)
+        # Every part winds down at once, each within its own bound from now: one after
+        # another (the listeners' grace, then the worker's, then the sender's) came near
+        # systemd's TimeoutStopSec.
+        stopping_at = time.monotonic()
+        if worker:
+            worker.begin_stop()
+        if sender:
+            sender.begin_stop()
         listeners.stop(config.dicom.shutdown_grace_s)
         scheduler.stop()
         if worker:
-            worker.stop(config.dicom.shutdown_grace_s)
+            worker.stop(_left(stopping_at, config.dicom.shutdown_grace_s))
         if sender:
-            sender.stop(config.delivery.timeout_s + 5)
+            sender.stop(_left(stopping_at, config.delivery.timeout_s + 5))
         if http:
             http.stop()
         health.close()
         engine.dispose()
         log.info("stopped")
         return 0
+
+
+def _left(since: float, bound_s: float) -> float:
+    """What is left of *bound_s* seconds counted from the monotonic time *since*."""
+    return max(0.0, since + bound_s - time.monotonic())
 
 
 def _start_all(listeners, scheduler, worker, sender) -> None:  # type: ignore[no-untyped-def]

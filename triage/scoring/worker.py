@@ -287,10 +287,14 @@ class Worker:
         """True while both loops run."""
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """Stop claiming, let studies in flight finish for *grace_s*, give the rest back."""
+    def begin_stop(self) -> None:
+        """Stop claiming; studies in flight go on (:meth:`stop` waits for them)."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop claiming, let studies in flight finish for *grace_s*, give the rest back."""
+        self.begin_stop()
         deadline = time.monotonic() + grace_s
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
