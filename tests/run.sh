@@ -2,7 +2,7 @@
 # Install everything the test suite needs on a fresh Debian machine, then run it all.
 #   apt: DCMTK (peers), dicom3tools (dciodvfy), Orthanc (the PACS), PostgreSQL, openssl
 #   pip: the package with its test extras, into ./.venv
-# Usage: ./tests/run.sh [pytest args]
+# Usage: ./tests/run.sh [pytest args]    (TEST_WORKERS=N: N pytest-xdist workers, default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +35,10 @@ command -v "$python" >/dev/null || python=python3
 .venv/bin/python -m pip install -q -e '.[test]'
 
 .venv/bin/ruff check triage tests bench alembic
+# Two workers by default (TEST_WORKERS=0 runs the tests in this one process); a -n in the
+# arguments wins.
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist worksteal "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
