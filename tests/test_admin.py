@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import update
 
 from tests.peers import Storescp, free_port, write_config
+from triage import __version__
 from triage.cli.admin import echo, main
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.db import make_engine, upgrade_schema
@@ -640,6 +641,60 @@ def test_db_current_and_upgrade(site: Site, tmp_path: Path) -> None:
     assert main(["--config", str(fresh), "status"]) == 0
 
 
+def _set_schema_revision(site: Site, revision: str) -> None:
+    from sqlalchemy import text
+
+    with site.store.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+
+
+def test_db_downgrade_goes_back_for_an_older_version_and_upgrade_comes_back(site: Site) -> None:
+    """A rollback: `db downgrade` (the newer version's) takes the schema back, only once no
+    worker runs on the store; the store's rows survive the round trip."""
+    studies = as_json(site, "status")["studies"]
+    WorkQueue(site.store).heartbeat("gpu-host-worker", "cuda", "1.0")
+    code, _out, err = site.admin("db", "downgrade", "0003")
+    assert code == 1 and "workers are running" in err and "stop every" in err
+    moved = as_json(site, "db", "downgrade", "0003", "--force")
+    assert moved == {"schema": "msk-triage-admin/1", "from": "0004", "to": "0003", "changed": True}
+    current = as_json(site, "db", "current", code=1)
+    assert current["current"] == "0003" and current["newer_than_head"] is False
+    code, _out, err = site.admin("status")
+    assert code == 3 and "run `triage-admin db upgrade`" in err
+    code, _out, err = site.admin("db", "downgrade", "0004", "--force")
+    assert code == 2 and "0004 is newer than the store's schema 0003" in err
+    code, _out, err = site.admin("db", "downgrade", "0000", "--force")
+    assert code == 2 and "unknown schema revision '0000' (known: 0001, 0002, 0003, 0004)" in err
+    assert as_json(site, "db", "upgrade")["to"] == "0004"
+    assert as_json(site, "status")["studies"] == studies
+
+
+def test_a_store_a_newer_version_upgraded_is_refused_with_the_way_back(
+    site: Site, daemon_factory
+) -> None:
+    """Rolled back without `db downgrade`: the schema is at a migration this code does not
+    know. The daemon stops with exit status 2 (systemd does not restart it: waiting will not
+    help) and one line saying so and how to go back; triage-admin says the same, and
+    `db current` does not advise an upgrade that cannot work."""
+    _set_schema_revision(site, "0099")
+    daemon = daemon_factory({"store": {"url": site.url, "spool_dir": str(site.spool.root)}})
+    daemon.start(wait=False)
+    assert daemon.process.wait(60) == 2
+    expected = (
+        f"the store's schema is at 0099, newer than this msk-triage {__version__} knows (its"
+        " newest is 0004): a newer msk-triage upgraded it. Run that version, or go back with it"
+        " first (`triage-admin db downgrade 0004`, every daemon and worker stopped)"
+    )
+    assert expected in daemon.log_text()
+    for args in (["status"], ["db", "upgrade"], ["db", "downgrade", "0003", "--force"]):
+        code, _out, err = site.admin(*args)
+        assert code == 3 and expected in err, (args, err)
+    current = as_json(site, "db", "current", code=1)
+    assert current["current"] == "0099" and current["newer_than_head"] is True
+    _code, out, _err = site.admin("db", "current")
+    assert "newer than this msk-triage" in out and "db upgrade" not in out
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -772,6 +827,10 @@ def test_installed_command_works_while_the_daemon_runs(site: Site, daemon_factor
     assert '"event": "purged"' in daemon.log_text()
     wrong = run("study", "1.2.3.999")
     assert wrong.returncode == 1 and wrong.stderr == "triage-admin: no study 1.2.3.999\n"
+    # Not while it runs, even with --force (that is for workers gone without a goodbye).
+    refused = run("db", "downgrade", "0003", "--force")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("triage-admin: db downgrade: a `triage serve` is running")
     assert daemon.stop() == 0
 
 

@@ -346,10 +346,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _only_daemon_on(config: Config) -> list[IO[bytes]]:
-    """Hold an exclusive lock on the spool (and beside a SQLite store) for this process's
-    life, or stop with one line when another `triage serve` holds it."""
-    held: list[IO[bytes]] = []
+def serve_lock_places(config: Config) -> list[tuple[Path, str, str, str]]:
+    """The files `triage serve` keeps locked while it runs, as (folder, file name, what it
+    guards, the folder described): one in the spool, one beside a SQLite store."""
     spool = config.spool_path
     places = [(spool, ".serve.lock", "spool", f"the spool folder {spool}")]
     url = make_url(normalise_url(config.store.url))
@@ -357,7 +356,14 @@ def _only_daemon_on(config: Config) -> list[IO[bytes]]:
         database = Path(url.database)
         lock = f"{database.name}.serve.lock"
         places.append((database.parent, lock, "SQLite store", "the SQLite database's folder"))
-    for folder, name, what, described in places:
+    return places
+
+
+def _only_daemon_on(config: Config) -> list[IO[bytes]]:
+    """Hold an exclusive lock on the spool (and beside a SQLite store) for this process's
+    life, or stop with one line when another `triage serve` holds it."""
+    held: list[IO[bytes]] = []
+    for folder, name, what, described in serve_lock_places(config):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             handle = open(folder / name, "ab")  # noqa: SIM115 - held until the process ends

@@ -9,8 +9,9 @@ README; every object carries ``"schema": "msk-triage-admin/1"``; keys are only e
 
 Exit codes: 0 ok; 1 the operation failed or found nothing (unknown study, nothing to retry
 for the study or delivery named (``retry --all-failed`` with nothing failed is 0), echo
-failed, schema behind for ``db current``); 2 usage or configuration error; 3 the store
-cannot be used (unreachable, no such SQLite file, schema missing or not current).
+failed, schema behind for ``db current``, ``db downgrade`` while a daemon or worker runs);
+2 usage or configuration error; 3 the store cannot be used (unreachable, no such SQLite
+file, schema missing, not current, or newer than this version knows).
 
 Patient identity is not in the store and is never shown, except by ``study UID
 --show-patient``, which reads it from the spooled files.
@@ -19,6 +20,8 @@ Patient identity is not in the store and is never shown, except by ``study UID
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -26,7 +29,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -242,7 +245,14 @@ def open_store(config: Config, *, create: bool = False, check_schema: bool = Tru
     """
     from sqlalchemy.engine import make_url
 
-    from triage.store.db import current_revision, head_revision, make_engine, normalise_url
+    from triage.store.db import (
+        current_revision,
+        head_revision,
+        known_revisions,
+        make_engine,
+        normalise_url,
+        schema_too_new,
+    )
     from triage.store.repository import Store
 
     url = normalise_url(config.store.url)
@@ -275,6 +285,9 @@ def open_store(config: Config, *, create: bool = False, check_schema: bool = Tru
                 EXIT_STORE,
                 f"store {shown} has no schema: start the daemon or run `triage-admin db upgrade`",
             )
+        if revision not in known_revisions():
+            engine.dispose()
+            raise AdminError(EXIT_STORE, f"store {shown}: {schema_too_new(revision)}")
         if revision != head:
             engine.dispose()
             raise AdminError(
@@ -742,26 +755,115 @@ def _render_purge(console: Any, data: dict[str, Any]) -> None:
 
 def cmd_db_current(ctx: Context) -> int:
     """The schema revision of the store and the one this code needs."""
-    from triage.store.db import current_revision, head_revision
+    from triage.store.db import current_revision, head_revision, known_revisions
 
     store = open_store(ctx.config, check_schema=False)
     current = current_revision(store.engine)
     head = head_revision()
+    newer = current is not None and current not in known_revisions()
     data = {
         "engine": store.engine.dialect.name,
         "url": display_url(ctx.config.store.url),
         "current": current,
         "head": head,
         "up_to_date": current == head,
+        "newer_than_head": newer,
     }
-    ctx.emit(
-        data,
-        lambda console, d: console.print(
+
+    def render(console: Any, d: dict[str, Any]) -> None:
+        advice = ""
+        if d["newer_than_head"]:
+            advice = " — newer than this msk-triage: run the version that upgraded it"
+        elif not d["up_to_date"]:
+            advice = " — run `triage-admin db upgrade`"
+        console.print(
             f"{d['engine']} {d['url']}: schema {d['current'] or '(none)'}, head {d['head']}"
-            + ("" if d["up_to_date"] else " — run `triage-admin db upgrade`")
+            + advice
+        )
+
+    ctx.emit(data, render)
+    return EXIT_OK if current == head else EXIT_FAILED
+
+
+def cmd_db_downgrade(ctx: Context) -> int:
+    """Take the schema back to an older migration, before going back to an older
+    msk-triage; refused while a daemon or worker uses the store (unless --force)."""
+    from triage.store.db import (
+        DowngradeRefused,
+        StoreUnavailable,
+        current_revision,
+        downgrade_schema,
+    )
+
+    store = open_store(ctx.config, check_schema=False)
+    before = current_revision(store.engine)
+    with _no_daemon_running(ctx.config) as running:
+        if running:
+            raise AdminError(
+                EXIT_FAILED,
+                f"db downgrade: a `triage serve` is running on this {running}: stop it first",
+            )
+        live = [] if ctx.args.force else _live_workers(store)
+        if live:
+            raise AdminError(
+                EXIT_FAILED,
+                f"db downgrade: workers are running ({', '.join(live)}): stop every"
+                " `triage serve` and `triage worker` on this store first (or --force if"
+                " they are gone)",
+            )
+        try:
+            after = downgrade_schema(store.engine, ctx.args.revision)
+        except DowngradeRefused as exc:
+            raise AdminError(EXIT_USAGE, f"db downgrade: {exc}") from exc
+        except StoreUnavailable as exc:
+            raise AdminError(EXIT_STORE, str(exc)) from exc
+    ctx.emit(
+        {"from": before, "to": after, "changed": before != after},
+        lambda console, d: console.print(
+            f"schema {d['from']} → {d['to']}: install the msk-triage that needs it before"
+            " starting it"
+            if d["changed"]
+            else f"schema already at {d['to']}"
         ),
     )
-    return EXIT_OK if current == head else EXIT_FAILED
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _no_daemon_running(config: Config) -> Iterator[str]:
+    """Hold the locks a running `triage serve` holds (spool, beside a SQLite store), so none
+    starts meanwhile; yields what a running one holds ("spool", "SQLite store"), or "".
+
+    Lock files are opened read-only and never created: they belong to the daemon's user,
+    and one made by root here would stop the daemon from opening it."""
+    from triage.daemon import serve_lock_places
+
+    with contextlib.ExitStack() as held:
+        for folder, name, what, _described in serve_lock_places(config):
+            try:
+                handle = held.enter_context(open(folder / name, "rb"))
+            except FileNotFoundError:
+                continue  # no daemon ever ran here
+            except OSError as exc:
+                raise AdminError(
+                    EXIT_FAILED, f"db downgrade: cannot check {exc.filename}: {exc.strerror}"
+                ) from exc
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield f"{what} ({folder})"
+                return
+        yield ""
+
+
+def _live_workers(store: Any) -> list[str]:
+    """Workers (host:pid) whose heartbeat is recent and that did not stop cleanly."""
+    from triage.store.models import utcnow
+    from triage.store.queries import workers
+
+    with store.session() as session:
+        rows = workers(session, utcnow())
+    return [f"{row['host']}:{row['pid']}" for row in rows if row["state"] == "alive"]
 
 
 def cmd_db_upgrade(ctx: Context) -> int:
@@ -979,7 +1081,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = command("db", lambda ctx: EXIT_USAGE, "the store's schema (Alembic)")
     db_commands = db.add_subparsers(
-        dest="db_command", required=True, parser_class=_Parser, metavar="{upgrade,current}"
+        dest="db_command",
+        required=True,
+        parser_class=_Parser,
+        metavar="{upgrade,current,downgrade}",
     )
     db_commands.add_parser(
         "upgrade", help="migrate to the newest schema", parents=[common]
@@ -987,6 +1092,16 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser(
         "current", help="show the schema revision (exit 1 when behind)", parents=[common]
     ).set_defaults(func=cmd_db_current)
+    downgrade = db_commands.add_parser(
+        "downgrade",
+        help="take the schema back to REVISION, before installing an older msk-triage",
+        parents=[common],
+    )
+    downgrade.add_argument("revision", help="a migration this msk-triage knows (`db current`)")
+    downgrade.add_argument(
+        "--force", action="store_true", help="even if workers' heartbeats look alive"
+    )
+    downgrade.set_defaults(func=cmd_db_downgrade)
 
     echo_cmd = command("echo", cmd_echo, "C-ECHO a DICOM peer (check routing)")
     echo_cmd.add_argument("target", help="AE@host:port, or the name of a [[destinations]] entry")

@@ -84,6 +84,17 @@ class StoreUnavailable(RuntimeError):
     """The database cannot be reached or its schema cannot be brought up to date."""
 
 
+class SchemaTooNew(StoreUnavailable):
+    """The store's schema is at a migration this code does not know: a newer msk-triage
+    upgraded it. Waiting does not help (exit status 2: systemd does not restart)."""
+
+    exit_code = 2
+
+
+class DowngradeRefused(ValueError):
+    """A schema downgrade that cannot be done as asked (unknown or newer revision)."""
+
+
 def normalise_url(url: str) -> str:
     """Use psycopg 3 for plain ``postgresql://`` URLs (psycopg2 is not a dependency)."""
     if url.startswith("postgresql://"):
@@ -355,10 +366,48 @@ def _alembic_config(engine: Engine) -> AlembicConfig:
 
 def head_revision() -> str:
     """The newest migration this code knows."""
+    return known_revisions()[-1]
+
+
+def known_revisions() -> list[str]:
+    """Every migration this code knows, oldest first."""
     script = ScriptDirectory.from_config(_alembic_config(create_engine("sqlite://")))
-    head = script.get_current_head()
-    assert head is not None
-    return head
+    return [revision.revision for revision in reversed(list(script.walk_revisions()))]
+
+
+def schema_too_new(revision: str) -> str:
+    """What to tell an operator whose store is at *revision*, newer than this code knows."""
+    from triage import __version__
+
+    head = head_revision()
+    return (
+        f"the store's schema is at {revision}, newer than this msk-triage {__version__} knows"
+        f" (its newest is {head}): a newer msk-triage upgraded it. Run that version, or go"
+        f" back with it first (`triage-admin db downgrade {head}`, every daemon and worker"
+        " stopped)"
+    )
+
+
+def _refuse_unknown_schema(engine: Engine) -> None:
+    revision = current_revision(engine)
+    if revision is not None and revision not in known_revisions():
+        raise SchemaTooNew(schema_too_new(revision))
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Any:
+    """On PostgreSQL an advisory lock serialises migrations (daemons that start at the same
+    time, an operator's downgrade); SQLite's own locking is enough there."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as lock_connection:
+        lock_connection.exec_driver_sql("SELECT pg_advisory_lock(727140001)")
+        try:
+            yield
+        finally:
+            lock_connection.exec_driver_sql("SELECT pg_advisory_unlock(727140001)")
+            lock_connection.commit()
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -373,20 +422,44 @@ def upgrade_schema(engine: Engine) -> str:
     On PostgreSQL an advisory lock serialises daemons that start at the same time.
     """
     try:
-        if engine.dialect.name == "postgresql":
-            with engine.connect() as lock_connection:
-                lock_connection.exec_driver_sql("SELECT pg_advisory_lock(727140001)")
-                try:
-                    command.upgrade(_alembic_config(engine), "head")
-                finally:
-                    lock_connection.exec_driver_sql("SELECT pg_advisory_unlock(727140001)")
-                    lock_connection.commit()
-        else:
+        with _migration_lock(engine):
+            _refuse_unknown_schema(engine)
             command.upgrade(_alembic_config(engine), "head")
+    except StoreUnavailable:
+        raise
     except Exception as exc:  # any driver error: one clear message for the operator
         raise StoreUnavailable(f"cannot upgrade the store schema: {_short(exc)}") from exc
     revision = current_revision(engine)
     assert revision is not None
+    return revision
+
+
+def downgrade_schema(engine: Engine, revision: str) -> str:
+    """Take the schema back to *revision*, a migration this code knows, older than the
+    store's (what a rollback to an older msk-triage needs first); returns it.
+
+    Raises :class:`SchemaTooNew` for a store this code cannot read,
+    :class:`DowngradeRefused` for a *revision* that is unknown or not older,
+    StoreUnavailable when the migration fails.
+    """
+    known = known_revisions()
+    if revision not in known:
+        raise DowngradeRefused(f"unknown schema revision {revision!r} (known: {', '.join(known)})")
+    try:
+        with _migration_lock(engine):
+            _refuse_unknown_schema(engine)
+            current = current_revision(engine)
+            if current is None:
+                raise DowngradeRefused("the store has no schema")
+            if known.index(revision) > known.index(current):
+                raise DowngradeRefused(
+                    f"{revision} is newer than the store's schema {current}: use `db upgrade`"
+                )
+            command.downgrade(_alembic_config(engine), revision)
+    except (StoreUnavailable, DowngradeRefused):
+        raise
+    except Exception as exc:  # any driver error: one clear message for the operator
+        raise StoreUnavailable(f"cannot downgrade the store schema: {_short(exc)}") from exc
     return revision
 
 
