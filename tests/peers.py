@@ -46,6 +46,21 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def _port_range() -> tuple[int, int]:
+    """Below the kernel's ephemeral range; under pytest-xdist, this worker's own slice of it
+    (each worker remembers only its own ports, and a port handed out stays unbound for a
+    while: a daemon starting, a PACS stopped on purpose)."""
+    low, _high = _ephemeral_range()
+    first, last = (20000, low - 1) if low > 21000 else (low // 2, low - 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        size = (last - first + 1) // workers
+        first += int(worker[2:]) % workers * size
+        last = first + size - 1
+    return first, last
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody uses now and no earlier call handed out.
 
@@ -53,8 +68,7 @@ def free_port() -> int:
     by any outgoing connection (PostgreSQL clients, associations) before the server that
     was meant to get it binds, and a restart on the same port would race the same way.
     """
-    low, _high = _ephemeral_range()
-    first, last = (20000, low - 1) if low > 21000 else (low // 2, low - 1)
+    first, last = _port_range()
     while True:
         port = random.randint(first, last)
         if port in _issued_ports:

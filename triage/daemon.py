@@ -84,7 +84,7 @@ class Daemon:
         # Before anything is touched: a second daemon on this spool would remove the first
         # one's files being received and take back its claims as a crash's leftovers.
         self._lock = _only_daemon_on(config)
-        engine = _make_engine(config)
+        engine = _make_engine(config, "serve")
         revision = upgrade_schema(engine)
         log.info("store_ready", engine=engine.dialect.name, schema=revision)
         store = Store(engine)
@@ -281,7 +281,7 @@ def run_worker(config: Config) -> int:
     and delivery totals are ``triage serve``'s) on its own port."""
     stop = stop_event_on_signals()
     notifier = Notifier()
-    engine = _make_engine(config)
+    engine = _make_engine(config, "worker")
     upgrade_schema(engine)
     store = Store(engine)
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
@@ -375,15 +375,16 @@ def _only_daemon_on(config: Config) -> list[IO[bytes]]:
             handle.close()
             raise StartupError(
                 f"another `triage serve` is running on this {what} ({folder}): stop it first"
+                " (or a `triage-admin db downgrade` holds it: wait for it to end)"
             ) from None
         held.append(handle)
     return held
 
 
-def _make_engine(config: Config) -> Engine:
+def _make_engine(config: Config, role: str) -> Engine:
     """The store's engine; a SQLite folder that cannot be created stops start-up in one line."""
     try:
-        return make_engine(config.store.url)
+        return make_engine(config.store.url, role=role)
     except OSError as exc:
         raise _folder_error("the SQLite database's folder", exc) from exc
 

@@ -269,7 +269,7 @@ def open_store(config: Config, *, create: bool = False, check_schema: bool = Tru
     elif "connect_timeout" not in parsed.query:
         parsed = parsed.update_query_dict({"connect_timeout": str(PG_CONNECT_TIMEOUT_S)})
         url = parsed.render_as_string(hide_password=False)
-    engine = make_engine(url)
+    engine = make_engine(url, role="admin")
     try:
         with engine.connect():
             pass
@@ -787,38 +787,44 @@ def cmd_db_current(ctx: Context) -> int:
 
 def cmd_db_downgrade(ctx: Context) -> int:
     """Take the schema back to an older migration, before going back to an older
-    msk-triage; refused while a daemon or worker uses the store (unless --force)."""
+    msk-triage; refused while a daemon or worker uses the store."""
     from triage.store.db import (
         DowngradeRefused,
         StoreUnavailable,
-        current_revision,
+        check_downgrade,
         downgrade_schema,
+        other_processes,
     )
 
     store = open_store(ctx.config, check_schema=False)
-    before = current_revision(store.engine)
-    with _no_daemon_running(ctx.config) as running:
-        if running:
-            raise AdminError(
-                EXIT_FAILED,
-                f"db downgrade: a `triage serve` is running on this {running}: stop it first",
-            )
-        live = [] if ctx.args.force else _live_workers(store)
-        if live:
-            raise AdminError(
-                EXIT_FAILED,
-                f"db downgrade: workers are running ({', '.join(live)}): stop every"
-                " `triage serve` and `triage worker` on this store first (or --force if"
-                " they are gone)",
-            )
-        try:
-            after = downgrade_schema(store.engine, ctx.args.revision)
-        except DowngradeRefused as exc:
-            raise AdminError(EXIT_USAGE, f"db downgrade: {exc}") from exc
-        except StoreUnavailable as exc:
-            raise AdminError(EXIT_STORE, str(exc)) from exc
+    target = ctx.args.revision
+    try:
+        before = check_downgrade(store.engine, target)
+        if before != target:
+            with _no_daemon_running(ctx.config) as running:
+                if running:
+                    raise AdminError(
+                        EXIT_FAILED,
+                        f"db downgrade: a `triage serve` is running on this {running}:"
+                        " stop it first",
+                    )
+                connected = other_processes(store.engine)
+                live = [] if ctx.args.force else _live_workers(store)
+                if connected or live:
+                    raise AdminError(
+                        EXIT_FAILED,
+                        "db downgrade: msk-triage is running on this store"
+                        f" ({', '.join(connected or live)}): stop every `triage serve` and"
+                        " `triage worker` first"
+                        + ("" if connected else " (or --force for workers that are gone)"),
+                    )
+                downgrade_schema(store.engine, target)
+    except DowngradeRefused as exc:
+        raise AdminError(EXIT_USAGE, f"db downgrade: {exc}") from exc
+    except StoreUnavailable as exc:
+        raise AdminError(EXIT_STORE, str(exc)) from exc
     ctx.emit(
-        {"from": before, "to": after, "changed": before != after},
+        {"from": before, "to": target, "changed": before != target},
         lambda console, d: console.print(
             f"schema {d['from']} → {d['to']}: install the msk-triage that needs it before"
             " starting it"
@@ -1099,7 +1105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     downgrade.add_argument("revision", help="a migration this msk-triage knows (`db current`)")
     downgrade.add_argument(
-        "--force", action="store_true", help="even if workers' heartbeats look alive"
+        "--force",
+        action="store_true",
+        help="even if workers' heartbeats look alive (workers killed without stopping)",
     )
     downgrade.set_defaults(func=cmd_db_downgrade)
 

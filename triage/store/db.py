@@ -16,7 +16,7 @@ from typing import Any
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -107,8 +107,12 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
+def make_engine(url: str, *, spool_backed: bool = False, role: str = "process") -> Engine:
     """An engine for *url*.
+
+    On PostgreSQL its connections are named ``msk-triage <role> <host>:<pid>``
+    (``application_name``, unless the URL sets one): pg_stat_activity shows a DBA who is
+    connected, and ``triage-admin db downgrade`` which daemons still run, on any host.
 
     SQLite runs in WAL mode with ``synchronous=FULL`` (a committed row survives power loss)
     and every transaction starts with ``BEGIN IMMEDIATE``, so concurrent writers (listener
@@ -158,9 +162,14 @@ def make_engine(url: str, *, spool_backed: bool = False) -> Engine:
         return engine
     query = make_url(url).query
     # Settings given in the URL win over these defaults.
+    name = f"msk-triage {role} {socket.gethostname()}:{os.getpid()}"[:63]  # NAMEDATALEN - 1
     connect_args: dict[str, Any] = {
         key: value
-        for key, value in {"connect_timeout": CONNECT_TIMEOUT_S, **_KEEPALIVES}.items()
+        for key, value in {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "application_name": name,
+            **_KEEPALIVES,
+        }.items()
         if key not in query
     }
     hold_s = None
@@ -434,6 +443,42 @@ def upgrade_schema(engine: Engine) -> str:
     return revision
 
 
+def check_downgrade(engine: Engine, revision: str) -> str:
+    """The store's schema revision, once sure it can go down to *revision* (or is at it);
+    raises :class:`SchemaTooNew` or :class:`DowngradeRefused`."""
+    known = known_revisions()
+    if revision not in known:
+        raise DowngradeRefused(f"unknown schema revision {revision!r} (known: {', '.join(known)})")
+    _refuse_unknown_schema(engine)
+    current = current_revision(engine)
+    if current is None:
+        raise DowngradeRefused("the store has no schema")
+    if known.index(revision) > known.index(current):
+        raise DowngradeRefused(
+            f"{revision} is newer than the store's schema {current}: use `db upgrade`"
+        )
+    return current
+
+
+def other_processes(engine: Engine) -> list[str]:
+    """On PostgreSQL, the other msk-triage processes connected to this database now (their
+    ``application_name``: role, host and pid), triage-admin excepted; on SQLite, none (a
+    daemon there holds a lock file beside the database instead)."""
+    if engine.dialect.name != "postgresql":
+        return []
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT DISTINCT application_name FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND application_name LIKE :ours AND application_name NOT LIKE :admin"
+                " ORDER BY application_name"
+            ),
+            {"ours": "msk-triage %", "admin": "msk-triage admin %"},
+        )
+        return [str(name).removeprefix("msk-triage ") for (name,) in rows]
+
+
 def downgrade_schema(engine: Engine, revision: str) -> str:
     """Take the schema back to *revision*, a migration this code knows, older than the
     store's (what a rollback to an older msk-triage needs first); returns it.
@@ -442,19 +487,9 @@ def downgrade_schema(engine: Engine, revision: str) -> str:
     :class:`DowngradeRefused` for a *revision* that is unknown or not older,
     StoreUnavailable when the migration fails.
     """
-    known = known_revisions()
-    if revision not in known:
-        raise DowngradeRefused(f"unknown schema revision {revision!r} (known: {', '.join(known)})")
     try:
         with _migration_lock(engine):
-            _refuse_unknown_schema(engine)
-            current = current_revision(engine)
-            if current is None:
-                raise DowngradeRefused("the store has no schema")
-            if known.index(revision) > known.index(current):
-                raise DowngradeRefused(
-                    f"{revision} is newer than the store's schema {current}: use `db upgrade`"
-                )
+            check_downgrade(engine, revision)
             command.downgrade(_alembic_config(engine), revision)
     except (StoreUnavailable, DowngradeRefused):
         raise
