@@ -175,20 +175,18 @@ class Daemon:
         notifier.stopping("stopping")
         log.info("stopping")
         bound_store_waits(engine, _STOP_STORE_WAIT_S)
-        # Every part winds down at once, each within its own bound from now: one after
-        # another (the listeners' grace, then the worker's, then the sender's) came near
-        # systemd's TimeoutStopSec.
+        # The worker's grace runs alongside the listeners': one after the other, with the
+        # sender's after them, came near systemd's TimeoutStopSec. The sender stops last,
+        # so what the worker finishes meanwhile still reaches the PACS.
         stopping_at = time.monotonic()
         if worker:
             worker.begin_stop()
-        if sender:
-            sender.begin_stop()
         listeners.stop(config.dicom.shutdown_grace_s)
         scheduler.stop()
         if worker:
             worker.stop(_left(stopping_at, config.dicom.shutdown_grace_s))
         if sender:
-            sender.stop(_left(stopping_at, config.delivery.timeout_s + 5))
+            sender.stop(config.delivery.timeout_s + 5)
         if http:
             http.stop()
         health.close()
