@@ -91,15 +91,11 @@ class Sender:
         for event in self._wake.values():
             event.set()
 
-    def begin_stop(self) -> None:
-        """Start no new round; the rounds in progress go on (:meth:`stop` waits for them)."""
-        self._stop.set()
-        self.wake()
-
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the round in progress and stop; *timeout* bounds the whole wait (one per
         destination, in turn, went past systemd's TimeoutStopSec with a few of them)."""
-        self.begin_stop()
+        self._stop.set()
+        self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

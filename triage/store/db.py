@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import os
 import socket
@@ -378,10 +379,12 @@ def head_revision() -> str:
     return known_revisions()[-1]
 
 
-def known_revisions() -> list[str]:
-    """Every migration this code knows, oldest first."""
+@functools.cache
+def known_revisions() -> tuple[str, ...]:
+    """Every migration this code knows, oldest first (read from the migrations folder once:
+    it does not change while the process runs)."""
     script = ScriptDirectory.from_config(_alembic_config(create_engine("sqlite://")))
-    return [revision.revision for revision in reversed(list(script.walk_revisions()))]
+    return tuple(revision.revision for revision in reversed(list(script.walk_revisions())))
 
 
 def schema_too_new(revision: str) -> str:
