@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from queue import Empty, Queue
@@ -174,6 +174,7 @@ class Worker:
         self._decoded: Queue[tuple[_InFlight, str, Future[DecodedView]]] = Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._abandoned = threading.Event()  # set once stop() has given the rest back
         self._threads: list[threading.Thread] = []
         self._processes = decode_process_count(
             config.worker.decode_processes, on_gpu=model.device.type == "cuda"
@@ -305,8 +306,13 @@ class Worker:
             self._in_flight.clear()
         for study in leftovers:
             self.queue.release(study.claim, "worker stopped")
-        self._finisher.shutdown(wait=True)
+        # The finishers still running are finishing given-back studies, whose results the
+        # store would refuse. Their output jobs wait behind every decode left in the pool (a
+        # claim's worth of views, minutes on a slow host): cancelled, so the stop stays
+        # within the grace plus the one job each pool process is running.
+        self._abandoned.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._finisher.shutdown(wait=True)
         self.queue.worker_stopped(self.owner)
         log.info("worker_stopped", worker=self.owner, released=len(leftovers))
 
@@ -646,6 +652,9 @@ class Worker:
             if self.on_scored:
                 self.on_scored()
         except Exception as exc:
+            if self._abandoned.is_set() and isinstance(exc, CancelledError):
+                bound.info("study_given_back", reason="worker stopped")
+                return
             reason = error_text(exc, identity_values(study.headers.values()))
             try:
                 state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
