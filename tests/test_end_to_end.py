@@ -337,3 +337,25 @@ def test_worker_killed_mid_study_is_scored_exactly_once_after_restart(
     assert any("released at restart" in reason for _, reason in events)
     assert len({str(ds.SOPInstanceUID) for ds in pacs.received()}) == 3
     assert daemon.stop() == 0
+
+
+def test_a_study_finished_in_the_stop_grace_reaches_the_pacs_before_the_daemon_exits(
+    daemon_factory, tmp_path
+) -> None:
+    # The study's outputs are built and its result about to be recorded when SIGTERM comes:
+    # the worker's grace lets it finish, and the sender, stopped last, delivers it in the
+    # round it makes after the stop.
+    pacs = Storescp(tmp_path / "pacs").start()
+    daemon = daemon_factory(
+        scoring_config(pacs.destination()), env={"MSK_TRIAGE_FAILPOINTS": "before_complete:3"}
+    ).start()
+    study_uid, _ = send_study(daemon, tmp_path / "in", body_part="ELBOW", views=2, seed=19)
+    daemon.wait_for_log('"event": "failpoint_paused"', 180)
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert log.index('"event": "stopping"') < log.index('"event": "study_scored"')
+    study = daemon.store().get_study(study_uid)
+    assert study.state is StudyState.DONE, study.state_reason
+    outputs = {o.sop_instance_uid for _, o in Outbox(daemon.store()).deliveries(study_uid)}
+    assert len(outputs) == 3  # one SR and two overlays
+    assert {str(ds.SOPInstanceUID) for ds in pacs.received()} == outputs

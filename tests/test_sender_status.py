@@ -113,3 +113,56 @@ def test_stop_bounds_the_whole_wait_not_each_destination(
         engine.dispose()
     assert stopped_after < 3.5  # one 2 s bound, not 2 s per destination
     assert states == {DeliveryState.PENDING}
+
+
+def test_what_became_due_just_before_the_stop_is_sent_before_the_sender_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stops the sender after the worker's grace: results finished in it are due
+    when the stop comes, and a sender woken for them but stopped before its next round (the
+    stop wakes it too) left them for the next start. It makes one round after the stop."""
+    import time
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from triage.store.models import Delivery, utcnow
+
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    stored: list[str] = []
+
+    def store_it(event: evt.Event) -> int:
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    port = free_port()
+    pacs = AE(ae_title="PACS")
+    for sop_class in (SR_CLASS, SC_CLASS):
+        pacs.add_supported_context(sop_class)
+    server = pacs.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store_it)]
+    )
+    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    engine = store.engine
+
+    def due_at(when: object) -> None:
+        store.transaction(
+            lambda session: session.execute(update(Delivery).values(next_attempt_at=when))
+        )
+
+    sender = Sender(config, store, spool)
+    try:
+        due_at(utcnow() + timedelta(hours=1))
+        sender.start()
+        time.sleep(0.5)  # its first round found nothing due: it waits to be woken
+        due_at(utcnow() - timedelta(seconds=1))
+        sender.stop(timeout=30)
+        assert not sender.alive()
+        states = {delivery.state for delivery, _ in Outbox(store).deliveries(study_uid)}
+    finally:
+        server.shutdown()
+        engine.dispose()
+    assert states == {DeliveryState.DONE}
+    assert len(stored) == 2  # the SR and the SC

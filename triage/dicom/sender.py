@@ -92,8 +92,9 @@ class Sender:
             event.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the round in progress and stop; *timeout* bounds the whole wait (one per
-        destination, in turn, went past systemd's TimeoutStopSec with a few of them)."""
+        """Finish the round in progress, send what is due in one more round, and stop;
+        *timeout* bounds the whole wait (one per destination, in turn, went past systemd's
+        TimeoutStopSec with a few of them)."""
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout
@@ -106,12 +107,17 @@ class Sender:
 
     def _run(self, destination: DestinationConfig) -> None:
         wake = self._wake[destination.name]
-        while not self._stop.is_set():
+        while True:
+            # One round begins after the stop: the worker stops before the sender, and the
+            # results it finished in its grace, woken for or not, reach the PACS in it.
+            last_round = self._stop.is_set()
             try:
                 sent = self.deliver_once(destination)
             except Exception as exc:  # keep delivering; the next round retries
                 log.exception("delivery_round_failed", destination=destination.name, error=str(exc))
                 sent = 0
+            if last_round:
+                return
             if sent == 0:
                 wake.wait(1.0)
                 wake.clear()
