@@ -36,9 +36,13 @@ command -v "$python" >/dev/null || python=python3
 
 .venv/bin/ruff check triage tests bench alembic
 # Two workers by default (TEST_WORKERS=0 runs the tests in this one process); a -n in the
-# arguments wins.
+# arguments wins. --pdb and --trace need the tests in this process (xdist refuses them).
+workers=${TEST_WORKERS:-2}
+for arg in "$@"; do
+  case $arg in --pdb | --trace) workers=0 ;; esac
+done
 set +e
-.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist worksteal "$@"
+.venv/bin/python -m pytest -n "$workers" --dist worksteal "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
