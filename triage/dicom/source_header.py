@@ -69,6 +69,14 @@ _MULTI_BYTE_TERMS = frozenset(
     {"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"}
 )
 _UTF8 = "ISO_IR 192"
+#: Source sets written as another that holds the same text: dciodvfy (dicom3tools) rejects
+#: GBK's bytes and unescaped ISO_IR 13 katakana. GB18030 is a superset of GBK with the same
+#: two-byte codes; ISO 2022 IR 13 with IR 87 is how Japanese sites declare half-width
+#: katakana (and kanji), and pydicom writes it with escape sequences that every reader knows.
+_OUTPUT_EQUIVALENTS = {
+    ("GBK",): ("GB18030",),
+    ("ISO_IR 13",): ("ISO 2022 IR 13", "ISO 2022 IR 87"),
+}
 _LATIN_1 = "ISO_IR 100"
 _UTF8_ENCODINGS = convert_encodings(_UTF8)
 
@@ -152,9 +160,11 @@ def character_set_of(dataset: pydicom.Dataset) -> tuple[str, ...]:
 def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
     """A copy of *source*'s header (public elements, no pixel data) that the builders accept.
 
-    - SpecificCharacterSet is normalised; text that pydicom decoded wrongly because it could
-      not read the source's spelling is decoded again from its bytes, and text declared
-      UTF-8 whose bytes are not is read as Latin-1 (what such sources hold);
+    - SpecificCharacterSet is normalised (GBK is written as GB18030 and ISO_IR 13 as
+      ISO 2022 IR 13 with IR 87, see ``_OUTPUT_EQUIVALENTS``); text that pydicom decoded
+      wrongly because it could not read the source's spelling is decoded again from its
+      bytes, and text declared UTF-8 whose bytes are not is read as Latin-1 (what such
+      sources hold);
     - the attributes highdicom reads (see ``_REQUIRED``) are added, empty, where absent;
     - a DA or TM value that does not parse is emptied (one in another DICOM-era format is
       rewritten in today's); a PatientSex that is not M, F or O (once stripped and upper-cased)
@@ -171,6 +181,7 @@ def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
     for keyword, vr in _REQUIRED.items():
         if keyword not in header:
             header.add_new(keyword, vr, None)
+    charset = _OUTPUT_EQUIVALENTS.get(charset, charset)
     if charset:
         header.SpecificCharacterSet = charset[0] if len(charset) == 1 else list(charset)
     elif _SPECIFIC_CHARACTER_SET in header:
