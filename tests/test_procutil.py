@@ -1,16 +1,20 @@
 """Process settings of the scoring path: malloc keeps freed memory for the next batch, oneDNN
-keeps the primitives of every batch size."""
+keeps the primitives of every batch size; processes exit without collecting their heap."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from triage import procutil
 from triage.procutil import ONEDNN_CACHE_VARIABLE, retain_freed_memory, size_primitive_cache
+from triage.scoring import worker as worker_module
 
 ON_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -122,3 +126,49 @@ def test_onednn_takes_the_capacity_set_after_torch_is_imported() -> None:
     # primitive evicts them, so the setting made after the import is the one in force.
     assert _primitives_created(1024, rounds=2) == first
     assert _primitives_created(1, rounds=2) > first
+
+
+# atexit runs its handlers last registered first: the report sees what the exit's
+# collections would see once skip_collection_at_exit's handler has run.
+_EXIT = """
+import atexit, gc, sys
+atexit.register(lambda: print(gc.get_freeze_count(), len(gc.get_objects())))
+if sys.argv[1] == "skip":
+    from triage.procutil import skip_collection_at_exit
+    skip_collection_at_exit()
+    skip_collection_at_exit()  # once is enough; a second call adds nothing
+cycles = []
+for _ in range(100_000):
+    node = {}
+    node["self"] = node
+    cycles.append(node)
+"""
+
+
+def _at_exit(mode: str) -> tuple[int, int]:
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT, mode], check=True, capture_output=True, text=True
+    )
+    frozen, tracked = done.stdout.split()
+    return int(frozen), int(tracked)
+
+
+def test_a_process_exits_with_its_heap_left_out_of_the_last_collections() -> None:
+    frozen, tracked = _at_exit("skip")
+    assert frozen > 100_000 and tracked == 0  # nothing left for the exit's collections to walk
+    frozen, tracked = _at_exit("plain")
+    assert frozen == 0 and tracked > 100_000
+
+
+def _skips_collection_at_exit() -> bool:
+    return procutil._collection_skipped
+
+
+def test_decode_processes_exit_without_collecting_their_heap() -> None:
+    pool = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=worker_module._init_decode_process,
+    )
+    with pool:
+        assert pool.submit(_skips_collection_at_exit).result(timeout=120)

@@ -9,6 +9,7 @@ import sys
 
 from triage import __version__
 from triage.config import ConfigError, describe, load_config
+from triage.procutil import skip_collection_at_exit
 from triage.training.cli import add_commands as add_training_commands
 
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `triage` command."""
     args = build_parser().parse_args(argv)
+    skip_collection_at_exit()  # a stop or restart need not wait for a heap walk
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from triage.config import Config
 from triage.logs import configure_logging, get_logger
-from triage.procutil import die_with_parent
+from triage.procutil import die_with_parent, skip_collection_at_exit
 
 if TYPE_CHECKING:
     from triage.dicom.listener import Listener
@@ -44,6 +44,7 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     die_with_parent(signal.SIGTERM)  # finish the associations in flight, then exit
+    skip_collection_at_exit()
     engine = make_engine(config.store.url, spool_backed=True, role="listener")
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
     listener = Listener(config.dicom, Store(engine), spool, reuse_port=reuse_port)

@@ -39,7 +39,12 @@ from triage.dicom.sc import OverlayBox
 from triage.dicom.sr import sr_sop_instance_uid
 from triage.dicom.study_type import decide_study, patients_in
 from triage.logs import error_text, get_logger, hide_warning_texts, identity_values
-from triage.procutil import die_with_parent, retain_freed_memory, size_primitive_cache
+from triage.procutil import (
+    die_with_parent,
+    retain_freed_memory,
+    size_primitive_cache,
+    skip_collection_at_exit,
+)
 from triage.scoring.model import PendingForward, ScoringModel, resolve_device
 from triage.scoring.outputs import (
     EncodedOutput,
@@ -103,8 +108,10 @@ def runs_on_gpu(config: Config) -> bool:
 
 def _init_decode_process() -> None:
     """Decode processes die with the worker, keep freed memory for the next view (see
-    :func:`~triage.procutil.retain_freed_memory`) and use one torch thread each."""
+    :func:`~triage.procutil.retain_freed_memory`), use one torch thread each and exit
+    without collecting their heap (:func:`~triage.procutil.skip_collection_at_exit`)."""
     die_with_parent(signal.SIGKILL)
+    skip_collection_at_exit()
     # Ctrl-C reaches the whole process group: the worker gives its studies back itself; a
     # decode process dying of it would charge them a failed attempt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
