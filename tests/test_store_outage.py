@@ -25,9 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import OperationalError
 
-from tests.peers import storescu
+from tests.peers import storescu, wait_until
 from tests.tcp_proxy import TcpProxy
+from tests.test_end_to_end import scoring_config, send_study
 from tests.test_http import http_port
+from triage.store.models import StudyState
 from triage.testing.synth import make_study, write_study
 
 pytestmark = pytest.mark.timeout(300)
@@ -248,3 +250,51 @@ def test_a_connection_watch_thread_ends_when_it_has_nothing_to_watch(pg_url: str
     while watching() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert watching() <= before
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_worker_stopped_while_the_store_is_down_exits_cleanly_and_loses_nothing(
+    daemon_factory, frozen_proxy, pg_url, tmp_path
+) -> None:
+    """SIGTERM to a `triage worker` whose store refuses connections while it holds a study:
+    the study cannot be given back (its lease expires instead) and the stop cannot be
+    recorded, yet the worker exits 0 with its last lines logged (it exited 1 with a bare
+    traceback, which systemd counts as a failure), and the study is scored later."""
+    proxy, proxied_url = frozen_proxy
+    spool = str(tmp_path / "spool")
+    receiver = daemon_factory(
+        scoring_config(store={"url": pg_url, "spool_dir": spool}, worker={"enabled": False}),
+        name="receiver",
+    ).start()
+    worker = daemon_factory(
+        scoring_config(
+            store={"url": proxied_url, "spool_dir": spool},
+            worker={"lease_s": 5.0},
+            dicom={"shutdown_grace_s": 0.5},
+        ),
+        name="worker",
+        command="worker",
+        env={"MSK_TRIAGE_FAILPOINTS": "before_complete:4"},
+    ).start()
+    study_uid, _ = send_study(receiver, tmp_path / "in", body_part="WRIST", views=1, seed=23)
+    worker.wait_for_log('"event": "failpoint_paused"', 180)
+    proxy.refuse()
+    assert worker.stop() == 0, worker.log_text()[-3000:]
+    log = worker.log_text()
+    assert '"event": "give_back_failed"' in log
+    assert '"event": "worker_stop_not_recorded"' in log
+    assert '"event": "stopped"' in log and "Traceback" not in log
+
+    proxy.forward()
+    again = daemon_factory(
+        scoring_config(store={"url": pg_url, "spool_dir": spool}), name="again", command="worker"
+    ).start()
+    store = receiver.store()
+    wait_until(
+        lambda: store.get_study(study_uid).state is StudyState.DONE,
+        120,
+        0.2,
+        "the study scored once its lease expired",
+    )
+    assert again.stop() == 0 and receiver.stop() == 0

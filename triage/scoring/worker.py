@@ -312,7 +312,10 @@ class Worker:
             leftovers = list(self._in_flight.values())
             self._in_flight.clear()
         for study in leftovers:
-            self.queue.release(study.claim, "worker stopped")
+            try:
+                self.queue.release(study.claim, "worker stopped")
+            except Exception as exc:  # the store is down: the lease expires instead
+                log.error("give_back_failed", study_uid=study.claim.study_uid, error=str(exc))
         # The finishers still running are finishing given-back studies, whose results the
         # store would refuse. Their output jobs wait behind every decode left in the pool (a
         # claim's worth of views, minutes on a slow host): cancelled, so the stop stays
@@ -320,7 +323,10 @@ class Worker:
         self._abandoned.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._finisher.shutdown(wait=True)
-        self.queue.worker_stopped(self.owner)
+        try:
+            self.queue.worker_stopped(self.owner)
+        except Exception as exc:  # admin shows the worker stale, not stopped; nothing is lost
+            log.warning("worker_stop_not_recorded", worker=self.owner, error=str(exc))
         log.info("worker_stopped", worker=self.owner, released=len(leftovers))
 
     # --- claiming -----------------------------------------------------------------------
