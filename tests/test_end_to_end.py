@@ -312,11 +312,18 @@ def test_crash_between_send_and_bookkeeping_resends_the_same_instances(
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def test_worker_killed_mid_study_is_scored_exactly_once_after_restart(
-    daemon_factory, tmp_path
+    daemon_factory, tmp_path, request, backend
 ) -> None:
     pacs = Storescp(tmp_path / "pacs").start()
-    config = scoring_config(pacs.destination(), worker={"lease_s": 5.0})
+    # The lease outlasts the test: the restart, not its expiry, gives the study back (on
+    # PostgreSQL because the claim's owner was a process of this host that is gone).
+    config = scoring_config(pacs.destination(), worker={"lease_s": 3600.0})
+    if backend == "postgresql":
+        config["store"] = {"url": request.getfixturevalue("pg_url")}
     daemon = daemon_factory(config, env={"MSK_TRIAGE_FAILPOINTS": "before_complete"}).start()
     study_uid, _ = send_study(daemon, tmp_path / "in", body_part="HUMERUS", views=2, seed=18)
     assert daemon.process.wait(180) == -9  # outputs built, result not yet recorded
@@ -332,8 +339,6 @@ def test_worker_killed_mid_study_is_scored_exactly_once_after_restart(
         assert session.query(Result).count() == 1
     events = [(e.to_state.value, e.reason) for e in daemon.store().study_history(study_uid)]
     assert sum(1 for state, _ in events if state == "SCORING") == 2
-    # On SQLite (one daemon) the restart gives the claim back at once; on PostgreSQL the lease
-    # expires (tests/test_scale_out.py).
     assert any("released at restart" in reason for _, reason in events)
     assert len({str(ds.SOPInstanceUID) for ds in pacs.received()}) == 3
     assert daemon.stop() == 0

@@ -361,11 +361,40 @@ def test_restart_releases_stale_claims_keeping_the_attempt(store: Store) -> None
     queue = WorkQueue(store)
     queued_study(store, 8)
     [claim] = queue.claim("dead", 1, lease_s=600)
-    assert queue.release_stale_claims("claim released at restart") == 1
+    [moved] = queue.release_dead_claims(max_attempts=3)
+    assert (moved.from_state, moved.to_state) == (StudyState.SCORING, StudyState.QUEUED)
     study = store.get_study(claim.study_uid)
     assert study.state is StudyState.QUEUED and study.attempts == 1 and study.lease_token is None
+    assert "claim of dead released at restart" in study.state_reason
     [again] = queue.claim("alive", 1, 600)
     assert again.attempt == 2
+
+
+def test_restart_releases_only_the_claims_of_workers_that_are_gone(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 9)
+    queued_study(store, 10)
+    [first] = queue.claim("host:1:gone", 1, lease_s=600)
+    [second] = queue.claim("host:2:alive", 1, lease_s=600)
+    moved = queue.release_dead_claims(3, dead=lambda owner: owner == "host:1:gone")
+    assert [m.study_uid for m in moved] == [first.study_uid]
+    assert store.get_study(second.study_uid).state is StudyState.SCORING
+    assert queue.renew([second], 600) == 1 and queue.renew([first], 600) == 0
+
+
+def test_a_study_whose_worker_dies_every_time_fails_after_max_attempts(store: Store) -> None:
+    # A study that kills its worker (out of memory) must not do so at every systemd restart.
+    queue = WorkQueue(store)
+    queued_study(store, 11)
+    for attempt in (1, 2):
+        [claim] = queue.claim(f"host:{attempt}:x", 1, 600)
+        [moved] = queue.release_dead_claims(max_attempts=3)
+        assert moved.to_state is StudyState.QUEUED and claim.attempt == attempt
+    [claim] = queue.claim("host:3:x", 1, 600)
+    [moved] = queue.release_dead_claims(max_attempts=3)
+    assert moved.to_state is StudyState.FAILED
+    reason = store.get_study(claim.study_uid).state_reason
+    assert "released at restart after 3 attempts" in reason
 
 
 def test_study_latency_counts_from_the_first_instance_of_the_current_revision(

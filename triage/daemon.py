@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from triage.store.db import (
     normalise_url,
     upgrade_schema,
 )
+from triage.store.models import StudyState
 from triage.store.repository import Store
 from triage.store.spool import Spool
 
@@ -100,10 +102,11 @@ class Daemon:
             # last rows may be gone while their (durable) spool files are there.
             _record_spool_orphans(config, store, spool)
         else:
-            # Other hosts' daemons share the store: only this host's dead listeners' rows.
+            # Other hosts' daemons share the store: only this host's dead processes' rows.
             closed = store.close_abandoned_associations(alive=_pid_alive)
             if closed:
                 log.warning("recovered_after_crash", associations_closed=closed)
+            _release_dead_claims(config, store, shared=True)
         health = Health(store, spool)
         # Bound before anything else starts: a taken port stops start-up right here.
         http = _bind_http(config, health)
@@ -282,6 +285,7 @@ def run_worker(config: Config) -> int:
     engine = _make_engine(config, "worker")
     upgrade_schema(engine)
     store = Store(engine)
+    _release_dead_claims(config, store, shared=not is_sqlite(engine))
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
     # A daemon on this host may be receiving into the same spool right now.
     _prepare_spool(spool, older_than_s=_FOREIGN_TEMP_AGE_S)
@@ -447,25 +451,49 @@ def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:
         )
 
 
+def _release_dead_claims(config: Config, store: Store, *, shared: bool) -> int:
+    """Give back now the studies that workers which died were scoring (see
+    :meth:`~triage.store.work_queue.WorkQueue.release_dead_claims`); returns how many.
+
+    A claim's owner is ``host:pid:suffix`` (:func:`~triage.store.work_queue.worker_id`). On a
+    *shared* (PostgreSQL) store only this host's dead processes' claims are known to be dead;
+    others wait for their leases. An SQLite store has no other host: a claim from another
+    host name (a container recreated) is as dead as one of a pid that is gone.
+    """
+    from triage.store.work_queue import WorkQueue
+
+    here = socket.gethostname()
+
+    def dead(owner: str) -> bool:
+        host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host != here:
+            return not shared
+        return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+    moved = WorkQueue(store).release_dead_claims(config.worker.max_attempts, dead)
+    if moved:
+        log.warning(
+            "recovered_after_crash",
+            studies_requeued=sum(1 for m in moved if m.to_state is StudyState.QUEUED),
+            studies_failed=sum(1 for m in moved if m.to_state is StudyState.FAILED),
+        )
+    return len(moved)
+
+
 def _recover_after_crash(config: Config, store: Store) -> None:
     """On an SQLite store (one daemon): close audit rows, give claimed studies back to the
     queue and make leased deliveries due, all left by a daemon that did not stop cleanly;
     and fail the deliveries to destinations the config no longer names."""
     from triage.store.outbox import Outbox
-    from triage.store.work_queue import WorkQueue
 
     closed = store.close_abandoned_associations()
-    released = WorkQueue(store).release_stale_claims("claim released at restart")
+    _release_dead_claims(config, store, shared=False)
     due = Outbox(store).release_leases()
     gone = Outbox(store).fail_unconfigured([d.name for d in config.destinations])
     if gone:
         # Their studies go FAILED with the reason; `triage-admin retry` cannot bring a
         # destination back, a config with it can (requeue then sends to the new ones).
         log.warning("deliveries_to_unconfigured_destinations_failed", destinations=gone)
-    if closed or released or due:
-        log.warning(
-            "recovered_after_crash",
-            associations_closed=closed,
-            studies_requeued=released,
-            deliveries_due=due,
-        )
+    if closed or due:
+        log.warning("recovered_after_crash", associations_closed=closed, deliveries_due=due)

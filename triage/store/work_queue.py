@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -332,16 +332,29 @@ class WorkQueue:
 
         return self.store.transaction(work)
 
-    def release_stale_claims(self, reason: str) -> int:
-        """Every SCORING study back to QUEUED (the attempt still counts): for a restart of the
-        only worker, whose claims all died with it. Returns how many."""
+    def release_dead_claims(
+        self, max_attempts: int, dead: Callable[[str], bool] | None = None
+    ) -> list[Transition]:
+        """At start: the studies a crashed worker was scoring back to QUEUED now, not when
+        their leases expire — every SCORING study when *dead* is None (an SQLite store, whose
+        one worker was this daemon's), else those whose lease owner *dead* says is gone. The
+        attempt counts, and after *max_attempts* the study is FAILED: one that kills its
+        worker each time (out of memory) must not do so for ever under systemd's restarts."""
 
-        def work(session: Session) -> int:
-            studies = session.scalars(select(Study).where(Study.state == StudyState.SCORING)).all()
-            for study in studies:
-                _release(study, reason)
-                self._move(session, study, StudyState.QUEUED, reason)
-            return len(studies)
+        def work(session: Session) -> list[Transition]:
+            statement = select(Study).where(Study.state == StudyState.SCORING)
+            if self._postgres:
+                statement = statement.with_for_update(skip_locked=True)
+            return [
+                self._give_back(
+                    session,
+                    study,
+                    f"claim of {study.lease_owner} released at restart",
+                    max_attempts,
+                )
+                for study in session.scalars(statement).all()
+                if dead is None or dead(study.lease_owner or "")
+            ]
 
         return self.store.transaction(work)
 
@@ -355,19 +368,22 @@ class WorkQueue:
             )
             if self._postgres:
                 statement = statement.with_for_update(skip_locked=True)
-            moved = []
-            for study in session.scalars(statement).all():
-                owner = study.lease_owner
-                _release(study, f"lease of {owner} expired")
-                if study.attempts >= max_attempts:
-                    target = StudyState.FAILED
-                    reason = f"lease of {owner} expired after {study.attempts} attempts"
-                else:
-                    target, reason = StudyState.QUEUED, f"lease of {owner} expired"
-                moved.append(self._move(session, study, target, reason))
-            return moved
+            return [
+                self._give_back(
+                    session, study, f"lease of {study.lease_owner} expired", max_attempts
+                )
+                for study in session.scalars(statement).all()
+            ]
 
         return self.store.transaction(work)
+
+    def _give_back(self, session: Session, study: Study, why: str, max_attempts: int) -> Transition:
+        """A claimed study whose worker is gone: QUEUED, or FAILED after *max_attempts*."""
+        _release(study, why)
+        if study.attempts >= max_attempts:
+            reason = f"{why} after {study.attempts} attempts"
+            return self._move(session, study, StudyState.FAILED, reason)
+        return self._move(session, study, StudyState.QUEUED, why)
 
     def _move(self, session: Session, study: Study, state: StudyState, reason: str) -> Transition:
         now = utcnow()
