@@ -6,6 +6,9 @@ quiet period, and a storescp as the PACS that receives the SR and the CAM overla
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +196,44 @@ def test_late_instance_gives_a_second_sr_naming_the_first(daemon_factory, tmp_pa
     referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
     assert len([d for d in pacs.received() if d.SOPClassUID == SC_CLASS]) == 2 + 3
+    assert daemon.stop() == 0
+
+
+def test_a_cancelled_study_sent_more_images_and_requeued_gets_new_output_uids(
+    daemon_factory, tmp_path
+) -> None:
+    # A late instance leaves a CANCELLED study cancelled at its revision; a requeue then
+    # scores that revision again with another set of images. Under the old SR's UID the
+    # PACS (which keeps the first instance per UID) would go on showing the old finding.
+    pacs = Storescp(tmp_path / "pacs").start()
+    daemon = daemon_factory(scoring_config(pacs.destination())).start()
+    study_uid, files = send_study(daemon, tmp_path / "in", body_part="HAND", views=2, seed=24)
+    wait_state(daemon, study_uid, StudyState.DONE)
+    first = {str(ds.SOPInstanceUID) for ds in pacs.received()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env["TRIAGE_CONFIG"] = str(daemon.config_path)
+    admin = [str(Path(sys.prefix) / "bin" / "triage-admin")]
+    cancel = [*admin, "cancel", study_uid, "--reason", "wrong side"]
+    subprocess.run(cancel, check=True, env=env, capture_output=True, timeout=120)
+    late = pydicom.dcmread(files[0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late.save_as(tmp_path / "late.dcm")
+    assert storescu(daemon.port, [tmp_path / "late.dcm"]).acknowledged == 1
+    assert daemon.store().get_study(study_uid).state is StudyState.CANCELLED
+    subprocess.run([*admin, "requeue", study_uid], check=True, env=env, capture_output=True)
+    study = wait_state(daemon, study_uid, StudyState.DONE)
+    assert study.revision == 1
+    received = pacs.received()
+    second = {str(ds.SOPInstanceUID) for ds in received} - first
+    assert len(second) == 4 and len(received) == 3 + 4  # an SR and three overlays, all new
+    [sr] = [ds for ds in received if ds.SOPClassUID == SR_CLASS and ds.SOPInstanceUID in second]
+    evidence = [
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert len(evidence) == 3  # the late image is in it
     assert daemon.stop() == 0
 
 

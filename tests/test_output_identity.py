@@ -18,16 +18,25 @@ from triage.dicom.pmap import parametric_map_sop_instance_uid
 from triage.dicom.sc import overlay_series_uid, overlay_sop_instance_uid
 from triage.dicom.sr import sr_series_uid, sr_sop_instance_uid
 from triage.scoring.card import load_card
-from triage.scoring.result import ModelInfo, StudyResult, ViewResult
+from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.study_types import StudyType
 
 MODEL = ModelInfo("densenet169-mura", "2026.12.01", True, 0.5, weights="ab" * 32)
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 
 
-def _result(threshold: float = 0.5, revision: int = 1) -> StudyResult:
-    view = ViewResult("1.2.826.0.1.3680043.8.498.77.1", 0.495, np.zeros((7, 7), np.float32))
-    return StudyResult(STUDY, revision, StudyType.WRIST, 0.495, threshold, (view,), ())
+def _view(n: int, probability: float = 0.495) -> ViewResult:
+    return ViewResult(f"{STUDY}.{n}", probability, np.zeros((7, 7), np.float32))
+
+
+def _result(
+    threshold: float = 0.5,
+    revision: int = 1,
+    views: tuple[ViewResult, ...] = (_view(1),),
+    skipped: tuple[SkippedView, ...] = (),
+) -> StudyResult:
+    probability = float(np.mean([view.probability for view in views]))
+    return StudyResult(STUDY, revision, StudyType.WRIST, probability, threshold, views, skipped)
 
 
 def _uids(result: StudyResult, model: ModelInfo) -> tuple[str, ...]:
@@ -43,6 +52,11 @@ def _uids(result: StudyResult, model: ModelInfo) -> tuple[str, ...]:
 
 def test_the_same_result_rebuilt_keeps_its_uids() -> None:
     assert _uids(_result(), MODEL) == _uids(_result(), dataclasses.replace(MODEL))
+    one, two = _result(views=(_view(1), _view(2, 0.9))), _result(views=(_view(2, 0.9), _view(1)))
+    assert sr_sop_instance_uid(one, MODEL) == sr_sop_instance_uid(two, MODEL)
+    assert overlay_sop_instance_uid(one, MODEL, _view(1)) == overlay_sop_instance_uid(
+        two, MODEL, _view(1)
+    )
 
 
 @pytest.mark.parametrize(
@@ -53,6 +67,13 @@ def test_the_same_result_rebuilt_keeps_its_uids() -> None:
         pytest.param(_result(), dataclasses.replace(MODEL, validated=False), id="not validated"),
         pytest.param(_result(), dataclasses.replace(MODEL, version="2026.12.02"), id="version"),
         pytest.param(_result(revision=2), MODEL, id="revision"),
+        # A cancelled study sent one more image and requeued: the same revision, scored again.
+        pytest.param(_result(views=(_view(1), _view(2, 0.9))), MODEL, id="another image"),
+        pytest.param(
+            _result(skipped=(SkippedView(f"{STUDY}.2", "cannot decode"),)),
+            MODEL,
+            id="an image not scored",
+        ),
     ],
 )
 def test_anything_that_changes_what_the_outputs_say_gives_new_uids(

@@ -81,11 +81,14 @@ def output_identity(result: StudyResult, model: ModelInfo) -> str:
     """What a result's output UIDs derive from besides its study and revision.
 
     Everything that can change what the SR and overlays say: the model (name, version, its
-    weights, validated or not), the study's operating threshold and this software's version
-    (preprocessing). The same result built again after a crash gets the same UIDs, so a
+    weights, validated or not), the study's operating threshold, this software's version
+    (preprocessing) and the images the result covers, scored or not (the study probability
+    is their mean; a study cancelled, sent more images and requeued is scored again at the
+    same revision). The same result built again after a crash gets the same UIDs, so a
     repeated delivery sends the same instances; a re-tuned threshold, other weights under an
-    unchanged version, or an upgrade get new ones. A PACS keeps the first instance it gets
-    under a UID (Orthanc does by default): reused UIDs would keep the stale finding there.
+    unchanged version, an upgrade or other images get new ones. A PACS keeps the first
+    instance it gets under a UID (Orthanc does by default): reused UIDs would keep the stale
+    finding there.
     """
     return "|".join(
         (
@@ -95,5 +98,7 @@ def output_identity(result: StudyResult, model: ModelInfo) -> str:
             "validated" if model.validated else "not validated",
             repr(float(result.threshold)),
             f"msk-triage {__version__}",
+            "scored " + ",".join(sorted(view.sop_instance_uid for view in result.views)),
+            "not scored " + ",".join(sorted(v.sop_instance_uid for v in result.skipped_views)),
         )
     )
