@@ -10,6 +10,7 @@ stay open, bytes are taken and never answered, so TCP sees nothing wrong.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +130,15 @@ def test_a_frozen_store_leaves_metrics_cstore_and_stop_bounded(
     took = time.monotonic() - started
     assert code == 0, f"SIGTERM on a frozen store: exit {code} after {took:.0f} s"
     assert took < 60
+    # Each loop logs the outage once (then once a minute), not every round.
+    failures = Counter(
+        (entry["event"], entry.get("job"))
+        for entry in (
+            json.loads(line) for line in daemon.log_text().splitlines() if line[:1] == "{"
+        )
+        if entry.get("event") in ("claim_loop_error", "job_failed")
+    )
+    assert failures and max(failures.values()) == 1, failures
 
 
 def _fails_within(connection: Connection, seconds: float) -> float:

@@ -11,8 +11,9 @@ import functools
 import logging
 import re
 import sys
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,62 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structured logger for one component (``triage.listener`` …)."""
     return structlog.get_logger(name)
+
+
+class RepeatedFailure:
+    """The log of one loop that fails the same way round after round (the store down, a
+    peer unreachable): the first failure is logged (with its traceback when *traceback*),
+    then one line per *every_s* while it goes on, saying how many rounds failed since the
+    last line, and one line (*recovered_event*) when a round succeeds again. A ten-minute
+    store outage was otherwise a line every 0.25–1 s from each loop, the sender's with a
+    whole traceback each time.
+
+    One instance per loop (it is not locked): call :meth:`failed` from the loop's error
+    handler and :meth:`succeeded` after each round that went through.
+    """
+
+    def __init__(
+        self,
+        logger: Any,
+        event: str,
+        recovered_event: str,
+        *,
+        every_s: float = 60.0,
+        traceback: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        **fields: Any,
+    ) -> None:
+        self._log = logger.bind(**fields) if fields else logger
+        self._event = event
+        self._recovered_event = recovered_event
+        self._every_s = every_s
+        self._traceback = traceback
+        self._clock = clock
+        self._since: float | None = None  # when the failures began
+        self._logged_at = 0.0
+        self._unlogged = 0
+
+    def failed(self, error: str, **fields: Any) -> None:
+        """A round failed with *error* (a one-line text without patient identity)."""
+        now = self._clock()
+        if self._since is None:
+            self._since = self._logged_at = now
+            self._log.error(self._event, error=error, exc_info=self._traceback, **fields)
+            return
+        self._unlogged += 1
+        if now - self._logged_at >= self._every_s:
+            self._log.error(
+                self._event,
+                error=error,
+                failed_rounds=self._unlogged,
+                failing_for_s=round(now - self._since, 1),
+                **fields,
+            )
+            self._logged_at, self._unlogged = now, 0
+
+    def succeeded(self) -> None:
+        """A round went through: after failures, say so once."""
+        if self._since is None:
+            return
+        self._log.info(self._recovered_event, failed_for_s=round(self._clock() - self._since, 1))
+        self._since, self._unlogged = None, 0

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from triage.config import Config
-from triage.logs import get_logger
+from triage.logs import RepeatedFailure, get_logger
 from triage.store.operations import purge
 from triage.store.repository import Store
 from triage.store.spool import Spool
@@ -58,13 +58,16 @@ class Scheduler:
     def add_job(self, name: str, job: Callable[[], object], every_s: float) -> None:
         """Run *job* every *every_s* seconds, never two at once, starting now."""
 
+        failures = RepeatedFailure(log, "job_failed", "job_recovered", job=name)
+
         def guarded() -> None:
             with self._idle:
                 self._running.add(name)
             try:
                 job()
+                failures.succeeded()
             except Exception as exc:  # the next run retries; the scheduler keeps going
-                log.error("job_failed", job=name, error=f"{type(exc).__name__}: {exc}")
+                failures.failed(f"{type(exc).__name__}: {exc}")
             finally:
                 with self._idle:
                     self._running.discard(name)

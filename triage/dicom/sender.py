@@ -23,7 +23,7 @@ from pynetdicom.status import STATUS_WARNING, code_to_category
 
 from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
-from triage.logs import get_logger
+from triage.logs import RepeatedFailure, get_logger
 from triage.store.direct_io import read_whole
 from triage.store.outbox import Backoff, DueDelivery, Outbox
 from triage.store.repository import Store
@@ -107,14 +107,22 @@ class Sender:
 
     def _run(self, destination: DestinationConfig) -> None:
         wake = self._wake[destination.name]
+        failures = RepeatedFailure(
+            log,
+            "delivery_round_failed",
+            "delivery_rounds_recovered",
+            traceback=True,
+            destination=destination.name,
+        )
         while True:
             # One round begins after the stop: the worker stops before the sender, and the
             # results it finished in its grace, woken for or not, reach the PACS in it.
             last_round = self._stop.is_set()
             try:
                 sent = self.deliver_once(destination)
+                failures.succeeded()
             except Exception as exc:  # keep delivering; the next round retries
-                log.exception("delivery_round_failed", destination=destination.name, error=str(exc))
+                failures.failed(str(exc))
                 sent = 0
             if last_round:
                 return

@@ -38,7 +38,13 @@ from triage.config import Config
 from triage.dicom.sc import OverlayBox
 from triage.dicom.sr import sr_sop_instance_uid
 from triage.dicom.study_type import decide_study, patients_in
-from triage.logs import error_text, get_logger, hide_warning_texts, identity_values
+from triage.logs import (
+    RepeatedFailure,
+    error_text,
+    get_logger,
+    hide_warning_texts,
+    identity_values,
+)
 from triage.procutil import (
     die_with_parent,
     retain_freed_memory,
@@ -334,6 +340,7 @@ class Worker:
     def _claim_loop(self) -> None:
         last_renew = last_heartbeat = time.monotonic()
         renew_every = self.config.worker.lease_s / 3
+        failures = RepeatedFailure(log, "claim_loop_error", "claim_loop_recovered")
         while not self._stop.is_set():
             claimed = 0
             try:
@@ -359,9 +366,10 @@ class Worker:
                         self.owner, str(self.model.device), self.model.info.version
                     )
                     last_heartbeat = now
+                failures.succeeded()
             except Exception as exc:  # the store may be down for a while: keep trying
                 # The store holds no patient identity: its errors are logged whole.
-                log.error("claim_loop_error", error=f"{type(exc).__name__}: {exc}")
+                failures.failed(f"{type(exc).__name__}: {exc}")
             if claimed == 0:
                 self._wake.wait(self.config.worker.poll_interval_s)
                 self._wake.clear()
