@@ -460,16 +460,15 @@ def _release_dead_claims(config: Config, store: Store, *, shared: bool) -> int:
     others wait for their leases. An SQLite store has no other host: a claim from another
     host name (a container recreated) is as dead as one of a pid that is gone.
     """
-    from triage.store.work_queue import WorkQueue
+    from triage.store.work_queue import WorkQueue, worker_host_pid
 
     here = socket.gethostname()
 
     def dead(owner: str) -> bool:
-        host, _, rest = owner.partition(":")
-        pid = rest.partition(":")[0]
+        host, pid = worker_host_pid(owner)
         if host != here:
             return not shared
-        return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        return pid is not None and pid != os.getpid() and not _pid_alive(pid)
 
     moved = WorkQueue(store).release_dead_claims(config.worker.max_attempts, dead)
     if moved:

@@ -76,6 +76,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def worker_host_pid(owner: str) -> tuple[str, int | None]:
+    """The host and pid in a :func:`worker_id` (pid None where it has none)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    return host, int(pid) if pid.isdigit() else None
+
+
 class WorkQueue:
     """Scoring-queue operations on a :class:`Store`."""
 
