@@ -415,6 +415,51 @@ def test_a_sop_class_the_daemon_does_not_store_is_refused_with_0122(tmp_path) ->
     assert verdict == Rejected(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"Rows": 0}, "image of zero Rows"),
+        ({"Columns": 0, "BitsAllocated": 0}, "image of zero Columns, BitsAllocated"),
+        ({"PixelData": b""}, "empty Pixel Data"),
+        ({"PixelData": b"\0" * 1000}, "Pixel Data holds 1000 bytes, its image needs 8192"),
+        ({"NumberOfFrames": 3}, "Pixel Data holds 8192 bytes, its image needs 24576"),
+    ],
+)
+def test_an_image_its_pixel_data_cannot_fill_is_refused_with_a900(
+    tmp_path, changes: dict, reason: str
+) -> None:
+    """Acknowledged, such a view would fail at scoring, retried until FAILED, with no word to
+    the PACS that sent it: refused at once as not matching an image SOP class."""
+    from triage.dicom.sop import DEFAULT_STORAGE_CLASSES, Status
+    from triage.dicom.validation import Rejected, check_instance
+
+    good = study_files(tmp_path / "in", views=1, rows=64, cols=64, modality="CR")[0]
+    bad = rewrite(good, tmp_path / "bad.dcm", **changes)
+    ds = pydicom.dcmread(bad, stop_before_pixels=True)
+    verdict = check_instance(
+        bad, ds.SOPClassUID, ds.SOPInstanceUID, frozenset(DEFAULT_STORAGE_CLASSES)
+    )
+    assert verdict == Rejected(Status.DATASET_MISMATCH, reason)
+    assert not isinstance(
+        check_instance(good, ds.SOPClassUID, ds.SOPInstanceUID, frozenset(DEFAULT_STORAGE_CLASSES)),
+        Rejected,
+    )
+
+
+def test_an_image_without_pixels_sent_by_storescu_gets_a900_and_the_rest_go_in(
+    daemon_factory, tmp_path
+) -> None:
+    daemon = daemon_factory().start()
+    files = study_files(tmp_path / "in", views=2, rows=64, cols=64)
+    empty = rewrite(files[0], tmp_path / "empty.dcm", PixelData=b"")
+    run = storescu(daemon.port, [empty, files[1]], extra=["--no-halt"])
+    assert run.acknowledged == 1, run.output
+    assert run.failure_statuses == ["0xa900"], run.output
+    study = str(pydicom.dcmread(files[1]).StudyInstanceUID)
+    assert len(daemon.store().study_instances(study)) == 1
+    assert daemon.stop() == 0
+
+
 def test_a_received_file_that_cannot_be_read_is_out_of_resources_not_unreadable(
     tmp_path,
 ) -> None:

@@ -57,7 +57,9 @@ def check_instance(
     Rejects (with the status a PACS expects) a SOP class msk-triage does not store (0x0122),
     an unreadable data set or one whose pixel data is cut short (0xC000), a missing or
     malformed UID (0xC001), a SOP Instance UID other than the request's (0xC002), and a data set
-    that does not match its SOP class: another class, or an image class without pixels (0xA900).
+    that does not match its SOP class (0xA900): another class, an image class without pixels, an
+    image of zero rows or columns, or native pixel data shorter than its rows, columns, samples
+    and frames need (acknowledged, such a view could never be scored).
     """
     if affected_sop_class not in image_classes:
         # Sent under a presentation context of another class: stored, it would be taken
@@ -92,6 +94,9 @@ def check_instance(
             return Rejected(Status.DATASET_MISMATCH, f"image SOP class without {what}")
         if _pixel_data_cut_short(dataset, source):
             return Rejected(Status.UNREADABLE, "pixel data cut short (data set truncated)")
+        problem = _image_geometry_problem(dataset)
+        if problem:
+            return Rejected(Status.DATASET_MISMATCH, problem)
     modality = _text(values["Modality"]) or None
     return Accepted(
         study_uid=_text(values["StudyInstanceUID"]),
@@ -118,6 +123,41 @@ def _pixel_data_cut_short(dataset: Dataset, source: str | os.PathLike[str] | byt
         return False
     size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
     return tell + length > size
+
+
+def _image_geometry_problem(dataset: Dataset) -> str | None:
+    """Why the Image Pixel module cannot describe a decodable image, or None when it can."""
+    try:
+        sizes = {
+            key: int(dataset.get(key) or 0)
+            for key in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
+        }
+        frames = int(dataset.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return "non-numeric Rows, Columns, BitsAllocated, SamplesPerPixel or NumberOfFrames"
+    zero = [key for key, size in sizes.items() if size <= 0] + (["NumberOfFrames"] * (frames <= 0))
+    if zero:
+        return "image of zero " + ", ".join(zero)
+    if 0x7FE00010 not in dataset:
+        return None  # float or double pixel data: rare, left to the decoder
+    raw = dataset.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(raw, "length", None)
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        length = len(value)
+    if length == 0:
+        return "empty Pixel Data"
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if length is None or length == 0xFFFFFFFF or (syntax is not None and syntax.is_encapsulated):
+        return None  # compressed: its length says nothing about the image's size
+    pixels = sizes["Rows"] * sizes["Columns"] * frames
+    if str(dataset.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        needed = pixels * 2 * sizes["BitsAllocated"] // 8  # two samples a pixel, subsampled
+    else:
+        needed = (pixels * sizes["SamplesPerPixel"] * sizes["BitsAllocated"] + 7) // 8
+    if length < needed:
+        return f"Pixel Data holds {length} bytes, its image needs {needed}"
+    return None
 
 
 def _text(value: object) -> str:
