@@ -689,6 +689,31 @@ def test_corrupt_jpeg_says_it_cannot_decode(tmp_path: Path):
     assert "cannot decode pixel data (JPEG Baseline" in _reason(save(ds, tmp_path / "bad.dcm"))
 
 
+def _rle_segments(*segments: bytes) -> bytes:
+    offsets = [64]
+    for segment in segments[:-1]:
+        offsets.append(offsets[-1] + len(segment))
+    header = [len(segments), *offsets] + [0] * (15 - len(segments))
+    return b"".join(n.to_bytes(4, "little") for n in header) + b"".join(segments)
+
+
+def test_rle_whose_last_run_overruns_the_frame_is_undecodable_even_from_a_pool(tmp_path: Path):
+    """pylibjpeg-rle panics (a BaseException from Rust) on a run that writes past the frame;
+    from a decoding process the panic could not be pickled back and failed the whole batch."""
+    ds = make_ds(np.arange(64, dtype=np.uint16).reshape(8, 8) * 50, bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    high = bytes([63]) + bytes(64)  # 64 literal bytes: the high bytes, complete
+    low = bytes([62]) + bytes(range(63)) + bytes([254, 7])  # 63 literal, then 3 repeated
+    ds.PixelData = encapsulate([_rle_segments(high, low)])
+    path = save(ds, tmp_path / "overrun.dcm")
+    assert "decoder panicked" in _reason(path)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=init_decode_worker) as pool:
+        with pytest.raises(UndecodableView) as caught:
+            pool.submit(decode_view, path, 224, MEAN, STD).result()
+    assert "cannot decode pixel data (RLE Lossless): decoder panicked" in caught.value.reason
+
+
 def test_unsupported_transfer_syntax(tmp_path: Path):
     ds = make_ds(phantom(top=255))
     ds.PixelData = encapsulate([b"\x00" * 128])

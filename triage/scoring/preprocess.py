@@ -522,6 +522,12 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
         raise UndecodableView(
             f"cannot decode pixel data ({name}): {type(exc).__name__}: {_oneline(str(exc))}"
         ) from None
+    except BaseException as exc:
+        if not _is_codec_panic(exc):
+            raise
+        raise UndecodableView(
+            f"cannot decode pixel data ({name}): decoder panicked: {_oneline(str(exc))}"
+        ) from None
     if frames > 1:
         notes.append(f"first of {frames} frames")
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
@@ -530,6 +536,15 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
         # compares as "not above the threshold": a normal result no image supports.
         raise UndecodableView("pixel data holds values that are not finite numbers")
     return frame, notes
+
+
+def _is_codec_panic(exc: BaseException) -> bool:
+    """Whether *exc* is a Rust decoder's panic (pylibjpeg-rle's on corrupt RLE segments).
+
+    pyo3 raises it as a BaseException so that ``except Exception`` lets it through; left to
+    escape, it cannot be pickled back from a decoding process and takes the whole batch down.
+    """
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
 
 
 def _clear_unused_bits(frame: np.ndarray, bits_stored: int) -> np.ndarray:
