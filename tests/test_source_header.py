@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+from pydicom.valuerep import PersonName
 
 from tests.dicom_validate import (
     dciodvfy,
@@ -294,6 +300,87 @@ def test_values_longer_than_their_vr_allows_are_cut_to_length(tmp_path: Path) ->
         # The name keeps its components: cut from the longest one.
         assert str(output.PatientName) == "N" * 58 + "^Given", kind
         assert str(output.ReferringPhysicianName) == "R" * 62 + "^Q", kind
+
+
+def _set_raw(source: pydicom.Dataset, keyword: str, raw: bytes) -> None:
+    """*keyword* holding *raw* as it would arrive: pydicom refuses to set most of these."""
+    tag = Tag(tag_for_keyword(keyword))
+    raw += b" " * (len(raw) % 2)
+    source[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw", "expected"),
+    [
+        ("BodyPartExamined", b"hand", "HAND"),
+        ("BodyPartExamined", b"Finger(s)", ""),
+        ("PatientOrientation", b"l\\f", ["L", "F"]),
+        ("PatientOrientation", b"X\\F", ""),  # CS, but not a direction: not in the overlay
+        ("PatientAge", b"45Y", "045Y"),
+        ("PatientAge", b"45", ""),  # years or months?
+        ("PatientWeight", b"72,5", ""),
+        ("PatientSize", b"1.80m", ""),
+        ("PatientSize", b"1.80", "1.80"),
+        ("PatientSexNeutered", b"Altered", "ALTERED"),
+        ("PatientName", b"A^B^C^D^E^F", "A^B^C^D^E F"),
+        ("PatientName", b"A^B=C^D=E^F=G^H", "A^B=C^D=E^F"),
+        ("PatientName", b"Doe^John\\Smith^J", "Doe^John"),  # highdicom refused the list
+    ],
+)
+def test_a_value_its_vr_does_not_allow_is_mended_or_left_out_of_every_output(
+    keyword: str, raw: bytes, expected: object, tmp_path: Path
+) -> None:
+    study = _small_study()
+    _set_raw(study[0], keyword, raw)
+    outputs = _outputs(study, tmp_path)
+    for kind, output in outputs.items():
+        value = output[keyword].value if keyword in output else ""
+        if keyword == "PatientName":
+            value = str(value)
+        elif isinstance(value, MultiValue):
+            value = list(value)
+        # The SR has no BodyPartExamined or PatientOrientation of its own.
+        assert (value or "") in (expected, ""), kind
+        if kind == "sc":
+            assert (value or "") == expected
+
+
+def test_an_attribute_of_no_known_dictionary_is_left_out_of_the_overlay(tmp_path: Path) -> None:
+    study = _small_study()
+    study[0].add_new(0x00109999, "LO", "from a newer standard, or a typo")
+    for kind, output in _outputs(study, tmp_path).items():
+        assert 0x00109999 not in output, kind
+
+
+@pytest.mark.parametrize(
+    ("charset", "description", "kept"),
+    [
+        ("GB18030", "手腕" * 30, 32),  # two bytes a character
+        ("ISO_IR 192", "é" * 60, 32),  # two bytes in UTF-8
+        (["", "ISO 2022 IR 87"], "手首" * 20, 29),  # escapes in and out take six bytes
+    ],
+)
+def test_text_is_cut_to_the_bytes_its_vr_allows_in_the_outputs_character_set(
+    charset: object, description: str, kept: int, tmp_path: Path
+) -> None:
+    study = _small_study()
+    study[0].SpecificCharacterSet = charset
+    study[0].StudyDescription = description
+    for kind, output in _outputs(study, tmp_path).items():
+        assert output.StudyDescription == description[:kept], kind
+
+
+def test_a_person_name_group_is_cut_to_64_bytes_as_written_keeping_its_components() -> None:
+    # Each component is escaped on its own in ISO 2022: measured as pydicom writes it.
+    [source] = _small_study()
+    source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    source.PatientName = "Yamada^Tarou=" + "山田" * 20 + "^太郎"
+    name = header_for_outputs(source).PatientName
+    assert name.alphabetic == "Yamada^Tarou"
+    family, given = name.ideographic.split("^")
+    assert given == "太郎" and family == ("山田" * 20)[: len(family)]
+    written = PersonName(name.ideographic).encode(convert_encodings(["", "ISO 2022 IR 87"]))
+    assert 60 < len(written) <= 64
 
 
 def test_the_keys_results_are_filed_by_are_copied_as_they_are_even_too_long(

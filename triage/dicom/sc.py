@@ -317,8 +317,7 @@ def build_cam_overlay(
         specific_character_set=None,
     )
     _copy_patient_and_study(header, sc)
-    orientation = list(source.get("PatientOrientation") or [])
-    sc.PatientOrientation = orientation if len(orientation) == 2 else None
+    sc.PatientOrientation = _patient_orientation(header)
     set_series_laterality(sc, laterality)
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined
@@ -528,6 +527,15 @@ def _line_band(
     drawn = np.asarray(label, dtype=np.uint8)
     drawn.flags.writeable = False
     return drawn
+
+
+def _patient_orientation(header: pydicom.Dataset) -> list[str] | None:
+    """The source's PatientOrientation (no flips or rotations happen here), where it is two
+    values of direction letters; otherwise empty, as the SC module allows (Type 2C)."""
+    values = [str(v).strip() for v in (header.get("PatientOrientation") or [])]
+    if len(values) == 2 and all(v and set(v) <= set("APRLHF") for v in values):
+        return values
+    return None
 
 
 def _single_letter_orientation(source: pydicom.Dataset) -> tuple[str, str]:

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pydicom
-from pydicom.charset import convert_encodings, default_encoding, python_encoding
-from pydicom.datadict import dictionary_VR
+from pydicom.charset import convert_encodings, default_encoding, encode_string, python_encoding
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -46,9 +46,17 @@ _REQUIRED = {
     "AccessionNumber": "SH",
     "Modality": "CS",
 }
-#: Most characters of one value (PS3.5 6.2); PN is per component group. DS, IS and UI are
-#: left alone: cutting a number or a UID would change what it says.
-_MAX_CHARS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
+#: Most bytes of one value (PS3.5 6.2; dciodvfy counts the encoded bytes, so a 40-letter
+#: GB18030 description is too long for LO); PN is per component group. DS, IS and UI are never
+#: cut: cutting a number or a UID would change what it says.
+_MAX_BYTES = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
+_CS = re.compile(r"^[A-Z0-9 _]*$")
+_AS = re.compile(r"^(\d{1,3})([DWMY])$")
+_DS = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
+_IS = re.compile(r"^[+-]?\d+$")
+#: A PN value has at most five components in each of at most three groups (PS3.5 6.2.1).
+_PN_COMPONENTS = 5
+_PN_GROUPS = 3
 #: VRs whose values are encoded in the character set (PS3.5 6.1.2.3).
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 _PATIENT_SEXES = frozenset({"M", "F", "O"})
@@ -169,19 +177,28 @@ def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
     - a DA or TM value that does not parse is emptied (one in another DICOM-era format is
       rewritten in today's); a PatientSex that is not M, F or O (once stripped and upper-cased)
       is emptied;
-    - text values longer than their VR allows are cut to length (PN per component group),
-      except the matching keys (``_MATCHING_KEYS``), which are copied as they are.
+    - a CS value is upper-cased, and emptied if still not a code string (``Finger(s)``); an
+      AS value missing only its zero padding is padded, and any other invalid AS, DS or IS
+      value (``45``, ``72,5``, ``1.80m``) emptied: no reader guesses a unit or a locale;
+    - a PN value keeps at most three component groups of at most five components (the extra
+      ones joined to the fifth); an attribute of one value given several (a PatientName
+      with a backslash) keeps the first; a public attribute of no known dictionary is left out;
+    - text values longer than their VR allows are cut to the bytes it allows in the outputs'
+      character set (PN per component group);
+    - the matching keys (``_MATCHING_KEYS``) are exempt from all of this: copied as they are.
 
     *source* is not changed (beyond pydicom decoding its raw elements on access, as any read
     does); unchanged elements are shared with it.
     """
     declared = source.get_item(_SPECIFIC_CHARACTER_SET)
     charset = normalise_character_set(declared.value if declared is not None else None)
-    header = _copied(source, _redecoding(declared, charset), top_level=True)
+    written = _OUTPUT_EQUIVALENTS.get(charset, charset)
+    output = convert_encodings(list(written) or [_LATIN_1])
+    header = _copied(source, _redecoding(declared, charset), output, top_level=True)
     for keyword, vr in _REQUIRED.items():
         if keyword not in header:
             header.add_new(keyword, vr, None)
-    charset = _OUTPUT_EQUIVALENTS.get(charset, charset)
+    charset = written
     if charset:
         header.SpecificCharacterSet = charset[0] if len(charset) == 1 else list(charset)
     elif _SPECIFIC_CHARACTER_SET in header:
@@ -228,17 +245,23 @@ def _redecoding(
 
 
 def _copied(
-    dataset: pydicom.Dataset, encodings: list[str] | None, *, top_level: bool = False
+    dataset: pydicom.Dataset,
+    encodings: list[str] | None,
+    output: list[str],
+    *,
+    top_level: bool = False,
 ) -> pydicom.Dataset:
     # What pydicom decodes this data set's text with (it warns on every look at a misspelt
     # character set, so once).
     read_as = dataset._character_set if encodings is not None else None
     copy = pydicom.Dataset()
     for tag in list(dataset.keys()):
-        if tag.is_private or tag in _PIXEL_TAGS:
+        if tag.is_private or tag in _PIXEL_TAGS or tag.element == 0:
             continue  # nothing highdicom or the builders copy into an output
+        if _dictionary_vr(tag) is None:
+            continue  # a public attribute of no known dictionary: invalid in any output
         element = _decoded(dataset, tag, encodings, read_as)
-        copy.add(_fitted(element, top_level=top_level, encodings=encodings))
+        copy.add(_fitted(element, top_level=top_level, encodings=encodings, output=output))
     return copy
 
 
@@ -290,36 +313,55 @@ def _latin_1_bytes(value: object) -> bytes | None:
         return None
 
 
-def _fitted(element: DataElement, *, top_level: bool, encodings: list[str] | None) -> DataElement:
+def _fitted(
+    element: DataElement, *, top_level: bool, encodings: list[str] | None, output: list[str]
+) -> DataElement:
     """*element*, or a new one with its value made valid for the output (see
-    :func:`header_for_outputs`)."""
+    :func:`header_for_outputs`); *output* are the Python encodings the outputs write text in."""
     vr, value = element.VR, element.value
     if vr == "SQ":
         return DataElement(
-            element.tag, vr, DicomSequence([_copied(item, encodings) for item in value or []])
+            element.tag,
+            vr,
+            DicomSequence([_copied(item, encodings, output) for item in value or []]),
         )
     if value is None or value == "":
         return element
+    if element.tag in _MATCHING_KEYS:
+        # The PACS (Orthanc: PatientID with the StudyInstanceUID) and the RIS (the accession
+        # number) file results by these: cut, they would file them under another patient or
+        # order. Too long already in the source, they are copied as they are.
+        return element
+    if isinstance(value, MultiValue | list) and _single_valued(element.tag):
+        value = value[0] if value else ""  # highdicom refuses a list for a name or a date
     if vr in ("DA", "TM"):
         fixed = _mapped(value, _date if vr == "DA" else _time)
     elif top_level and element.tag == 0x00100040:  # PatientSex
         sex = str(value).strip().upper()
         fixed = sex if sex in _PATIENT_SEXES else ""
     elif vr == "PN":
-        fixed = _mapped(value, _person_name)
-    elif element.tag in _MATCHING_KEYS:
-        # The PACS (Orthanc: PatientID with the StudyInstanceUID) and the RIS (the accession
-        # number) file results by these: cut, they would file them under another patient or
-        # order. Too long already in the source, they are copied as they are.
-        return element
-    elif vr in _MAX_CHARS:
-        limit = _MAX_CHARS[vr]
-        fixed = _mapped(value, lambda text: text if len(text) <= limit else text[:limit].rstrip())
+        fixed = _mapped(value, lambda name: _person_name(name, output))
+    elif vr == "CS" and element.tag != _SPECIFIC_CHARACTER_SET:
+        fixed = _mapped(value, _code_string)
+    elif vr == "AS":
+        fixed = _mapped(value, _age)
+    elif vr in ("DS", "IS"):
+        fixed = _mapped(value, _decimal if vr == "DS" else _integer)
+    elif vr in _MAX_BYTES:
+        limit = _MAX_BYTES[vr]
+        fixed = _mapped(value, lambda text: _cut(str(text), limit, output))
     else:
         return element
-    if fixed == value:
+    if fixed == element.value:
         return element
     return DataElement(element.tag, vr, fixed)
+
+
+def _single_valued(tag: int) -> bool:
+    try:
+        return dictionary_VM(tag) == "1"
+    except KeyError:
+        return False
 
 
 def _mapped(value: Any, fix: Callable[[Any], object]) -> object:
@@ -327,6 +369,51 @@ def _mapped(value: Any, fix: Callable[[Any], object]) -> object:
     if isinstance(value, MultiValue | list):
         return [fix(v) for v in value]
     return fix(value)
+
+
+def _code_string(value: object) -> str:
+    """A CS value upper-cased (``hand`` is ``HAND``), or empty where that is still not one
+    (``Finger(s)``): a Defined Term is upper case, and no reader guesses at the rest."""
+    text = str(value).strip().upper()
+    return text if len(text) <= _MAX_BYTES["CS"] and _CS.match(text) else ""
+
+
+def _age(value: object) -> str:
+    """An AS value (``045Y``), zero-filled where only the padding is missing (``45Y``);
+    empty where the unit is (``45``: years or months?)."""
+    match = _AS.match(str(value).strip().upper())
+    return match.group(1).zfill(3) + match.group(2) if match else ""
+
+
+def _decimal(value: object) -> object:
+    text = str(value).strip()
+    return value if len(text) <= 16 and _DS.match(text) else ""
+
+
+def _integer(value: object) -> object:
+    text = str(value).strip()
+    if len(text) <= 12 and _IS.match(text) and -(2**31) <= int(text) < 2**31:
+        return value
+    return ""
+
+
+def _cut(text: str, limit: int, output: list[str]) -> str:
+    """*text*, or its longest start that encodes in *limit* bytes or fewer."""
+    if len(text) <= limit // 4 or _encoded_length(text, output) <= limit:
+        return text  # no character takes more than four bytes
+    while text and _encoded_length(text, output) > limit:
+        text = text[:-1]
+    return text.rstrip()
+
+
+def _encoded_length(text: str, output: list[str]) -> int:
+    return len(encode_string(text, output))
+
+
+def _group_length(group: str, output: list[str]) -> int:
+    """Bytes of one PN component group as written: each component is encoded on its own, so
+    an ISO 2022 escape back to ASCII comes before every caret."""
+    return len(PersonName(group).encode(output))
 
 
 def _date(value: object) -> str:
@@ -358,20 +445,27 @@ def _time(value: object) -> str:
     return parsed.strftime("%H%M%S") + fraction
 
 
-def _person_name(value: object) -> str | PersonName:
+def _person_name(value: object, output: list[str]) -> str | PersonName:
     text = str(value)
     groups = text.split("=")
-    if all(len(group) <= _MAX_CHARS["PN"] for group in groups):
+    if len(groups) <= _PN_GROUPS and all(
+        group.count("^") < _PN_COMPONENTS and _group_length(group, output) <= _MAX_BYTES["PN"]
+        for group in groups
+    ):
         return value if isinstance(value, PersonName | str) else text
-    return "=".join(_fitted_group(group) for group in groups)
+    return "=".join(_fitted_group(group, output) for group in groups[:_PN_GROUPS])
 
 
-def _fitted_group(group: str) -> str:
-    """A PN component group cut to 64 characters from its longest components, so that every
-    component (and caret) stays: a name cut to its family name alone reads as another form."""
-    limit = _MAX_CHARS["PN"]
+def _fitted_group(group: str, output: list[str]) -> str:
+    """A PN component group of at most five components (the rest joined to the fifth with
+    spaces) cut to 64 bytes from its longest components, so that every component (and caret)
+    stays: a name cut to its family name alone reads as another form."""
+    limit = _MAX_BYTES["PN"]
     components = group.split("^")
-    while sum(map(len, components)) + len(components) - 1 > limit:
+    if len(components) > _PN_COMPONENTS:
+        last = _PN_COMPONENTS - 1
+        components = [*components[:last], " ".join(c for c in components[last:] if c)]
+    while _group_length("^".join(components), output) > limit:
         longest = max(range(len(components)), key=lambda index: len(components[index]))
         if not components[longest]:
             return group[:limit]  # carets alone are too many
