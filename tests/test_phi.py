@@ -130,6 +130,9 @@ else:
     _init_decode_process()
 warnings.simplefilter("always")
 check_person_name("QUILLBERRY MARGOT")
+from pydicom import config
+from pydicom.valuerep import validate_value
+validate_value("DA", "1938-05-17", config.WARN)  # logged by pydicom's logger, and warned
 """
     for process in ("daemon", "pool"):
         run = subprocess.run(
@@ -138,6 +141,9 @@ check_person_name("QUILLBERRY MARGOT")
         assert run.returncode == 0, run.stderr
         _assert_clean(run.stdout + run.stderr, f"the {process} process's output")
         assert "UserWarning at" in run.stderr and "text withheld" in run.stderr
+        assert "1938" not in run.stderr
+        if process == "daemon":
+            assert "pydicom message at pydicom/" in run.stderr
 
     from pydicom import Dataset
 

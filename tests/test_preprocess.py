@@ -709,8 +709,9 @@ def test_rle_whose_last_run_overruns_the_frame_is_undecodable_even_from_a_pool(t
     assert "decoder panicked" in _reason(path)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=init_decode_worker) as pool:
+        failure = pool.submit(decode_view, path, 224, MEAN, STD)
         with pytest.raises(UndecodableView) as caught:
-            pool.submit(decode_view, path, 224, MEAN, STD).result()
+            failure.result()
     assert "cannot decode pixel data (RLE Lossless): decoder panicked" in caught.value.reason
 
 

@@ -167,6 +167,24 @@ def hide_warning_texts() -> None:
     warnings.showwarning = _show_warning_without_its_text
 
 
+#: Libraries that log the values they read or check: pydicom's "Invalid value for VR DA:
+#: '19380517'" (a birth date), and with its debug switch whole data sets.
+_VALUE_QUOTING_LOGGERS = frozenset({"pydicom", "highdicom"})
+
+
+class WithholdLibraryText(logging.Filter):
+    """A handler filter: records of the value-quoting libraries keep their level, logger and
+    origin but not their text, as :func:`hide_warning_texts` does for warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in _VALUE_QUOTING_LOGGERS:
+            origin = "/".join(Path(record.pathname).parts[-2:])
+            record.msg = "%s message at %s:%d (text withheld: it may quote patient data)"
+            record.args = (record.name, origin, record.lineno)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Route structlog and the standard library (pynetdicom, APScheduler, Alembic) to *stream*.
 
@@ -190,6 +208,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(WithholdLibraryText())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
