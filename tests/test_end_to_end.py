@@ -405,3 +405,36 @@ def test_a_study_finished_in_the_stop_grace_reaches_the_pacs_before_the_daemon_e
     outputs = {o.sop_instance_uid for _, o in Outbox(daemon.store()).deliveries(study_uid)}
     assert len(outputs) == 3  # one SR and two overlays
     assert {str(ds.SOPInstanceUID) for ds in pacs.received()} == outputs
+
+
+def test_a_decode_process_that_never_answers_does_not_keep_the_daemon_running(
+    daemon_factory, tmp_path
+) -> None:
+    """A codec in an endless loop, or a process stopped by hand: at SIGTERM the worker kills
+    what still runs after its grace, where the daemon stayed up after logging "stopped"."""
+    import json
+    import signal
+
+    pacs = Storescp(tmp_path / "pacs").start()
+    daemon = daemon_factory(
+        scoring_config(
+            pacs.destination(), worker={"decode_processes": 2}, dicom={"shutdown_grace_s": 2}
+        )
+    ).start()
+    listeners = {
+        json.loads(line)["pid"]
+        for line in daemon.log_text().splitlines()
+        if '"event": "listener_started"' in line
+    }
+    decoders = []
+    for pid in daemon.children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline and pid not in listeners:
+            decoders.append(pid)
+    assert len(decoders) == 2, (daemon.children, listeners)
+    for pid in decoders:
+        os.kill(pid, signal.SIGSTOP)
+    assert daemon.stop(timeout=60) == 0
+    assert '"event": "decode_processes_killed"' in daemon.log_text()
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in decoders), timeout=10)
+    pacs.stop()

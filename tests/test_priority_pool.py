@@ -75,3 +75,54 @@ def test_a_job_that_fails_on_its_own_leaves_the_pool_whole() -> None:
     assert not pool.broken
     assert pool.submit(URGENT, pow, 2, 3).result(timeout=60) == 8
     pool.shutdown()
+
+
+_STOP_SCRIPT = """
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from triage.scoring.priority_pool import URGENT, PriorityPool
+
+def stuck_job(marker):
+    open(marker, "w").close()
+    time.sleep(3600)
+
+pool = PriorityPool(ProcessPoolExecutor(max_workers=2), slots=2)
+assert pool.submit(URGENT, pow, 2, 5).result(timeout=60) == 32
+if sys.argv[1] == "stuck":
+    stuck = pool.submit(URGENT, stuck_job, sys.argv[2])
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.01)
+else:  # idle, stopped: it never reads the executor's "exit now"
+    os.kill(pool.submit(URGENT, os.getpid).result(timeout=60), signal.SIGSTOP)
+started = time.monotonic()
+killed = pool.stop(1.0)
+if sys.argv[1] == "stuck":
+    try:
+        stuck.result(timeout=10)
+    except BrokenProcessPool:
+        pass
+print(killed, round(time.monotonic() - started, 1))
+"""
+
+
+@pytest.mark.parametrize("case", ["stuck", "stopped"])
+def test_stop_kills_the_processes_still_busy_after_its_timeout(case: str, tmp_path) -> None:
+    """A codec stuck in a loop, or a process stopped with SIGSTOP, kept the daemon running
+    after its stop: the executor joins every process at interpreter exit."""
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", _STOP_SCRIPT, case, str(tmp_path / "running")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    count, seconds = run.stdout.split()
+    # The idle sibling may go too: the executor lets its processes go once every job ended.
+    assert count in ("1", "2") and float(seconds) < 5
+    assert time.monotonic() - started < 30  # the interpreter exited: nothing left to join

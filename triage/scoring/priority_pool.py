@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
@@ -67,6 +68,26 @@ class PriorityPool:
             for _priority, _order, future, _fn, _args in waiting:
                 future.cancel()
         self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def stop(self, timeout: float) -> int:
+        """Cancel the waiting jobs, let the running ones end for *timeout* seconds, then kill
+        the processes still alive; returns how many were killed.
+
+        A process that never ends its job (a codec in an endless loop, a process stopped
+        with SIGSTOP) would otherwise keep the executor's manager thread, which joins every
+        process at interpreter exit, and with it the daemon, running after its stop.
+        """
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        self.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        killed = 0
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(5.0)
+                killed += 1
+        return killed
 
     def _dispatch(self) -> None:
         while True:

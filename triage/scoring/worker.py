@@ -327,7 +327,12 @@ class Worker:
         # claim's worth of views, minutes on a slow host): cancelled, so the stop stays
         # within the grace plus the one job each pool process is running.
         self._abandoned.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # The jobs still running end by the deadline (at least a moment more, for a decode
+        # or an output begun at its edge) or their processes are killed: the finishers wait
+        # on them, and the daemon's exit on their processes.
+        killed = self._pool.stop(max(2.0, deadline - time.monotonic()))
+        if killed:
+            log.warning("decode_processes_killed", count=killed, reason="still busy at stop")
         self._finisher.shutdown(wait=True)
         try:
             self.queue.worker_stopped(self.owner)
