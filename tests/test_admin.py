@@ -593,6 +593,36 @@ def test_purge_removes_only_finished_old_studies_files_and_rows(site: Site) -> N
     assert left == {"RECEIVING", "QUEUED", "SCORING", "DELIVERING"}
 
 
+def test_purge_with_a_spool_that_is_not_there_removes_nothing_and_exits_3(
+    site: Site, tmp_path: Path
+) -> None:
+    """The config's relative spool_dir resolved from another directory (the store's URL
+    absolute): the rows went and the files stayed, and SQLite's spool recovery brought the
+    purged studies back at the next start."""
+    relative = write_config(
+        tmp_path / "relative.toml",
+        {
+            "store": {"url": site.url, "spool_dir": "var/spool", "retention_days": 30},
+            "model": {"allow_unvalidated": True},
+        },
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for dry in ([], ["--dry-run"]):
+        code, out, err = site.admin(
+            "--config", str(relative), "--workdir", str(elsewhere), "purge", *dry
+        )
+        assert code == 3, out + err
+        assert f"no spool at {elsewhere / 'var' / 'spool'}: nothing purged" in err
+        assert "--workdir" in err
+    assert all(site.store.get_study(uid) is not None for uid in site.uids.values())
+    from triage.store.operations import purge
+    from triage.store.spool import SpoolError
+
+    with pytest.raises(SpoolError, match="no spool at"):
+        purge(site.store, Spool(elsewhere / "var" / "spool"), 30)
+
+
 def test_purge_keeps_a_late_instance_of_a_cancelled_study_for_the_retention_period(
     site: Site,
 ) -> None:

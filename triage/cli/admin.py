@@ -732,7 +732,14 @@ def cmd_purge(ctx: Context) -> int:
     days = ctx.args.older_than
     if days is None:
         days = float(ctx.config.store.retention_days)
-    report = purge(ctx.store(), Spool(ctx.config.spool_path), days, dry_run=ctx.args.dry_run)
+    spool = Spool(ctx.config.spool_path)
+    if not spool.is_prepared():
+        raise AdminError(
+            EXIT_STORE,
+            f"no spool at {spool.root}: nothing purged (relative paths in the config resolve"
+            " against the working directory: run from the daemon's, or pass --workdir)",
+        )
+    report = purge(ctx.store(), spool, days, dry_run=ctx.args.dry_run)
     ctx.emit(report.as_dict(), _render_purge)
     return EXIT_OK
 

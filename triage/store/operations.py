@@ -31,7 +31,7 @@ from triage.store.models import (
 )
 from triage.store.queries import FINISHED_STATES, iso
 from triage.store.repository import Store, add_event
-from triage.store.spool import Spool
+from triage.store.spool import Spool, SpoolError
 
 
 class StudyNotFound(LookupError):
@@ -214,6 +214,10 @@ def purge(
     a *stop* set meanwhile (the daemon stopping): the batch in progress ends at its next
     file, its rows stay, and the purge returns what it did before.
     """
+    if not spool.is_prepared():
+        # Rows purged while their files stay: SQLite's spool recovery would bring the
+        # studies back at the next start, and nothing would ever remove the files.
+        raise SpoolError(f"no spool at {spool.root}: nothing purged")
     now = now or utcnow()
     cutoff = now - timedelta(days=older_than_days)
     report = PurgeReport(cutoff=cutoff, older_than_days=older_than_days, dry_run=dry_run)

@@ -44,6 +44,12 @@ class Spool:
                 removed += 1
         return removed
 
+    def is_prepared(self) -> bool:
+        """Whether this root is a spool :meth:`prepare` made (its ``tmp/`` is there): a root
+        resolved from another working directory is not, and nothing may be removed as if
+        its files were gone."""
+        return self._tmp.is_dir()
+
     def free_bytes(self) -> int:
         """Free space available to this process on the spool's filesystem."""
         stats = os.statvfs(self.root)
