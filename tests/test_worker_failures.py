@@ -248,6 +248,30 @@ def test_a_study_uid_reused_for_another_patient_is_failed_not_scored(tmp_path: P
         assert other.PatientID not in mixed.state_reason  # no identity in the reason either
 
 
+def test_a_study_whose_files_cannot_be_read_is_failed_after_its_attempts_not_skipped(
+    tmp_path: Path,
+) -> None:
+    # Deleted by hand, or on a disk that failed: "no views" (SKIPPED) filed it as out of
+    # scope, with no word of the files; the operator must see it failed and why.
+    config = _config(tmp_path, max_attempts=2)
+    files = write_benchmark_files(config.store.spool_dir, 4, size_mb=0.25, views_per_study=2)
+    spool_dir = Path(config.store.spool_dir)
+    engine, store, spool = received_store(config.store.url, spool_dir, files)
+    for path in files[:2]:
+        path.unlink()
+    worker = Worker(config, store, spool, load_configured_model(config))
+    _queue(store)
+    worker.start()
+    try:
+        _wait("both studies", _finished(store, {StudyState.DONE: 1, StudyState.FAILED: 1}))
+    finally:
+        worker.stop(10)
+        engine.dispose()
+    gone = _study(store, files[0])
+    assert gone.attempts == 2
+    assert "no instance could be read (2): unreadable: FileNotFoundError" in gone.state_reason
+
+
 def test_a_decode_process_outlives_ctrl_c() -> None:
     # Ctrl-C in a terminal signals the whole process group; the worker then gives its
     # studies back without charging an attempt, which a decode process killed by the

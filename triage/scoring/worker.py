@@ -412,7 +412,16 @@ class Worker:
                 )
                 paths[instance.sop_instance_uid] = instance.path
             except Exception as exc:
-                skipped.append(SkippedView(instance.sop_instance_uid, f"unreadable: {exc}"))
+                reason = f"unreadable: {error_text(exc)}"
+                skipped.append(SkippedView(instance.sop_instance_uid, reason))
+        if skipped and not headers:
+            # Nothing tells what the study is: SKIPPED ("no views") would file an unscored
+            # study as out of scope. Retried (a disk that failed may come back), then FAILED.
+            reason = f"no instance could be read ({len(skipped)}): {skipped[0].reason}"
+            state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
+            if state is not None:
+                bound.error("study_unreadable", instances=len(skipped), state=state.value)
+            return
         patients = patients_in(headers.values())
         if patients > 1:
             # One result would mix two patients' images, and the SR would name one of them.
