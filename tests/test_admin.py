@@ -691,7 +691,7 @@ def test_db_downgrade_goes_back_for_an_older_version_and_upgrade_comes_back(site
     assert "or --force for workers that are gone" in err
     moved = as_json(site, "db", "downgrade", "0003", "--force")
     assert moved == {"schema": "msk-triage-admin/1", "from": "0004", "to": "0003", "changed": True}
-    current = as_json(site, "db", "current", code=1)
+    current = as_json(site, "db", "current", code=3)
     assert current["current"] == "0003" and current["newer_than_head"] is False
     code, _out, err = site.admin("status")
     assert code == 3 and "run `triage-admin db upgrade`" in err
@@ -729,7 +729,7 @@ def test_a_store_a_newer_version_upgraded_is_refused_with_the_way_back(
     for args in (["status"], ["db", "upgrade"], ["db", "downgrade", "0003", "--force"]):
         code, _out, err = site.admin(*args)
         assert code == 3 and expected in err, (args, err)
-    current = as_json(site, "db", "current", code=1)
+    current = as_json(site, "db", "current", code=3)
     assert current["current"] == "0099" and current["newer_than_head"] is True
     _code, out, _err = site.admin("db", "current")
     assert "newer than this msk-triage" in out and "db upgrade" not in out

@@ -789,6 +789,8 @@ def cmd_db_current(ctx: Context) -> int:
         )
 
     ctx.emit(data, render)
+    if newer:  # this version cannot use it at all, as every other command says (see README)
+        return EXIT_STORE
     return EXIT_OK if current == head else EXIT_FAILED
 
 
