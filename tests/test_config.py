@@ -67,6 +67,10 @@ def test_environment_overrides_every_kind_of_key(tmp_path) -> None:
         ('[dicom]\nallowed_peers = ["PACS@"]\n', {}, "[dicom] allowed_peers: empty host"),
         ('[dicom]\nextra_sop_classes = ["1.2.x"]\n', {}, "[dicom] extra_sop_classes: not a UID"),
         ("[dicom\n", {}, "not valid TOML"),
+        ('[dicom]\nbind = "10.0.0.300"\n', {}, "[dicom] bind: not an IP address or a host"),
+        ('[http]\nbind = "no-such-host.invalid"\n', {}, "[http] bind: not an IP address"),
+        ('[http]\nbind = ""\n', {}, "[http] bind: must not be empty"),
+        ("[dicom]\ntls_verify_client = true\n", {}, "[dicom] tls_verify_client: needs tls"),
     ],
 )
 def test_wrong_keys_and_values_give_one_line_naming_the_key(tmp_path, toml, env, message) -> None:
@@ -77,6 +81,13 @@ def test_wrong_keys_and_values_give_one_line_naming_the_key(tmp_path, toml, env,
     text = str(caught.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_bind_addresses_and_names_that_resolve_are_taken(tmp_path) -> None:
+    for bind in ("0.0.0.0", "::", "127.0.0.1", "::1", "localhost"):
+        env = {"TRIAGE_DICOM_BIND": bind, "TRIAGE_HTTP_BIND": bind}
+        config = load_config(None, env=env, base_dir=tmp_path)
+        assert config.dicom.bind == config.http.bind == bind
 
 
 def test_missing_config_file_is_a_config_error(tmp_path) -> None:
@@ -97,6 +108,26 @@ def test_destinations_from_file_and_from_the_environment(tmp_path) -> None:
     ]
     env = {"TRIAGE_DESTINATIONS": '[{name="x", ae_title="X", host="h", port=11112}]'}
     assert [d.name for d in load_config(path, env=env, base_dir=tmp_path).destinations] == ["x"]
+    # Set empty (an EnvironmentFile line "TRIAGE_DESTINATIONS="): no destinations, no error.
+    for empty in ("", "  "):
+        env = {"TRIAGE_DESTINATIONS": empty}
+        assert load_config(path, env=env, base_dir=tmp_path).destinations == ()
+
+
+def test_triage_config_prints_the_store_url_without_its_password(tmp_path) -> None:
+    path = tmp_path / "pg.toml"
+    path.write_text('[store]\nurl = "postgresql://triage:s3cr%40t@db.example:5432/triage"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "triage", "--config", str(path), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3cr" not in result.stdout
+    assert '"url": "postgresql://triage:***@db.example:5432/triage"' in result.stdout
+    assert load_config(path, env={}).store.url.endswith("triage:s3cr%40t@db.example:5432/triage")
 
 
 @pytest.mark.parametrize(

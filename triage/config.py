@@ -9,9 +9,11 @@ message is a single line naming the key, so the daemon can stop with it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
+import socket
 import ssl
 import tomllib
 import typing
@@ -44,6 +46,22 @@ def is_valid_ae_title(value: str) -> bool:
 def _check_ae_title(section: str, key: str, value: str) -> None:
     if not is_valid_ae_title(value):
         _fail(section, key, f"not a valid AE title (1-16 printable characters, no '\\'): {value!r}")
+
+
+def _check_bind(section: str, value: str) -> None:
+    """A listening address: an IP address, or a host name this host resolves (looked up only
+    when not an address, so a host without DNS never waits here)."""
+    if not value:
+        _fail(section, "bind", "must not be empty")
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(value, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        _fail(section, "bind", f"not an IP address or a host name that resolves: {value!r}")
 
 
 def _check_port(section: str, key: str, value: int, allow_zero: bool = False) -> None:
@@ -145,6 +163,7 @@ class DicomConfig:
     def validate(self, load_tls: bool = True) -> None:
         """Raise :class:`ConfigError` for a wrong value (*load_tls*: see :func:`load_config`)."""
         _check_ae_title("dicom", "ae_title", self.ae_title)
+        _check_bind("dicom", self.bind)
         _check_port("dicom", "port", self.port, allow_zero=True)
         for peer in self.allowed_peers:
             ae, _, host = peer.partition("@")
@@ -167,6 +186,9 @@ class DicomConfig:
         for key in ("network_timeout_s", "acse_timeout_s", "dimse_timeout_s"):
             _check_duration("dicom", key, getattr(self, key))
         _check_duration("dicom", "shutdown_grace_s", self.shutdown_grace_s, allow_low=True)
+        if self.tls_verify_client and not self.tls:
+            # Asked to check who connects, but nothing is encrypted or checked.
+            _fail("dicom", "tls_verify_client", "needs tls = true")
         if self.tls:
             for key in ("tls_cert", "tls_key"):
                 path = getattr(self, key)
@@ -387,8 +409,7 @@ class HttpConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a wrong value."""
         _check_port("http", "port", self.port, allow_zero=True)
-        if not self.bind:
-            _fail("http", "bind", "must not be empty")
+        _check_bind("http", self.bind)
 
 
 @dataclass(frozen=True)
@@ -675,7 +696,9 @@ def _build_table_array(
     name: str, cls: type, entries: list[Any], env: Mapping[str, str]
 ) -> tuple[Any, ...]:
     env_name = f"{ENV_PREFIX}{name.upper()}"
-    if env_name in env:
+    if env_name in env and not env[env_name].strip():
+        entries = []  # set empty, as an EnvironmentFile clears a list: no such tables
+    elif env_name in env:
         try:
             entries = tomllib.loads(f"v = {env[env_name]}")["v"]
         except tomllib.TOMLDecodeError as exc:
@@ -703,7 +726,14 @@ def describe(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {name: plain(getattr(config, name)) for name in SECTIONS}
     for name in TABLE_ARRAYS:
         out[name] = [plain(entry) for entry in getattr(config, name)]
+    # Printed on a terminal and pasted into tickets: the database password stays in the file.
+    out["store"]["url"] = _without_password(config.store.url)
     return out
+
+
+def _without_password(url: str) -> str:
+    """*url* with the password of its user info shown as ``***``."""
+    return re.sub(r"^([\w+.-]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 __all__ = ["Config", "ConfigError", "describe", "load_config"]
