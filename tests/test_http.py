@@ -194,6 +194,22 @@ def test_readyz_says_which_check_failed(daemon_factory, tmp_path) -> None:
     assert "worker" not in ready["checks"]  # not enabled on this daemon
     status, _, body = get(daemon, "/healthz")
     assert status == 200 and json.loads(body)["loops"] == {"listener": True, "scheduler": True}
+    # HEAD (load balancers, uptime checks): GET's status and headers, no body.
+    for path, expected in (("/readyz", 503), ("/healthz", 200), ("/metrics", 200)):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port(daemon)}{path}", method="HEAD"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, headers, body = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, body = exc.code, exc.headers, exc.read()
+        assert (status, body) == (expected, b""), path
+        assert int(headers["Content-Length"]) > 0
+    post = urllib.request.Request(f"http://127.0.0.1:{http_port(daemon)}/healthz", data=b"x")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(post, timeout=10)
+    assert refused.value.code == 405 and refused.value.headers["Allow"] == "GET, HEAD"
     samples = scrape(daemon)
     assert value(samples, "triage_spool_min_free_bytes") == 10**12 * 1024 * 1024
     # Without a worker the model is read from the card, on no device.

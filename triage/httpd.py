@@ -64,6 +64,16 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("http_handler_error", path=path)
             self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
 
+    def do_HEAD(self) -> None:
+        """GET's status and headers without the body (load balancers and uptime checks)."""
+        self._head_only = True
+        self.do_GET()
+
+    def _not_allowed(self) -> None:
+        self._json(405, {"error": "method not allowed", "allow": ["GET", "HEAD"]})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
     def _json(self, status: int, body: dict[str, Any]) -> None:
         self._send(status, "application/json", (json.dumps(body) + "\n").encode())
 
@@ -72,8 +82,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
+        if status == 405:
+            self.send_header("Allow", "GET, HEAD")
         self.end_headers()
-        self.wfile.write(payload)
+        if not getattr(self, "_head_only", False):
+            self.wfile.write(payload)
 
     def log_message(self, format: str, *args: Any) -> None:
         # Scrapes every few seconds would drown the log: debug level only.
