@@ -345,6 +345,26 @@ def test_a_value_its_vr_does_not_allow_is_mended_or_left_out_of_every_output(
             assert (value or "") == expected
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"0.14333333333333333\\0.14333333333333333", [0.14333333333333] * 2),  # 19 chars
+        (b"0,143\\0,143", [1.0, 1.0]),  # no number: the map falls back to 1 mm
+    ],
+)
+def test_a_pixel_spacing_written_too_long_is_shortened_not_lost(
+    raw: bytes, expected: list[float], tmp_path: Path
+) -> None:
+    # Emptied as malformed, it made the parametric map fail on float("").
+    study = _small_study()
+    _set_raw(study[0], "ImagerPixelSpacing", raw)
+    if "PixelSpacing" in study[0]:
+        del study[0].PixelSpacing
+    outputs = _outputs(study, tmp_path)
+    measures = outputs["pm"].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == expected
+
+
 def test_an_attribute_of_no_known_dictionary_is_left_out_of_the_overlay(tmp_path: Path) -> None:
     study = _small_study()
     study[0].add_new(0x00109999, "LO", "from a newer standard, or a typo")

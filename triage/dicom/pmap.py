@@ -21,6 +21,7 @@ Two real-world value mappings describe the same stored values:
 from __future__ import annotations
 
 import datetime
+import math
 
 import highdicom as hd
 import numpy as np
@@ -195,10 +196,21 @@ def _with_own_frame_of_reference(
     header.PositionReferenceIndicator = None
     header.ImagePositionPatient = [0.0, 0.0, 0.0]
     header.ImageOrientationPatient = list(_orientation(source))
-    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing") or [1.0, 1.0]
-    header.PixelSpacing = [float(value) for value in spacing]
+    header.PixelSpacing = _spacing(source)
     header.SliceThickness = 1.0
     return header
+
+
+def _spacing(source: pydicom.Dataset) -> list[float]:
+    """The (imager) pixel spacing, or 1 mm where neither is two positive numbers."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            values = [float(value) for value in source.get(keyword) or []]
+        except (TypeError, ValueError):
+            continue
+        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+            return values
+    return [1.0, 1.0]
 
 
 def _orientation(source: pydicom.Dataset) -> tuple[float, ...]:

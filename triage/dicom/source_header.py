@@ -20,6 +20,7 @@ under another patient.
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -30,7 +31,7 @@ from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DA, TM, PersonName
+from pydicom.valuerep import DA, TM, PersonName, format_number_as_ds
 
 #: Attributes highdicom reads from a source without a default; absent, they are added empty
 #: (all but Modality are Type 2 in the source's Patient and General Study modules).
@@ -386,8 +387,15 @@ def _age(value: object) -> str:
 
 
 def _decimal(value: object) -> object:
+    """A DS value as it is; a number written too long (``0.14333333333333333``, common in
+    pixel spacings) in 16 characters; anything else (``72,5``, ``1.80m``, NaN) empty."""
     text = str(value).strip()
-    return value if len(text) <= 16 and _DS.match(text) else ""
+    if len(text) <= 16 and _DS.match(text):
+        return value
+    if not _DS.match(text):
+        return ""
+    number = float(text)
+    return format_number_as_ds(number) if math.isfinite(number) else ""
 
 
 def _integer(value: object) -> object:
