@@ -409,9 +409,14 @@ def _cut(text: str, limit: int, output: list[str]) -> str:
     """*text*, or its longest start that encodes in *limit* bytes or fewer."""
     if len(text) <= limit // 4 or _encoded_length(text, output) <= limit:
         return text  # no character takes more than four bytes
-    while text and _encoded_length(text, output) > limit:
-        text = text[:-1]
-    return text.rstrip()
+    fits, too_long = 0, min(len(text), limit) + 1  # each character takes a byte at least
+    while too_long - fits > 1:  # a search: an LT is 10240 bytes
+        middle = (fits + too_long) // 2
+        if _encoded_length(text[:middle], output) <= limit:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits].rstrip()
 
 
 def _encoded_length(text: str, output: list[str]) -> int:
