@@ -88,6 +88,8 @@ def test_bind_addresses_and_names_that_resolve_are_taken(tmp_path) -> None:
         env = {"TRIAGE_DICOM_BIND": bind, "TRIAGE_HTTP_BIND": bind}
         config = load_config(None, env=env, base_dir=tmp_path)
         assert config.dicom.bind == config.http.bind == bind
+    # Empty: every interface, as the DICOM listener always took it (configs that say so).
+    assert load_config(None, env={"TRIAGE_DICOM_BIND": ""}, base_dir=tmp_path).dicom.bind == ""
 
 
 def test_missing_config_file_is_a_config_error(tmp_path) -> None:
@@ -127,6 +129,13 @@ def test_triage_config_prints_the_store_url_without_its_password(tmp_path) -> No
     assert result.returncode == 0, result.stderr
     assert "s3cr" not in result.stdout
     assert '"url": "postgresql://triage:***@db.example:5432/triage"' in result.stdout
+    from triage.config import display_url
+
+    # A "/" in the password (base64), one in the query string.
+    assert display_url("postgresql://t:Xy/9kP+q@db/triage") == "postgresql://t:***@db/triage"
+    assert display_url("postgresql://t@db/x?sslmode=require&password=Xy9") == (
+        "postgresql://t@db/x?password=***&sslmode=require"  # SQLAlchemy sorts the query
+    )
     assert load_config(path, env={}).store.url.endswith("triage:s3cr%40t@db.example:5432/triage")
 
 

@@ -59,6 +59,28 @@ def test_the_hourly_purge_removes_temp_files_no_one_writes_any_more(tmp_path: Pa
     assert not stale.exists() and current.exists()
 
 
+def test_the_hourly_purge_makes_the_temp_folder_again_if_a_cleaner_removed_it(
+    tmp_path: Path,
+) -> None:
+    # The listener receives into it: without it every C-STORE is refused until a restart,
+    # and the purge (which refuses a spool without it) would fail every hour.
+    import shutil
+
+    from triage.store.spool import Spool
+
+    config = load_config(None, env={}, base_dir=tmp_path)
+    engine = make_engine(f"sqlite:///{tmp_path / 'triage.db'}")
+    upgrade_schema(engine)
+    spool = Spool(config.spool_path)
+    spool.prepare()
+    shutil.rmtree(spool.temp_dir)
+    try:
+        assert Scheduler(config, Store(engine)).purge_expired() == 0
+    finally:
+        engine.dispose()
+    assert spool.temp_dir.is_dir()
+
+
 def test_a_purge_in_progress_ends_when_the_scheduler_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

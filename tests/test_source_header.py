@@ -378,6 +378,7 @@ def test_an_attribute_of_no_known_dictionary_is_left_out_of_the_overlay(tmp_path
         ("GB18030", "手腕" * 30, 32),  # two bytes a character
         ("ISO_IR 192", "é" * 60, 32),  # two bytes in UTF-8
         (["", "ISO 2022 IR 87"], "手首" * 20, 29),  # escapes in and out take six bytes
+        (["", "ISO 2022 IR 87"], "a山" * 8, 13),  # escapes to kanji and back with every 山
     ],
 )
 def test_text_is_cut_to_the_bytes_its_vr_allows_in_the_outputs_character_set(

@@ -48,10 +48,13 @@ def _check_ae_title(section: str, key: str, value: str) -> None:
         _fail(section, key, f"not a valid AE title (1-16 printable characters, no '\\'): {value!r}")
 
 
-def _check_bind(section: str, value: str) -> None:
+def _check_bind(section: str, value: str, *, empty_is_any: bool = False) -> None:
     """A listening address: an IP address, or a host name this host resolves (looked up only
-    when not an address, so a host without DNS never waits here)."""
+    when not an address, so a host without DNS never waits here). Empty is every interface
+    where *empty_is_any* (the DICOM listener always took it so)."""
     if not value:
+        if empty_is_any:
+            return
         _fail(section, "bind", "must not be empty")
     try:
         ipaddress.ip_address(value)
@@ -163,7 +166,7 @@ class DicomConfig:
     def validate(self, load_tls: bool = True) -> None:
         """Raise :class:`ConfigError` for a wrong value (*load_tls*: see :func:`load_config`)."""
         _check_ae_title("dicom", "ae_title", self.ae_title)
-        _check_bind("dicom", self.bind)
+        _check_bind("dicom", self.bind, empty_is_any=True)
         _check_port("dicom", "port", self.port, allow_zero=True)
         for peer in self.allowed_peers:
             ae, _, host = peer.partition("@")
@@ -727,13 +730,20 @@ def describe(config: Config) -> dict[str, Any]:
     for name in TABLE_ARRAYS:
         out[name] = [plain(entry) for entry in getattr(config, name)]
     # Printed on a terminal and pasted into tickets: the database password stays in the file.
-    out["store"]["url"] = _without_password(config.store.url)
+    out["store"]["url"] = display_url(config.store.url)
     return out
 
 
-def _without_password(url: str) -> str:
-    """*url* with the password of its user info shown as ``***``."""
-    return re.sub(r"^([\w+.-]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+def display_url(url: str) -> str:
+    """*url* with its password shown as ``***``: in the user info (any characters, as
+    SQLAlchemy reads them) and in a ``password=`` query parameter."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: hide what looks like user info
+        shown = re.sub(r"^([\w+.-]+://[^:/@]*):.*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
-__all__ = ["Config", "ConfigError", "describe", "load_config"]
+__all__ = ["Config", "ConfigError", "describe", "display_url", "load_config"]

@@ -114,15 +114,16 @@ class Scheduler:
         """Remove finished studies older than ``[store] retention_days`` (as `triage-admin
         purge` does); returns how many."""
         spool = Spool(self.config.spool_path)
-        report = purge(
-            self.store, spool, float(self.config.store.retention_days), stop=self._stopping
-        )
         # A data set pynetdicom received but never handed to us (a peer's C-STORE naming a
         # service it is not, aborted) leaves its temp file; a peer that keeps retrying would
-        # fill the disk before the next start cleans the folder.
+        # fill the disk before the next start cleans the folder. First, as it also makes the
+        # folders again should a cleaner have removed them (a purge refuses a spool without).
         stale = spool.prepare(older_than_s=STALE_TEMP_FILE_S)
         if stale:
             log.warning("stale_temp_files_removed", count=stale)
+        report = purge(
+            self.store, spool, float(self.config.store.retention_days), stop=self._stopping
+        )
         if report.study_uids or report.workers:
             log.info(
                 "purged",

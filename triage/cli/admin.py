@@ -223,13 +223,10 @@ def _console() -> Any:
 
 
 def display_url(url: str) -> str:
-    """*url* with any password hidden."""
-    from sqlalchemy.engine import make_url
+    """*url* with any password hidden (see :func:`triage.config.display_url`)."""
+    from triage.config import display_url as without_password
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    return without_password(url)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -407,8 +407,10 @@ def _integer(value: object) -> object:
 
 def _cut(text: str, limit: int, output: list[str]) -> str:
     """*text*, or its longest start that encodes in *limit* bytes or fewer."""
-    if len(text) <= limit // 4 or _encoded_length(text, output) <= limit:
-        return text  # no character takes more than four bytes
+    if len(output) == 1 and len(text) <= limit // 4:
+        return text  # no character takes more than four bytes (ISO 2022's escapes do)
+    if _encoded_length(text, output) <= limit:
+        return text
     fits, too_long = 0, min(len(text), limit) + 1  # each character takes a byte at least
     while too_long - fits > 1:  # a search: an LT is 10240 bytes
         middle = (fits + too_long) // 2

@@ -148,8 +148,10 @@ def _image_geometry_problem(dataset: Dataset) -> str | None:
     if length == 0:
         return "empty Pixel Data"
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-    if length is None or length == 0xFFFFFFFF or (syntax is not None and syntax.is_encapsulated):
-        return None  # compressed: its length says nothing about the image's size
+    if length is None or length == 0xFFFFFFFF:
+        return None  # encapsulated: its length says nothing about the image's size
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_encapsulated:
+        return None  # compressed, or a syntax pydicom does not know: left to the decoder
     pixels = sizes["Rows"] * sizes["Columns"] * frames
     if str(dataset.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
         needed = pixels * 2 * sizes["BitsAllocated"] // 8  # two samples a pixel, subsampled
