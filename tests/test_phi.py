@@ -133,6 +133,8 @@ check_person_name("QUILLBERRY MARGOT")
 from pydicom import config
 from pydicom.valuerep import validate_value
 validate_value("DA", "1938-05-17", config.WARN)  # logged by pydicom's logger, and warned
+import logging
+logging.getLogger("highdicom.sr").warning("name %s", "QUILLBERRY MARGOT")
 """
     for process in ("daemon", "pool"):
         run = subprocess.run(
@@ -142,8 +144,8 @@ validate_value("DA", "1938-05-17", config.WARN)  # logged by pydicom's logger, a
         _assert_clean(run.stdout + run.stderr, f"the {process} process's output")
         assert "UserWarning at" in run.stderr and "text withheld" in run.stderr
         assert "1938" not in run.stderr
-        if process == "daemon":
-            assert "pydicom message at pydicom/" in run.stderr
+        assert "pydicom message at pydicom/" in run.stderr
+        assert "highdicom.sr message at" in run.stderr
 
     from pydicom import Dataset
 

@@ -40,9 +40,9 @@ from triage.dicom.sr import sr_sop_instance_uid
 from triage.dicom.study_type import decide_study, patients_in
 from triage.logs import (
     RepeatedFailure,
+    configure_logging,
     error_text,
     get_logger,
-    hide_warning_texts,
     identity_values,
 )
 from triage.procutil import (
@@ -123,7 +123,9 @@ def _init_decode_process() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     retain_freed_memory()
     init_decode_worker()
-    hide_warning_texts()  # highdicom warns with the patient's name (outputs are built here)
+    # Outputs are built here too: highdicom warns with the patient's name, pydicom logs the
+    # values it cannot read. Their texts are withheld, as in the daemon (stderr is its own).
+    configure_logging("warning", "json")
 
 
 def _warm_process(config: Config, model: ModelInfo) -> bool:
