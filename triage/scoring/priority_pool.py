@@ -77,8 +77,12 @@ class PriorityPool:
         with SIGSTOP) would otherwise keep the executor's manager thread, which joins every
         process at interpreter exit, and with it the daemon, running after its stop.
         """
+        with self._lock:  # first, so that no job finishing now starts another process
+            waiting, self._waiting = self._waiting, []
+        for _priority, _order, future, _fn, _args in waiting:
+            future.cancel()
         processes = list((getattr(self._executor, "_processes", None) or {}).values())
-        self.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         killed = 0
         for process in processes:
