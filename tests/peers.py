@@ -423,3 +423,20 @@ class Storescp:
     def destination(self, name: str = "pacs") -> dict[str, Any]:
         """The ``[[destinations]]`` entry pointing at this peer."""
         return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+
+
+def run_triage(
+    config: Path, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`triage --config CONFIG ARGS…` to its end, with no TRIAGE_ overrides from this
+    environment (they would win over the config under test)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "triage", "--config", str(config), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

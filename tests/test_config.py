@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.peers import run_triage
 from triage.config import Config, ConfigError, describe, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,13 +119,7 @@ def test_destinations_from_file_and_from_the_environment(tmp_path) -> None:
 def test_triage_config_prints_the_store_url_without_its_password(tmp_path) -> None:
     path = tmp_path / "pg.toml"
     path.write_text('[store]\nurl = "postgresql://triage:s3cr%40t@db.example:5432/triage"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "triage", "--config", str(path), "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_triage(path, "config")
     assert result.returncode == 0, result.stderr
     assert "s3cr" not in result.stdout
     assert '"url": "postgresql://triage:***@db.example:5432/triage"' in result.stdout
@@ -335,16 +329,7 @@ def test_a_store_or_spool_folder_that_cannot_be_made_stops_start_in_one_line(
     config.write_text(
         f"[store]\n{store}\n[worker]\nenabled = false\n[dicom]\nport = 0\n[http]\nport = 0\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "triage", "--config", str(config), command],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_triage(config, command, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.peers import run_triage
 from tests.test_end_to_end import scoring_config
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
@@ -63,16 +63,7 @@ def test_demo_says_what_to_do_when_the_daemon_is_not_running(daemon_factory) -> 
 
 
 def _demo(config: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "triage", "--config", str(config), "demo", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_triage(config, "demo", *args, cwd=cwd)
 
 
 def test_demo_run_elsewhere_than_the_daemon_finds_no_store_and_makes_none(
