@@ -391,6 +391,19 @@ def test_text_is_cut_to_the_bytes_its_vr_allows_in_the_outputs_character_set(
         assert output.StudyDescription == description[:kept], kind
 
 
+def test_text_its_set_cannot_decode_is_cut_to_the_bytes_of_the_utf_8_it_is_written_in(
+    tmp_path: Path,
+) -> None:
+    # Korean bytes with a run the set cannot decode: read as U+FFFD, which makes the outputs
+    # UTF-8; measured in the source's set, the description came out 104 bytes long.
+    study = _small_study()
+    study[0].SpecificCharacterSet = ["", "ISO 2022 IR 149"]
+    _set_raw(study[0], "StudyDescription", b"\x1b$)C" + b"\xff" * 10 + "가".encode("euc_kr") * 20)
+    for kind, output in _outputs(study, tmp_path).items():
+        assert output.SpecificCharacterSet == "ISO_IR 192", kind
+        assert 60 <= len(output.get_item(0x00081030).value) <= 64, kind
+
+
 def test_a_person_name_group_is_cut_to_64_bytes_as_written_keeping_its_components() -> None:
     # Each component is escaped on its own in ISO 2022: measured as pydicom writes it.
     [source] = _small_study()

@@ -194,8 +194,14 @@ def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
     declared = source.get_item(_SPECIFIC_CHARACTER_SET)
     charset = normalise_character_set(declared.value if declared is not None else None)
     written = _OUTPUT_EQUIVALENTS.get(charset, charset)
-    output = convert_encodings(list(written) or [_LATIN_1])
-    header = _copied(source, _redecoding(declared, charset), output, top_level=True)
+    redecoding = _redecoding(declared, charset)
+    header = _copied(
+        source, redecoding, convert_encodings(list(written) or [_LATIN_1]), top_level=True
+    )
+    if not _encodes(written or (_LATIN_1,), (t for t in _texts(header) if not t.isascii())):
+        # Text the set cannot hold (bytes it could not decode, read as U+FFFD) makes the
+        # outputs UTF-8 (see declare_character_set): lengths are measured in UTF-8 then.
+        header = _copied(source, redecoding, list(_UTF8_ENCODINGS), top_level=True)
     for keyword, vr in _REQUIRED.items():
         if keyword not in header:
             header.add_new(keyword, vr, None)
