@@ -273,3 +273,51 @@ def test_operating_point_versions_tell_every_threshold_apart() -> None:
     assert operating_point_version("1.0", 0.5, {StudyType.WRIST: 0.41}) != base
     assert operating_point_version("1.0", 0.5, {**wrist, StudyType.HAND: 0.4}) != base
     assert operating_point_version(base, 0.5, wrist) == base
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_trained_card_is_readable_by_others_and_a_failed_tuning_leaves_it_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cards and weights came out 0600 (a temp file's mode): made by root, copied next to the
+    daemon's config, the daemon's own user could not read them. A tuning whose report could
+    not be written failed, yet had rewritten the card."""
+    import os
+    import stat
+
+    tiny = _tiny(tmp_path)
+    out = tmp_path / "o"
+    before = os.umask(0o022)
+    try:
+        run = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "1"]
+        assert main([*run, "--log-every", "100"]) == 0
+    finally:
+        os.umask(before)
+    for name in ("card.toml", "weights.pt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    capsys.readouterr()
+    card_bytes = (out / "card.toml").read_bytes()
+    (tmp_path / "a-file").write_text("not a folder")
+    evaluate = ["evaluate", "--card", str(out), "--mura", str(tiny), "--bootstrap", "0"]
+    blocked = str(tmp_path / "a-file" / "report.json")
+    code = main([*evaluate, "--device", "cpu", "--tune-threshold", "0.9", "--json", blocked])
+    assert code == 1 and "a-file" in _last_line(capsys)
+    assert (out / "card.toml").read_bytes() == card_bytes
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_unreadable_image_is_one_line_also_from_a_loader_worker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # torch raises a worker's error again with the worker's traceback as its message.
+    tiny = _tiny(tmp_path)
+    image = sorted((tiny / "MURA-v1.1" / "valid").rglob("*.png"))[0]
+    image.write_bytes(image.read_bytes()[:100])
+    out = tmp_path / "o"
+    lines = []
+    for workers in ("0", "1"):
+        run = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "1"]
+        assert main([*run, "--workers", workers, "--log-every", "100"]) == 1
+        lines.append(_last_line(capsys))
+    assert lines[0] == lines[1], lines
+    assert lines[0].startswith(f"triage: {image}: unreadable image")

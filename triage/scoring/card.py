@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from triage.atomic_file import write_atomically
 from triage.scoring.result import ModelInfo
 from triage.study_types import StudyType
 
@@ -528,17 +528,7 @@ def write_card(
     text = dumps_card(card)
     # Validate before replacing an existing card, so a bad call never leaves a broken file.
     parse_card(tomllib.loads(text), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".card-", suffix=".toml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(target, lambda handle: handle.write(text.encode("utf-8")))
     return load_card(target)
 
 

@@ -210,8 +210,19 @@ def _files(n: int) -> str:
 
 
 def _fail(message: str) -> int:
-    print(f"triage: {' '.join(message.split())}", file=sys.stderr)
+    print(f"triage: {' '.join(_without_worker_traceback(message).split())}", file=sys.stderr)
     return 1
+
+
+def _without_worker_traceback(message: str) -> str:
+    """The original error of a DataLoader worker: torch raises it again in the main process
+    with the worker's whole traceback as its message ("Caught DataError in DataLoader worker
+    process 0. Original Traceback … DataError: <message>")."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    kind, separator, original = last.partition(": ")
+    return original if separator and " " not in kind else last
 
 
 def _training_data(args: argparse.Namespace) -> tuple[list[View], list[View], str]:
@@ -332,6 +343,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         card = load_card(args.card)
+        if args.tune_threshold is not None and card.weights_path is None:
+            # Said before the data set is scored (hours on a large one), not after.
+            raise DataError(f"{card.path}: a card without a weights file cannot be tuned")
         notes: list[str] = []
         views, description = _evaluation_views(args, notes)
         covered = [v for v in views if card.covers(v.study_type)]
@@ -384,14 +398,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 tie=1 if args.reader_tie == "abnormal" else 0,
             )
         if args.tune_threshold is not None:
-            card = write_operating_point(
-                card,
-                threshold=threshold,
-                thresholds=thresholds,
-                target_sensitivity=args.tune_threshold,
-                report=report,
-                data_description=description,
-            )
             notes.append(f"wrote the thresholds into {card.path} (now unvalidated)")
         report["notes"] = notes
         if args.json:
@@ -401,6 +407,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
             from triage.training.plots import write_roc_plots
 
             write_roc_plots(report, args.plots)
+        if args.tune_threshold is not None:
+            # Last: a report or plot that cannot be written fails the command, and a card
+            # rewritten by a failed command would be a surprise.
+            write_operating_point(
+                card,
+                threshold=threshold,
+                thresholds=thresholds,
+                target_sensitivity=args.tune_threshold,
+                report=report,
+                data_description=description,
+            )
     except (DataError, CardError, ValueError, OSError) as exc:
         return _fail(str(exc))
     print(format_report(report))

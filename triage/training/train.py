@@ -26,7 +26,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from triage.atomic_file import write_atomically
 from triage.scoring.model import cpu_has_native_bf16
 from triage.study_types import StudyType
 from triage.training.data import (
@@ -238,24 +238,11 @@ def resolve_device(name: str) -> torch.device:
 
 def _atomic_save(obj: object, path: Path) -> None:
     # A crash mid-write must never leave a truncated checkpoint or weights file behind.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
