@@ -321,3 +321,47 @@ def test_an_unreadable_image_is_one_line_also_from_a_loader_worker(
         lines.append(_last_line(capsys))
     assert lines[0] == lines[1], lines
     assert lines[0].startswith(f"triage: {image}: unreadable image")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_takes_the_same_data_by_another_path_and_refuses_another_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = _tiny(tmp_path)
+    link = tmp_path / "same-data"
+    link.symlink_to(tiny)  # as after a remount, or given as another path
+    out = tmp_path / "o"
+    run = ["--out", str(out), *_FAST, "--log-every", "100", "--checkpoint-every", "1"]
+    assert main(["train", "--mura", str(tiny), *run, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    # The card would say lr 0.01, though the optimiser state (lr 1e-4) is what runs.
+    changed = ["--lr", "0.01", "--no-flip"]
+    assert main(["train", "--mura", str(link), *run, "--max-steps", "2", "--resume", *changed]) == 1
+    last = _last_line(capsys)
+    assert "the run began with lr 0.0001 (given 0.01); flip True (given False)" in last
+    assert main(["train", "--mura", str(link), *run, "--max-steps", "2", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_validation_images_of_a_type_not_trained_on_are_left_out_of_the_card(
+    tmp_path: Path,
+) -> None:
+    # The card does not cover the type (the daemon skips its studies): its metrics and the
+    # choice of weights must not count it either.
+    from triage.training.data import load_mura
+
+    tiny = _tiny(tmp_path)
+    train_views = [v for v in load_mura(tiny, "train") if v.study_type is StudyType.WRIST]
+    lines: list[str] = []
+    options = TrainOptions(
+        out_dir=tmp_path / "o", image_size=32, batch_size=4, max_steps=1, device="cpu",
+        cache_images=True, bootstrap_resamples=0, log_every=100,
+    )  # fmt: skip
+    result = train(
+        train_views, load_mura(tiny, "valid"), options, training_data="t", log=lines.append
+    )
+    card = load_card(result.card_path)
+    assert tuple(card.study_types) == (StudyType.WRIST,)
+    assert "XR_HAND" not in card.metrics
+    assert any("validation images of XR_HAND left out" in line for line in lines)

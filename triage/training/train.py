@@ -378,17 +378,43 @@ def predict(
 
 
 def _data_signature(
-    train_views: Sequence[View], valid_views: Sequence[View], options: TrainOptions
+    train_views: Sequence[View],
+    valid_views: Sequence[View],
+    options: TrainOptions,
+    *,
+    full_paths: bool = False,
 ) -> str:
-    """A digest of what a resumed run must share with the run it continues."""
+    """A digest of what a resumed run must share with the run it continues: each image by its
+    study and file name, so that the same data reached by another path (absolute, from
+    another folder, remounted) resumes. *full_paths*: as written before, for a checkpoint
+    an older msk-triage wrote."""
     digest = hashlib.sha256()
     for split, views in (("train", train_views), ("valid", valid_views)):
         for v in views:
+            where = v.path if full_paths else Path(v.path).name
             digest.update(
-                f"{split}|{v.path}|{v.study_id}|{v.study_type.value}|{v.label}\n".encode()
+                f"{split}|{where}|{v.study_id}|{v.study_type.value}|{v.label}\n".encode()
             )
     digest.update(f"{options.image_size}|{options.batch_size}|{options.seed}".encode())
     return digest.hexdigest()
+
+
+#: Options a resumed run must keep: they shape the run's steps, and the card describes them.
+_RECIPE_OPTIONS = ("lr", "plateau_patience", "flip", "max_rotation", "imagenet_weights")
+
+
+def _changed_recipe(ckpt: dict[str, Any], options: TrainOptions) -> list[str]:
+    """The recipe options given otherwise than when the checkpointed run began."""
+    try:
+        started = json.loads(ckpt.get("options") or "{}")
+    except (TypeError, ValueError):
+        return []
+    now = json.loads(json.dumps(asdict(options), default=str))
+    return [
+        f"{key} {started[key]} (given {now[key]})"
+        for key in _RECIPE_OPTIONS
+        if key in started and started[key] != now[key]
+    ]
 
 
 def _describe_views(views: Sequence[View]) -> str:
@@ -417,6 +443,7 @@ def train(
     if not train_views or not valid_views:
         raise DataError("training and validation sets must both have images")
     check_patient_split({"train": train_views, "valid": valid_views})
+    valid_views = _trained_types_only(valid_views, study_types_of(train_views), log)
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
@@ -449,10 +476,19 @@ def train(
     ckpt: dict[str, Any] | None = None
     if options.resume and ckpt_path.is_file():
         ckpt = _load_checkpoint(ckpt_path)
-        if ckpt["data"] != signature:
+        if ckpt["data"] not in (
+            signature,
+            _data_signature(train_views, valid_views, options, full_paths=True),
+        ):
             raise ValueError(
                 f"{ckpt_path}: written for other training/validation data or image size; "
                 "resume with the same data and options, or use another output folder"
+            )
+        changed = _changed_recipe(ckpt, options)
+        if changed:
+            raise ValueError(
+                f"{ckpt_path}: the run began with {'; '.join(changed)}: resume with the "
+                "options it began with, or use another output folder"
             )
 
     seed_everything(options.seed)
@@ -719,6 +755,24 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise DataError(f"{path}: incomplete checkpoint, no {', '.join(missing)}")
     return ckpt
+
+
+def _trained_types_only(
+    valid_views: Sequence[View], trained: Sequence[StudyType], log: Callable[[str], None]
+) -> list[View]:
+    """The validation images of the study types trained on: the card covers only those (the
+    daemon skips the rest), so neither its metrics nor the weights it keeps may depend on
+    the others."""
+    kept = [v for v in valid_views if v.study_type in trained]
+    left = sorted({v.study_type.value for v in valid_views} - {t.value for t in trained})
+    if left:
+        log(
+            f"warning: {len(valid_views) - len(kept)} validation images of {', '.join(left)} "
+            "left out: no training images of that type"
+        )
+    if not kept:
+        raise DataError("no validation image of a study type in the training set")
+    return kept
 
 
 def study_types_of(views: Sequence[View]) -> list[StudyType]:
