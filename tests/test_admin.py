@@ -29,7 +29,7 @@ from triage import __version__
 from triage.cli.admin import echo, main
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.db import make_engine, upgrade_schema
-from triage.store.models import DeliveryState, Study, StudyState, utcnow
+from triage.store.models import Delivery, DeliveryState, Study, StudyState, utcnow
 from triage.store.operations import cancel
 from triage.store.outbox import Backoff, Outbox
 from triage.store.repository import InstanceMeta, Store
@@ -192,6 +192,11 @@ def build_site(tmp_path: Path, url: str) -> Site:
         {
             "store": {"url": url, "spool_dir": str(spool.root), "retention_days": 30},
             "model": {"allow_unvalidated": True},
+            # Where the site's deliveries go: `retry` restarts only those to a destination
+            # the config names.
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+            ],
         },
     )
     site = Site(config, store, spool, url, uids)
@@ -537,6 +542,15 @@ def test_retry_one_delivery_a_study_or_all_failed(site: Site) -> None:
     assert as_json(site, "retry", "--study", uid)["retried"] == 1
     code, out, _ = site.admin("retry", "--all-failed")
     assert code == 0 and "0 deliveries" in out
+    # A destination the config no longer names: nothing would send them.
+    outbox.claim_due("pacs", 10, 60)
+    outbox.failed(sr.id, "status 0xC000: refused", Backoff(1, 2, 4, 3), permanent=True)
+    with site.store.session() as session, session.begin():
+        session.execute(update(Delivery).where(Delivery.id == sr.id).values(destination="gone"))
+    code, _, err = site.admin("retry", "--delivery", str(sr.id))
+    assert code == 1 and "to a configured destination" in err
+    assert as_json(site, "retry", "--all-failed")["retried"] == 0
+    assert site.store.get_study(uid).state is StudyState.FAILED
 
 
 # --- purge ---------------------------------------------------------------------------------

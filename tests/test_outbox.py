@@ -145,6 +145,35 @@ def test_a_cancelled_study_has_nothing_to_retry(store: Store) -> None:
     # Nothing would send it: saying "1 delivery will be sent again" would be a lie.
     assert outbox.retry(study_uid=study) == 0
     assert outbox.retry() == 0
+    # Nor is it a failure any more (listed, counted, alerted on for ever).
+    states = {d.state for d, _ in outbox.deliveries(study)}
+    assert states == {DeliveryState.CANCELLED}
+    # One cancelled while its C-STORE ran: the PACS holds it, and the store says so.
+    assert outbox.delivered(item.delivery_id, 0) is None
+    [(late, _)] = [r for r in outbox.deliveries(study) if r[0].id == item.delivery_id]
+    assert late.state is DeliveryState.CANCELLED and late.delivered_at is not None
+    assert late.last_error.startswith("acknowledged after it was cancelled")
+    assert not outbox.is_pending(item.delivery_id)
+
+
+def test_a_study_whose_other_deliveries_arrive_after_a_retry_stays_failed(store: Store) -> None:
+    # One destination refused an object for good, another was retried and then took its
+    # objects: the study stayed in DELIVERING for ever, out of every FAILED listing.
+    outbox = Outbox(store)
+    study = delivering_study(store)
+    refused, other = outbox.claim_due("pacs", 10, 60)
+    outbox.failed(refused.delivery_id, "status 0xC000: refused", status=0xC000, permanent=True)
+    down = outbox.claim_due("archive", 10, 60)
+    for item in down:
+        outbox.failed(item.delivery_id, "cannot connect", status=None, permanent=True)
+    assert store.get_study(study).state is StudyState.FAILED
+    assert outbox.retry(study_uid=study, configured=["archive"]) == 2  # pacs: not configured
+    assert store.get_study(study).state is StudyState.DELIVERING
+    for item in [*outbox.claim_due("archive", 10, 60), other]:  # pacs took its other object
+        assert outbox.delivered(item.delivery_id) is None
+    row = store.get_study(study)
+    assert row.state is StudyState.FAILED
+    assert row.state_reason == "delivery to pacs failed: status 0xC000: refused"
 
 
 def test_deliveries_to_a_destination_no_longer_configured_fail_with_the_reason(
@@ -255,3 +284,23 @@ def test_recording_a_delivery_locks_the_study_before_the_delivery(pg_url: str, r
         thread.join(30)
     assert outcome["sender"] is None  # it saw the cancellation, and nothing failed
     engine.dispose()
+
+
+def test_a_late_instance_supersedes_the_failed_deliveries_too(store: Store) -> None:
+    # They belong to a revision no retry may send any more: no longer counted as failures.
+    outbox = Outbox(store)
+    study = delivering_study(store, destinations=("pacs",))
+    refused, pending = outbox.claim_due("pacs", 10, 60)
+    outbox.failed(refused.delivery_id, "status 0xC000", status=0xC000, permanent=True)
+    late = f"{study}.2"
+    store.record_instance(
+        InstanceMeta(
+            study, study + ".9", late, "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1", "CR",
+            f"{study}/{late}.dcm", 10,
+        ),
+        None,
+    )  # fmt: skip
+    states = {delivery.id: delivery for delivery, _ in outbox.deliveries(study)}
+    for item in (refused, pending):
+        assert states[item.delivery_id].state is DeliveryState.CANCELLED
+        assert states[item.delivery_id].last_error.startswith("superseded by revision")

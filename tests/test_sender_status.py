@@ -166,3 +166,72 @@ def test_what_became_due_just_before_the_stop_is_sent_before_the_sender_ends(
         engine.dispose()
     assert states == {DeliveryState.DONE}
     assert len(stored) == 2  # the SR and the SC
+
+
+def test_a_cancel_during_a_batch_stops_the_objects_not_yet_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`triage-admin cancel` (a wrong patient's results) while the sender works through a
+    claimed batch: the rest of the batch no longer follows the object in flight."""
+    from triage.store.operations import cancel
+
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    port = free_port()
+    stored: list[str] = []
+    holder: dict[str, object] = {}
+
+    def store_then_cancel(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        if len(stored) == 1:  # the operator cancels while the first object is sent
+            cancel(holder["store"], holder["study"], "wrong patient")  # type: ignore[arg-type]
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    for sop_class in (SR_CLASS, SC_CLASS):
+        pacs.add_supported_context(sop_class)
+    server = pacs.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store_then_cancel)]
+    )
+    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    holder.update(store=store, study=study_uid)
+    engine = store.engine
+    try:
+        Sender(config, store, spool).deliver_once(config.destinations[0])
+        deliveries = [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
+    finally:
+        server.shutdown()
+        engine.dispose()
+    assert len(deliveries) > 1 and len(stored) == 1
+    assert {d.state for d in deliveries} == {DeliveryState.CANCELLED}
+    # The one in flight reached the PACS: the store says so, for whoever must remove it.
+    [sent] = [d for d in deliveries if d.delivered_at is not None]
+    assert sent.last_error.startswith("acknowledged after it was cancelled")
+
+
+def test_a_pacs_refusing_only_the_transfer_syntax_is_told_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "stores none of the SOP classes" sent the engineer to the wrong setting.
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+    port = free_port()
+    pacs = AE(ae_title="PACS")
+    for sop_class in (SR_CLASS, SC_CLASS):
+        pacs.add_supported_context(sop_class, ["1.2.840.10008.1.2.4.70"])  # JPEG lossless only
+    server = pacs.start_server(("127.0.0.1", port), block=False)
+    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    engine = store.engine
+    try:
+        Sender(config, store, spool).deliver_once(config.destinations[0])
+        deliveries = [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
+    finally:
+        server.shutdown()
+        engine.dispose()
+    assert {d.state for d in deliveries} == {DeliveryState.FAILED}
+    error = deliveries[0].last_error
+    assert "stores none of the SOP classes offered" in error
+    assert "Secondary Capture Image Storage in any transfer syntax offered (" in error
+    assert "Explicit VR Little Endian" in error

@@ -695,25 +695,31 @@ def cmd_retry(ctx: Context) -> int:
     args = ctx.args
     store = ctx.store()
     outbox = Outbox(store)
+    # A destination no longer configured has no sender: retried, its deliveries would wait
+    # for ever, and their studies in DELIVERING with them.
+    configured = [destination.name for destination in ctx.config.destinations]
     if args.delivery:
         selector: dict[str, Any] = {"deliveries": list(args.delivery)}
-        count = outbox.retry(delivery_ids=args.delivery)
+        count = outbox.retry(delivery_ids=args.delivery, configured=configured)
         if count == 0:
             raise AdminError(
                 EXIT_FAILED,
-                "no FAILED delivery of a current revision with id "
+                "no FAILED delivery of a current revision to a configured destination with id "
                 + ", ".join(map(str, args.delivery)),
             )
     elif args.study:
         selector = {"study_uid": args.study}
         if store.get_study(args.study) is None:
             raise AdminError(EXIT_FAILED, f"no study {args.study}")
-        count = outbox.retry(study_uid=args.study)
+        count = outbox.retry(study_uid=args.study, configured=configured)
         if count == 0:
-            raise AdminError(EXIT_FAILED, f"study {args.study} has no FAILED delivery to retry")
+            raise AdminError(
+                EXIT_FAILED,
+                f"study {args.study} has no FAILED delivery to a configured destination to retry",
+            )
     else:
         selector = {"all_failed": True}
-        count = outbox.retry()
+        count = outbox.retry(configured=configured)
     ctx.emit(
         {"retried": count, "selector": selector},
         lambda console, data: console.print(f"{data['retried']} deliveries will be sent again"),

@@ -218,9 +218,21 @@ class Sender:
                     self._failed(
                         destination,
                         item,
-                        f"the peer does not store {_sop_class_name(item.sop_class_uid)} (it "
-                        "accepted no presentation context for it)",
+                        f"the peer does not store {_refusal(assoc, item.sop_class_uid)}",
                         permanent=True,
+                    )
+                    continue
+                if not self.outbox.is_pending(item.delivery_id):
+                    # Cancelled (`triage-admin cancel`: a wrong patient's results) or superseded
+                    # since the batch was claimed: one C-STORE may take up to its timeout, and
+                    # the rest of the batch must not follow it to the PACS.
+                    log.info(
+                        "delivery_dropped",
+                        study_uid=item.study_uid,
+                        revision=item.revision,
+                        destination=destination.name,
+                        sop_instance_uid=item.sop_instance_uid,
+                        reason="no longer pending",
                     )
                     continue
                 self._store_one(assoc, destination, item, dataset, message_id)
@@ -332,12 +344,31 @@ def _sop_class_name(uid: str) -> str:
     return name if name and name != uid else uid
 
 
+#: A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2).
+_TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+
+
+def _refusal(assoc, sop_class: str) -> str:  # type: ignore[no-untyped-def]
+    """*sop_class*'s name, and why the peer refused it: the class itself, or only every
+    transfer syntax offered (the setting to change on the PACS is another)."""
+    name = _sop_class_name(sop_class)
+    for context in assoc.rejected_contexts:
+        if str(context.abstract_syntax) != sop_class:
+            continue
+        if context.result == _TRANSFER_SYNTAXES_NOT_SUPPORTED:
+            offered = ", ".join(_sop_class_name(str(t)) for t in context.transfer_syntax)
+            return f"{name} in any transfer syntax offered ({offered})"
+        return f"{name} (it does not accept the SOP class)"
+    return f"{name} (it accepted no presentation context for it)"
+
+
 def _refused_sop_classes(assoc) -> list[str]:  # type: ignore[no-untyped-def]
-    """The SOP classes offered, when the peer accepted none of them (pynetdicom then aborts
-    the association itself: it is no abort of the peer's), else []."""
+    """Each SOP class offered and why it was refused, when the peer accepted none of them
+    (pynetdicom then aborts the association itself: it is no abort of the peer's), else []."""
     if assoc.is_established or assoc.accepted_contexts:
         return []
-    return sorted({_sop_class_name(str(c.abstract_syntax)) for c in assoc.rejected_contexts})
+    classes = sorted({str(c.abstract_syntax) for c in assoc.rejected_contexts})
+    return [_refusal(assoc, sop_class) for sop_class in classes]
 
 
 def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
@@ -345,7 +376,7 @@ def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
         return ""
     refused = _refused_sop_classes(assoc)
     if refused:
-        return f"the peer stores none of the SOP classes offered: {', '.join(refused)}"
+        return f"the peer stores none of the SOP classes offered: {'; '.join(refused)}"
     primitive = rejection(assoc)
     if primitive is not None:
         kind = "permanently" if primitive.result == 0x01 else "transiently"

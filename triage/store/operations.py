@@ -125,7 +125,9 @@ def cancel(store: Store, study_uid: str, reason: str, *, actor: str = "") -> Cha
         session.execute(
             update(Delivery)
             .where(
-                Delivery.state == DeliveryState.PENDING,
+                # FAILED ones too: they could not be retried any more, yet were listed and
+                # counted as failures (an alert on them never cleared).
+                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
                 Delivery.output_id.in_(select(Output.id).where(Output.study_id == study.id)),
             )
             .values(state=DeliveryState.CANCELLED, last_error="study cancelled")

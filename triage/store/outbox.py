@@ -103,6 +103,13 @@ class Outbox:
 
         def work(session: Session) -> str | None:
             delivery = self._with_study_locked(session, delivery_id)
+            if delivery is not None and delivery.state is DeliveryState.CANCELLED:
+                # Cancelled while its C-STORE ran: the PACS holds it all the same, and the
+                # store must say so (the operator may have to remove it there).
+                delivery.delivered_at = utcnow()
+                delivery.last_status = status
+                delivery.last_error = f"acknowledged after it was cancelled ({delivery.last_error})"
+                return None
             if delivery is None or delivery.state is not DeliveryState.PENDING:
                 return None
             now = utcnow()
@@ -113,6 +120,12 @@ class Outbox:
             return self._finish_study_if_delivered(session, delivery.output_id, now)
 
         return self.store.transaction(work)
+
+    def is_pending(self, delivery_id: int) -> bool:
+        """Whether the delivery is still to be made (not cancelled or superseded meanwhile)."""
+        with self.store.read_session() as session:
+            state = session.scalar(select(Delivery.state).where(Delivery.id == delivery_id))
+        return state is DeliveryState.PENDING
 
     def _with_study_locked(self, session: Session, delivery_id: int) -> Delivery | None:
         """The delivery, read after its study's row is locked.
@@ -147,10 +160,29 @@ class Outbox:
                 Output.study_id == study.id,
                 Output.revision == study.revision,
                 # Cancelled: superseded by a rescoring of the same revision.
-                Delivery.state.not_in((DeliveryState.DONE, DeliveryState.CANCELLED)),
+                Delivery.state == DeliveryState.PENDING,
             )
         )
         if outstanding:
+            return None
+        failed = session.scalars(
+            select(Delivery)
+            .join(Output, Delivery.output_id == Output.id)
+            .where(
+                Output.study_id == study.id,
+                Output.revision == study.revision,
+                Delivery.state == DeliveryState.FAILED,
+            )
+            .order_by(Delivery.id)
+        ).first()
+        if failed is not None:
+            # The rest are through, this one is not (a retry of another delivery brought the
+            # study back to DELIVERING): FAILED, as a study with any failed delivery is.
+            reason = f"delivery to {failed.destination} failed: {failed.last_error}"
+            study.state = StudyState.FAILED
+            study.state_reason = reason
+            study.state_changed_at = now
+            add_event(session, study, StudyState.DELIVERING, reason, now)
             return None
         previous = study.state
         study.state = StudyState.DONE
@@ -212,9 +244,12 @@ class Outbox:
         *,
         delivery_ids: Sequence[int] | None = None,
         study_uid: str | None = None,
+        configured: Sequence[str] | None = None,
     ) -> int:
         """Start FAILED deliveries again (one, a study's, or all); their studies go back to
-        DELIVERING. Returns how many deliveries were restarted."""
+        DELIVERING. Only those to a *configured* destination, when given: nothing would send
+        the others, and their studies would wait in DELIVERING for ever. Returns how many
+        deliveries were restarted."""
 
         def work(session: Session) -> int:
             now = utcnow()
@@ -232,6 +267,8 @@ class Outbox:
                 statement = statement.where(Delivery.id.in_(list(delivery_ids)))
             if study_uid is not None:
                 statement = statement.where(Study.study_uid == study_uid)
+            if configured is not None:
+                statement = statement.where(Delivery.destination.in_(list(configured)))
             count = 0
             for delivery, _output, study in session.execute(statement).all():
                 delivery.state = DeliveryState.PENDING

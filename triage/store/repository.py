@@ -441,11 +441,15 @@ class Store:
 
 
 def _cancel_pending_deliveries_statement(study_id: int, revision: int) -> Update:
-    """Outputs of older revisions are superseded: stop sending them."""
+    """Outputs of older revisions are superseded: stop sending them (and stop counting the
+    failed ones, which no retry may send any more, as failures)."""
     older_outputs = select(Output.id).where(Output.study_id == study_id, Output.revision < revision)
     return (
         update(Delivery)
-        .where(Delivery.state == DeliveryState.PENDING, Delivery.output_id.in_(older_outputs))
+        .where(
+            Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
+            Delivery.output_id.in_(older_outputs),
+        )
         .values(state=DeliveryState.CANCELLED, last_error=f"superseded by revision {revision}")
     )
 

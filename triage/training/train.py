@@ -392,9 +392,7 @@ def _data_signature(
     for split, views in (("train", train_views), ("valid", valid_views)):
         for v in views:
             where = v.path if full_paths else Path(v.path).name
-            digest.update(
-                f"{split}|{where}|{v.study_id}|{v.study_type.value}|{v.label}\n".encode()
-            )
+            digest.update(f"{split}|{where}|{v.study_id}|{v.study_type.value}|{v.label}\n".encode())
     digest.update(f"{options.image_size}|{options.batch_size}|{options.seed}".encode())
     return digest.hexdigest()
 
