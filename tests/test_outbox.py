@@ -304,3 +304,24 @@ def test_a_late_instance_supersedes_the_failed_deliveries_too(store: Store) -> N
     for item in (refused, pending):
         assert states[item.delivery_id].state is DeliveryState.CANCELLED
         assert states[item.delivery_id].last_error.startswith("superseded by revision")
+
+
+def test_a_daemon_says_which_destinations_deliveries_wait_for_that_it_does_not_send_to(
+    store: Store, store_url: str, daemon_factory
+) -> None:
+    """Removed from the config: on SQLite (one daemon) their deliveries fail at start, with
+    the reason; on PostgreSQL another host's daemon may still send to them, so they wait,
+    and the start says so and what to do."""
+    study = delivering_study(store, destinations=("gone",))
+    store.engine.dispose()  # SQLite: the daemon is the one writer
+    daemon = daemon_factory({"store": {"url": store_url}}).start()
+    states = {d.state for d, _ in Outbox(store).deliveries(study)}
+    log = daemon.log_text()
+    if store_url.startswith("sqlite"):
+        assert states == {DeliveryState.FAILED}
+        assert '"event": "deliveries_to_unconfigured_destinations_failed"' in log
+    else:
+        assert states == {DeliveryState.PENDING}
+        assert '"event": "deliveries_wait_for_destinations_not_configured_here"' in log
+        assert '"destinations": ["gone"]' in log
+    assert daemon.stop() == 0

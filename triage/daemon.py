@@ -107,6 +107,7 @@ class Daemon:
             if closed:
                 log.warning("recovered_after_crash", associations_closed=closed)
             _release_dead_claims(config, store, shared=True)
+            _warn_of_destinations_sent_to_elsewhere(config, store)
         health = Health(store, spool)
         # Bound before anything else starts: a taken port stops start-up right here.
         http = _bind_http(config, health)
@@ -478,6 +479,26 @@ def _release_dead_claims(config: Config, store: Store, *, shared: bool) -> int:
             studies_failed=sum(1 for m in moved if m.to_state is StudyState.FAILED),
         )
     return len(moved)
+
+
+def _warn_of_destinations_sent_to_elsewhere(config: Config, store: Store) -> None:
+    """On a shared store, deliveries wait for destinations this daemon does not send to.
+
+    Another host's daemon may (its config may name more), so they are not failed as on
+    SQLite; but a destination removed from every config would keep its studies in
+    DELIVERING without a word: said at start, with what to do.
+    """
+    from triage.store.outbox import Outbox
+
+    configured = {d.name for d in config.destinations}
+    elsewhere = [d for d in Outbox(store).pending_destinations() if d not in configured]
+    if elsewhere:
+        log.warning(
+            "deliveries_wait_for_destinations_not_configured_here",
+            destinations=elsewhere,
+            hint="another daemon on this store must send to them; if none does, add them "
+            "back to a config, or cancel or requeue their studies",
+        )
 
 
 def _recover_after_crash(config: Config, store: Store) -> None:

@@ -302,6 +302,17 @@ class Outbox:
             )
         return sorted({destination for _, destination in rows})
 
+    def pending_destinations(self) -> list[str]:
+        """Every destination that deliveries still wait for."""
+        with self.store.read_session() as session:
+            return sorted(
+                session.scalars(
+                    select(Delivery.destination)
+                    .where(Delivery.state == DeliveryState.PENDING)
+                    .distinct()
+                )
+            )
+
     def release_leases(self) -> int:
         """Make every claimed (or backing-off) PENDING delivery due now: for a restart of the
         only sender. Returns how many."""
