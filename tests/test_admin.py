@@ -383,6 +383,10 @@ def test_study_shows_instances_views_result_deliveries_and_history(site: Site) -
     assert code == 0
     assert uid in out and "status 0xC000: refused" in out and "undecodable: test" in out
     assert "DELIVERING" in out and "0.330" in out
+    # A warning status (stored, but the PACS changed or doubted something) is shown too.
+    Outbox(site.store).delivered(by_kind["sc"]["id"], 0xB000)
+    code, out, _ = site.admin("study", uid)
+    assert code == 0 and "stored with warning 0xB000" in out
 
 
 def test_study_unknown_or_malformed_uid_is_one_line(site: Site) -> None:

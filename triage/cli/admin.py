@@ -528,6 +528,17 @@ def read_patient(config: Config, store: Any, study_uid: str) -> dict[str, Any]:
     }
 
 
+def _delivery_note(item: dict[str, Any]) -> str:
+    """The last error, or the warning status a stored object came back with (0xB000 …:
+    stored, but the PACS changed or doubted something)."""
+    if item["last_error"]:
+        return str(item["last_error"])
+    status = item.get("last_status")
+    if status:
+        return f"stored with warning 0x{status:04X}"
+    return "-"
+
+
 def cmd_study(ctx: Context) -> int:
     """One study: instances, views, result, deliveries, history."""
     from triage.store.queries import study_detail
@@ -603,7 +614,7 @@ def _render_study(console: Any, data: dict[str, Any]) -> None:
                 str(item["revision"]),
                 item["state"],
                 str(item["attempts"]),
-                item["last_error"] or "-",
+                _delivery_note(item),
             )
         console.print(deliveries)
     history = _table("History", ["at", "from", "to", "rev", "reason"])

@@ -389,5 +389,6 @@ def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
         return "association rejected"
     if assoc.is_aborted and assoc.acceptor.primitive is not None:
         return "association aborted by the peer"
-    # pynetdicom reports a refused or timed-out connection as an abort without any answer.
-    return "cannot connect (peer down or unreachable)"
+    # pynetdicom reports a refused or timed-out connection as an abort without any answer,
+    # and so a peer that takes the connection but never answers the association request.
+    return "cannot connect, or no answer to the association request (peer down or unreachable)"
