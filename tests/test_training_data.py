@@ -116,6 +116,15 @@ def test_mura_csv_problems(tmp_path: Path) -> None:
         load_mura(tmp_path, "train")
     with pytest.raises(DataError, match="neither"):
         load_mura(tmp_path / "nowhere", "train")
+    studies.write_text("\n".join(lines) + "\n")
+    images = tmp_path / "MURA-v1.1" / "train_image_paths.csv"
+    listed = images.read_text().splitlines()
+    # Twice, an image weighed twice in training and in its study's mean.
+    images.write_text("\n".join([*listed, listed[0]]) + "\n")
+    with pytest.raises(
+        DataError, match=rf"line {len(listed) + 1}: .* is listed already, on line 1"
+    ):
+        load_mura(tmp_path, "train")
 
 
 def test_patient_split_check(tmp_path: Path) -> None:

@@ -169,9 +169,13 @@ def load_mura(root: str | Path, split: str) -> list[View]:
 
     views: list[View] = []
     seen: set[PurePosixPath] = set()
+    listed: dict[PurePosixPath, int] = {}
     for lineno, row in enumerate(_read_rows(images_csv), 1):
         where = f"{images_csv.name} line {lineno}"
         rel = _relative_to_split(row[0], split, where)
+        if listed.setdefault(rel, lineno) != lineno:
+            # Twice, it would weigh twice in training and in its study's mean.
+            raise DataError(f"{where}: {rel} is listed already, on line {listed[rel]}")
         study = rel.parent
         if study not in labels:
             raise DataError(f"{where}: study {study} of {rel.name} is not in {studies_csv.name}")
