@@ -344,7 +344,7 @@ def test_resume_takes_the_same_data_by_another_path_and_refuses_another_recipe(
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_validation_images_of_a_type_not_trained_on_are_left_out_of_the_card(
+def test_a_type_not_learned_in_training_is_left_out_of_the_card_and_its_validation(
     tmp_path: Path,
 ) -> None:
     # The card does not cover the type (the daemon skips its studies): its metrics and the
@@ -352,7 +352,11 @@ def test_validation_images_of_a_type_not_trained_on_are_left_out_of_the_card(
     from triage.training.data import load_mura
 
     tiny = _tiny(tmp_path)
-    train_views = [v for v in load_mura(tiny, "train") if v.study_type is StudyType.WRIST]
+    # Hands: abnormal ones only, which train on loss weight 0: nothing of them is learned.
+    train_views = [
+        v for v in load_mura(tiny, "train") if v.study_type is StudyType.WRIST or v.label == 1
+    ]
+    assert {v.study_type for v in train_views} == {StudyType.WRIST, StudyType.HAND}
     lines: list[str] = []
     options = TrainOptions(
         out_dir=tmp_path / "o", image_size=32, batch_size=4, max_steps=1, device="cpu",
@@ -365,3 +369,4 @@ def test_validation_images_of_a_type_not_trained_on_are_left_out_of_the_card(
     assert tuple(card.study_types) == (StudyType.WRIST,)
     assert "XR_HAND" not in card.metrics
     assert any("validation images of XR_HAND left out" in line for line in lines)
+    assert any("XR_HAND has a single class" in line and "not cover" in line for line in lines)

@@ -441,7 +441,13 @@ def train(
     if not train_views or not valid_views:
         raise DataError("training and validation sets must both have images")
     check_patient_split({"train": train_views, "valid": valid_views})
-    valid_views = _trained_types_only(valid_views, study_types_of(train_views), log)
+    # A type with one class in training trains on loss weight 0 (w_T,y is the other class's
+    # share): the network learns nothing of it, so the card must not cover it either.
+    single = one_class_types(train_views)
+    learned = [t for t in study_types_of(train_views) if t not in single]
+    if not learned:
+        raise DataError("no study type has both normal and abnormal studies in training")
+    valid_views = _trained_types_only(valid_views, learned, log)
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
@@ -450,9 +456,11 @@ def train(
         workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     prep = Preprocessing(input_size=options.image_size)
     weights = class_weights(train_views)
-    for t in one_class_types(train_views):
-        # w_T,y is the *other* class's share, so a type with one class trains on weight 0.
-        log(f"warning: {t.value} has a single class in training: its images get loss weight 0")
+    for t in single:
+        log(
+            f"warning: {t.value} has a single class in training: its images get loss weight 0, "
+            "and the card does not cover it"
+        )
     counts = image_counts(train_views)
     log(
         "class weights (w0 normal, w1 abnormal) from training images: "
@@ -717,7 +725,7 @@ def train(
             f"validation {_describe_views(valid_views)}"
         ),
         input_size=options.image_size,
-        study_types=study_types_of(train_views),
+        study_types=learned,
         validated=False,
         metrics={**card_metrics(report), "valid_loss": best_loss},
         description=options.description,
@@ -758,15 +766,15 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 def _trained_types_only(
     valid_views: Sequence[View], trained: Sequence[StudyType], log: Callable[[str], None]
 ) -> list[View]:
-    """The validation images of the study types trained on: the card covers only those (the
-    daemon skips the rest), so neither its metrics nor the weights it keeps may depend on
-    the others."""
+    """The validation images of the study types learned in training: the card covers only
+    those (the daemon skips the rest), so neither its metrics nor the weights it keeps may
+    depend on the others."""
     kept = [v for v in valid_views if v.study_type in trained]
     left = sorted({v.study_type.value for v in valid_views} - {t.value for t in trained})
     if left:
         log(
             f"warning: {len(valid_views) - len(kept)} validation images of {', '.join(left)} "
-            "left out: no training images of that type"
+            "left out: no training images of both classes of that type"
         )
     if not kept:
         raise DataError("no validation image of a study type in the training set")
