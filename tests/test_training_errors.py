@@ -370,3 +370,31 @@ def test_a_type_not_learned_in_training_is_left_out_of_the_card_and_its_validati
     assert "XR_HAND" not in card.metrics
     assert any("validation images of XR_HAND left out" in line for line in lines)
     assert any("XR_HAND has a single class" in line and "not cover" in line for line in lines)
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny = _tiny(tmp_path)
+    out = tmp_path / "o"
+    script = "import sys; from triage.training.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "100000",
+            "--log-every", "1", "--checkpoint-every", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"triage: interrupted; the same command with --resume continues from {out}/checkpoint.pt"
+    )

@@ -296,6 +296,15 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(train_views, valid_views, options, training_data=description)
     except (DataError, CardError, ValueError, OSError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        checkpoint = Path(args.out) / "checkpoint.pt"
+        resume = (
+            f"; the same command with --resume continues from {checkpoint}"
+            if checkpoint.is_file()
+            else ""
+        )
+        print(f"triage: interrupted{resume}", file=sys.stderr)
+        return 130
     from triage.training.evaluate import format_report
 
     print(format_report(result.report))
