@@ -302,7 +302,7 @@ def test_a_destination_that_stores_no_sr_fails_for_good_and_holds_back_no_other(
     # Said as what it is, at once: a configuration to change, not a network to debug.
     assert study.state_reason == (
         "delivery to archive failed: the peer does not store Comprehensive 3D SR Storage "
-        "(it accepted no presentation context for it)"
+        "(it does not accept the SOP class)"
     )
     pacs.start()
     outbox = Outbox(daemon.store())
@@ -322,7 +322,7 @@ def test_a_destination_that_stores_no_sr_fails_for_good_and_holds_back_no_other(
     study = wait_state(daemon, study_uid, StudyState.FAILED)
     assert study.state_reason == (
         "delivery to archive failed: the peer stores none of the SOP classes offered: "
-        "Comprehensive 3D SR Storage"
+        "Comprehensive 3D SR Storage (it does not accept the SOP class)"
     )
     [sr] = [
         d for d, o in outbox.deliveries(study_uid) if d.destination == "archive" and o.kind == "sr"
