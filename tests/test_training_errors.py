@@ -398,3 +398,23 @@ def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == (
         f"triage: interrupted; the same command with --resume continues from {out}/checkpoint.pt"
     )
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_folder_that_holds_a_run_is_not_trained_into_afresh_by_accident(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = _tiny(tmp_path)
+    out = tmp_path / "o"
+    run = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "1"]
+    assert main([*run, "--log-every", "100"]) == 0
+    weights = (out / "weights.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*run, "--log-every", "100"]) == 1
+    assert _last_line(capsys) == (
+        f"triage: {out} holds another run (card.toml, weights.pt, checkpoint.pt): --resume "
+        "continues it, --overwrite starts afresh there"
+    )
+    assert (out / "weights.pt").read_bytes() == weights
+    assert main([*run, "--log-every", "100", "--overwrite", "--seed", "7"]) == 0
+    assert (out / "weights.pt").read_bytes() != weights

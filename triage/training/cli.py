@@ -142,6 +142,11 @@ def add_commands(subparsers: Any) -> None:
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt if present"
     )
     train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUT that holds another run (its weights and card are replaced)",
+    )
+    train.add_argument(
         "--checkpoint-every",
         type=_int_from(0),
         default=500,
@@ -292,6 +297,17 @@ def run_train(args: argparse.Namespace) -> int:
             options.version = args.version
         # Before the data: a DICOM scan can take minutes, a bad option should not.
         options.check()
+        held = [
+            name
+            for name in ("card.toml", "weights.pt", "checkpoint.pt")
+            if (Path(args.out) / name).is_file()
+        ]
+        if held and not args.resume and not args.overwrite:
+            # A run of days, replaced by a typo in --out.
+            raise DataError(
+                f"{args.out} holds another run ({', '.join(held)}): --resume continues it, "
+                "--overwrite starts afresh there"
+            )
         train_views, valid_views, description = _training_data(args)
         result = train(train_views, valid_views, options, training_data=description)
     except (DataError, CardError, ValueError, OSError) as exc:
