@@ -8,6 +8,7 @@ was stored, like the storage warnings 0xBxxx; 0x0213 (resource limitation) means
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,31 @@ from tests.test_admin import SC_CLASS, SR_CLASS, sender_site
 from triage.dicom.sender import Sender
 from triage.store.models import DeliveryState
 from triage.store.outbox import Outbox
+
+
+@pytest.fixture(autouse=True)
+def _no_triage_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config under test, not this shell's TRIAGE_ overrides."""
+    for name in list(os.environ):
+        if name.startswith("TRIAGE_"):
+            monkeypatch.delenv(name)
+
+
+def _pacs(
+    port: int,
+    on_store: Callable[[evt.Event], int] | None = None,
+    transfer_syntaxes: list[str] | None = None,
+):  # type: ignore[no-untyped-def]
+    """A PACS for SRs and SCs on *port* (in the transfer syntaxes given, else pynetdicom's
+    defaults), answering each C-STORE with the status *on_store* returns."""
+    pacs = AE(ae_title="PACS")
+    for sop_class in (SR_CLASS, SC_CLASS):
+        if transfer_syntaxes:
+            pacs.add_supported_context(sop_class, transfer_syntaxes)
+        else:
+            pacs.add_supported_context(sop_class)
+    handlers = [(evt.EVT_C_STORE, on_store)] if on_store else []
+    return pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
 
 
 @pytest.mark.parametrize(
@@ -35,18 +61,10 @@ from triage.store.outbox import Outbox
     ids=lambda value: f"0x{value:04X}" if isinstance(value, int) else value.value,
 )
 def test_the_pacs_status_decides_delivered_retried_or_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, expected: DeliveryState
+    tmp_path: Path, status: int, expected: DeliveryState
 ) -> None:
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
     port = free_port()
-    pacs = AE(ae_title="PACS")
-    for sop_class in (SR_CLASS, SC_CLASS):
-        pacs.add_supported_context(sop_class)
-    server = pacs.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _e: status)]
-    )
+    server = _pacs(port, lambda _e: status)
     _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
     engine = store.engine
     try:
@@ -59,7 +77,7 @@ def test_the_pacs_status_decides_delivered_retried_or_failed(
 
 
 def test_stop_bounds_the_whole_wait_not_each_destination(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Two PACSs that take a C-STORE and never answer it: stop(timeout) returns after about
     *timeout* in all, not *timeout* per destination (a few of them went past systemd's
@@ -69,9 +87,6 @@ def test_stop_bounds_the_whole_wait_not_each_destination(
 
     from tests.peers import wait_until
 
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
     release = threading.Event()
     entered: list[str] = []
 
@@ -80,17 +95,8 @@ def test_stop_bounds_the_whole_wait_not_each_destination(
         release.wait(30)
         return 0xA700
 
-    servers = []
     ports = [free_port(), free_port()]
-    for port in ports:
-        pacs = AE(ae_title="PACS")
-        for sop_class in (SR_CLASS, SC_CLASS):
-            pacs.add_supported_context(sop_class)
-        servers.append(
-            pacs.start_server(
-                ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, hang)]
-            )
-        )
+    servers = [_pacs(port, hang) for port in ports]
     _path, config, store, spool, study_uid = sender_site(
         tmp_path, {"port": ports[0]}, {"name": "archive", "port": ports[1]}
     )
@@ -116,7 +122,7 @@ def test_stop_bounds_the_whole_wait_not_each_destination(
 
 
 def test_what_became_due_just_before_the_stop_is_sent_before_the_sender_ends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """The daemon stops the sender after the worker's grace: results finished in it are due
     when the stop comes, and a sender woken for them but stopped before its next round (the
@@ -128,9 +134,6 @@ def test_what_became_due_just_before_the_stop_is_sent_before_the_sender_ends(
 
     from triage.store.models import Delivery, utcnow
 
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
     stored: list[str] = []
 
     def store_it(event: evt.Event) -> int:
@@ -138,12 +141,7 @@ def test_what_became_due_just_before_the_stop_is_sent_before_the_sender_ends(
         return 0x0000
 
     port = free_port()
-    pacs = AE(ae_title="PACS")
-    for sop_class in (SR_CLASS, SC_CLASS):
-        pacs.add_supported_context(sop_class)
-    server = pacs.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store_it)]
-    )
+    server = _pacs(port, store_it)
     _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
     engine = store.engine
 
@@ -169,15 +167,12 @@ def test_what_became_due_just_before_the_stop_is_sent_before_the_sender_ends(
 
 
 def test_a_cancel_during_a_batch_stops_the_objects_not_yet_sent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """`triage-admin cancel` (a wrong patient's results) while the sender works through a
     claimed batch: the rest of the batch no longer follows the object in flight."""
     from triage.store.operations import cancel
 
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
     port = free_port()
     stored: list[str] = []
     holder: dict[str, object] = {}
@@ -188,12 +183,7 @@ def test_a_cancel_during_a_batch_stops_the_objects_not_yet_sent(
             cancel(holder["store"], holder["study"], "wrong patient")  # type: ignore[arg-type]
         return 0x0000
 
-    pacs = AE(ae_title="PACS")
-    for sop_class in (SR_CLASS, SC_CLASS):
-        pacs.add_supported_context(sop_class)
-    server = pacs.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store_then_cancel)]
-    )
+    server = _pacs(port, store_then_cancel)
     _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
     holder.update(store=store, study=study_uid)
     engine = store.engine
@@ -211,17 +201,11 @@ def test_a_cancel_during_a_batch_stops_the_objects_not_yet_sent(
 
 
 def test_a_pacs_refusing_only_the_transfer_syntax_is_told_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     # "stores none of the SOP classes" sent the engineer to the wrong setting.
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
     port = free_port()
-    pacs = AE(ae_title="PACS")
-    for sop_class in (SR_CLASS, SC_CLASS):
-        pacs.add_supported_context(sop_class, ["1.2.840.10008.1.2.4.70"])  # JPEG lossless only
-    server = pacs.start_server(("127.0.0.1", port), block=False)
+    server = _pacs(port, transfer_syntaxes=["1.2.840.10008.1.2.4.70"])  # JPEG lossless only
     _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
     engine = store.engine
     try:
