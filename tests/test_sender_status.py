@@ -17,8 +17,9 @@ from pynetdicom import AE, evt
 from tests.peers import free_port
 from tests.test_admin import SC_CLASS, SR_CLASS, sender_site
 from triage.dicom.sender import Sender
-from triage.store.models import DeliveryState
+from triage.store.models import Delivery, DeliveryState
 from triage.store.outbox import Outbox
+from triage.store.repository import Store
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +47,22 @@ def _pacs(
     return pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
 
 
+def _one_round(
+    tmp_path: Path, port: int, server, ready: Callable[[Store, str], None] | None = None
+) -> list[Delivery]:  # type: ignore[no-untyped-def]
+    """One sender round for a study's SR and SC to the PACS on *port* (*server*, shut down
+    after it); *ready* sees the store and the study first. The study's deliveries after it."""
+    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    if ready is not None:
+        ready(store, study_uid)
+    try:
+        Sender(config, store, spool).deliver_once(config.destinations[0])
+        return [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
+    finally:
+        server.shutdown()
+        store.engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("status", "expected"),
     [
@@ -64,16 +81,8 @@ def test_the_pacs_status_decides_delivered_retried_or_failed(
     tmp_path: Path, status: int, expected: DeliveryState
 ) -> None:
     port = free_port()
-    server = _pacs(port, lambda _e: status)
-    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
-    engine = store.engine
-    try:
-        Sender(config, store, spool).deliver_once(config.destinations[0])
-        states = {delivery.state for delivery, _ in Outbox(store).deliveries(study_uid)}
-    finally:
-        server.shutdown()
-        engine.dispose()
-    assert states == {expected}
+    deliveries = _one_round(tmp_path, port, _pacs(port, lambda _e: status))
+    assert {delivery.state for delivery in deliveries} == {expected}
 
 
 def test_stop_bounds_the_whole_wait_not_each_destination(
@@ -183,16 +192,12 @@ def test_a_cancel_during_a_batch_stops_the_objects_not_yet_sent(
             cancel(holder["store"], holder["study"], "wrong patient")  # type: ignore[arg-type]
         return 0x0000
 
-    server = _pacs(port, store_then_cancel)
-    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
-    holder.update(store=store, study=study_uid)
-    engine = store.engine
-    try:
-        Sender(config, store, spool).deliver_once(config.destinations[0])
-        deliveries = [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
-    finally:
-        server.shutdown()
-        engine.dispose()
+    deliveries = _one_round(
+        tmp_path,
+        port,
+        _pacs(port, store_then_cancel),
+        lambda store, study: holder.update(store=store, study=study),
+    )
     assert len(deliveries) > 1 and len(stored) == 1
     assert {d.state for d in deliveries} == {DeliveryState.CANCELLED}
     # The one in flight reached the PACS: the store says so, for whoever must remove it.
@@ -205,15 +210,8 @@ def test_a_pacs_refusing_only_the_transfer_syntax_is_told_apart(
 ) -> None:
     # "stores none of the SOP classes" sent the engineer to the wrong setting.
     port = free_port()
-    server = _pacs(port, transfer_syntaxes=["1.2.840.10008.1.2.4.70"])  # JPEG lossless only
-    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
-    engine = store.engine
-    try:
-        Sender(config, store, spool).deliver_once(config.destinations[0])
-        deliveries = [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
-    finally:
-        server.shutdown()
-        engine.dispose()
+    jpeg_lossless_only = _pacs(port, transfer_syntaxes=["1.2.840.10008.1.2.4.70"])
+    deliveries = _one_round(tmp_path, port, jpeg_lossless_only)
     assert {d.state for d in deliveries} == {DeliveryState.FAILED}
     error = deliveries[0].last_error
     assert "stores none of the SOP classes offered" in error
