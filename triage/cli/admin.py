@@ -39,6 +39,7 @@ from triage.config import (
     MAX_RETENTION_DAYS,
     Config,
     ConfigError,
+    display_url,
     is_valid_ae_title,
     load_config,
 )
@@ -220,13 +221,6 @@ def _console() -> Any:
 
     # Not a terminal (a pipe, a file): wide enough that 64-character UIDs never wrap.
     return Console(width=None if sys.stdout.isatty() else 220, highlight=False)
-
-
-def display_url(url: str) -> str:
-    """*url* with any password hidden (see :func:`triage.config.display_url`)."""
-    from triage.config import display_url as without_password
-
-    return without_password(url)
 
 
 def _first_line(exc: BaseException) -> str:

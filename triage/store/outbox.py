@@ -103,7 +103,11 @@ class Outbox:
 
         def work(session: Session) -> str | None:
             delivery = self._with_study_locked(session, delivery_id)
-            if delivery is not None and delivery.state is DeliveryState.CANCELLED:
+            if (
+                delivery is not None
+                and delivery.state is DeliveryState.CANCELLED
+                and delivery.delivered_at is None  # the same acknowledgement, recorded already
+            ):
                 # Cancelled while its C-STORE ran: the PACS holds it all the same, and the
                 # store must say so (the operator may have to remove it there).
                 delivery.delivered_at = utcnow()
