@@ -507,3 +507,31 @@ def test_results_ready_while_orthanc_is_stopped_are_delivered_when_it_returns(
     # The study survived the restart in Orthanc, sources and results together.
     assert orthanc.study_id(sent.study_uid) == sent.study_id
     assert len(orthanc.get(f"/studies/{sent.study_id}/instances")) == 2 + 3
+
+
+def test_orthanc_refusing_an_unknown_calling_ae_is_reported_as_such(tmp_path: Path) -> None:
+    """Orthanc accepts an association from an AE title missing from DicomModalities and
+    aborts it at the first C-STORE: the delivery's error names the calling AE title to add
+    there, not a timeout, and stays due (retried after its backoff)."""
+    from tests.test_admin import sender_site
+    from triage.dicom.sender import Sender
+    from triage.store.models import DeliveryState
+
+    orthanc = Orthanc(tmp_path / "orthanc", triage=("TRIAGE", free_port())).start()
+    try:
+        _path, config, store, spool, study_uid = sender_site(
+            tmp_path,
+            {"port": orthanc.dicom_port, "ae_title": orthanc.ae_title, "calling_ae": "STRANGER"},
+        )
+        try:
+            Sender(config, store, spool).deliver_once(config.destinations[0])
+            deliveries = [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
+        finally:
+            store.engine.dispose()
+        stored = orthanc.get("/instances")
+    finally:
+        orthanc.stop()
+    assert stored == []
+    assert {d.state for d in deliveries} == {DeliveryState.PENDING}
+    errors = sorted(d.last_error for d in deliveries)
+    assert any("calling AE title it does not know (STRANGER)" in e for e in errors), errors

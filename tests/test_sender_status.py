@@ -217,3 +217,60 @@ def test_a_pacs_refusing_only_the_transfer_syntax_is_told_apart(
     assert "stores none of the SOP classes offered" in error
     assert "Secondary Capture Image Storage in any transfer syntax offered (" in error
     assert "Explicit VR Little Endian" in error
+
+
+def _round_with_timeout(tmp_path: Path, port: int, server, timeout_s: float) -> list[Delivery]:
+    """:func:`_one_round` with ``[delivery] timeout_s`` set to *timeout_s*."""
+    import dataclasses
+
+    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    config = dataclasses.replace(
+        config, delivery=dataclasses.replace(config.delivery, timeout_s=timeout_s)
+    )
+    try:
+        Sender(config, store, spool).deliver_once(config.destinations[0])
+        return [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
+    finally:
+        server.shutdown()
+        store.engine.dispose()
+
+
+def test_a_pacs_aborting_at_the_c_store_is_told_apart_from_a_timeout(tmp_path: Path) -> None:
+    """Orthanc aborts the association at the first C-STORE from a calling AE title it does
+    not know; "no response (timeout or aborted association)" sent the engineer to the
+    network. Both are retried (an abort can be an overloaded PACS)."""
+    import time
+
+    def abort(event: evt.Event) -> int:
+        event.assoc.abort()
+        return 0x0000
+
+    port = free_port()
+    started = time.monotonic()
+    deliveries = _round_with_timeout(tmp_path, port, _pacs(port, abort), timeout_s=30)
+    assert time.monotonic() - started < 20  # the abort was seen, not waited out
+    assert {d.state for d in deliveries} == {DeliveryState.PENDING}
+    error = deliveries[0].last_error
+    assert error.startswith("the peer ended the association during the C-STORE"), error
+    assert "calling AE title it does not know (TRIAGE)" in error
+
+
+def test_a_pacs_that_never_answers_the_c_store_is_a_timeout(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def hang(event: evt.Event) -> int:
+        release.wait(30)
+        return 0x0000
+
+    port = free_port()
+    server = _pacs(port, hang)
+    try:
+        deliveries = _round_with_timeout(tmp_path, port, server, timeout_s=1.5)
+    finally:
+        release.set()
+    assert {d.state for d in deliveries} == {DeliveryState.PENDING}
+    assert deliveries[0].last_error == (
+        "no response to the C-STORE within 1.5 s ([delivery] timeout_s)"
+    )

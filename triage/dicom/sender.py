@@ -243,6 +243,7 @@ class Sender:
     def _store_one(  # type: ignore[no-untyped-def]
         self, assoc, destination: DestinationConfig, item: DueDelivery, dataset, message_id: int
     ) -> None:
+        started = time.monotonic()
         try:
             response = assoc.send_c_store(dataset, msg_id=message_id)
         except Exception as exc:
@@ -250,7 +251,8 @@ class Sender:
             return
         status = getattr(response, "Status", None)
         if status is None:
-            self._failed(destination, item, "no response (timeout or aborted association)")
+            waited = time.monotonic() - started
+            self._failed(destination, item, self._no_response(assoc, waited))
             return
         failpoints.hit("after_send")
         if _stored(status):
@@ -273,6 +275,21 @@ class Sender:
         reason = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
         self._failed(
             destination, item, reason, status=int(status), permanent=not _is_transient(status)
+        )
+
+    def _no_response(self, assoc, waited: float) -> str:  # type: ignore[no-untyped-def]
+        """Why a C-STORE got no response: the delivery timeout ran out, or the peer ended the
+        association first (pynetdicom returns the same empty response for both)."""
+        timeout = self.config.delivery.timeout_s
+        if waited >= timeout * 0.95:
+            return f"no response to the C-STORE within {timeout:g} s ([delivery] timeout_s)"
+        calling = assoc.requestor.ae_title
+        # Orthanc, for one, accepts an association from an AE title it does not know and
+        # aborts it at the first C-STORE: say where to look instead of "timeout".
+        return (
+            f"the peer ended the association during the C-STORE, after {waited:.1f} s and"
+            " without a response (aborted, or closed the connection); a PACS may do this to"
+            f" a calling AE title it does not know ({calling})"
         )
 
     def _failed(
