@@ -513,3 +513,30 @@ def test_the_label_never_shows_a_probability_equal_to_the_threshold_it_is_above(
 
     lines = _label_text(VALIDATED, 0.7, study_p, threshold, study_p > threshold)
     assert lines[1].endswith(shown)
+
+
+@pytest.mark.parametrize(
+    ("given", "copied", "cosines"),
+    [
+        (["A", "FL"], ["A", "FL"], [0.0, -1.0, 0.0, 0.0, 0.0, -1.0]),
+        (["p", "f"], ["P", "F"], [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]),  # CS is upper case
+        (["L", "R"], ["L", "R"], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),  # not orthogonal: default
+        (["X", "Y"], None, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+        (["A"], None, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+    ],
+)
+def test_patient_orientation_is_read_the_same_by_every_output(
+    given: list[str], copied: list[str] | None, cosines: list[float], tmp_path: Path
+) -> None:
+    """The overlay copies a valid PatientOrientation (else leaves it empty) and the
+    parametric map's direction cosines follow its dominant letters; both stay valid."""
+    source = make_study("DX", views=("PA",))[0]
+    source.PatientOrientation = given
+    result = make_result([source])
+    sc = _overlay(source, result)
+    pm = build_parametric_map(source, result.views[0], result, VALIDATED)
+    assert (list(sc.PatientOrientation) if sc.PatientOrientation else None) == copied
+    plane = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in plane.ImageOrientationPatient] == cosines
+    _validate(sc, tmp_path / "sc.dcm")
+    _validate(pm, tmp_path / "pm.dcm")

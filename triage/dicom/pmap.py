@@ -28,6 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from triage.dicom.orientation import patient_orientation
 from triage.dicom.sc import classifier_bias, set_series_laterality, upsample
 from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import MANUFACTURER, laterality_of, series_description, software_versions
@@ -215,9 +216,9 @@ def _spacing(source: pydicom.Dataset) -> list[float]:
 
 def _orientation(source: pydicom.Dataset) -> tuple[float, ...]:
     """Row and column direction cosines from PatientOrientation's dominant letters."""
-    values = [str(v).strip().upper() for v in (source.get("PatientOrientation") or [])]
-    if len(values) == 2 and all(v and v[0] in _DIRECTIONS for v in values):
-        row, column = _DIRECTIONS[values[0][0]], _DIRECTIONS[values[1][0]]
+    directions = patient_orientation(source)
+    if directions is not None:
+        row, column = _DIRECTIONS[directions[0][0]], _DIRECTIONS[directions[1][0]]
         if sum(a * b for a, b in zip(row, column, strict=True)) == 0.0:
             return (*row, *column)
     return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
 from triage.dicom import colormap as colormaps
+from triage.dicom.orientation import patient_orientation
 from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import (
     MANUFACTURER,
@@ -317,7 +318,10 @@ def build_cam_overlay(
         specific_character_set=None,
     )
     _copy_patient_and_study(header, sc)
-    sc.PatientOrientation = _patient_orientation(header)
+    # No flips or rotations happen here: the source's orientation holds, where it is valid;
+    # otherwise empty, as the SC module allows (Type 2C).
+    directions = patient_orientation(header)
+    sc.PatientOrientation = list(directions) if directions else None
     set_series_laterality(sc, laterality)
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined
@@ -529,20 +533,11 @@ def _line_band(
     return drawn
 
 
-def _patient_orientation(header: pydicom.Dataset) -> list[str] | None:
-    """The source's PatientOrientation (no flips or rotations happen here), where it is two
-    values of direction letters; otherwise empty, as the SC module allows (Type 2C)."""
-    values = [str(v).strip() for v in (header.get("PatientOrientation") or [])]
-    if len(values) == 2 and all(v and set(v) <= set("APRLHF") for v in values):
-        return values
-    return None
-
-
 def _single_letter_orientation(source: pydicom.Dataset) -> tuple[str, str]:
     # The dominant direction comes first in a PatientOrientation value ("FL" is mostly F).
-    values = [str(v).strip().upper() for v in (source.get("PatientOrientation") or [])]
-    if len(values) == 2 and all(v and v[0] in "APRLHF" for v in values):
-        return values[0][0], values[1][0]
+    directions = patient_orientation(source)
+    if directions is not None:
+        return directions[0][0], directions[1][0]
     return ("L", "F")  # placeholder for highdicom; replaced (or emptied) by the caller
 
 
