@@ -418,3 +418,48 @@ def test_a_folder_that_holds_a_run_is_not_trained_into_afresh_by_accident(
     assert (out / "weights.pt").read_bytes() == weights
     assert main([*run, "--log-every", "100", "--overwrite", "--seed", "7"]) == 0
     assert (out / "weights.pt").read_bytes() != weights
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_check_images_lists_every_unreadable_image_before_the_first_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    """Without it, training stops at the first damaged image it draws, one per run; with
+    it, all of them (in training and validation) are listed before anything is trained."""
+    tiny = _tiny(tmp_path)
+    damaged = [
+        sorted((tiny / "MURA-v1.1" / split).rglob("*.png"))[index]
+        for split, index in (("train", 2), ("valid", 0), ("valid", 3))
+    ]
+    damaged[0].write_bytes(damaged[0].read_bytes()[:100])  # truncated
+    damaged[1].write_bytes(b"")
+    damaged[2].write_bytes(b"not a picture at all")
+    out = tmp_path / "o"
+    run = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "1"]
+    assert main([*run, "--workers", workers, "--check-images"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    listed = [line for line in err.splitlines() if line.startswith("cannot read ")]
+    assert len(listed) == 3
+    for line, path in zip(listed, damaged, strict=True):
+        assert line.startswith(f"cannot read {path}: "), line
+    total = len(list((tiny / "MURA-v1.1").rglob("*.png")))
+    assert err.strip().splitlines()[-1] == (
+        f"triage: 3 of {total} images cannot be read (listed above): fix them, or take them"
+        " out of the data, and start again"
+    )
+    assert not (out / "checkpoint.pt").exists() and not (out / "weights.pt").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_check_images_lets_a_readable_data_set_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = _tiny(tmp_path)
+    out = tmp_path / "o"
+    run = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "1"]
+    assert main([*run, "--check-images"]) == 0
+    err = capsys.readouterr().err
+    assert "all images can be read" in err
+    assert (out / "card.toml").is_file()

@@ -159,6 +159,12 @@ def add_commands(subparsers: Any) -> None:
         "--cache-images", action="store_true", help="keep prepared images in memory (small sets)"
     )
     train.add_argument(
+        "--check-images",
+        action="store_true",
+        help="read every image before training and list all that cannot be read (a damaged "
+        "image otherwise stops the run when it is first drawn)",
+    )
+    train.add_argument(
         "--bootstrap",
         type=_int_from(0),
         default=10_000,
@@ -290,6 +296,7 @@ def run_train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             log_every=args.log_every,
             cache_images=args.cache_images,
+            check_images=args.check_images,
             bootstrap_resamples=args.bootstrap,
             description=args.description,
         )

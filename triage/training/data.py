@@ -17,7 +17,7 @@ import csv
 import logging
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -493,6 +493,62 @@ def load_view_array(view: View, prep: Preprocessing) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"{view.path}: unreadable image: {exc}") from None
     return prepare_array(pixels, prep.input_size, prep.mean, prep.std)
+
+
+class _ReadCheck(Dataset[tuple[int, str]]):
+    """``(index, why it cannot be read or "")`` for each view: reading without stopping."""
+
+    def __init__(self, views: Sequence[View], prep: Preprocessing) -> None:
+        self.views = list(views)
+        self.prep = prep
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> tuple[int, str]:
+        try:
+            load_view_array(self.views[index], self.prep)
+        except DataError as exc:
+            return index, str(exc)
+        except Exception as exc:  # any decoder's error is this image's problem
+            return index, f"{self.views[index].path}: {type(exc).__name__}: {exc}"
+        return index, ""
+
+
+def _as_is(item: tuple[int, str]) -> tuple[int, str]:
+    return item
+
+
+def unreadable_images(
+    views: Sequence[View],
+    prep: Preprocessing,
+    *,
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Read every view as training does (in *workers* DataLoader processes) and return one
+    ``"path: reason"`` line per view that cannot be read, in the views' order.
+
+    Training stops at the first such image it draws, possibly hours in, and one at a time;
+    this finds them all before the first step. *progress* gets (read, total) every tenth
+    (at least every 500 images) of a large set.
+    """
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _ReadCheck(views, prep),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+    )
+    problems: dict[int, str] = {}
+    step = max(500, len(views) // 10)
+    for done, (index, reason) in enumerate(loader, start=1):
+        if reason:
+            problems[index] = reason
+        if progress is not None and done % step == 0 and done < len(views):
+            progress(done, len(views))
+    return [problems[index] for index in sorted(problems)]
 
 
 @dataclass(frozen=True)

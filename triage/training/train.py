@@ -55,6 +55,7 @@ from triage.training.data import (
     image_counts,
     one_class_types,
     steps_per_epoch,
+    unreadable_images,
 )
 from triage.training.evaluate import card_metrics, evaluate_table, study_table
 from triage.training.metrics import auroc
@@ -121,6 +122,8 @@ class TrainOptions:
     log_every: int = 50
     #: Keep prepared images in memory (small data sets, workers = 0).
     cache_images: bool = False
+    #: Read every image before the first step, and refuse to start while any cannot be read.
+    check_images: bool = False
     eval_batch_size: int = 32
     bootstrap_resamples: int = 10_000
     description: str = ""
@@ -497,6 +500,8 @@ def train(
                 "options it began with, or use another output folder"
             )
 
+    if options.check_images:
+        _check_images([*train_views, *valid_views], prep, workers, log)
     seed_everything(options.seed)
     train_ds = ViewDataset(
         train_views,
@@ -741,6 +746,24 @@ def train(
         history=history,
         report=report,
     )
+
+
+def _check_images(
+    views: Sequence[View], prep: Preprocessing, workers: int, log: Callable[[str], None]
+) -> None:
+    """Log every image that cannot be read, then raise DataError if there was any."""
+    log(f"checking that all {len(views)} images can be read …")
+    problems = unreadable_images(
+        views, prep, workers=workers, progress=lambda done, total: log(f"  read {done} of {total}")
+    )
+    for problem in problems:
+        log(f"cannot read {problem}")
+    if problems:
+        raise DataError(
+            f"{len(problems)} of {len(views)} images cannot be read (listed above): fix them, "
+            "or take them out of the data, and start again"
+        )
+    log("all images can be read")
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
