@@ -228,19 +228,21 @@ def test_voi_lut_sequence_first_of_several():
     assert note == "VOI LUT 1 of 2 used"
 
 
-@pytest.mark.parametrize("vr", ["US", "OW"])
+@pytest.mark.parametrize("vr", ["US", "OW", "OW packed"])
 @pytest.mark.parametrize("entries", [4096, 256])
 def test_an_8_bit_voi_lut_on_12_bit_pixels_is_looked_up_as_dcmtk_renders_it(
     tmp_path: Path, entries: int, vr: str
 ):
     # 12-bit CR/DX with an 8-bit VOI LUT: values past 255 must neither wrap (pydicom 3.0's
-    # apply_voi does) nor escape the clamp to the last entry (the 256-entry LUT).
+    # apply_voi does) nor escape the clamp to the last entry (the 256-entry LUT). In OW the
+    # standard packs 8-bit entries two to a word (PS3.3 C.11.2.1.1); older writers give each
+    # its own word.
     pixels = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))
     lut = np.round(np.linspace(0, 255, entries)).astype(np.uint16)
     item = _lut_item(0, [int(v) for v in lut], 8)
-    if vr == "OW":
+    if vr.startswith("OW"):
         item["LUTData"].VR = "OW"
-        item.LUTData = lut.astype("<u2").tobytes()
+        item.LUTData = (lut.astype(np.uint8) if "packed" in vr else lut.astype("<u2")).tobytes()
     ds = make_ds(pixels, bits_stored=12)
     ds.VOILUTSequence = DicomSequence([item])
     path = save(ds, tmp_path / "voi8.dcm")
@@ -305,6 +307,30 @@ def test_modality_lut_sequence_then_window():
     np.testing.assert_allclose(display, np.array([[0.0, 0.25], [0.75, 1.0]]), atol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_8_bit_modality_lut_in_ow_is_read_packed_or_one_entry_per_word(packed: bool):
+    # pydicom's apply_modality_lut refused the packed form ("unpack requires a buffer").
+    pixels = np.array([[0, 1], [2, 3]], dtype=np.uint16)
+    ds = make_ds(pixels, bits_stored=12, WindowCenter=128, WindowWidth=256)
+    lut = np.array([0, 50, 200, 255])
+    item = _lut_item(0, [int(v) for v in lut], 8)
+    item["LUTData"].VR = "OW"
+    item.LUTData = (lut.astype(np.uint8) if packed else lut.astype("<u2")).tobytes()
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = DicomSequence([item])
+    display, _ = display_pixels(ds)
+    np.testing.assert_allclose(display, lut.reshape(2, 2) / 255.0, atol=1e-6)
+
+
+def test_packed_8_bit_lut_entries_in_a_big_endian_encoding_keep_their_order():
+    # Entries 1, 2 | 3, 4 packed as words 0x0201, 0x0403, written high byte first.
+    ds = make_ds(np.zeros((2, 2), dtype=np.uint16))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"
+    assert list(preprocess._packed_bytes(ds, bytes([2, 1, 4, 3]))) == [1, 2, 3, 4]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert list(preprocess._packed_bytes(ds, bytes([1, 2, 3, 4]))) == [1, 2, 3, 4]
+
+
 def test_raw_data_without_voi_is_stretched_between_percentiles_ignoring_padding():
     rows, columns = 200, 100
     ramp = np.tile(np.linspace(1000, 3000, columns), (rows, 1)).astype(np.uint16)
@@ -326,6 +352,42 @@ def test_a_window_outside_the_data_falls_back_to_percentiles_with_a_note():
     )
     assert "percentile" in note
     assert 0.3 < float(display.mean()) < 0.7
+
+
+@pytest.mark.parametrize(("centre", "width"), [(32768, 65536), (2048, 60000)])
+def test_a_window_that_crushes_the_data_into_a_sliver_falls_back_to_percentiles(
+    centre: int, width: int
+):
+    # A 16-bit default window on 12-bit pixels leaves them all grey, but within 6 % of
+    # black: the model saw a nearly black image, and the overlay showed one.
+    pixels = phantom()
+    display, note = display_pixels(
+        make_ds(pixels, bits_stored=12, WindowCenter=centre, WindowWidth=width)
+    )
+    assert (
+        note
+        == f"window {centre}/{width} does not fit the pixel data; percentile scaling used instead"
+    )
+    low, high = np.percentile(display, [0.5, 99.5])
+    assert low < 0.05 and high > 0.95
+
+
+def test_a_voi_lut_that_crushes_the_data_falls_back_to_percentiles():
+    pixels = phantom()  # 0..~3300 of 12 bits, through a LUT that spends 16 bits on them
+    item = _lut_item(0, [int(v) for v in np.arange(4096) // 16], 16)
+    ds = make_ds(pixels, bits_stored=12)
+    ds.VOILUTSequence = DicomSequence([item])
+    display, note = display_pixels(ds)
+    assert note == "the VOI LUT does not fit the pixel data; percentile scaling used instead"
+    assert np.percentile(display, 99.5) > 0.95
+
+
+def test_a_window_that_suits_the_data_is_kept():
+    display, note = display_pixels(
+        make_ds(phantom(), bits_stored=12, WindowCenter=2048, WindowWidth=4096)
+    )
+    assert note == ""
+    np.testing.assert_allclose(display, phantom() / 4096 + 0.5 / 4096, atol=1e-3)
 
 
 @pytest.mark.parametrize("signed", [False, True])

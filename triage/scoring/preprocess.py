@@ -44,9 +44,12 @@ DISPLAY_MAX_SIDE = 1024
 #: decode_view halves a frame by 2×2 averaging while it is at least twice a fit to this longest
 #: side; the model input and the display image are resized from the result.
 MODEL_SOURCE_MAX_SIDE = 1024
-#: A window that leaves fewer pixels than this fraction strictly between black and white is
-#: taken to be wrong for the data (e.g. a 16-bit window on 12-bit pixels).
+#: A window or VOI LUT that leaves fewer pixels than this fraction strictly between black and
+#: white, or spreads the pixels (between the percentiles) over less than this share of the grey
+#: scale, is taken to be wrong for the data: a 16-bit default window (32768/65536) on 12-bit
+#: pixels shows them all within 6 % of black.
 _MIN_GREY_FRACTION = 0.01
+_MIN_GREY_SPREAD = 0.1
 #: Statistics are taken on a strided subsample of about this many pixels (keeps them ~1 ms).
 _SAMPLE_PIXELS = 1 << 18
 #: Integer images whose value range is at most this wide go through a lookup table when their
@@ -307,10 +310,16 @@ def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping
     if hi - lo + 1 > _MAX_LUT_ENTRIES:
         return None
     values = np.arange(lo, hi + 1, dtype=np.int64)
-    out = apply_modality_lut(values, ds)
+    if _modality_is_linear(ds):
+        out = apply_modality_lut(values, ds)
+    else:
+        # Looked up here, not by pydicom's apply_modality_lut, which cannot read 8-bit
+        # entries packed two to a word (the encoding the standard prescribes).
+        first, table, _depth = _lut_table(ds, ds.ModalityLUTSequence[0], "Modality LUT")
+        out = table[np.clip(values - first, 0, table.size - 1)]
     denominator = 1.0
     if voi:
-        first, entries, depth = _first_voi_lut(ds)
+        first, entries, depth = _lut_table(ds, ds.VOILUTSequence[0], "VOI LUT")
         index = np.rint(out).astype(np.int64) - first
         out = entries[np.clip(index, 0, len(entries) - 1, out=index)]
         denominator = float(2**depth - 1)
@@ -321,26 +330,42 @@ def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping
     return _Mapping("lut", lo=lo, lut=np.asarray(out, dtype=np.float32)), denominator
 
 
-def _first_voi_lut(ds: Dataset) -> tuple[int, np.ndarray, int]:
-    """The first VOI LUT of *ds*: first value mapped, its entries (int64), bits per entry.
+def _lut_table(ds: Dataset, item: Dataset, what: str) -> tuple[int, np.ndarray, int]:
+    """The LUT in *item* (a VOI or Modality LUT Sequence item): first value mapped, its
+    entries (int64), bits per entry.
 
-    Looked up here rather than by pydicom's ``apply_voi``, which (3.0) indexes an 8-bit LUT
-    with 8-bit integers: the values of a 12-bit image wrap modulo 256 and are never clamped
-    to the last entry (PS3.3 C.11.2.1.1), and the image comes out nearly black or scrambled.
+    VOI LUTs are looked up here rather than by pydicom's ``apply_voi``, which (3.0) indexes an
+    8-bit LUT with 8-bit integers: the values of a 12-bit image wrap modulo 256 and are never
+    clamped to the last entry (PS3.3 C.11.2.1.1), and the image comes out nearly black or
+    scrambled. 8-bit entries in OW are packed two to a word (C.11.2.1.1, CP-522); some
+    writers give each entry its own word: the data's length tells which.
     """
-    item = ds.VOILUTSequence[0]
     entries_declared, first, depth = (int(value) for value in item.LUTDescriptor)
     if not 8 <= depth <= 16:
-        raise ValueError(f"{depth} bits per VOI LUT entry (8 to 16 allowed)")
+        raise ValueError(f"{depth} bits per {what} entry (8 to 16 allowed)")
+    entries = entries_declared or 65536
     element = item["LUTData"]
     if isinstance(element.value, bytes):  # OW
-        entries = _words(ds, element.value).astype(np.int64)
+        data = element.value
+        if depth == 8 and len(data) < 2 * entries:
+            table = _packed_bytes(ds, data)
+        else:
+            table = _words(ds, data)
     else:
-        entries = np.asarray(element.value, dtype=np.int64).reshape(-1)
-    entries = entries[: entries_declared or 65536]
-    if entries.size == 0:
-        raise ValueError("the VOI LUT has no entries")
-    return first, entries, depth
+        table = np.asarray(element.value).reshape(-1)
+    table = table.astype(np.int64)[:entries]
+    if table.size == 0:
+        raise ValueError(f"the {what} has no entries")
+    return first, table, depth
+
+
+def _packed_bytes(ds: Dataset, data: bytes) -> np.ndarray:
+    """8-bit LUT entries packed two to an OW word, in entry order: the first entry is the
+    low byte of the first word, which comes second in a big endian encoding."""
+    if _little_endian(ds):
+        return np.frombuffer(data, dtype=np.uint8)
+    words = np.frombuffer(data[: len(data) // 2 * 2], dtype=">u2")
+    return words.astype("<u2").view(np.uint8)
 
 
 def _words(ds: Dataset, data: bytes) -> np.ndarray:
@@ -356,9 +381,15 @@ def _little_endian(ds: Dataset) -> bool:
     return encoding[1] is not False
 
 
-def _grey_fraction(mapping: _Mapping, frame: np.ndarray) -> float:
+def _fits_the_data(mapping: _Mapping, frame: np.ndarray) -> bool:
+    """Whether a window or VOI LUT shows *frame* as an image: enough of its pixels as grey,
+    spread over enough of the grey scale."""
     shown = mapping.apply(_sample(frame))
-    return float(np.count_nonzero((shown > 0.0) & (shown < 1.0))) / max(1, shown.size)
+    grey = float(np.count_nonzero((shown > 0.0) & (shown < 1.0))) / max(1, shown.size)
+    if grey < _MIN_GREY_FRACTION:
+        return False
+    low, high = np.percentile(shown, PERCENTILES)
+    return float(high - low) >= _MIN_GREY_SPREAD
 
 
 def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Mapping:
@@ -379,6 +410,10 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
         mapping = tabulated[0]
         if len(voi_luts) > 1:
             notes.append(f"VOI LUT 1 of {len(voi_luts)} used")
+        if not _fits_the_data(mapping, frame):
+            notes.append("the VOI LUT does not fit the pixel data; percentile scaling used instead")
+            mapping = None
+            window_rejected = True
     else:
         window = _window(ds, notes)
         if window is not None:
@@ -393,9 +428,9 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
                 assert modality_lut.lut is not None
                 windowed = _window_mapping(1.0, 0.0, centre, width, function)
                 mapping = _Mapping("lut", lo=modality_lut.lo, lut=windowed.apply(modality_lut.lut))
-            if _grey_fraction(mapping, frame) < _MIN_GREY_FRACTION:
+            if not _fits_the_data(mapping, frame):
                 notes.append(
-                    f"window {centre:g}/{width:g} leaves no grey levels; "
+                    f"window {centre:g}/{width:g} does not fit the pixel data; "
                     "percentile scaling used instead"
                 )
                 mapping = None
