@@ -126,6 +126,37 @@ def test_scored_study_comes_back_as_sr_and_overlays_in_the_same_study(
     assert list((spool / "tmp").iterdir()) == []  # nothing staged is left behind
 
 
+def test_a_multi_frame_view_gets_no_parametric_map_and_the_rest_of_its_outputs(
+    daemon_factory, tmp_path
+) -> None:
+    """Scored on its first frame; a parametric map (of single-frame sources only) used to
+    fail the whole study's outputs, so it ended FAILED with no SR at all."""
+    pacs = Storescp(tmp_path / "pacs").start()
+    daemon = daemon_factory(
+        scoring_config(pacs.destination(), outputs={"parametric_maps": True})
+    ).start()
+    datasets = make_study(body_part="WRIST", views=2, rows=256, cols=256, seed=14)
+    datasets[1].NumberOfFrames = 2
+    datasets[1].PixelData = datasets[1].PixelData * 2
+    files = write_study(datasets, tmp_path / "in")
+    assert storescu(daemon.port, files).acknowledged == 2
+    study_uid = str(datasets[0].StudyInstanceUID)
+    wait_state(daemon, study_uid, StudyState.DONE)
+    received = pacs.received()
+    assert len([d for d in received if d.SOPClassUID == SR_CLASS]) == 1
+    assert len([d for d in received if d.SOPClassUID == SC_CLASS]) == 2
+    [pm] = [d for d in received if d.SOPClassUID == PM_CLASS]
+    source = pm.SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert source == datasets[0].SOPInstanceUID
+    from triage.store.models import Result
+
+    with daemon.store().read_session() as session:
+        notes = {v.sop_instance_uid: v.note for v in session.query(Result).one().views}
+    assert notes[str(datasets[1].SOPInstanceUID)] == "first of 2 frames"
+    assert "parametric_map_not_made" in daemon.log_text()
+    assert daemon.stop() == 0
+
+
 def test_chest_study_is_skipped_and_nothing_is_sent(daemon_factory, tmp_path) -> None:
     pacs = Storescp(tmp_path / "pacs").start()
     daemon = daemon_factory(scoring_config(pacs.destination())).start()

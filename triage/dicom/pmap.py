@@ -49,6 +49,15 @@ _DIRECTIONS = {
 }
 
 
+def has_one_frame(source: pydicom.Dataset) -> bool:
+    """Whether a parametric map can be made for *source*: a multi-frame source would need one
+    map frame per frame, and only its first is scored."""
+    try:
+        return int(source.get("NumberOfFrames", 1) or 1) == 1
+    except (TypeError, ValueError):
+        return False
+
+
 def parametric_map_series_uid(result: StudyResult, model: ModelInfo, view: ViewResult) -> str:
     """SeriesInstanceUID of the parametric map of *view* (one series per map, see above)."""
     return derived_uid(
@@ -92,8 +101,7 @@ def build_parametric_map(
         raise ValueError("source and view are different images")
     if str(source.StudyInstanceUID) != result.study_uid:
         raise ValueError(f"source is not in study {result.study_uid}")
-    if int(source.get("NumberOfFrames", 1) or 1) != 1:
-        # A multi-frame source would need one map frame per frame; radiographs have one.
+    if not has_one_frame(source):
         raise ValueError("parametric maps are made for single-frame sources only")
 
     cam = np.asarray(view.cam, dtype=np.float32)

@@ -17,14 +17,17 @@ from pydicom import Dataset, dcmread
 
 from triage.config import Config
 from triage.dicom.part10 import encode_part10
-from triage.dicom.pmap import build_parametric_map
+from triage.dicom.pmap import build_parametric_map, has_one_frame
 from triage.dicom.sc import build_cam_overlay
 from triage.dicom.sr import build_sr
+from triage.logs import get_logger
 from triage.scoring.result import ModelInfo, StudyResult
 from triage.store.direct_io import read_whole
 from triage.store.spool import Spool
 from triage.store.work_queue import OutputFile
 from triage.uids import derived_uid
+
+log = get_logger(__name__)
 
 
 def installation_uid(config: Config) -> str:
@@ -119,6 +122,16 @@ def encode_outputs(request: OutputRequest) -> list[EncodedOutput]:
             )
             outputs.append(_encode(overlay, "sc", view.sop_instance_uid))
         if config.outputs.parametric_maps:
+            if not has_one_frame(pixels.header):
+                # Scored on its first frame (the view's note says so); the SR and the overlay
+                # still go, and must not wait on a map that cannot be made.
+                log.warning(
+                    "parametric_map_not_made",
+                    study_uid=result.study_uid,
+                    sop_instance_uid=view.sop_instance_uid,
+                    reason="multi-frame source",
+                )
+                continue
             pmap = build_parametric_map(pixels.header, view, result, model, device_uid=device_uid)
             outputs.append(_encode(pmap, "pm", view.sop_instance_uid))
     return outputs
