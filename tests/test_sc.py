@@ -134,11 +134,11 @@ def test_longest_side_is_capped(rows: int, cols: int, max_side: int) -> None:
 
 
 def test_small_display_is_not_upscaled() -> None:
-    source = make_study("DX", views=("PA",), rows=300, cols=240)[0]
+    source = make_study("DX", views=("PA",), rows=360, cols=300)[0]
     sc = _overlay(source, make_result([source]), max_side=1024)
-    assert sc.Columns == 240
-    assert _image_part(sc, source).shape[:2] == (300, 240)
-    assert sc.Rows > 300  # the label band above the image
+    assert sc.Columns == 300
+    assert _image_part(sc, source).shape[:2] == (360, 300)
+    assert sc.Rows > 360  # the label band above the image
 
 
 @pytest.mark.parametrize("max_side", [1024, 256])  # as is, and shrunk to fit
@@ -363,13 +363,13 @@ def test_label_is_drawn_as_one_pil_drawing_and_sized_for_the_models_labels(valid
             # The layout's size (digits as 0, either finding) unless the real text needs less.
             layout = sc._layout_font_size(model, *shape, 1024)
             assert font.size <= layout and band <= room == sc._band_of(layout, len(lines))
-            # 9 px is the floor: a very narrow view's label overflows rather than vanish.
+            # 9 px is the floor: a very narrow view gets a wider canvas (_label_canvas).
             assert font.size == 9 or sc._label_fits(tuple(lines), font.size, *shape, 1024)
             if font.size < layout:
                 assert not sc._label_fits(tuple(lines), font.size + 1, *shape, 1024)
             cols = 640
             rgb = np.zeros((band + 8, cols, 3), np.uint8)
-            sc._draw_label(rgb, lines, font, band, warn=not validated)
+            sc._draw_label(rgb, lines, font, band, warned=0 if validated else 1)
             joint = Image.new("RGB", (cols, band))
             draw = ImageDraw.Draw(joint)
             size, margin = font.size, sc._margin(font.size)
@@ -441,9 +441,12 @@ def test_a_display_made_for_the_overlay_box_is_drawn_as_it_is(
             dx_study[0], display, result.views[0], result, model, view_shape=view_shape
         )
         rgb = overlay.pixel_array
-        assert max(rgb.shape[:2]) <= 1024 and rgb.shape[1] == size[1]
+        assert max(rgb.shape[:2]) <= 1024
+        # A tall view's image is narrower than its label: centred on a wider canvas.
+        assert rgb.shape[1] == size[1] or (size[1] < 256 and rgb.shape[1] > size[1])
         if probability < result.threshold:  # no heat anywhere: the grey shows as it is
-            image = rgb[rgb.shape[0] - size[0] :]
+            left = (rgb.shape[1] - size[1]) // 2
+            image = rgb[rgb.shape[0] - size[0] :, left : left + size[1]]
             assert np.array_equal(image[..., 0], display)
             assert np.array_equal(image[..., 2], display)
 
@@ -540,3 +543,51 @@ def test_patient_orientation_is_read_the_same_by_every_output(
     assert [float(v) for v in plane.ImageOrientationPatient] == cosines
     _validate(sc, tmp_path / "sc.dcm")
     _validate(pm, tmp_path / "pm.dcm")
+
+
+def _label_band_rows(pixels: np.ndarray) -> int:
+    """Rows of an overlay's label band, for an image of uniform grey (centred): the band
+    ends with a margin of black rows, and no image row is black in the middle."""
+    middle = pixels[:, pixels.shape[1] // 2].max(axis=1)
+    return int(np.flatnonzero(middle == 0).max()) + 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "max_side", "model"),
+    [
+        (2800, 600, 1024, UNVALIDATED),  # tall: the image gets about 200 columns
+        (64, 64, 1024, UNVALIDATED),  # small: never upscaled
+        (300, 200, 1024, VALIDATED),
+        (2800, 600, 128, UNVALIDATED),  # not even the widened canvas fits: lines wrapped
+    ],
+)
+def test_a_narrow_overlay_keeps_its_whole_label(
+    rows: int, cols: int, max_side: int, model: ModelInfo, tmp_path: Path
+) -> None:
+    """The label used to be cut at the right edge (the finding read "ABNOR") when the image
+    was narrower than the label at its smallest font: the canvas is widened, up to max_side,
+    and beyond that the lines are wrapped; the image is never cut or stretched."""
+    from triage.dicom import sc as sc_module
+
+    source = make_radiograph("DX", study_uid=pydicom.uid.generate_uid(), rows=rows, cols=cols)
+    result = make_result([source], probabilities=[0.9], threshold=0.5)
+    grey = np.full((rows, cols), 128, np.uint8)
+    overlay = build_cam_overlay(source, grey, result.views[0], result, model, max_side=max_side)
+    assert max(overlay.Rows, overlay.Columns) <= max_side
+    lines = sc_module._label_lines(result.views[0], result, model)
+    font = sc_module._font(9)
+    needed = max(font.getlength(text) for text in lines) + 2 * sc_module._margin(9)
+    pixels = overlay.pixel_array
+    band = _label_band_rows(pixels)
+    # Nothing of the label touches the right margin: no text ran off the canvas.
+    assert not pixels[:band, -sc_module._margin(9) :].any()
+    if needed <= max_side:
+        assert overlay.Columns >= needed
+    else:
+        assert overlay.Columns == max_side
+        assert band > sc_module._band_of(9, len(lines))  # more lines than the label has
+    # Red (the warning) appears only for an unvalidated model.
+    red = (pixels[:band, :, 0] > 150) & (pixels[:band, :, 1] < 100)
+    assert red.any() == (not model.validated)
+    assert "canvas widened for the label" in overlay.DerivationDescription
+    _validate(overlay, tmp_path / "sc.dcm")

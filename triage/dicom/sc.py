@@ -279,11 +279,23 @@ def build_cam_overlay(
     font, band, room = _label_font(lines, model, layout_shape, max_side)
     grey = _fit(display, max_side - room, max_side)  # as is when decoded to fit OverlayBox
     rows, cols = grey.shape
-    # The image is blended straight into the rows under the label band of the output.
-    rgb = np.empty((band + rows, cols, 3), np.uint8)  # the blend and the band fill it all
+    # A narrow view (a tall one, a small one) leaves the label less width than its smallest
+    # font needs: the canvas is widened for it, and as a last resort the lines are wrapped.
+    width, drawn_lines, warned = _label_canvas(lines, font, cols, max_side, not model.validated)
+    if len(drawn_lines) != len(lines):
+        band = _band_of(int(getattr(font, "size", 11)), len(drawn_lines))
+        grey = _fit(grey, max_side - band, width)
+        rows, cols = grey.shape
     level = heat_steps(view, rows, cols, result.threshold)
-    blend(grey, level, opacity=opacity, colormap=colormap, out=rgb[band:])
-    _draw_label(rgb, lines, font, band, warn=not model.validated)
+    if width == cols:
+        # The image is blended straight into the rows under the label band of the output.
+        rgb = np.empty((band + rows, cols, 3), np.uint8)  # the blend and the band fill it all
+        blend(grey, level, opacity=opacity, colormap=colormap, out=rgb[band:])
+    else:
+        rgb = np.full((band + rows, width, 3), _LABEL_BACKGROUND, np.uint8)
+        left = (width - cols) // 2
+        rgb[band:, left : left + cols] = blend(grey, level, opacity=opacity, colormap=colormap)
+    _draw_label(rgb, drawn_lines, font, band, warned=warned)
 
     laterality = laterality_of(source)
     series_laterality = laterality if laterality in ("R", "L") else ""
@@ -332,6 +344,7 @@ def build_cam_overlay(
         f"Class activation map of {model.name} {model.version}: sigmoid(CAM + bias) above "
         f"threshold {result.threshold:.2f}, bicubic upsampling, blended at up to "
         f"{opacity:.0%} opacity, colour map {colormap}, label band added above the image"
+        + (", canvas widened for the label" if width > cols else "")
     )[:1024]
     reference = pydicom.Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
@@ -488,15 +501,70 @@ def _margin(size: int) -> int:
     return max(2, size // 4)
 
 
+def _label_canvas(
+    lines: list[str],
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    cols: int,
+    max_side: int,
+    warn: bool,
+) -> tuple[int, list[str], int]:
+    """The overlay's width for an image *cols* wide, the label lines to draw and how many of
+    the last ones are the warning (red when *warn*).
+
+    The width is the image's, or what the longest line needs at *font* (up to *max_side*,
+    the image then centred on black). Lines that still do not fit are wrapped at spaces (a
+    word longer than the width at characters), so no part of the finding or the warning is
+    ever cut off.
+    """
+    size = int(getattr(font, "size", 11))
+    needed = math.ceil(max(font.getlength(text) for text in lines)) + 2 * _margin(size)
+    width = max(cols, min(max_side, needed))
+    room = width - 2 * _margin(size)
+    drawn: list[str] = []
+    warned = 0
+    for index, text in enumerate(lines):
+        wrapped = _wrap(text, font, room)
+        drawn.extend(wrapped)
+        if warn and index == len(lines) - 1:
+            warned = len(wrapped)
+    return width, drawn, warned
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: float) -> list[str]:
+    """*text* in lines no wider than *room*: broken at spaces, and within words too long."""
+    if font.getlength(text) <= room:
+        return [text]
+    out: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if font.getlength(candidate) <= room:
+            current = candidate
+            continue
+        if current:
+            out.append(current)
+        current = ""
+        while font.getlength(word) > room and len(word) > 1:
+            cut = 1
+            while cut < len(word) and font.getlength(word[: cut + 1]) <= room:
+                cut += 1
+            out.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        out.append(current)
+    return out
+
+
 def _draw_label(
     rgb: np.ndarray,
     lines: list[str],
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     band: int,
     *,
-    warn: bool,
+    warned: int,
 ) -> None:
-    """Draw *lines* (the last one red if *warn*) on the black band of *band* rows atop *rgb*.
+    """Draw *lines* (the last *warned* ones red) on the black band of *band* rows atop *rgb*.
 
     Each line is drawn on a band of its own and the bands are combined by their maximum
     (white and red text on black, lines that do not overlap): the lines that do not change
@@ -506,7 +574,7 @@ def _draw_label(
     size = int(getattr(font, "size", 11))
     out = rgb[:band]
     for index, text in enumerate(lines):
-        colour = _LABEL_WARNING if warn and index == len(lines) - 1 else _LABEL_TEXT
+        colour = _LABEL_WARNING if index >= len(lines) - warned else _LABEL_TEXT
         top = _margin(size) + index * (size + _margin(size))
         drawn = _line_band(text, font, colour, cols, band, top)
         if index == 0:
