@@ -591,3 +591,29 @@ def test_a_narrow_overlay_keeps_its_whole_label(
     assert red.any() == (not model.validated)
     assert "canvas widened for the label" in overlay.DerivationDescription
     _validate(overlay, tmp_path / "sc.dcm")
+
+
+@pytest.mark.parametrize(
+    ("attributes", "aspect"),
+    [
+        ({"ImagerPixelSpacing": [0.2, 0.1]}, [2, 1]),
+        ({"PixelSpacing": [0.15, 0.1], "ImagerPixelSpacing": [0.1, 0.1]}, [3, 2]),
+        ({"ImagerPixelSpacing": [0.143, 0.143]}, None),
+        ({"ImagerPixelSpacing": [0.0, 0.1]}, None),  # not a spacing: unknown, not 0:1
+        ({"PixelAspectRatio": [4, 3]}, [4, 3]),
+    ],
+)
+def test_an_overlay_of_non_square_pixels_keeps_their_aspect(
+    attributes: dict[str, list[float]], aspect: list[int] | None, tmp_path: Path
+) -> None:
+    """The overlay is resampled alike along both axes, so its pixels have the source's
+    shape; without PixelAspectRatio a viewer showed it squashed next to the source."""
+    source = make_study("DX", views=("PA",))[0]
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
+        if keyword in source:
+            delattr(source, keyword)
+    for keyword, value in attributes.items():
+        setattr(source, keyword, value)
+    sc = _overlay(source, make_result([source]))
+    assert (list(sc.PixelAspectRatio) if "PixelAspectRatio" in sc else None) == aspect
+    _validate(sc, tmp_path / "sc.dcm")

@@ -21,14 +21,13 @@ Two real-world value mappings describe the same stored values:
 from __future__ import annotations
 
 import datetime
-import math
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from triage.dicom.orientation import patient_orientation
+from triage.dicom.geometry import patient_orientation, pixel_spacing
 from triage.dicom.sc import classifier_bias, set_series_laterality, upsample
 from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import MANUFACTURER, laterality_of, series_description, software_versions
@@ -212,14 +211,7 @@ def _with_own_frame_of_reference(
 
 def _spacing(source: pydicom.Dataset) -> list[float]:
     """The (imager) pixel spacing, or 1 mm where neither is two positive numbers."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            values = [float(value) for value in source.get(keyword) or []]
-        except (TypeError, ValueError):
-            continue
-        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
-            return values
-    return [1.0, 1.0]
+    return list(pixel_spacing(source) or (1.0, 1.0))
 
 
 def _orientation(source: pydicom.Dataset) -> tuple[float, ...]:

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
 from triage.dicom import colormap as colormaps
-from triage.dicom.orientation import patient_orientation
+from triage.dicom.geometry import patient_orientation, pixel_aspect_ratio
 from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import (
     MANUFACTURER,
@@ -334,6 +334,9 @@ def build_cam_overlay(
     # otherwise empty, as the SC module allows (Type 2C).
     directions = patient_orientation(header)
     sc.PatientOrientation = list(directions) if directions else None
+    aspect = pixel_aspect_ratio(header)
+    if aspect is not None:  # resampled alike along both axes: the source's pixel shape holds
+        sc.PixelAspectRatio = list(aspect)
     set_series_laterality(sc, laterality)
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined
