@@ -737,9 +737,22 @@ def test_no_pixel_data(tmp_path: Path):
     assert _reason(save(ds, tmp_path / "nopix.dcm")) == "no pixel data"
 
 
+def test_a_blank_image_with_a_few_dots_has_no_content(tmp_path: Path):
+    pixels = np.full((200, 200), 1000, np.uint16)
+    pixels[50, 60] = 4000  # it used to be stretched to its full range: all black, one dot
+    pixels[120, 30] = 0
+    ds = make_ds(pixels, bits_stored=12)
+    assert "no image content" in _reason(save(ds, tmp_path / "dots.dcm"))
+
+
 def test_constant_image_has_no_content(tmp_path: Path):
     ds = make_ds(np.full((64, 64), 700, dtype=np.uint16), bits_stored=12)
     assert "no image content" in _reason(save(ds, tmp_path / "flat.dcm"))
+    # With a window it was shown as flat grey and scored.
+    ds = make_ds(
+        np.full((64, 64), 700, dtype=np.uint16), bits_stored=12, WindowCenter=600, WindowWidth=400
+    )
+    assert "no image content" in _reason(save(ds, tmp_path / "flat_windowed.dcm"))
 
 
 def test_corrupt_jpeg_says_it_cannot_decode(tmp_path: Path):

@@ -272,13 +272,10 @@ def _percentile_mapping(
     else:
         sample = sample.astype(np.float64) * slope + intercept
     low, high = np.percentile(sample, PERCENTILES)
-    if high <= low:  # mostly one value: fall back to the full range of the image
-        full = frame if modality is None else modality.apply(frame)
-        low, high = float(full.min()), float(full.max())
-        if modality is None:
-            low, high = sorted((low * slope + intercept, high * slope + intercept))
-        if high <= low:
-            raise UndecodableView(f"no image content: every pixel has the value {low:g}")
+    if high <= low:
+        # At least 99 % of the pixels have one value: a blank frame with perhaps a few dots,
+        # not a radiograph. Stretched to its full range it made a black image for the model.
+        raise UndecodableView(f"no image content: nearly every pixel has the value {low:g}")
     span = high - low
     if modality is not None:
         assert modality.lut is not None
