@@ -385,8 +385,16 @@ def _fits_the_data(mapping: _Mapping, frame: np.ndarray) -> bool:
     grey = float(np.count_nonzero((shown > 0.0) & (shown < 1.0))) / max(1, shown.size)
     if grey < _MIN_GREY_FRACTION:
         return False
-    low, high = np.percentile(shown, PERCENTILES)
-    return float(high - low) >= _MIN_GREY_SPREAD
+    # The percentiles to 1/255 from a 256-step histogram, of every fourth sampled pixel of a
+    # large image: np.percentile on the whole sample took ~5 ms a view, this ~0.3 ms.
+    if shown.ndim == 2 and shown.size >= _SAMPLE_PIXELS // 2:
+        shown = shown[::2, ::2]
+    steps = np.multiply(shown, np.float32(255.0), dtype=np.float32)
+    steps += np.float32(0.5)
+    np.clip(steps, 0.0, 255.0, out=steps)
+    counts = np.cumsum(np.bincount(steps.astype(np.uint8).ravel(), minlength=256))
+    low, high = (int(np.searchsorted(counts, counts[-1] * q / 100.0)) for q in PERCENTILES)
+    return (high - low) / 255.0 >= _MIN_GREY_SPREAD
 
 
 def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Mapping:
