@@ -62,12 +62,19 @@ _SYNC_FILE_RANGE_WRITE = 2
 #: data arrive: a length field alone must not make us allocate gigabytes.
 LARGEST_BUFFERED_PDU = 8 * 1024 * 1024
 
+#: A PDU announcing more than this is refused (A-ABORT) before any of it is read: four times
+#: the largest maximum we offer (4 MiB), so a peer that ignores our maximum still gets
+#: through, but no length field can make a connection cost gigabytes before it is even
+#: associated.
+LARGEST_ACCEPTED_PDU = 16 * 1024 * 1024
+
 #: Size asked for the splice(2) pipe of an association (the kernel may give less).
 PIPE_SIZE = WIDE_PIPE_BYTES
 _HAS_SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_MOVE = getattr(os, "SPLICE_F_MOVE", 0)
 _SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 0)
 
+_A_ASSOCIATE_RQ = 0x01
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _LOGGER = logging.getLogger("pynetdicom")
@@ -128,9 +135,58 @@ class FastRequestHandler(RequestHandler):
         # Same objects, same state: only how PDUs are read changes.
         assoc.dul.socket.__class__ = FastAssociationSocket
         assoc.dul._read_pdu_data = types.MethodType(read_pdu_data, assoc.dul)
+        assoc.dimse.receive_primitive = _guarded(assoc.dimse, assoc.dimse.receive_primitive)
+        machine = assoc.dul.state_machine
+        machine.do_action = _after_the_end_ignored(machine, machine.do_action)
         prompt_reactors.attach(assoc)
         assoc.dimse.send_msg = fast_commands.fast_send_msg(assoc.dimse, assoc.dimse.send_msg)
         return assoc
+
+
+def _guarded(dimse: Any, receive_primitive: Any) -> Any:
+    """*receive_primitive* (pynetdicom's, run by the DUL thread for each P-DATA), ending the
+    association with an A-ABORT when a message cannot be decoded.
+
+    pynetdicom reads the command set's AffectedSOPClassUID, AffectedSOPInstanceUID and
+    presentation context unchecked when it writes data sets to files (our chunked mode): a
+    command without them, or on a context never accepted, raised in the DUL thread and
+    killed it, so the peer got no answer, the association was never closed out (its audit
+    row stayed ACTIVE) and its spool temp file stayed. Evt19 (an invalid PDU) is pynetdicom's
+    own answer to a message it cannot turn into a primitive.
+    """
+
+    def receive(primitive: Any) -> None:
+        try:
+            receive_primitive(primitive)
+        except Exception as exc:
+            _LOGGER.error("Received an invalid DIMSE message: %s: %s", type(exc).__name__, exc)
+            dimse.dul.event_queue.put("Evt19")
+
+    return receive
+
+
+#: Requests of our own side (PS3.8 9.2): association answer, P-DATA, release, abort.
+_LOCAL_REQUESTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+#: Idle, or waiting for the transport connection to close: the association has ended.
+_ENDED_STATES = frozenset({"Sta1", "Sta13"})
+
+
+def _after_the_end_ignored(machine: Any, do_action: Any) -> Any:
+    """*do_action* (the DUL state machine's), dropping a request of our own side that comes
+    after the association ended: a C-STORE answered while an abort was under way.
+
+    pynetdicom's state table has no action for a P-DATA request once the association was
+    aborted (Sta13); the InvalidEventError it raised killed the DUL thread, and the
+    association was never closed out. There is no one left to answer.
+    """
+
+    def act(event: str) -> None:
+        if event in _LOCAL_REQUESTS and machine.current_state in _ENDED_STATES:
+            _LOGGER.debug("%s dropped: the association has ended", event)
+            return
+        do_action(event)
+
+    return act
 
 
 def _spool_target(dul: Any) -> SpoolTempFile | None:
@@ -182,6 +238,8 @@ def _read_pdu(dul: Any) -> tuple[str, Any]:
     pdu_type, _, pdu_length = struct.unpack(">BBL", header)
     if pdu_type not in _PDU_TYPES:
         raise _InvalidPdu(f"unknown PDU type 0x{pdu_type:02X}")
+    if pdu_length > LARGEST_ACCEPTED_PDU:
+        raise _InvalidPdu(f"a PDU of {pdu_length} bytes, more than {LARGEST_ACCEPTED_PDU}")
     target = _spool_target(dul) if pdu_type == _P_DATA_TF else None
     if target is not None and _can_splice(sock.socket):
         return "Evt10", _splice_data_set_payloads(dul, sock, pdu_length, target)
@@ -196,6 +254,10 @@ def _read_pdu(dul: Any) -> tuple[str, Any]:
     bytestream = header + _recv_exactly(sock, pdu_length)
     try:
         pdu, event = dul._decode_pdu(bytestream)
+        if pdu_type == _A_ASSOCIATE_RQ:
+            # The state machine converts it (AE-6) unguarded: a presentation context of even
+            # ID raised there and killed the DUL thread, the peer left without an answer.
+            pdu.to_primitive()
     except Exception as exc:
         raise _InvalidPdu(f"{type(exc).__name__}: {exc}") from exc
     return event, pdu

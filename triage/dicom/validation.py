@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from triage import MANUFACTURER
 from triage.dicom.sop import Status
@@ -39,11 +42,80 @@ class Rejected:
     reason: str
 
 
+#: The most a deflated data set may inflate to: pydicom inflates it whole in memory, and a
+#: megabyte of deflated zeros can hold gigabytes. The largest radiographs are ~50 MB.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+class DataSetTooLarge(ValueError):
+    """A deflated data set that inflates past :data:`MAX_INFLATED_BYTES`."""
+
+
 def read_header(source: str | os.PathLike[str] | bytes) -> Dataset:
-    """Parse a Part 10 file (path or bytes) without loading large values such as pixel data."""
-    if isinstance(source, bytes):
-        return dcmread(BytesIO(source), defer_size=4096)
-    return dcmread(source, defer_size=4096)
+    """Parse a Part 10 file (path or bytes) without loading large values such as pixel data.
+
+    A deflated data set is first inflated in a stream, counting only, and refused
+    (:class:`DataSetTooLarge`) past :data:`MAX_INFLATED_BYTES`; it is then read whole, since
+    pydicom holds it inflated in memory anyway and only whole values show a truncation.
+    """
+    data = source if isinstance(source, bytes) else None
+    if data is None:
+        with open(source, "rb") as file:
+            head = file.read(64 * 1024)
+    else:
+        head = data[: 64 * 1024]
+    body = _deflated_body_offset(head)
+    if body is None:
+        return dcmread(BytesIO(data) if data is not None else source, defer_size=4096)
+    _check_inflated_size(data[body:] if data is not None else source, body)
+    return dcmread(BytesIO(data) if data is not None else source)
+
+
+def _deflated_body_offset(head: bytes) -> int | None:
+    """Where the data set of a Part 10 file starts when its transfer syntax is a deflated
+    one (read from the start of the file, *head*), else None."""
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        return None
+    (group_length,) = struct.unpack("<L", head[140:144])
+    end = 144 + group_length
+    position = 144
+    while position + 8 <= min(end, len(head)):
+        group, element = struct.unpack("<HH", head[position : position + 4])
+        vr = head[position + 4 : position + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+            (length,) = struct.unpack("<L", head[position + 8 : position + 12])
+            start = position + 12
+        else:
+            (length,) = struct.unpack("<H", head[position + 6 : position + 8])
+            start = position + 8
+        if (group, element) == (0x0002, 0x0010):
+            syntax = UID(head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace"))
+            return end if syntax.is_transfer_syntax and syntax.is_deflated else None
+        position = start + length
+    return None
+
+
+def _check_inflated_size(body: bytes | str | os.PathLike[str], offset: int) -> None:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+
+    def feed(chunk: bytes) -> None:
+        nonlocal total
+        while chunk:
+            total += len(inflater.decompress(chunk, 1 << 20))
+            if total > MAX_INFLATED_BYTES:
+                raise DataSetTooLarge(
+                    f"the deflated data set inflates to more than {MAX_INFLATED_BYTES >> 20} MiB"
+                )
+            chunk = inflater.unconsumed_tail
+
+    if isinstance(body, bytes):
+        feed(body)
+        return
+    with open(body, "rb") as file:
+        file.seek(offset)
+        while chunk := file.read(1 << 20):
+            feed(chunk)
 
 
 def check_instance(
@@ -68,13 +140,22 @@ def check_instance(
     try:
         dataset = read_header(source)
         values = {key: dataset.get(key) for key in (*_REQUIRED_UIDS, "Modality", "Manufacturer")}
+    except DataSetTooLarge as exc:
+        return Rejected(Status.UNREADABLE, str(exc))
     except OSError as exc:
+        if exc.errno is None:
+            # pydicom's own OSError on a data set cut short ("No tag to read at …").
+            return Rejected(Status.UNREADABLE, "unreadable data set: truncated")
         # Our side failed (the file is gone, the disk errs), not the data set: "try later",
         # never 0xC000, which a PACS takes as final.
         return Rejected(Status.OUT_OF_RESOURCES, f"cannot read the received file: {exc.strerror}")
     except Exception as exc:  # pydicom raises many types on corrupt input
         return Rejected(Status.UNREADABLE, f"unreadable data set: {type(exc).__name__}")
     bad = [key for key in _REQUIRED_UIDS if not is_valid_uid(_text(values[key]))]
+    if len(bad) == len(_REQUIRED_UIDS) and len(dataset) < 2:
+        # pydicom gives up on a value whose delimiter never comes (or on bytes of another
+        # encoding) with a warning and an empty data set: nothing in it was understood.
+        return Rejected(Status.UNREADABLE, "unreadable data set: no elements could be read")
     if bad:
         return Rejected(Status.INVALID_UID, "missing or invalid " + ", ".join(bad))
     sop_class = _text(values["SOPClassUID"])
@@ -92,6 +173,9 @@ def check_instance(
         if missing or not has_pixels:
             what = ", ".join(missing + ([] if has_pixels else ["PixelData"]))
             return Rejected(Status.DATASET_MISMATCH, f"image SOP class without {what}")
+        mismatch = _encapsulation_mismatch(dataset)
+        if mismatch:
+            return Rejected(Status.UNREADABLE, mismatch)
         if _pixel_data_cut_short(dataset, source):
             return Rejected(Status.UNREADABLE, "pixel data cut short (data set truncated)")
         problem = _image_geometry_problem(dataset)
@@ -108,18 +192,44 @@ def check_instance(
     )
 
 
+def _encapsulation_mismatch(dataset: Dataset) -> str | None:
+    """Why Pixel Data's encoding contradicts the transfer syntax (PS3.5 A.4: encapsulated,
+    of undefined length, exactly when the syntax is a compressed one), or None. A router
+    that forwards a compressed file under a native syntax without transcoding sends such
+    data: stored, it could never be decoded."""
+    if 0x7FE00010 not in dataset:
+        return None
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_transfer_syntax:
+        return None
+    length = getattr(dataset.get_item(0x7FE00010, keep_deferred=True), "length", None)
+    if length is None:
+        return None
+    encapsulated = length == 0xFFFFFFFF
+    if encapsulated and not syntax.is_encapsulated:
+        return f"encapsulated (compressed) Pixel Data under {syntax.name}"
+    if not encapsulated and syntax.is_encapsulated:
+        return f"Pixel Data not encapsulated under {syntax.name}"
+    return None
+
+
 def _pixel_data_cut_short(dataset: Dataset, source: str | os.PathLike[str] | bytes) -> bool:
     """Whether native Pixel Data's declared length runs past the end of the file (read with
     its value deferred, a truncated data set parses without complaint)."""
     if 0x7FE00010 not in dataset:
         return False
+    raw = dataset.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(raw, "length", None)
+    if length is None or length == 0xFFFFFFFF:  # encapsulated: checked later
+        return False
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):  # read whole (a deflated data set): short of its length?
+        return len(value) < length
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is None or not syntax.is_transfer_syntax or syntax.is_deflated:
         return False  # offsets into the inflated stream, not the file
-    raw = dataset.get_item(0x7FE00010, keep_deferred=True)
-    length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
-    if length is None or tell is None or length == 0xFFFFFFFF:  # encapsulated: checked later
+    if tell is None:
         return False
     size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
     return tell + length > size
@@ -149,7 +259,8 @@ def _image_geometry_problem(dataset: Dataset) -> str | None:
         return "empty Pixel Data"
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     if length is None or length == 0xFFFFFFFF:
-        return None  # encapsulated: its length says nothing about the image's size
+        # Encapsulated: its length says nothing about the image's size.
+        return None
     if syntax is None or not syntax.is_transfer_syntax or syntax.is_encapsulated:
         return None  # compressed, or a syntax pydicom does not know: left to the decoder
     pixels = sizes["Rows"] * sizes["Columns"] * frames

@@ -1,0 +1,197 @@
+"""The listener against peers that break the DICOM upper layer or DIMSE protocol.
+
+Every case gets an A-ABORT (or an error status), the association's audit row is closed, no
+temp file stays in the spool, no thread dies with a traceback, and the daemon goes on. The
+messages are built with pynetdicom's own encoders, then broken on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    P_DATA,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import build_context
+
+from tests.peers import echoscu, wait_until
+from triage.testing.synth import make_study, write_study
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+EXPLICIT = "1.2.840.10008.1.2.1"
+_A_ABORT = 0x07
+
+
+def _command(**fields: object) -> bytes:
+    """A command set (implicit VR little endian) with its group length."""
+    command = Dataset()
+    for keyword, value in fields.items():
+        setattr(command, keyword, value)
+    encoded = DicomBytesIO()
+    encoded.is_implicit_VR = True
+    encoded.is_little_endian = True
+    write_dataset(encoded, command)
+    body = encoded.getvalue()
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _send_pdv(assoc, context_id: int, control: int, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[context_id, bytes([control]) + data]]
+    assoc.dul.send_pdu(pdata)
+
+
+def _association_request(context_id: int) -> bytes:
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = "ROUTER"
+    request.called_ae_title = "TRIAGE"
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16382
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
+    request.user_information = [length, implementation]
+    context = build_context(DX, [EXPLICIT])
+    context.context_id = 1
+    request.presentation_context_definition_list = [context]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(request)
+    encoded = bytearray(pdu.encode())
+    # pynetdicom refuses to build an even ID: set it in the encoded item (type 0x20, after
+    # the 74 bytes of the fixed fields; the ID follows the item's type, reserved and length).
+    item = encoded.index(b"\x20\x00", 74)
+    encoded[item + 4] = context_id
+    return bytes(encoded)
+
+
+def _answer_type(port: int, data: bytes) -> int | None:
+    """The type of the first PDU the daemon answers *data* with (None: it closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as peer:
+        with contextlib.suppress(OSError):  # it stopped reading: the answer is what counts
+            peer.sendall(data)
+        answer = peer.recv(6)
+    return answer[0] if answer else None
+
+
+def _audit_closed(daemon) -> bool:  # type: ignore[no-untyped-def]
+    return all(row.ended_at is not None for row in daemon.store().associations(100))
+
+
+def _spool_temp(daemon) -> list[Path]:  # type: ignore[no-untyped-def]
+    return list((Path(daemon.sections["store"]["spool_dir"]) / "tmp").iterdir())
+
+
+def _daemon(daemon_factory):  # type: ignore[no-untyped-def]
+    # Short timeouts: an aborted association is closed out when its ARTIM timer expires.
+    return daemon_factory({"dicom": {"network_timeout_s": 3, "acse_timeout_s": 3}}).start()
+
+
+def _check_unharmed(daemon) -> None:  # type: ignore[no-untyped-def]
+    wait_until(lambda: _audit_closed(daemon), timeout=60, message="audit rows closed")
+    assert _spool_temp(daemon) == []
+    assert echoscu(daemon.port).returncode == 0
+    assert "Exception in thread" not in daemon.log_text()
+    assert daemon.stop() == 0
+
+
+def test_a_c_store_command_without_its_uids_is_aborted_and_closed_out(
+    daemon_factory, tmp_path
+) -> None:
+    """pynetdicom reads the command's AffectedSOPInstanceUID (and class, and the context)
+    unchecked when it writes data sets to files: the KeyError killed the association's DUL
+    thread, the peer got nothing, the audit row stayed ACTIVE and the temp file stayed."""
+    daemon = _daemon(daemon_factory)
+    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=3)[0]
+    [path] = write_study([dataset], tmp_path / "in")
+    body = pydicom.dcmread(path)
+    encoded = DicomBytesIO()
+    encoded.is_implicit_VR = False
+    encoded.is_little_endian = True
+    write_dataset(encoded, body)
+    broken = [
+        {"AffectedSOPClassUID": DX},  # no AffectedSOPInstanceUID
+        {"AffectedSOPInstanceUID": str(dataset.SOPInstanceUID)},  # no AffectedSOPClassUID
+    ]
+    for fields in broken:
+        ae = AE(ae_title="ROUTER")
+        ae.add_requested_context(DX, EXPLICIT)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        command = _command(
+            CommandField=0x0001, MessageID=1, Priority=0, CommandDataSetType=0, **fields
+        )
+        _send_pdv(assoc, context_id, 0x03, command)
+        _send_pdv(assoc, context_id, 0x02, encoded.getvalue())
+        wait_until(lambda a=assoc: a.is_aborted, timeout=20, message="the daemon's A-ABORT")
+    _check_unharmed(daemon)
+
+
+def test_an_association_request_with_an_even_context_id_is_aborted_at_once(
+    daemon_factory,
+) -> None:
+    # PS3.8 9.3.2.2: context IDs are odd. pynetdicom's AE-6 raised on it in the DUL thread:
+    # no answer at all, and the connection held until the ACSE timeout.
+    daemon = _daemon(daemon_factory)
+    started = time.monotonic()
+    assert _answer_type(daemon.port, _association_request(context_id=2)) == _A_ABORT
+    assert time.monotonic() - started < 5
+    assert _answer_type(daemon.port, _association_request(context_id=1)) == 0x02  # A-ASSOCIATE-AC
+    _check_unharmed(daemon)
+
+
+def test_a_pdu_announcing_gigabytes_is_aborted_before_it_is_read(daemon_factory) -> None:
+    """Any host, before its AE title is checked, made the listener buffer what the length
+    field announced as it arrived (600 MiB sent: 600 MiB more resident)."""
+    daemon = _daemon(daemon_factory)
+    header = struct.pack(">BBL", 0x01, 0, 0xFFFFFF00)
+    assert _answer_type(daemon.port, header + b"\0" * (1 << 20)) == _A_ABORT
+    _check_unharmed(daemon)
+
+
+def test_a_second_command_before_the_data_set_is_aborted_and_closed_out(
+    daemon_factory, tmp_path
+) -> None:
+    """pynetdicom aborts on the malformed message, while the C-ECHO it already took is
+    answered: that P-DATA after the abort raised InvalidEventError in the DUL thread."""
+    daemon = _daemon(daemon_factory)
+    verification = "1.2.840.10008.1.1"
+    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=4)[0]
+    ae = AE(ae_title="ROUTER")
+    ae.add_requested_context(DX, EXPLICIT)
+    ae.add_requested_context(verification, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    ids = {str(c.abstract_syntax): c.context_id for c in assoc.accepted_contexts}
+    store = _command(
+        CommandField=0x0001,
+        MessageID=1,
+        Priority=0,
+        CommandDataSetType=0,
+        AffectedSOPClassUID=DX,
+        AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
+    )
+    echo = _command(
+        CommandField=0x0030,
+        MessageID=2,
+        CommandDataSetType=0x0101,
+        AffectedSOPClassUID=verification,
+    )
+    _send_pdv(assoc, ids[DX], 0x03, store)
+    _send_pdv(assoc, ids[verification], 0x03, echo)
+    _send_pdv(assoc, ids[DX], 0x02, b"\x08\x00\x16\x00UI\x00\x00")
+    wait_until(lambda: not assoc.is_established, timeout=20, message="the association ended")
+    _check_unharmed(daemon)
