@@ -328,3 +328,47 @@ def test_a_daemon_says_which_destinations_deliveries_wait_for_that_it_does_not_s
         assert '"event": "deliveries_wait_for_destinations_not_configured_here"' in log
         assert '"destinations": ["gone"]' in log
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("change", ["cancel", "late instance"])
+def test_a_retry_waits_for_a_change_committing_meanwhile_and_keeps_it(
+    store: Store, change: str
+) -> None:
+    """retry read its studies unlocked: on PostgreSQL a cancel (or a late instance's new
+    revision) committed meanwhile was overwritten, the cancelled study's results were sent
+    and the superseded deliveries were PENDING again, their study DELIVERING for ever."""
+    import threading
+    import time
+
+    from sqlalchemy import select, update
+
+    from triage.store.models import Delivery, Output, Study
+
+    outbox = Outbox(store)
+    study_uid = delivering_study(store, destinations=("pacs",))
+    for item in outbox.claim_due("pacs", 10, 60):
+        outbox.failed(item.delivery_id, "status 0xC000", status=0xC000, permanent=True)
+    assert store.get_study(study_uid).state is StudyState.FAILED
+    restarted: list[int] = []
+    retry = threading.Thread(target=lambda: restarted.append(outbox.retry(study_uid=study_uid)))
+    with store.session() as session, session.begin():
+        study = session.scalar(select(Study).where(Study.study_uid == study_uid).with_for_update())
+        assert study is not None
+        if change == "cancel":
+            study.state = StudyState.CANCELLED
+        else:
+            study.state, study.revision = StudyState.RECEIVING, study.revision + 1
+        outputs = select(Output.id).where(Output.study_id == study.id).scalar_subquery()
+        session.execute(
+            update(Delivery)
+            .where(Delivery.output_id.in_(outputs))
+            .values(state=DeliveryState.CANCELLED)
+        )
+        session.flush()
+        retry.start()
+        time.sleep(1.0)  # retry is waiting on the lock (without it, it read FAILED and went on)
+    retry.join(timeout=30)
+    assert restarted == [0]
+    expected = StudyState.CANCELLED if change == "cancel" else StudyState.RECEIVING
+    assert store.get_study(study_uid).state is expected
+    assert {d.state for d, _ in outbox.deliveries(study_uid)} == {DeliveryState.CANCELLED}

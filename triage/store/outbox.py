@@ -273,8 +273,20 @@ class Outbox:
                 statement = statement.where(Study.study_uid == study_uid)
             if configured is not None:
                 statement = statement.where(Delivery.destination.in_(list(configured)))
+            # Lock the studies first (in id order), then read what to restart under the lock:
+            # read unlocked, a cancel or a late instance committed meanwhile was overwritten
+            # on PostgreSQL (a cancelled study's results sent; a superseded revision's
+            # deliveries PENDING again, its study in DELIVERING for ever).
+            study_ids = sorted(set(session.scalars(statement.with_only_columns(Study.id))))
+            if not study_ids:
+                return 0
+            session.execute(
+                self._locked(select(Study.id).where(Study.id.in_(study_ids)).order_by(Study.id))
+            )
+            statement = statement.where(Study.id.in_(study_ids))
+            rows = session.execute(statement.execution_options(populate_existing=True)).all()
             count = 0
-            for delivery, _output, study in session.execute(statement).all():
+            for delivery, _output, study in rows:
                 delivery.state = DeliveryState.PENDING
                 delivery.attempts = 0
                 delivery.next_attempt_at = now
