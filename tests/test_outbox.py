@@ -330,7 +330,7 @@ def test_a_daemon_says_which_destinations_deliveries_wait_for_that_it_does_not_s
     assert daemon.stop() == 0
 
 
-@pytest.mark.parametrize("change", ["cancel", "late instance"])
+@pytest.mark.parametrize("change", ["cancel", "late instance", "requeue"])
 def test_a_retry_waits_for_a_change_committing_meanwhile_and_keeps_it(
     store: Store, change: str
 ) -> None:
@@ -356,19 +356,27 @@ def test_a_retry_waits_for_a_change_committing_meanwhile_and_keeps_it(
         assert study is not None
         if change == "cancel":
             study.state = StudyState.CANCELLED
+        elif change == "requeue":  # scored again at this revision: its outputs supersede
+            study.state = StudyState.QUEUED
         else:
             study.state, study.revision = StudyState.RECEIVING, study.revision + 1
-        outputs = select(Output.id).where(Output.study_id == study.id).scalar_subquery()
-        session.execute(
-            update(Delivery)
-            .where(Delivery.output_id.in_(outputs))
-            .values(state=DeliveryState.CANCELLED)
-        )
+        if change != "requeue":  # which leaves them to be superseded by its new outputs
+            outputs = select(Output.id).where(Output.study_id == study.id).scalar_subquery()
+            session.execute(
+                update(Delivery)
+                .where(Delivery.output_id.in_(outputs))
+                .values(state=DeliveryState.CANCELLED)
+            )
         session.flush()
         retry.start()
         time.sleep(1.0)  # retry is waiting on the lock (without it, it read FAILED and went on)
     retry.join(timeout=30)
     assert restarted == [0]
-    expected = StudyState.CANCELLED if change == "cancel" else StudyState.RECEIVING
+    expected = {
+        "cancel": StudyState.CANCELLED,
+        "requeue": StudyState.QUEUED,
+        "late instance": StudyState.RECEIVING,
+    }[change]
     assert store.get_study(study_uid).state is expected
-    assert {d.state for d, _ in outbox.deliveries(study_uid)} == {DeliveryState.CANCELLED}
+    left = DeliveryState.FAILED if change == "requeue" else DeliveryState.CANCELLED
+    assert {d.state for d, _ in outbox.deliveries(study_uid)} == {left}

@@ -264,7 +264,9 @@ class Outbox:
                 .where(
                     Delivery.state == DeliveryState.FAILED,
                     Output.revision == Study.revision,
-                    Study.state != StudyState.CANCELLED,  # cancelled: nothing is sent
+                    # Not a cancelled study (nothing is sent), nor one being scored again
+                    # (requeued: its new outputs supersede these).
+                    Study.state.in_((StudyState.FAILED, StudyState.DELIVERING)),
                 )
             )
             if delivery_ids is not None:
