@@ -266,7 +266,18 @@ def test_rescoring_by_another_model_supersedes_the_old_outputs_still_to_deliver(
         OutputFile("sr", o.sop_class_uid, o.sop_instance_uid + "2", o.series_uid, None, o.path, 9)
         for o in old
     ]
-    # The new SR names the old one (delivered or not) as its predecessor.
+    # The new SR names the old one as its predecessor once a PACS holds it, not before: an
+    # SR superseded while its PACS was down never reaches it.
+    assert queue.previous_sr(again, new[0].sop_instance_uid) is None
+    with store.session() as session, session.begin():
+        from sqlalchemy import select, update
+
+        sr_output = select(Output.id).where(Output.sop_instance_uid == old[0].sop_instance_uid)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.output_id.in_(sr_output.scalar_subquery()))
+            .values(delivered_at=utcnow())
+        )
     assert queue.previous_sr(again, new[0].sop_instance_uid) == old[0].path
     upgraded = ModelInfo(name="demo", version="0.2", validated=False)
     assert queue.complete(again, result_for(again, 0.2), upgraded, new, ["pacs"], 1.0)

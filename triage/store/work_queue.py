@@ -418,8 +418,15 @@ class WorkQueue:
 
     def previous_sr(self, claim: Claim, new_sr_uid: str = "") -> str | None:
         """The outbox path of the SR the new one (*new_sr_uid*) replaces: the newest of an
-        earlier revision, or of this one by another model (a requeue after an upgrade).
-        None when there is none (the same SR rebuilt replaces nothing)."""
+        earlier revision, or of this one by another model (a requeue after an upgrade), that
+        a destination acknowledged. None when there is none (the same SR rebuilt replaces
+        nothing; one never delivered, superseded while its PACS was down, is not in the
+        PACS for the new one to name)."""
+        acknowledged = (
+            select(Delivery.id)
+            .where(Delivery.output_id == Output.id, Delivery.delivered_at.is_not(None))
+            .exists()
+        )
         with self.store.read_session() as session:
             return session.scalar(
                 select(Output.path)
@@ -431,6 +438,7 @@ class WorkQueue:
                         (Output.revision == claim.revision)
                         & (Output.sop_instance_uid != new_sr_uid)
                     ),
+                    acknowledged,
                 )
                 .order_by(Output.revision.desc(), Output.id.desc())
                 .limit(1)
