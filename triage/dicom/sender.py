@@ -211,7 +211,13 @@ class Sender:
                 if dataset is None:
                     continue
                 if not assoc.is_established:
-                    self._failed(destination, item, "association ended during the transfer")
+                    # Not tried: an object that timed out (or a peer's abort) ended the
+                    # association. Counted as attempts, a slow object made its whole batch
+                    # use up max_attempts, and so its study went FAILED.
+                    delay = self.backoff.delay(max(1, item.attempt))
+                    self.outbox.not_tried(
+                        item.delivery_id, "association ended before it was sent", delay
+                    )
                     continue
                 if item.sop_class_uid not in accepted:
                     # Its configuration must change (and `triage-admin retry` then sends it).

@@ -243,6 +243,22 @@ class Outbox:
 
         return self.store.transaction(work)
 
+    def not_tried(self, delivery_id: int, reason: str, delay_s: float) -> bool:
+        """Give back a claimed delivery that was never attempted (its association ended
+        before its turn): it is due again after *delay_s*, and the claim's attempt is not
+        counted. Returns whether it was still pending."""
+
+        def work(session: Session) -> bool:
+            delivery = self._with_study_locked(session, delivery_id)
+            if delivery is None or delivery.state is not DeliveryState.PENDING:
+                return False
+            delivery.attempts = max(0, delivery.attempts - 1)
+            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
+            delivery.last_error = reason[:1000]
+            return True
+
+        return self.store.transaction(work)
+
     def retry(
         self,
         *,
