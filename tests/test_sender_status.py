@@ -7,6 +7,7 @@ was stored, like the storage warnings 0xBxxx; 0x0213 (resource limitation) means
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -48,11 +49,19 @@ def _pacs(
 
 
 def _one_round(
-    tmp_path: Path, port: int, server, ready: Callable[[Store, str], None] | None = None
+    tmp_path: Path,
+    port: int,
+    server,
+    ready: Callable[[Store, str], None] | None = None,
+    timeout_s: float | None = None,
 ) -> list[Delivery]:  # type: ignore[no-untyped-def]
     """One sender round for a study's SR and SC to the PACS on *port* (*server*, shut down
-    after it); *ready* sees the store and the study first. The study's deliveries after it."""
+    after it); *ready* sees the store and the study first; ``[delivery] timeout_s`` is
+    *timeout_s* when given. The study's deliveries after it."""
     _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
+    if timeout_s is not None:
+        delivery = dataclasses.replace(config.delivery, timeout_s=timeout_s)
+        config = dataclasses.replace(config, delivery=delivery)
     if ready is not None:
         ready(store, study_uid)
     try:
@@ -219,22 +228,6 @@ def test_a_pacs_refusing_only_the_transfer_syntax_is_told_apart(
     assert "Explicit VR Little Endian" in error
 
 
-def _round_with_timeout(tmp_path: Path, port: int, server, timeout_s: float) -> list[Delivery]:
-    """:func:`_one_round` with ``[delivery] timeout_s`` set to *timeout_s*."""
-    import dataclasses
-
-    _path, config, store, spool, study_uid = sender_site(tmp_path, {"port": port})
-    config = dataclasses.replace(
-        config, delivery=dataclasses.replace(config.delivery, timeout_s=timeout_s)
-    )
-    try:
-        Sender(config, store, spool).deliver_once(config.destinations[0])
-        return [delivery for delivery, _ in Outbox(store).deliveries(study_uid)]
-    finally:
-        server.shutdown()
-        store.engine.dispose()
-
-
 def test_a_pacs_aborting_at_the_c_store_is_told_apart_from_a_timeout(tmp_path: Path) -> None:
     """Orthanc aborts the association at the first C-STORE from a calling AE title it does
     not know; "no response (timeout or aborted association)" sent the engineer to the
@@ -247,7 +240,7 @@ def test_a_pacs_aborting_at_the_c_store_is_told_apart_from_a_timeout(tmp_path: P
 
     port = free_port()
     started = time.monotonic()
-    deliveries = _round_with_timeout(tmp_path, port, _pacs(port, abort), timeout_s=30)
+    deliveries = _one_round(tmp_path, port, _pacs(port, abort), timeout_s=30)
     assert time.monotonic() - started < 20  # the abort was seen, not waited out
     assert {d.state for d in deliveries} == {DeliveryState.PENDING}
     [tried] = [d for d in deliveries if d.attempts == 1]
@@ -273,7 +266,7 @@ def test_a_pacs_that_never_answers_the_c_store_is_a_timeout(tmp_path: Path) -> N
     port = free_port()
     server = _pacs(port, hang)
     try:
-        deliveries = _round_with_timeout(tmp_path, port, server, timeout_s=1.5)
+        deliveries = _one_round(tmp_path, port, server, timeout_s=1.5)
     finally:
         release.set()
     assert {d.state for d in deliveries} == {DeliveryState.PENDING}
