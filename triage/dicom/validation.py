@@ -47,6 +47,11 @@ class Rejected:
 MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 
+#: How much of a file is read to find its transfer syntax: the file meta group is a few
+#: hundred bytes (one larger is read as any other file, by pydicom alone).
+_META_PROBE_BYTES = 8192
+
+
 class DataSetTooLarge(ValueError):
     """A deflated data set that inflates past :data:`MAX_INFLATED_BYTES`."""
 
@@ -61,9 +66,9 @@ def read_header(source: str | os.PathLike[str] | bytes) -> Dataset:
     data = source if isinstance(source, bytes) else None
     if data is None:
         with open(source, "rb") as file:
-            head = file.read(64 * 1024)
+            head = file.read(_META_PROBE_BYTES)
     else:
-        head = data[: 64 * 1024]
+        head = data[:_META_PROBE_BYTES]
     body = _deflated_body_offset(head)
     if body is None:
         return dcmread(BytesIO(data) if data is not None else source, defer_size=4096)
