@@ -165,8 +165,9 @@ def _guarded(dimse: Any, receive_primitive: Any) -> Any:
     return receive
 
 
-#: Requests of our own side (PS3.8 9.2): association answer, P-DATA, release, abort.
-_LOCAL_REQUESTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+#: Requests of our own side as the acceptor (PS3.8 9.2): association answer, P-DATA,
+#: release, abort.
+_LOCAL_REQUESTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 #: Idle, or waiting for the transport connection to close: the association has ended.
 _ENDED_STATES = frozenset({"Sta1", "Sta13"})
 
