@@ -188,6 +188,41 @@ def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
         assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID
 
 
+def test_instances_of_a_cancelled_study_resent_under_a_corrected_study_move_there(
+    daemon_factory, tmp_path
+) -> None:
+    """A study of two patients is FAILED with "correct the study at its source, then cancel
+    it here"; the PACS splits it, and the images keep their SOP Instance UIDs. They used to
+    be acknowledged as duplicates and dropped: the corrected study was never scored."""
+    from triage.store.operations import cancel
+
+    daemon = daemon_factory().start()
+    files = study_files(tmp_path / "in", views=2, rows=64, cols=64)
+    assert storescu(daemon.port, files).acknowledged == 2
+    mixed = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    old_paths = daemon.store().instance_paths(mixed)
+    assert len(old_paths) == 2
+    # Not cancelled yet: a duplicate, as before.
+    corrected = generate_uid()
+    resent = [
+        rewrite(path, tmp_path / f"corrected{n}.dcm", StudyInstanceUID=corrected)
+        for n, path in enumerate(files)
+    ]
+    assert storescu(daemon.port, resent[:1]).acknowledged == 1
+    assert daemon.store().get_study(corrected) is None
+    cancel(daemon.store(), mixed, "two patients", actor="test")
+    assert storescu(daemon.port, resent).acknowledged == 2
+    study = daemon.store().get_study(corrected)
+    assert study is not None and study.state is StudyState.RECEIVING
+    assert len(daemon.store().study_instances(corrected)) == 2
+    assert daemon.store().instance_paths(mixed) == set()
+    assert not any((spool / path).exists() for path in old_paths)
+    assert daemon.store().get_study(mixed).state is StudyState.CANCELLED
+    assert "instance_moved_from_cancelled_study" in daemon.log_text()
+    assert daemon.stop() == 0
+
+
 @pytest.mark.parametrize("max_pdu_size", [4096, 131072, 1048576])
 def test_data_sets_over_many_pdus_are_stored_byte_for_byte(
     daemon_factory, tmp_path, max_pdu_size: int

@@ -125,6 +125,30 @@ def test_cancelled_study_keeps_instances_but_stays_cancelled(store: Store) -> No
     assert len(store.study_instances(STUDY)) == 2
 
 
+def test_an_instance_held_by_a_cancelled_study_moves_to_the_study_it_is_sent_for(
+    store: Store,
+) -> None:
+    from triage.store.operations import cancel
+
+    corrected = "1.2.826.0.1.3680043.8.498.2"
+    store.record_instance(meta("1.2.3.1"), None)
+    # Held by a study that is not cancelled: a duplicate, wherever it is sent.
+    assert store.record_instance(meta("1.2.3.1", corrected), None).duplicate
+    cancel(store, STUDY, "two patients")
+    result = store.record_instance(meta("1.2.3.1", corrected), None)
+    assert not result.duplicate and result.study_change == "opened"
+    assert result.moved_from == f"{STUDY}/1.2.3.1.dcm" and result.moved_from_study == STUDY
+    assert store.study_instances(STUDY) == []
+    assert [i.sop_instance_uid for i in store.study_instances(corrected)] == ["1.2.3.1"]
+    # The cancelled study says where its instance went; the move happens once.
+    from triage.store.queries import study_detail
+
+    reasons = [event["reason"] for event in study_detail(store, STUDY)["history"]]
+    assert f"instance 1.2.3.1 moved to study {corrected}" in reasons
+    assert store.record_instance(meta("1.2.3.1", corrected), None).duplicate
+    assert store.get_study(STUDY).state is StudyState.CANCELLED
+
+
 def test_concurrent_writers_race_on_one_study(store: Store) -> None:
     """Eight threads store the same 40 instances of one study at once: one study, 40 rows."""
     sops = [f"1.2.3.{n}" for n in range(40)]

@@ -385,6 +385,10 @@ class Listener:
         except Exception as exc:
             bound.error("store_record_failed", error=_one_line(exc))
             return Status.STORE_UNAVAILABLE, "store unavailable; retry later"
+        if result.moved_from is not None:
+            # Its copy in the cancelled study it came from is no row's any more.
+            self.spool.remove(result.moved_from)
+            bound.warning("instance_moved_from_cancelled_study", moved_from=result.moved_from_study)
         if result.duplicate:
             tally.duplicate += 1
             if result.study_uid != verdict.study_uid:

@@ -90,6 +90,8 @@ def _record(
         ),
         None,
     )
+    if result.moved_from is not None:  # from a cancelled study: its copy there is no row's
+        spool.remove(result.moved_from)
     log.warning(
         "spool_instance_recorded_again",
         study_uid=verdict.study_uid,
