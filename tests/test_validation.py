@@ -139,3 +139,16 @@ def test_a_data_set_pydicom_reads_as_empty_is_unreadable_not_missing_uids(
     undefined = data[: _meta_end(data)] + b"\x08\x00\x18\x22SQ\0\0\xff\xff\xff\xff" + b"\xfe\xff"
     verdict = _check(undefined, ds)
     assert isinstance(verdict, Rejected) and verdict.status == Status.UNREADABLE, verdict
+
+
+def test_a_long_reason_becomes_an_error_comment_cut_at_a_word() -> None:
+    # ErrorComment is LO: 64 characters. "… under Explicit VR Little En" left the PACS
+    # operator guessing.
+    from triage.dicom.listener import error_comment
+
+    reason = "encapsulated (compressed) Pixel Data under Explicit VR Little Endian"
+    assert error_comment(reason) == "encapsulated (compressed) Pixel Data under Explicit VR..."
+    assert error_comment("pixel data cut short (data set truncated)") == (
+        "pixel data cut short (data set truncated)"
+    )
+    assert all(len(error_comment("x " * n)) <= 64 for n in range(60))

@@ -297,7 +297,7 @@ class Listener:
         response = Dataset()
         response.Status = status
         if reason:
-            response.ErrorComment = reason[:64]
+            response.ErrorComment = error_comment(reason)
         return response
 
     def _store(self, event: evt.Event, tally: _AssociationTally) -> tuple[int, str]:
@@ -470,6 +470,16 @@ class Listener:
             )
         except Exception as exc:
             log.error("association_audit_failed", error=_one_line(exc))
+
+
+def error_comment(reason: str) -> str:
+    """*reason* as an ErrorComment (LO: at most 64 characters, default repertoire): a longer
+    one cut at a word and marked with "...", not mid-word ("Explicit VR Little En")."""
+    text = reason.encode("ascii", "replace").decode("ascii")
+    if len(text) <= 64:
+        return text
+    cut = text[:61].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return f"{cut}..."
 
 
 def _register_storage_classes(uids: frozenset[str]) -> None:
