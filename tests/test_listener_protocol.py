@@ -195,3 +195,38 @@ def test_a_second_command_before_the_data_set_is_aborted_and_closed_out(
     _send_pdv(assoc, ids[DX], 0x02, b"\x08\x00\x16\x00UI\x00\x00")
     wait_until(lambda: not assoc.is_established, timeout=20, message="the association ended")
     _check_unharmed(daemon)
+
+
+def test_a_c_store_request_without_a_data_set_is_answered_c000_and_the_rest_go_in(
+    daemon_factory, tmp_path
+) -> None:
+    daemon = _daemon(daemon_factory)
+    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=5)[0]
+    ae = AE(ae_title="ROUTER")
+    ae.add_requested_context(DX, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    command = _command(
+        CommandField=0x0001,
+        MessageID=1,
+        Priority=0,
+        CommandDataSetType=0x0101,  # no data set follows
+        AffectedSOPClassUID=DX,
+        AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
+    )
+    # The association's reactor would take the answer as an unexpected message: read it here.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    _send_pdv(assoc, assoc.accepted_contexts[0].context_id, 0x03, command)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    assert response is not None
+    assert response.Status == 0xC000
+    assert response.ErrorComment == "C-STORE request without a data set"
+    assoc.release()
+    [path] = write_study([dataset], tmp_path / "in")
+    from tests.peers import storescu
+
+    assert storescu(daemon.port, [path]).acknowledged == 1
+    _check_unharmed(daemon)

@@ -305,6 +305,8 @@ class Listener:
         # pynetdicom wrote the data set, as it arrived, to a Part 10 file in the spool's temp
         # folder (see start()); it deletes that name after we answer.
         received = event.dataset_path
+        if received is None:  # a C-STORE request whose command says it carries no data set
+            return Status.UNREADABLE, "C-STORE request without a data set"
         failed_write = write_error(received)
         if failed_write is not None:  # the disk filled (or failed) while it arrived
             log.error(
