@@ -54,6 +54,14 @@ def _send_pdv(assoc, context_id: int, control: int, data: bytes) -> None:  # typ
     assoc.dul.send_pdu(pdata)
 
 
+def _pause(assoc) -> None:  # type: ignore[no-untyped-def]
+    """Hold the association's reactor, which would take an answer for an unexpected
+    message: the test reads it with ``assoc.dimse.get_msg``."""
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+
+
 def _association_request(context_id: int) -> bytes:
     request = A_ASSOCIATE()
     request.application_context_name = "1.2.840.10008.3.1.1.1"
@@ -214,10 +222,7 @@ def test_a_c_store_request_without_a_data_set_is_answered_c000_and_the_rest_go_i
         AffectedSOPClassUID=DX,
         AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
     )
-    # The association's reactor would take the answer as an unexpected message: read it here.
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.001)
+    _pause(assoc)
     _send_pdv(assoc, assoc.accepted_contexts[0].context_id, 0x03, command)
     _, response = assoc.dimse.get_msg(block=True)
     assoc._reactor_checkpoint.set()
@@ -229,4 +234,60 @@ def test_a_c_store_request_without_a_data_set_is_answered_c000_and_the_rest_go_i
     from tests.peers import storescu
 
     assert storescu(daemon.port, [path]).acknowledged == 1
+    _check_unharmed(daemon)
+
+
+def test_a_request_its_presentation_context_cannot_carry_is_aborted(
+    daemon_factory, tmp_path
+) -> None:
+    """pynetdicom serves a request by the SOP class its command names: a C-STORE naming
+    Verification on the DX context was answered by a C-ECHO response (Success) and its
+    data set dropped; an N-ACTION on the DX context got a C-STORE response."""
+    daemon = _daemon(daemon_factory)
+    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=6)[0]
+    [path] = write_study([dataset], tmp_path / "in")
+    encoded = DicomBytesIO()
+    encoded.is_implicit_VR = False
+    encoded.is_little_endian = True
+    write_dataset(encoded, pydicom.dcmread(path))
+    requests = [
+        (
+            _command(
+                CommandField=0x0001,
+                MessageID=1,
+                Priority=0,
+                CommandDataSetType=0,
+                AffectedSOPClassUID="1.2.840.10008.1.1",
+                AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
+            ),
+            encoded.getvalue(),
+        ),
+        (
+            _command(
+                CommandField=0x0130,
+                MessageID=2,
+                CommandDataSetType=0x0101,
+                RequestedSOPClassUID=DX,
+                RequestedSOPInstanceUID=str(dataset.SOPInstanceUID),
+                ActionTypeID=1,
+            ),
+            None,
+        ),
+    ]
+    for command, data in requests:
+        ae = AE(ae_title="ROUTER")
+        ae.dimse_timeout = 10
+        ae.add_requested_context(DX, EXPLICIT)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        _pause(assoc)  # to see what the daemon answers, if anything
+        _send_pdv(assoc, context_id, 0x03, command)
+        if data is not None:
+            _send_pdv(assoc, context_id, 0x02, data)
+        _, answer = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert answer is None, answer  # an A-ABORT, not a response of another service
+        wait_until(lambda a=assoc: not a.is_established, timeout=20, message="the A-ABORT")
+    assert daemon.store().counts_by_state() == {}
     _check_unharmed(daemon)

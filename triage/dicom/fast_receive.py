@@ -43,8 +43,11 @@ from typing import Any
 
 from pynetdicom import association as association_module
 from pynetdicom import dimse_messages
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from triage.dicom import fast_commands, prompt_reactors
@@ -138,6 +141,7 @@ class FastRequestHandler(RequestHandler):
         assoc.dimse.receive_primitive = _guarded(assoc.dimse, assoc.dimse.receive_primitive)
         machine = assoc.dul.state_machine
         machine.do_action = _after_the_end_ignored(machine, machine.do_action)
+        assoc._serve_request = _served_by_its_context(assoc, assoc._serve_request)
         prompt_reactors.attach(assoc)
         assoc.dimse.send_msg = fast_commands.fast_send_msg(assoc.dimse, assoc.dimse.send_msg)
         return assoc
@@ -163,6 +167,51 @@ def _guarded(dimse: Any, receive_primitive: Any) -> Any:
             dimse.dul.event_queue.put("Evt19")
 
     return receive
+
+
+def _served_by_its_context(assoc: Any, serve_request: Any) -> Any:
+    """*serve_request* (pynetdicom's), refusing with an A-ABORT a request its presentation
+    context cannot carry.
+
+    pynetdicom picks the service from the SOP class the command names, not from the
+    context: a C-STORE naming Verification on a DX context got a C-ECHO answer (Success) and
+    its data set was dropped; an N-ACTION on a DX context got a C-STORE answer. A C-STORE of
+    another storage class still reaches the listener (0xA900, "SOP class differs from the
+    presentation context"), and a C-ECHO is answered on any context, as peers expect.
+    """
+
+    def serve(message: Any, context_id: int) -> None:
+        context = assoc._accepted_cx.get(context_id)
+        if context is not None and not _fits_its_context(message, str(context.abstract_syntax)):
+            _LOGGER.error(
+                "%s naming SOP class %s on the presentation context of %s: aborted",
+                type(message).__name__.replace("_", "-"),
+                _named_class(message),
+                context.abstract_syntax,
+            )
+            _delete_data_set_file(message)
+            assoc.abort()
+            return
+        serve_request(message, context_id)
+
+    return serve
+
+
+def _named_class(message: Any) -> str:
+    named = getattr(message, "AffectedSOPClassUID", None)
+    if named is None:
+        named = getattr(message, "RequestedSOPClassUID", None)
+    return str(named or "")
+
+
+def _fits_its_context(message: Any, abstract_syntax: str) -> bool:
+    if isinstance(message, C_ECHO):
+        return True
+    named = _named_class(message)
+    if isinstance(message, C_STORE):
+        return uid_to_service_class(named) is StorageServiceClass
+    storage_context = uid_to_service_class(abstract_syntax) is StorageServiceClass
+    return named == abstract_syntax and not storage_context
 
 
 #: Requests of our own side as the acceptor (PS3.8 9.2): association answer, P-DATA,
@@ -496,6 +545,16 @@ def install_spool_temp_files(temp_dir: Path) -> None:
     _delete_data_sets_after_each_request()
 
 
+def _delete_data_set_file(message: Any) -> None:
+    """Delete the temp file a C-STORE request's data set was written to, if any."""
+    data_set_file = getattr(message, "_dataset_file", None)
+    if data_set_file is not None:
+        with contextlib.suppress(OSError):
+            data_set_file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(data_set_file.name)
+
+
 def _delete_data_sets_after_each_request() -> None:
     """Delete a C-STORE's temp file when pynetdicom has finished with the request.
 
@@ -513,12 +572,7 @@ def _delete_data_sets_after_each_request() -> None:
         try:
             original(self, msg, context_id)
         finally:
-            data_set_file = getattr(msg, "_dataset_file", None)
-            if data_set_file is not None:
-                with contextlib.suppress(OSError):
-                    data_set_file.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(data_set_file.name)
+            _delete_data_set_file(msg)
 
     serve_request._deletes_data_sets = True  # type: ignore[attr-defined]
     association_module.Association._serve_request = serve_request  # type: ignore[method-assign]
