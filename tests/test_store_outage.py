@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, text
@@ -120,6 +121,10 @@ def test_a_frozen_store_leaves_metrics_cstore_and_stop_bounded(
     assert run.failure_statuses == ["0xa701"], (
         f"no 0xA701 for a C-STORE on a frozen store ({took:.1f} s):\n{run.output[-3000:]}"
     )
+    # Refused, so not kept: no row named the file, and on PostgreSQL nothing removed it.
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    refused = pydicom.dcmread(frozen[0], stop_before_pixels=True)
+    assert not (spool / str(refused.StudyInstanceUID) / f"{refused.SOPInstanceUID}.dcm").exists()
 
     started = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)

@@ -386,6 +386,14 @@ class Listener:
             )
         except Exception as exc:
             bound.error("store_record_failed", error=_one_line(exc))
+            # Not acknowledged: the name linked above goes, unless it is an earlier copy of
+            # this instance (another inode), acknowledged then. Left, it held PHI that no row
+            # named (PostgreSQL), or the spool recovery recorded what the PACS was told was
+            # refused (SQLite). If the row was written after all, the PACS's next attempt
+            # links the file again (adopt) and is a duplicate.
+            with contextlib.suppress(OSError):
+                if os.path.samefile(received, self.spool.path(relative)):
+                    self.spool.remove(relative)
             return Status.STORE_UNAVAILABLE, "store unavailable; retry later"
         if result.moved_from is not None:
             # Its copy in the cancelled study it came from is no row's any more.
