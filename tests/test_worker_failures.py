@@ -290,3 +290,65 @@ def test_a_decode_process_outlives_ctrl_c() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0 and "still decoding" in run.stdout, run.stderr
+
+
+def test_outputs_without_room_give_the_study_back_uncounted_and_pause_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full (or read-only) outbox failed each study's attempts at once: three in a
+    second, FAILED, for an operator to requeue when space was back. Now the study goes back
+    to the queue without an attempt counted, and claims stop for a while."""
+    import errno
+    import os
+
+    config = _config(tmp_path, max_attempts=2)
+    files = write_benchmark_files(config.store.spool_dir, 1, size_mb=0.25, views_per_study=1)
+    monkeypatch.setattr(worker_module, "_FIRST_CLAIM_PAUSE_S", 1.0)
+    write = worker_module.write_outputs
+    attempts: list[float] = []
+
+    def full_disk_twice(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "write_outputs", full_disk_twice)
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("the study to be scored", _finished(store, {StudyState.DONE: 1}))
+        assert _study(store, files[0]).attempts == 1  # the two without room did not count
+    assert len(attempts) == 3
+    # Claims paused 1 s after the first failure, then 2 s after the second.
+    assert attempts[1] - attempts[0] >= 1.0 and attempts[2] - attempts[1] >= 2.0
+
+
+def test_a_store_error_at_the_end_gives_the_study_back_once_the_store_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store failed as the result was written and again as the claim was given back:
+    the study stayed SCORING for the whole lease (120 s), whose expiry counted an attempt.
+    Three such blips FAILED a good study."""
+    from sqlalchemy.exc import OperationalError
+
+    config = _config(tmp_path, max_attempts=2)
+    files = write_benchmark_files(config.store.spool_dir, 1, size_mb=0.25, views_per_study=1)
+    complete, release = WorkQueue.complete, WorkQueue.release
+    down = {"complete": 1, "release": 2}
+
+    def blip(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if down[name] > 0:
+                down[name] -= 1
+                raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+            return original(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(WorkQueue, "complete", blip("complete", complete))
+    monkeypatch.setattr(WorkQueue, "release", blip("release", release))
+    started = time.monotonic()
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("the study to be scored", _finished(store, {StudyState.DONE: 1}), timeout=60)
+        assert _study(store, files[0]).attempts == 1
+    assert time.monotonic() - started < 60  # not the lease's 120 s
+    assert down == {"complete": 0, "release": 0}

@@ -17,6 +17,7 @@ Three stages run concurrently:
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import signal
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydicom import Dataset, dcmread
+from sqlalchemy.exc import DBAPIError
 
 from triage import failpoints, metrics
 from triage.config import Config
@@ -121,6 +123,7 @@ def _init_decode_process() -> None:
     # Ctrl-C reaches the whole process group: the worker gives its studies back itself; a
     # decode process dying of it would charge them a failed attempt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # likewise a terminal's hang-up
     retain_freed_memory()
     init_decode_worker()
     # Outputs are built here too: highdicom warns with the patient's name, pydicom logs the
@@ -165,6 +168,23 @@ class _Started:
     items: int
 
 
+#: How long the worker stops claiming after a study's outputs found no room (ENOSPC, EROFS,
+#: EDQUOT): doubled while it goes on, up to the last; reset by a study that completes.
+_FIRST_CLAIM_PAUSE_S = 10.0
+_LAST_CLAIM_PAUSE_S = 300.0
+_OUT_OF_ROOM = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+
+
+def _is_out_of_room(exc: BaseException) -> bool:
+    """Whether *exc* says the spool cannot take more (full, read-only, over quota)."""
+    return isinstance(exc, OSError) and exc.errno in _OUT_OF_ROOM
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    """Whether *exc* came from the store's driver (unreachable, cut, timed out)."""
+    return isinstance(exc, DBAPIError)
+
+
 class Worker:
     """Scores queued studies until stopped; safe to run next to other workers on PostgreSQL."""
 
@@ -186,6 +206,11 @@ class Worker:
         # still on its way through (its result is then discarded).
         self._in_flight: dict[str, _InFlight] = {}
         self._lock = threading.Lock()
+        # Claims to give back once the store answers again (it failed when they were done).
+        self._to_give_back: dict[str, tuple[Claim, str]] = {}
+        # No claims before this (monotonic) while the spool cannot take outputs.
+        self._claims_paused_until = 0.0
+        self._claim_pause_s = _FIRST_CLAIM_PAUSE_S
         self._decoded: Queue[tuple[_InFlight, str, Future[DecodedView]]] = Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -319,11 +344,14 @@ class Worker:
         with self._lock:
             leftovers = list(self._in_flight.values())
             self._in_flight.clear()
-        for study in leftovers:
+            deferred = list(self._to_give_back.values())
+            self._to_give_back.clear()
+        returns = [(s.claim, "worker stopped") for s in leftovers] + deferred
+        for claim, reason in returns:
             try:
-                self.queue.release(study.claim, "worker stopped")
+                self.queue.release(claim, reason)
             except Exception as exc:  # the store is down: the lease expires instead
-                log.error("give_back_failed", study_uid=study.claim.study_uid, error=str(exc))
+                log.error("give_back_failed", study_uid=claim.study_uid, error=str(exc))
         # The finishers still running are finishing given-back studies, whose results the
         # store would refuse. Their output jobs wait behind every decode left in the pool (a
         # claim's worth of views, minutes on a slow host): cancelled, so the stop stays
@@ -356,8 +384,9 @@ class Worker:
                     self._pool.shutdown(wait=False)
                     self._pool = self._new_pool()
                     log.warning("decode_pool_restarted", processes=self._processes)
+                self._give_back_pending()
                 room = self.config.worker.claim_batch - len(self._in_flight)
-                if room > 0:
+                if room > 0 and time.monotonic() >= self._claims_paused_until:
                     claims = self.queue.claim(self.owner, room, self.config.worker.lease_s)
                     claimed = len(claims)
                     for claim in claims:
@@ -366,6 +395,7 @@ class Worker:
                 if now - last_renew > renew_every:
                     with self._lock:
                         claims = [s.claim for s in self._in_flight.values()]
+                        claims += [claim for claim, _ in self._to_give_back.values()]
                     self.queue.renew(claims, self.config.worker.lease_s)
                     last_renew = now
                 if now - last_heartbeat > _HEARTBEAT_S:
@@ -672,6 +702,7 @@ class Worker:
                     self.spool.remove(path)
                 bound.info("result_discarded", reason="study changed while it was scored")
                 return
+            self._claim_pause_s = _FIRST_CLAIM_PAUSE_S
             metrics.STUDY_SCORING_SECONDS.observe(elapsed_ms / 1000)
             if not (outputs and destinations):  # complete() made it DONE: nothing to send
                 metrics.observe_study_done(self.queue.store, claim.study_uid)
@@ -693,6 +724,14 @@ class Worker:
                 bound.info("study_given_back", reason="worker stopped")
                 return
             reason = error_text(exc, identity_values(study.headers.values()))
+            if _is_out_of_room(exc) or _is_store_error(exc):
+                # Ours, not the study's: given back without an attempt counted. Three disk-full
+                # or store blips FAILED a good study in a second, for an operator to requeue.
+                bound.warning("scoring_interrupted", error=reason)
+                if _is_out_of_room(exc):
+                    self._pause_claims(reason)
+                self._give_back(claim, f"given back: {reason}")
+                return
             try:
                 state = self.queue.fail_attempt(claim, reason, self.config.worker.max_attempts)
             except Exception as store_exc:  # the store is down: the lease expires instead
@@ -703,6 +742,38 @@ class Worker:
             with self._lock:
                 self._in_flight.pop(claim.token, None)
             self._wake.set()
+
+    def _give_back(self, claim: Claim, reason: str) -> None:
+        """Return *claim* to the queue without counting its attempt, now or, while the store
+        does not answer, from the claim loop once it does (its lease renewed meanwhile: left
+        to expire, the study waited out the whole lease and the expiry counted an attempt)."""
+        try:
+            self.queue.release(claim, reason)
+        except Exception as exc:
+            with self._lock:
+                self._to_give_back[claim.token] = (claim, reason)
+            log.warning(
+                "give_back_deferred",
+                study_uid=claim.study_uid,
+                revision=claim.revision,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    def _give_back_pending(self) -> None:
+        with self._lock:
+            pending = list(self._to_give_back.items())
+        for token, (claim, reason) in pending:
+            self.queue.release(claim, reason)  # raises while the store is still down
+            with self._lock:
+                self._to_give_back.pop(token, None)
+            log.info("study_given_back", study_uid=claim.study_uid, reason=reason)
+
+    def _pause_claims(self, reason: str) -> None:
+        """No new claims for a while: each would fail the same way until space is freed."""
+        seconds = self._claim_pause_s
+        self._claims_paused_until = time.monotonic() + seconds
+        self._claim_pause_s = min(seconds * 2, _LAST_CLAIM_PAUSE_S)
+        log.error("claims_paused", seconds=seconds, reason=reason)
 
     def _build_outputs(
         self, study: _InFlight, result: StudyResult, info: ModelInfo
