@@ -352,3 +352,44 @@ def test_association_totals_are_read_incrementally(store_url: str) -> None:
         session.execute(delete(AssociationRecord).where(AssociationRecord.id.in_(ids[:3])))
     assert totals() == second
     engine.dispose()
+
+
+@pytest.fixture
+def read_only_outbox(tmp_path):  # type: ignore[no-untyped-def]
+    """A daemon's outbox folder made read-only: a read-only bind mount as root (permission
+    bits do not stop root), else the folder's mode."""
+    import contextlib
+    import os
+    import subprocess
+
+    spool = tmp_path / "daemon" / "spool"
+    outbox = spool / "outbox"
+    outbox.mkdir(parents=True)
+    (spool / "tmp").mkdir()
+    if os.geteuid() != 0:
+        outbox.chmod(0o555)
+        yield
+        outbox.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(outbox), str(outbox)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        remount = ["mount", "-o", "remount,bind,ro", str(outbox)]
+        if subprocess.run(remount, check=False).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", str(outbox)], check=False)
+
+
+def test_readyz_reports_an_outbox_it_cannot_write(daemon_factory, read_only_outbox) -> None:
+    """A read-only remount of the outbox failed every study's outputs while /readyz said
+    "ready" (it checked free space only)."""
+    daemon = daemon_factory().start()
+    status, _, body = get(daemon, "/readyz")
+    ready = json.loads(body)
+    assert status == 503 and ready["failed"] == ["spool"]
+    assert ready["checks"]["spool"]["unwritable"] == ["outbox"]
+    assert daemon.stop() == 0

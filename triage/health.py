@@ -129,11 +129,14 @@ class Health:
             checks["worker"] = {"ok": worker is not None and _alive(worker)}
         try:
             free = self.spool.free_bytes()
+            unwritable = self.spool.unwritable()
             checks["spool"] = {
-                "ok": free >= self.spool.min_free_bytes,
+                "ok": free >= self.spool.min_free_bytes and not unwritable,
                 "free_bytes": free,
                 "min_free_bytes": self.spool.min_free_bytes,
             }
+            if unwritable:  # a read-only remount: received instances and outputs would fail
+                checks["spool"]["unwritable"] = unwritable
         except OSError as exc:
             checks["spool"] = {"ok": False, "error": str(exc)}
         return all(check["ok"] for check in checks.values()), checks

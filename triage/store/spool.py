@@ -50,6 +50,16 @@ class Spool:
         its files were gone."""
         return self._tmp.is_dir()
 
+    def unwritable(self) -> list[str]:
+        """The folders new files go to (the root, ``tmp/``, ``outbox/``) that this process
+        cannot write to now (a read-only remount, changed permissions), by name."""
+        folders = {"spool": self.root, "tmp": self._tmp, "outbox": self.root / "outbox"}
+        return [
+            name
+            for name, folder in folders.items()
+            if folder.is_dir() and not os.access(folder, os.W_OK)
+        ]
+
     def free_bytes(self) -> int:
         """Free space available to this process on the spool's filesystem."""
         stats = os.statvfs(self.root)
