@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -719,6 +720,19 @@ def test_sigterm_during_a_transfer_finishes_the_association_then_exits_0(
     assert echoscu(daemon.port).returncode != 0
 
 
+def test_a_hang_up_stops_the_daemon_cleanly(daemon_factory) -> None:
+    """A terminal or SSH session that hangs up sends SIGHUP to the whole process group: its
+    default action killed the daemon and its listener at once (exit 129), claims and
+    associations in flight with them."""
+    daemon = daemon_factory().start()
+    for pid in (daemon.process.pid, *daemon.children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
+    assert daemon.process.wait(60) == 0
+    assert '"signal": "SIGHUP"' in daemon.log_text()
+    assert '"event": "listener_stopped"' in daemon.log_text()
+
+
 def test_kill_9_during_a_transfer_loses_no_acknowledged_instance(daemon_factory, tmp_path) -> None:
     daemon = daemon_factory().start()
     files = big_series(tmp_path / "in", 60)
@@ -1108,3 +1122,69 @@ def test_a_c_store_sent_under_the_verification_context_leaves_no_temp_file(
     assert daemon.store().counts_by_state() == {}
     assert echoscu(daemon.port).returncode == 0
     assert daemon.stop() == 0
+
+
+def test_a_tls_failure_towards_a_peer_says_what_it_was(daemon_factory, tmp_path) -> None:
+    """pynetdicom logs a requestor's TLS error and reports an aborted association: the
+    delivery and `triage-admin echo` said "peer down or unreachable" for an unknown CA, a
+    missing client certificate, a name or date that does not fit."""
+    import ssl
+
+    from triage.cli.admin import echo
+
+    pki = _make_pki(tmp_path / "pki")
+    other = _make_pki(tmp_path / "other")  # another CA: its certificates mean nothing here
+    daemon = daemon_factory(
+        {
+            "dicom": {
+                "tls": True,
+                "tls_cert": str(pki["server.pem"]),
+                "tls_key": str(pki["server.key"]),
+                "tls_ca": str(pki["ca.pem"]),
+                "tls_verify_client": True,
+            }
+        }
+    ).start()
+    target = {"host": "127.0.0.1", "port": daemon.port, "ae_title": "TRIAGE"}
+
+    def context(ca: Path, client: dict[str, Path] | None) -> ssl.SSLContext:
+        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        if client is not None:
+            tls.load_cert_chain(str(client["client.pem"]), str(client["client.key"]))
+        return tls
+
+    unknown_ca = echo(target, "ROUTER", 10, context(other["ca.pem"], pki))
+    assert unknown_ca["error"].startswith("TLS: the peer's certificate failed verification: ")
+    no_client_cert = echo(target, "ROUTER", 10, context(pki["ca.pem"], None))
+    assert no_client_cert["error"].startswith("TLS: "), no_client_cert
+    assert "certificate" in no_client_cert["error"]
+    assert echo(target, "ROUTER", 10, context(pki["ca.pem"], pki))["ok"]
+    assert daemon.stop() == 0
+
+
+def test_a_peer_that_stops_inside_its_answer_is_given_up_after_the_timeout() -> None:
+    """pynetdicom clears a requestor's socket timeout once connected: a peer that sent part
+    of a PDU and no more held the sender (or `triage-admin echo`) until it closed."""
+    from triage.cli.admin import echo
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        held: list[socket.socket] = []
+
+        def answer_three_bytes() -> None:
+            peer, _ = server.accept()
+            held.append(peer)
+            peer.recv(65536)  # the A-ASSOCIATE-RQ
+            peer.sendall(b"\x02\x00\x00")  # the start of an A-ASSOCIATE-AC, never the rest
+
+        thread = threading.Thread(target=answer_three_bytes, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        result = echo({"host": "127.0.0.1", "port": port, "ae_title": "PACS"}, "TRIAGE", 2)
+        took = time.monotonic() - started
+        for peer in held:
+            peer.close()
+    assert not result["ok"]
+    assert took < 15, f"echo returned after {took:.0f} s"

@@ -59,7 +59,12 @@ class StartupError(RuntimeError):
 
 
 def stop_event_on_signals() -> threading.Event:
-    """An event set by the first SIGTERM or SIGINT."""
+    """An event set by the first SIGTERM, SIGINT or SIGHUP.
+
+    SIGHUP (a terminal or SSH session that hangs up) stops cleanly too: its default action
+    killed the daemon at once, claims and associations in flight with it. There is nothing
+    to reload: a changed config takes a restart.
+    """
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -68,6 +73,7 @@ def stop_event_on_signals() -> threading.Event:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)
     return stop
 
 

@@ -945,7 +945,7 @@ def echo(target: dict[str, Any], calling_ae: str, timeout: float, tls: Any = Non
     """One C-ECHO with pynetdicom; returns ok, status, milliseconds and the error if any."""
     from pynetdicom import AE
 
-    from triage.dicom.sender import _association_failure
+    from triage.dicom.sender import _association_failure, associate
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -953,16 +953,12 @@ def echo(target: dict[str, Any], calling_ae: str, timeout: float, tls: Any = Non
     ae.add_requested_context("1.2.840.10008.1.1")
     started = time.monotonic()
     try:
-        assoc = ae.associate(
-            target["host"],
-            target["port"],
-            ae_title=target["ae_title"],
-            tls_args=(tls, target["host"]) if tls else None,
-        )
+        assoc, tls_error = associate(ae, target["host"], target["port"], target["ae_title"], tls)
     except Exception as exc:
         return {"ok": False, "status": None, "ms": None, "error": f"cannot connect: {exc}"}
     if not assoc.is_established:
-        return {"ok": False, "status": None, "ms": None, "error": _association_failure(assoc)}
+        failure = _association_failure(assoc, tls_error)
+        return {"ok": False, "status": None, "ms": None, "error": failure}
     try:
         response = assoc.send_c_echo()
     finally:

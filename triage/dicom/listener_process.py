@@ -43,6 +43,7 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)  # a hang-up reaches the whole process group
     die_with_parent(signal.SIGTERM)  # finish the associations in flight, then exit
     skip_collection_at_exit()
     engine = make_engine(config.store.url, spool_backed=True, role="listener")

@@ -17,7 +17,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import STATUS_WARNING, code_to_category
 
@@ -183,17 +183,14 @@ class Sender:
                     self._failed(destination, item, reason)
             return
         try:
-            assoc = ae.associate(
-                destination.host,
-                destination.port,
-                ae_title=destination.ae_title,
-                tls_args=(tls, destination.host) if tls else None,
+            assoc, tls_error = associate(
+                ae, destination.host, destination.port, destination.ae_title, tls
             )
         except Exception as exc:
             assoc = None
             reason = f"cannot connect: {type(exc).__name__}: {exc}"
         else:
-            reason = _association_failure(assoc)
+            reason = _association_failure(assoc, tls_error)
         if assoc is None or not assoc.is_established:
             # A permanent rejection (unknown calling AE …) or a peer that stores none of the
             # SOP classes offered needs an administrator, not retries.
@@ -325,6 +322,76 @@ class Sender:
         )
 
 
+def associate(  # type: ignore[no-untyped-def]
+    ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None
+):
+    """``ae.associate``, with what pynetdicom leaves out for a requestor: (association, the
+    TLS error that ended it or None).
+
+    - pynetdicom clears the socket's timeout once connected, so a peer that stops inside a
+      PDU held the sender thread (or `triage-admin echo`) until the peer closed, past every
+      DIMSE and ACSE timeout: the socket's waits are bounded by ``ae.network_timeout``.
+    - pynetdicom logs a TLS failure (an unknown CA, a name or date that does not fit, a
+      peer that wants a client certificate) and reports the association as aborted: the
+      delivery said "peer down or unreachable". The error is kept to say what it was.
+    """
+    tls_errors: list[ssl.SSLError] = []
+    if tls is not None:
+        tls.sslsocket_class = _recording_ssl_socket(tls_errors)
+
+    def bound_waits(event) -> None:  # type: ignore[no-untyped-def]
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.settimeout(event.assoc.network_timeout)
+
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_ae,
+        tls_args=(tls, host) if tls else None,
+        evt_handlers=[(evt.EVT_CONN_OPEN, bound_waits)],
+    )
+    return assoc, (tls_errors[0] if tls_errors else None)
+
+
+def _recording_ssl_socket(errors: list[ssl.SSLError]) -> type[ssl.SSLSocket]:
+    """An SSLSocket class that appends to *errors* each TLS error its handshake or reads
+    raise (with TLS 1.3 a refused client certificate shows on the first read)."""
+
+    class RecordingSSLSocket(ssl.SSLSocket):
+        def connect(self, address):  # type: ignore[no-untyped-def]
+            try:
+                return super().connect(address)
+            except ssl.SSLError as exc:
+                errors.append(exc)
+                raise
+
+        def recv(self, buflen=1024, flags=0):  # type: ignore[no-untyped-def]
+            try:
+                return super().recv(buflen, flags)
+            except ssl.SSLError as exc:
+                errors.append(exc)
+                raise
+
+        def recv_into(self, buffer, nbytes=None, flags=0):  # type: ignore[no-untyped-def]
+            try:
+                return super().recv_into(buffer, nbytes, flags)
+            except ssl.SSLError as exc:
+                errors.append(exc)
+                raise
+
+    return RecordingSSLSocket
+
+
+def tls_failure(exc: ssl.SSLError) -> str:
+    """What a TLS error says, for an operator: the verification message of a certificate
+    that failed, else OpenSSL's reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"TLS: the peer's certificate failed verification: {exc.verify_message}"
+    reason = (exc.reason or str(exc)).replace("_", " ").lower()
+    return f"TLS: {reason}"
+
+
 def rejection(assoc) -> A_ASSOCIATE | None:  # type: ignore[no-untyped-def]
     """The peer's A-ASSOCIATE-RJ for a failed association request, or None.
 
@@ -394,9 +461,11 @@ def _refused_sop_classes(assoc) -> list[str]:  # type: ignore[no-untyped-def]
     return [_refusal(assoc, sop_class) for sop_class in classes]
 
 
-def _association_failure(assoc) -> str:  # type: ignore[no-untyped-def]
+def _association_failure(assoc, tls_error: ssl.SSLError | None = None) -> str:  # type: ignore[no-untyped-def]
     if assoc.is_established:
         return ""
+    if tls_error is not None:
+        return tls_failure(tls_error)
     refused = _refused_sop_classes(assoc)
     if refused:
         return f"the peer stores none of the SOP classes offered: {'; '.join(refused)}"
