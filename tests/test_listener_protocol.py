@@ -291,3 +291,22 @@ def test_a_request_its_presentation_context_cannot_carry_is_aborted(
         wait_until(lambda a=assoc: not a.is_established, timeout=20, message="the A-ABORT")
     assert daemon.store().counts_by_state() == {}
     _check_unharmed(daemon)
+
+
+def test_a_connection_closed_before_its_request_frees_its_slot_at_once(daemon_factory) -> None:
+    """A port check or a load balancer's probe (connect, close), or a TLS client on the
+    plain port, held one of max_associations for the whole ACSE timeout: PACS associations
+    were refused ("local limit exceeded") while the association gauge read 0."""
+    daemon = daemon_factory(
+        {"dicom": {"max_associations": 1, "acse_timeout_s": 60, "network_timeout_s": 60}}
+    ).start()
+    client_hello = bytes.fromhex("160301002a0100002603030000")  # the start of a ClientHello
+    for probe in (b"", client_hello):
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as peer:
+            peer.sendall(probe)
+        started = time.monotonic()
+        wait_until(
+            lambda: echoscu(daemon.port).returncode == 0, timeout=20, message="the slot freed"
+        )
+        assert time.monotonic() - started < 15
+    _check_unharmed(daemon)

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
 from sqlalchemy import Engine, make_url
@@ -25,6 +24,7 @@ from triage.health import Health
 from triage.httpd import HttpServer
 from triage.logs import get_logger
 from triage.notify import Notifier
+from triage.procutil import stop_on_signals
 from triage.scheduler import Scheduler
 from triage.store.db import (
     bound_store_waits,
@@ -65,16 +65,12 @@ def stop_event_on_signals() -> threading.Event:
     killed the daemon at once, claims and associations in flight with it. There is nothing
     to reload: a changed config takes a restart.
     """
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("stop_requested", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_stop)
-    return stop
+    return stop_on_signals(
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        on_signal=lambda name: log.info("stop_requested", signal=name),
+    )
 
 
 class Daemon:

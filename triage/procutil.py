@@ -11,12 +11,49 @@ import gc
 import os
 import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 #: What :func:`widen_pipe` asks for: Linux's default ceiling for an unprivileged process
 #: (/proc/sys/fs/pipe-max-size).
 WIDE_PIPE_BYTES = 1 << 20
 
 _PR_SET_PDEATHSIG = 1
+
+
+def stop_on_signals(
+    *signums: int, on_signal: Callable[[str], None] | None = None
+) -> threading.Event:
+    """An event set once one of *signums* arrives; *on_signal* gets the first one's name.
+
+    The handler only appends to a list: a signal handler that takes a lock (``Event.set``
+    takes the event's) deadlocks when it interrupts its own thread inside that lock, as a
+    second signal arriving during the first one's handler did (a hang-up sends SIGHUP to the
+    listener as its parent sends SIGTERM): the listener then never stopped and was killed
+    after the grace. A thread relays the list to the event.
+    """
+    received: list[int] = []
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    def relay() -> None:
+        while not received:
+            time.sleep(_SIGNAL_RELAY_S)
+        if on_signal is not None:
+            on_signal(signal.Signals(received[0]).name)
+        stop.set()
+
+    for signum in signums:
+        signal.signal(signum, handle)
+    threading.Thread(target=relay, name="signal-relay", daemon=True).start()
+    return stop
+
+
+#: How often the signal relay looks for a signal: well within any stop's grace.
+_SIGNAL_RELAY_S = 0.1
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -262,18 +262,33 @@ def read_pdu_data(dul: Any) -> None:
     try:
         event, pdu = _read_pdu(dul)
     except _ClosedBetweenPdus:
+        _no_request_coming(dul)
         dul.event_queue.put("Evt17")
         return
     except (OSError, TimeoutError, EOFError) as exc:
         _LOGGER.error("Connection closed before the entire PDU was received: %s", exc)
+        _no_request_coming(dul)
         dul.event_queue.put("Evt17")  # transport connection closed
         return
     except ValueError as exc:
         _LOGGER.error("Unable to decode the received PDU data: %s", exc)
+        _no_request_coming(dul)
         dul.event_queue.put("Evt19")  # invalid or unrecognised PDU
         return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+def _no_request_coming(dul: Any) -> None:
+    """Tell the association's thread, waiting for the A-ASSOCIATE-RQ, that none will come.
+
+    A peer that connects and closes (a port check, a load balancer's probe, a TLS client on
+    the plain port) ended the connection, yet the thread waited out the whole ACSE timeout
+    holding one of ``max_associations`` slots, invisible in the association gauge (no
+    request, no audit row). pynetdicom takes None from that wait as its timeout.
+    """
+    if dul.state_machine.current_state == "Sta2":  # connected, awaiting the request
+        dul.to_user_queue.put(None)
 
 
 def _read_pdu(dul: Any) -> tuple[str, Any]:

@@ -15,12 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from triage.config import Config
 from triage.logs import configure_logging, get_logger
-from triage.procutil import die_with_parent, skip_collection_at_exit
+from triage.procutil import die_with_parent, skip_collection_at_exit, stop_on_signals
 
 if TYPE_CHECKING:
     from triage.dicom.listener import Listener
@@ -36,14 +35,8 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
     from triage.store.repository import Store
     from triage.store.spool import Spool
 
-    stop = threading.Event()
-
-    def request_stop(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_stop)  # a hang-up reaches the whole process group
+    # A hang-up reaches the whole process group, the listener with its parent.
+    stop = stop_on_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     die_with_parent(signal.SIGTERM)  # finish the associations in flight, then exit
     skip_collection_at_exit()
     engine = make_engine(config.store.url, spool_backed=True, role="listener")
