@@ -1124,6 +1124,34 @@ def test_a_c_store_sent_under_the_verification_context_leaves_no_temp_file(
     assert daemon.stop() == 0
 
 
+def test_a_peer_stalled_in_its_tls_handshake_does_not_hold_up_the_stop(
+    daemon_factory, tmp_path
+) -> None:
+    """pynetdicom's shutdown joins every connection thread: one stalled in its handshake
+    kept the stop waiting for the network timeout, past the grace, and the listener was
+    killed (no listener_stopped, associations left ACTIVE)."""
+    pki = _make_pki(tmp_path / "pki")
+    daemon = daemon_factory(
+        {
+            "dicom": {
+                "tls": True,
+                "tls_cert": str(pki["server.pem"]),
+                "tls_key": str(pki["server.key"]),
+                "shutdown_grace_s": 2,
+                "network_timeout_s": 60,
+            }
+        }
+    ).start()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as stalled:
+        stalled.sendall(bytes.fromhex("160301002a0100002603030000"))  # part of a ClientHello
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert daemon.stop(60) == 0
+        took = time.monotonic() - started
+    assert took < 10, f"the stop took {took:.0f} s"
+    assert '"event": "listener_stopped"' in daemon.log_text()
+
+
 def test_a_tls_failure_towards_a_peer_says_what_it_was(daemon_factory, tmp_path) -> None:
     """pynetdicom logs a requestor's TLS error and reports an aborted association: the
     delivery and `triage-admin echo` said "peer down or unreachable" for an unknown CA, a

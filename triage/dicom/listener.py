@@ -93,6 +93,9 @@ def make_tls_context(config: DicomConfig) -> ssl.SSLContext | None:
     return context
 
 
+_HANDSHAKES_LOCK = threading.Lock()
+
+
 class _Server(ThreadedAssociationServer):
     """pynetdicom's server plus SO_REUSEPORT, and the TLS handshake off the accept thread."""
 
@@ -120,13 +123,36 @@ class _Server(ThreadedAssociationServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
             request.settimeout(self.ae.network_timeout)
+            with _HANDSHAKES_LOCK:
+                handshaking = self.__dict__.setdefault("_handshaking", set())
+                if self.__dict__.get("_closing"):
+                    self.shutdown_request(request)
+                    return
+                handshaking.add(request)
             try:
                 request.do_handshake()
             except (OSError, ssl.SSLError) as exc:
                 log.warning("tls_handshake_failed", peer_host=client_address[0], error=str(exc))
                 self.shutdown_request(request)
                 return
+            finally:
+                with _HANDSHAKES_LOCK:
+                    handshaking.discard(request)
         super().finish_request(request, client_address)
+
+    def abandon_handshakes(self) -> None:
+        """End the TLS handshakes under way, and any that would begin: a peer stalled in
+        one held its thread until the network timeout, and pynetdicom's shutdown joins
+        every such thread, so the stop waited, past its grace, and the listener was
+        killed with its associations never aborted or closed out."""
+        with _HANDSHAKES_LOCK:
+            self.__dict__["_closing"] = True
+            pending = list(self.__dict__.get("_handshaking", ()))
+        for sock in pending:
+            # The plain socket's shutdown: SSLSocket's own would clear its SSL object under
+            # the thread that is using it.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 @dataclass
@@ -243,6 +269,7 @@ class Listener:
         server = self._server
         if server is None:
             return
+        server.abandon_handshakes()
         server.shutdown()  # stops the accept loop and closes the listening socket
         deadline = time.monotonic() + grace_s
         while server.active_associations and time.monotonic() < deadline:
