@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -818,19 +819,22 @@ def _make_pki(folder: Path) -> dict[str, Path]:
     }
 
 
+def _mutual_tls(pki: dict[str, Path]) -> dict[str, Any]:
+    """A daemon's [dicom] section for TLS with client certificates of *pki*'s CA."""
+    return {
+        "dicom": {
+            "tls": True,
+            "tls_cert": str(pki["server.pem"]),
+            "tls_key": str(pki["server.key"]),
+            "tls_ca": str(pki["ca.pem"]),
+            "tls_verify_client": True,
+        }
+    }
+
+
 def test_tls_echo_and_store_with_client_certificates(daemon_factory, tmp_path) -> None:
     pki = _make_pki(tmp_path / "pki")
-    daemon = daemon_factory(
-        {
-            "dicom": {
-                "tls": True,
-                "tls_cert": str(pki["server.pem"]),
-                "tls_key": str(pki["server.key"]),
-                "tls_ca": str(pki["ca.pem"]),
-                "tls_verify_client": True,
-            }
-        }
-    ).start()
+    daemon = daemon_factory(_mutual_tls(pki)).start()
     tls = ["+tls", str(pki["client.key"]), str(pki["client.pem"]), "+cf", str(pki["ca.pem"])]
     echo = echoscu(daemon.port, extra=tls)
     assert echo.returncode == 0, echo.stdout + echo.stderr
@@ -1162,17 +1166,7 @@ def test_a_tls_failure_towards_a_peer_says_what_it_was(daemon_factory, tmp_path)
 
     pki = _make_pki(tmp_path / "pki")
     other = _make_pki(tmp_path / "other")  # another CA: its certificates mean nothing here
-    daemon = daemon_factory(
-        {
-            "dicom": {
-                "tls": True,
-                "tls_cert": str(pki["server.pem"]),
-                "tls_key": str(pki["server.key"]),
-                "tls_ca": str(pki["ca.pem"]),
-                "tls_verify_client": True,
-            }
-        }
-    ).start()
+    daemon = daemon_factory(_mutual_tls(pki)).start()
     target = {"host": "127.0.0.1", "port": daemon.port, "ae_title": "TRIAGE"}
 
     def context(ca: Path, client: dict[str, Path] | None) -> ssl.SSLContext:

@@ -48,7 +48,9 @@ def _command(**fields: object) -> bytes:
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
 
 
-def _send_pdv(assoc, context_id: int, control: int, data: bytes) -> None:  # type: ignore[no-untyped-def]
+def _send_pdv(  # type: ignore[no-untyped-def]
+    assoc, context_id: int, control: int, data: bytes
+) -> None:
     pdata = P_DATA()
     pdata.presentation_data_value_list = [[context_id, bytes([control]) + data]]
     assoc.dul.send_pdu(pdata)

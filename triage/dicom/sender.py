@@ -461,7 +461,9 @@ def _refused_sop_classes(assoc) -> list[str]:  # type: ignore[no-untyped-def]
     return [_refusal(assoc, sop_class) for sop_class in classes]
 
 
-def _association_failure(assoc, tls_error: ssl.SSLError | None = None) -> str:  # type: ignore[no-untyped-def]
+def _association_failure(  # type: ignore[no-untyped-def]
+    assoc, tls_error: ssl.SSLError | None = None
+) -> str:
     if assoc.is_established:
         return ""
     if tls_error is not None:
