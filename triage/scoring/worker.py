@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydicom import Dataset, dcmread
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from triage import failpoints, metrics
 from triage.config import Config
@@ -181,8 +181,9 @@ def _is_out_of_room(exc: BaseException) -> bool:
 
 
 def _is_store_error(exc: BaseException) -> bool:
-    """Whether *exc* came from the store's driver (unreachable, cut, timed out)."""
-    return isinstance(exc, DBAPIError)
+    """Whether *exc* says the store could not be reached or used (down, cut, timed out):
+    not a constraint or a statement it refused, which would fail the same way each time."""
+    return isinstance(exc, (OperationalError, InterfaceError))
 
 
 class Worker:
