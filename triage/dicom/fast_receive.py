@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -204,14 +205,24 @@ def _named_class(message: Any) -> str:
     return str(named or "")
 
 
+def forget_service_classes() -> None:
+    """Look service classes up afresh (after classes were registered with pynetdicom)."""
+    _is_storage_class.cache_clear()
+
+
+@functools.lru_cache(maxsize=512)
+def _is_storage_class(uid: str) -> bool:
+    # pynetdicom scans its tables of classes for each lookup: once per class, not per C-STORE.
+    return uid_to_service_class(uid) is StorageServiceClass
+
+
 def _fits_its_context(message: Any, abstract_syntax: str) -> bool:
     if isinstance(message, C_ECHO):
         return True
     named = _named_class(message)
     if isinstance(message, C_STORE):
-        return uid_to_service_class(named) is StorageServiceClass
-    storage_context = uid_to_service_class(abstract_syntax) is StorageServiceClass
-    return named == abstract_syntax and not storage_context
+        return _is_storage_class(named)
+    return named == abstract_syntax and not _is_storage_class(abstract_syntax)
 
 
 #: Requests of our own side as the acceptor (PS3.8 9.2): association answer, P-DATA,

@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from triage.config import DicomConfig
-from triage.dicom import fast_commands, prompt_reactors
+from triage.dicom import fast_commands, fast_receive, prompt_reactors
 from triage.dicom.fast_receive import FastRequestHandler, install_spool_temp_files, write_error
 from triage.dicom.sop import (
     ACKNOWLEDGED_NOT_STORED,
@@ -529,6 +529,7 @@ def _register_storage_classes(uids: frozenset[str]) -> None:
     for uid in sorted(uids):
         if uid_to_service_class(uid) is ServiceClass:
             register_uid(uid, "TriageStorage_" + uid.replace(".", "_"), StorageServiceClass)
+    fast_receive.forget_service_classes()
 
 
 def _acse_reply_kind(primitive: Any) -> str:
