@@ -343,7 +343,9 @@ def test_the_victim_of_a_deadlock_runs_again(pg_url: str, api: str) -> None:
     for thread in threads:
         thread.join(60)
     assert finished == {"a": "a", "b": "b"}
-    assert sum(attempts.values()) == 3  # one of them ran twice
+    # One of them ran again; a retry that wins the race for its first row can deadlock with
+    # the survivor once more, and PostgreSQL then picks the other as the victim.
+    assert sum(attempts.values()) >= 3 and max(attempts.values()) <= 3
     engine.dispose()
 
 
