@@ -354,6 +354,65 @@ def test_studies_bad_filters_are_usage_errors(site: Site) -> None:
         assert out == "" and len(err.strip().splitlines()) == 1
 
 
+# --- associations --------------------------------------------------------------------------
+
+
+def test_associations_lists_the_audit_newest_first_with_filters(site: Site) -> None:
+    from triage.store.models import AssociationOutcome, AssociationRecord
+
+    store = site.store
+    released = store.open_association("MODALITY1", "TRIAGE", "10.0.0.5", 40000, False, 123)
+    store.close_association(released, AssociationOutcome.RELEASED, stored=3, bytes_stored=900)
+    refused = store.record_refused_connection(
+        "TRIAGE", "10.0.0.9", 40001, 123, "TLS handshake failed: certificate has expired"
+    )
+    active = store.open_association("SCANNER", "TRIAGE", "10.0.0.7", 40002, True, 123)
+    with store.session() as session, session.begin():
+        session.execute(
+            update(AssociationRecord)
+            .where(AssociationRecord.id == released)
+            .values(started_at=utcnow() - timedelta(days=2))
+        )
+    rows = as_json(site, "associations")["associations"]
+    assert [r["id"] for r in rows] == [active, refused, released]
+    assert set(rows[0]) == {
+        "id",
+        "started_at",
+        "ended_at",
+        "age_s",
+        "calling_ae",
+        "called_ae",
+        "peer_host",
+        "peer_port",
+        "tls",
+        "outcome",
+        "stored",
+        "duplicate",
+        "failed",
+        "bytes_stored",
+        "echoes",
+        "reason",
+        "listener_host",
+        "listener_pid",
+    }
+    assert rows[0]["outcome"] == "ACTIVE" and rows[0]["ended_at"] is None
+    [row] = as_json(site, "associations", "--outcome", "rejected")["associations"]
+    assert (row["id"], row["calling_ae"], row["tls"]) == (refused, "", True)
+    assert row["reason"] == "TLS handshake failed: certificate has expired"
+    [row] = as_json(site, "associations", "--calling-ae", "MODALITY1")["associations"]
+    assert (row["stored"], row["bytes_stored"], row["outcome"]) == (3, 900, "RELEASED")
+    assert row["age_s"] >= 2 * 86400
+    recent = as_json(site, "associations", "--newer-than", "1d", "--outcome", "released,active")
+    assert [r["id"] for r in recent["associations"]] == [active]
+    by_host = as_json(site, "associations", "--peer-host", "10.0.0.9", "--limit", "1")
+    assert [r["id"] for r in by_host["associations"]] == [refused]
+    code, out, err = site.admin("associations")
+    assert code == 0 and err == ""
+    assert "MODALITY1" in out and "REJECTED" in out and "10.0.0.9:40001" in out
+    code, out, err = site.admin("associations", "--outcome", "lost")
+    assert code == 2 and out == "" and "unknown outcome 'lost'" in err
+
+
 # --- study ---------------------------------------------------------------------------------
 
 

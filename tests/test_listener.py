@@ -1159,10 +1159,12 @@ def test_a_peer_stalled_in_its_tls_handshake_does_not_hold_up_the_stop(
 def test_a_tls_failure_towards_a_peer_says_what_it_was(daemon_factory, tmp_path) -> None:
     """pynetdicom logs a requestor's TLS error and reports an aborted association: the
     delivery and `triage-admin echo` said "peer down or unreachable" for an unknown CA, a
-    missing client certificate, a name or date that does not fit."""
+    missing client certificate, a name or date that does not fit. The listener said nothing
+    but a log line: its audit had no row for a peer refused in the handshake."""
     import ssl
 
     from triage.cli.admin import echo
+    from triage.store.queries import AssociationFilter, list_associations
 
     pki = _make_pki(tmp_path / "pki")
     other = _make_pki(tmp_path / "other")  # another CA: its certificates mean nothing here
@@ -1181,6 +1183,25 @@ def test_a_tls_failure_towards_a_peer_says_what_it_was(daemon_factory, tmp_path)
     assert no_client_cert["error"].startswith("TLS: "), no_client_cert
     assert "certificate" in no_client_cert["error"]
     assert echo(target, "ROUTER", 10, context(pki["ca.pem"], pki))["ok"]
+    # The listener's side of each: a REJECTED audit row with the reason, and none for a
+    # connection closed before any TLS (a port check).
+    assert echoscu(daemon.port).returncode != 0  # plain DICOM on the TLS port
+    with socket.create_connection(("127.0.0.1", daemon.port)):
+        pass
+    assert echo(target, "ROUTER", 10, context(pki["ca.pem"], pki))["ok"]
+    store = daemon.store()
+
+    def refused() -> list[str]:
+        rows = list_associations(store, AssociationFilter(outcomes=(AssociationOutcome.REJECTED,)))
+        return [r["reason"] for r in reversed(rows) if r["calling_ae"] == "" and r["tls"]]
+
+    wait_until(lambda: len(refused()) >= 3, 10)
+    time.sleep(0.5)  # a fourth, for the port check, would be a mistake
+    assert refused() == [
+        "TLS handshake failed: tlsv1 alert unknown ca",
+        "TLS handshake failed: peer did not return a certificate",
+        "TLS handshake failed: wrong version number",
+    ]
     assert daemon.stop() == 0
 
 

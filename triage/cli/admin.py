@@ -140,6 +140,20 @@ def parse_uid(text: str) -> str:
     return value
 
 
+def parse_outcome(text: str) -> list[str]:
+    """``rejected`` or ``rejected,aborted`` → ``["REJECTED", "ABORTED"]``."""
+    from triage.store.models import AssociationOutcome
+
+    outcomes = []
+    for item in text.split(","):
+        name = item.strip().upper()
+        if name not in AssociationOutcome.__members__:
+            known = ", ".join(o.value for o in AssociationOutcome)
+            raise argparse.ArgumentTypeError(f"unknown outcome {item!r} (one of {known})")
+        outcomes.append(name)
+    return outcomes
+
+
 def parse_limit(text: str) -> int:
     """A positive row limit."""
     try:
@@ -485,6 +499,45 @@ def _render_studies(console: Any, data: dict[str, Any]) -> None:
             _cell(row["finding"]),
             human_age(row["age_s"]),
             human_age(row["in_state_s"]),
+        )
+    console.print(table)
+
+
+def cmd_associations(ctx: Context) -> int:
+    """The association audit: who connected, from where, and how it ended; newest first."""
+    from triage.store.models import AssociationOutcome
+    from triage.store.queries import AssociationFilter, list_associations
+
+    args = ctx.args
+    wanted = AssociationFilter(
+        outcomes=tuple(AssociationOutcome(o) for group in (args.outcome or []) for o in group),
+        newer_than_s=args.newer_than,
+        calling_ae=args.calling_ae,
+        peer_host=args.peer_host,
+        limit=args.limit,
+    )
+    rows = list_associations(ctx.store(), wanted)
+    ctx.emit({"count": len(rows), "associations": rows}, _render_associations)
+    return EXIT_OK
+
+
+def _render_associations(console: Any, data: dict[str, Any]) -> None:
+    table = _table(
+        f"Associations ({data['count']}, newest first)",
+        ["id", "age", "calling AE", "peer", "tls", "outcome", "stored", "dup", "failed", "reason"],
+    )
+    for row in data["associations"]:
+        table.add_row(
+            str(row["id"]),
+            human_age(row["age_s"]),
+            row["calling_ae"] or "-",
+            f"{row['peer_host']}:{row['peer_port']}",
+            _cell(row["tls"]),
+            row["outcome"],
+            str(row["stored"]),
+            str(row["duplicate"]),
+            str(row["failed"]),
+            row["reason"] or "-",
         )
     console.print(table)
 
@@ -1051,6 +1104,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--study-type", type=parse_study_type, action="append", help="wrist, XR_HAND …"
     )
     studies.add_argument("--limit", type=parse_limit, default=50, help="rows (default 50)")
+
+    associations = command(
+        "associations", cmd_associations, "the association audit: peers and how each ended"
+    )
+    associations.add_argument(
+        "--outcome",
+        type=parse_outcome,
+        action="append",
+        help="e.g. rejected or rejected,aborted",
+    )
+    associations.add_argument(
+        "--newer-than", type=parse_duration, help="started at most this long ago (30m, 1d)"
+    )
+    associations.add_argument("--calling-ae", help="only this calling AE title")
+    associations.add_argument("--peer-host", help="only this peer address")
+    associations.add_argument("--limit", type=parse_limit, default=50, help="rows (default 50)")
 
     study = command("study", cmd_study, "one study: instances, views, result, deliveries")
     study.add_argument("uid", type=parse_uid, help="StudyInstanceUID")

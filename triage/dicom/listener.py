@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,8 @@ class _Server(ThreadedAssociationServer):
     """pynetdicom's server plus SO_REUSEPORT, and the TLS handshake off the accept thread."""
 
     reuse_port = False
+    #: Called with (peer host, peer port, reason) when a TLS peer's handshake is refused.
+    on_handshake_refused: Callable[[str, int, str], None] | None = None
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -134,6 +137,9 @@ class _Server(ThreadedAssociationServer):
             except (OSError, ssl.SSLError) as exc:
                 log.warning("tls_handshake_failed", peer_host=client_address[0], error=str(exc))
                 self.shutdown_request(request)
+                refused = handshake_refusal(exc)
+                if refused and self.on_handshake_refused is not None:
+                    self.on_handshake_refused(client_address[0], client_address[1], refused)
                 return
             finally:
                 with _HANDSHAKES_LOCK:
@@ -153,6 +159,23 @@ class _Server(ThreadedAssociationServer):
             # the thread that is using it.
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def handshake_refusal(exc: BaseException) -> str:
+    """Why a TLS handshake failed, for the audit, or "" when it was no attempt at one.
+
+    A peer whose certificate did not verify, that offered no certificate or an old protocol,
+    that spoke plain DICOM to the TLS port or that refused our certificate is a
+    misconfigured modality or a probe: each gets a REJECTED audit row. A connection that
+    closed or timed out before a word of TLS (a port check, a load balancer's probe) is not
+    an association attempt and gets none, or their rows would bury the real ones.
+    """
+    if not isinstance(exc, ssl.SSLError) or isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLWantReadError
+    ):
+        return ""
+    detail = getattr(exc, "verify_message", None) or (exc.reason or "").replace("_", " ")
+    return f"TLS handshake failed: {(detail or str(exc)).lower()}"
 
 
 @dataclass
@@ -242,6 +265,7 @@ class Listener:
             server_class=_Server,
             request_handler=FastRequestHandler,
         )
+        server.on_handshake_refused = self._on_handshake_refused
         self._server = server
         self.ae._servers.append(server)
         thread = threading.Thread(
@@ -305,6 +329,16 @@ class Listener:
             )
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
+
+    def _on_handshake_refused(self, host: str, port: int, reason: str) -> None:
+        """A REJECTED audit row for a TLS peer that never reached A-ASSOCIATE-RQ: whoever
+        reads the audit sees the modality with the expired certificate, not silence."""
+        try:
+            self.store.record_refused_connection(
+                self.config.ae_title, host, port, os.getpid(), reason
+            )
+        except Exception as exc:
+            log.error("association_audit_failed", error=_one_line(exc))
 
     def _on_echo(self, event: evt.Event) -> int:
         tally = self._tallies.get(id(event.assoc))

@@ -221,6 +221,61 @@ def list_studies(
         ]
 
 
+@dataclass(frozen=True)
+class AssociationFilter:
+    """What `triage-admin associations` asks for."""
+
+    outcomes: tuple[AssociationOutcome, ...] = ()
+    newer_than_s: float | None = None
+    calling_ae: str | None = None
+    peer_host: str | None = None
+    limit: int = 50
+
+
+def list_associations(
+    store: Store, wanted: AssociationFilter, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Rows of the association audit matching *wanted*, newest first."""
+    now = now or utcnow()
+    statement = select(AssociationRecord)
+    if wanted.outcomes:
+        statement = statement.where(AssociationRecord.outcome.in_(wanted.outcomes))
+    if wanted.newer_than_s is not None:
+        statement = statement.where(
+            AssociationRecord.started_at >= now - timedelta(seconds=wanted.newer_than_s)
+        )
+    if wanted.calling_ae is not None:
+        statement = statement.where(AssociationRecord.calling_ae == wanted.calling_ae.strip())
+    if wanted.peer_host is not None:
+        statement = statement.where(AssociationRecord.peer_host == wanted.peer_host)
+    statement = statement.order_by(AssociationRecord.id.desc()).limit(wanted.limit)
+    with store.read_session() as session:
+        return [_association_row(record, now) for record in session.scalars(statement)]
+
+
+def _association_row(record: AssociationRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "started_at": iso(record.started_at),
+        "ended_at": iso(record.ended_at),
+        "age_s": seconds_since(record.started_at, now),
+        "calling_ae": record.calling_ae,
+        "called_ae": record.called_ae,
+        "peer_host": record.peer_host,
+        "peer_port": record.peer_port,
+        "tls": record.tls,
+        "outcome": AssociationOutcome(record.outcome).value,
+        "stored": record.instances_stored,
+        "duplicate": record.instances_duplicate,
+        "failed": record.instances_failed,
+        "bytes_stored": record.bytes_stored,
+        "echoes": record.echoes,
+        "reason": record.reason or "",
+        "listener_host": record.listener_host,
+        "listener_pid": record.listener_pid,
+    }
+
+
 def _delivery(delivery: Delivery, output: Output, study_uid: str) -> dict[str, Any]:
     return {
         "id": delivery.id,

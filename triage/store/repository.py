@@ -371,6 +371,38 @@ class Store:
 
         return self.transaction(work, sessions=self._audits)
 
+    def record_refused_connection(
+        self, called_ae: str, peer_host: str, peer_port: int, listener_pid: int, reason: str
+    ) -> int:
+        """Insert the finished audit row of a TLS connection refused before any DICOM
+        (a failed handshake): REJECTED, with no calling AE title; returns its id."""
+
+        def work(session: Session) -> int:
+            now = utcnow()
+            record = AssociationRecord(
+                calling_ae="",
+                called_ae=called_ae[:16],
+                peer_host=peer_host[:64],
+                peer_port=peer_port,
+                tls=True,
+                listener_pid=listener_pid,
+                listener_host=socket.gethostname()[:128],
+                started_at=now,
+                ended_at=now,
+                outcome=AssociationOutcome.REJECTED,
+                instances_stored=0,
+                instances_duplicate=0,
+                instances_failed=0,
+                bytes_stored=0,
+                echoes=0,
+                reason=reason,
+            )
+            session.add(record)
+            session.flush()
+            return record.id
+
+        return self.transaction(work, sessions=self._audits)
+
     def close_association(
         self,
         association_id: int,
