@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -849,6 +850,22 @@ def test_tls_echo_and_store_with_client_certificates(daemon_factory, tmp_path) -
     assert echoscu(daemon.port, extra=tls).returncode == 0
     records = daemon.store().associations()
     assert any(r.tls and r.instances_stored == 2 for r in records)
+    # The test CA gives two days: said at start, and served for an alert.
+    from tests.test_http import log_events, scrape, value
+    from triage.tls_expiry import not_after
+
+    [soon] = log_events(daemon, "tls_certificate_expires_soon")
+    assert (soon["role"], soon["days_left"]) == ("listener", 1)
+    assert soon["path"] == str(pki["server.pem"])
+    end = not_after(pki["server.pem"])
+    assert end is not None
+    expiry = value(
+        scrape(daemon),
+        "triage_tls_certificate_expiry_timestamp_seconds",
+        role="listener",
+        destination="",
+    )
+    assert expiry == (end - datetime(1970, 1, 1)).total_seconds()
     assert daemon.stop() == 0
 
 

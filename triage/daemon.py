@@ -36,6 +36,7 @@ from triage.store.db import (
 from triage.store.models import StudyState
 from triage.store.repository import Store
 from triage.store.spool import Spool
+from triage.tls_expiry import certificates_in_use, report_expiry
 
 log = get_logger("triage.daemon")
 #: `triage worker` removes only temp files older than this at start (see Spool.prepare).
@@ -114,6 +115,9 @@ class Daemon:
         # Bound before anything else starts: a taken port stops start-up right here.
         http = _bind_http(config, health)
         metrics.register_store(store, spool)
+        certificates = certificates_in_use(config)
+        report_expiry(certificates)
+        metrics.register_certificates(certificates)
         worker = sender = None
         if config.destinations:
             from triage.dicom.sender import Sender

@@ -51,6 +51,7 @@ from triage.store.queries import (
 )
 from triage.store.repository import Store
 from triage.store.spool import Spool
+from triage.tls_expiry import Certificate, CertificateCollector
 
 log = get_logger("triage.metrics")
 
@@ -310,6 +311,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 _collector: StoreCollector | None = None
 _worker_collector: WorkerCollector | None = None
+_certificate_collector: CertificateCollector | None = None
 
 
 def register_store(store: Store, spool: Spool) -> None:
@@ -320,6 +322,15 @@ def register_store(store: Store, spool: Spool) -> None:
         _collector.close()
     _collector = StoreCollector(store, spool)
     REGISTRY.register(_collector)
+
+
+def register_certificates(certificates: list[Certificate]) -> None:
+    """Serve the TLS certificates' ends of validity (replaces an earlier registration)."""
+    global _certificate_collector
+    if _certificate_collector is not None:
+        REGISTRY.unregister(_certificate_collector)
+    _certificate_collector = CertificateCollector(certificates)
+    REGISTRY.register(_certificate_collector)
 
 
 def register_worker(load: Callable[[], WorkerLoad]) -> None:
@@ -343,6 +354,7 @@ __all__ = [
     "WorkerLoad",
     "observe_study_done",
     "observe_views",
+    "register_certificates",
     "register_store",
     "register_worker",
     "set_model",
