@@ -645,7 +645,9 @@ def test_purge_removes_only_finished_old_studies_files_and_rows(site: Site) -> N
         "files",
         "bytes",
         "workers",
+        "associations",
     }
+    assert dry["associations"] == 0  # audit_retention_days = 0: the audit is kept
     assert sorted(p for p in site.spool.root.rglob("*.dcm")) == files_before
     assert all(site.store.get_study(uid) is not None for uid in old)
     done = as_json(site, "purge", "--older-than", "30")
@@ -668,6 +670,35 @@ def test_purge_removes_only_finished_old_studies_files_and_rows(site: Site) -> N
     assert set(gone["study_uids"]) == {site.uids["DONE"], site.uids["FAILED_DELIVERY"]}
     left = {r["state"] for r in as_json(site, "studies")["studies"]}
     assert left == {"RECEIVING", "QUEUED", "SCORING", "DELIVERING"}
+
+
+def test_purge_removes_association_audit_rows_past_their_retention(site: Site) -> None:
+    import tomllib
+
+    from triage.store.models import AssociationOutcome, AssociationRecord
+
+    sections = tomllib.loads(site.config.read_text())
+    sections["store"]["audit_retention_days"] = 90
+    write_config(site.config, sections)
+    store = site.store
+    old_ended = store.open_association("CR1", "TRIAGE", "10.0.0.5", 1, False, 1)
+    store.close_association(old_ended, AssociationOutcome.RELEASED, stored=1)
+    old_active = store.open_association("CR1", "TRIAGE", "10.0.0.5", 2, False, 1)
+    recent = store.open_association("CR1", "TRIAGE", "10.0.0.5", 3, False, 1)
+    store.close_association(recent, AssociationOutcome.RELEASED, stored=1)
+    with store.session() as session, session.begin():
+        session.execute(
+            update(AssociationRecord)
+            .where(AssociationRecord.id.in_([old_ended, old_active]))
+            .values(started_at=utcnow() - timedelta(days=100))
+        )
+    assert as_json(site, "purge", "--dry-run")["associations"] == 1
+    assert len(as_json(site, "associations")["associations"]) == 3
+    code, out, _ = site.admin("purge")
+    assert code == 0 and "1 association audit rows" in out
+    left = [r["id"] for r in as_json(site, "associations")["associations"]]
+    assert left == [recent, old_active]  # an association still open is never removed
+    assert as_json(site, "purge")["associations"] == 0
 
 
 def test_purge_with_a_spool_that_is_not_there_removes_nothing_and_exits_3(

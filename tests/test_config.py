@@ -272,6 +272,11 @@ def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path, capsys, m
             "[store] retention_days: must be 1..36500 (100 years) (got 1000000)",
         ),
         (
+            "",
+            {"TRIAGE_STORE_AUDIT_RETENTION_DAYS": "-1"},
+            "[store] audit_retention_days: must be 0 (keep for ever) or 1..36500",
+        ),
+        (
             "[study]\ncheck_interval_s = 1e12\n",
             {},
             "[study] check_interval_s: must be > 0 and <= 86400 s (one day)",

@@ -219,6 +219,8 @@ class StoreConfig:
     #: C-STORE answers 0xA700 (out of resources) while the spool has less free space than this.
     min_free_mb: int = 1024
     retention_days: int = 30
+    #: Association audit rows older than this are purged; 0 keeps them for ever.
+    audit_retention_days: int = 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a wrong value."""
@@ -242,6 +244,13 @@ class StoreConfig:
                 "store",
                 "retention_days",
                 f"must be 1..{MAX_RETENTION_DAYS} (100 years) (got {self.retention_days})",
+            )
+        if not 0 <= self.audit_retention_days <= MAX_RETENTION_DAYS:
+            _fail(
+                "store",
+                "audit_retention_days",
+                f"must be 0 (keep for ever) or 1..{MAX_RETENTION_DAYS} (100 years)"
+                f" (got {self.audit_retention_days})",
             )
 
 

@@ -122,15 +122,20 @@ class Scheduler:
         if stale:
             log.warning("stale_temp_files_removed", count=stale)
         report = purge(
-            self.store, spool, float(self.config.store.retention_days), stop=self._stopping
+            self.store,
+            spool,
+            float(self.config.store.retention_days),
+            stop=self._stopping,
+            audit_older_than_days=float(self.config.store.audit_retention_days),
         )
-        if report.study_uids or report.workers:
+        if report.study_uids or report.workers or report.associations:
             log.info(
                 "purged",
                 studies=len(report.study_uids),
                 files=report.files,
                 bytes=report.bytes,
                 workers=report.workers,
+                associations=report.associations,
                 retention_days=self.config.store.retention_days,
             )
         return len(report.study_uids)

@@ -800,7 +800,13 @@ def cmd_purge(ctx: Context) -> int:
             f"no spool at {spool.root}: nothing purged (relative paths in the config resolve"
             " against the working directory: run from the daemon's, or pass --workdir)",
         )
-    report = purge(ctx.store(), spool, days, dry_run=ctx.args.dry_run)
+    report = purge(
+        ctx.store(),
+        spool,
+        days,
+        dry_run=ctx.args.dry_run,
+        audit_older_than_days=float(ctx.config.store.audit_retention_days),
+    )
     ctx.emit(report.as_dict(), _render_purge)
     return EXIT_OK
 
@@ -810,7 +816,8 @@ def _render_purge(console: Any, data: dict[str, Any]) -> None:
     console.print(
         f"{verb} {data['studies']} studies finished before {data['cutoff']}:"
         f" {data['instances']} instances, {data['outputs']} outputs,"
-        f" {data['files']} files ({human_bytes(data['bytes'])}), {data['workers']} worker rows"
+        f" {data['files']} files ({human_bytes(data['bytes'])}), {data['workers']} worker rows,"
+        f" {data['associations']} association audit rows"
     )
     for uid in data["study_uids"][:50]:
         console.print(f"  {uid}")

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from triage.store.models import (
+    AssociationRecord,
     Delivery,
     DeliveryState,
     Instance,
@@ -153,6 +154,7 @@ class PurgeReport:
     files: int = 0
     bytes: int = 0
     workers: int = 0
+    associations: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """The JSON form (`triage-admin purge --json`)."""
@@ -167,6 +169,7 @@ class PurgeReport:
             "files": self.files,
             "bytes": self.bytes,
             "workers": self.workers,
+            "associations": self.associations,
         }
 
 
@@ -200,6 +203,7 @@ def purge(
     batch: int = 25,
     now: datetime | None = None,
     stop: threading.Event | None = None,
+    audit_older_than_days: float = 0.0,
 ) -> PurgeReport:
     """Remove studies that finished (DONE, SKIPPED, CANCELLED, FAILED) more than
     *older_than_days* ago: their spooled instances, their outbox files and every row of
@@ -215,6 +219,9 @@ def purge(
     go before rows, so a crash in between leaves rows that the next purge finishes; so does
     a *stop* set meanwhile (the daemon stopping): the batch in progress ends at its next
     file, its rows stay, and the purge returns what it did before.
+
+    With *audit_older_than_days* (0: never), association audit rows that ended more than
+    that long ago go too.
     """
     if not spool.is_prepared():
         # Rows purged while their files stay: SQLite's spool recovery would bring the
@@ -316,7 +323,42 @@ def purge(
             report.workers = old_workers(session)
     else:
         report.workers = store.transaction(old_workers)
+    if audit_older_than_days > 0:
+        report.associations = _purge_audit(
+            store, now - timedelta(days=audit_older_than_days), dry_run, stop
+        )
     return report
+
+
+#: Audit rows removed per transaction: the first purge of a large audit must not hold the
+#: SQLite write lock, which every C-STORE's row waits for, for long.
+_AUDIT_BATCH = 5000
+
+
+def _purge_audit(
+    store: Store, cutoff: datetime, dry_run: bool, stop: threading.Event | None
+) -> int:
+    """Remove the association audit rows of associations started before *cutoff* that
+    ended (an ACTIVE row is never removed); returns how many."""
+    old = AssociationRecord.started_at < cutoff, AssociationRecord.ended_at.is_not(None)
+    if dry_run:
+        with store.read_session() as session:
+            counted = select(func.count(AssociationRecord.id)).where(*old)
+            return int(session.scalar(counted) or 0)
+
+    def one_batch(session: Session) -> int:
+        ids = list(session.scalars(select(AssociationRecord.id).where(*old).limit(_AUDIT_BATCH)))
+        if ids:
+            session.execute(delete(AssociationRecord).where(AssociationRecord.id.in_(ids)))
+        return len(ids)
+
+    removed = 0
+    while not (stop is not None and stop.is_set()):
+        done = store.transaction(one_batch)
+        removed += done
+        if done < _AUDIT_BATCH:
+            break
+    return removed
 
 
 def spool_free_bytes(spool: Spool) -> int | None:
