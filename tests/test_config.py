@@ -10,6 +10,7 @@ import pytest
 
 from tests.peers import run_triage
 from triage.config import Config, ConfigError, describe, load_config
+from triage.tls_expiry import not_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -229,7 +230,14 @@ def test_tls_files_that_exist_but_do_not_load_are_config_errors(
         f'[dicom]\ntls = true\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{other_cert}"\n'
         f'{destination}tls_ca = "{cert}"\ntls_cert = "{other_cert}"\ntls_key = "{other_key}"\n'
     )
-    assert _cli(capsys, "--config", str(path), "config") == (0, "")
+    # Valid; the test CA's two days are said, not refused.
+    code, err = _cli(capsys, "--config", str(path), "config")
+    assert code == 0 and err.splitlines() == [
+        f"triage: warning: [dicom] tls_cert {cert} expires {not_after(cert).isoformat()}Z"
+        " (in 1 day)",
+        f"triage: warning: [destinations.pacs] tls_cert {other_cert} expires"
+        f" {not_after(other_cert).isoformat()}Z (in 1 day)",
+    ]
 
 
 def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path, capsys, monkeypatch) -> None:

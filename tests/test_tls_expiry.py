@@ -15,6 +15,7 @@ from triage.tls_expiry import (
     Certificate,
     CertificateCollector,
     certificates_in_use,
+    expiry_notes,
     not_after,
     report_expiry,
 )
@@ -124,3 +125,20 @@ def test_the_metric_fixes_the_listeners_date_and_rereads_a_destinations(tmp_path
     assert samples() == {("listener", ""): start, ("destination", "pacs"): later}
     destination_file.unlink()
     assert samples() == {("listener", ""): start}
+
+
+def test_triage_config_warns_of_a_certificate_near_its_end(tmp_path: Path) -> None:
+    from tests.peers import run_triage, write_config
+
+    pem = _self_signed(tmp_path, "server", 2)
+    config = write_config(
+        tmp_path / "triage.toml",
+        {"dicom": {"tls": True, "tls_cert": str(pem), "tls_key": str(tmp_path / "server.key")}},
+    )
+    result = run_triage(config, "config")
+    assert result.returncode == 0, result.stderr
+    end = _openssl_end(pem).isoformat()
+    assert result.stderr == (f"triage: warning: [dicom] tls_cert {pem} expires {end}Z (in 1 day)\n")
+    later = _openssl_end(pem) + timedelta(days=1)
+    pacs = Certificate("destination", "pacs", str(pem))
+    assert expiry_notes([pacs], now=later) == [f"[destinations.pacs] tls_cert {pem} expired {end}Z"]

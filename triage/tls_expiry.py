@@ -127,6 +127,32 @@ def _elements(der: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int
         offset += length
 
 
+def expiry_notes(certificates: list[Certificate], now: datetime | None = None) -> list[str]:
+    """One line per certificate expired or expiring within :data:`WARN_BEFORE_DAYS`, for
+    `triage config` (``[dicom] tls_cert /etc/…/server.pem expired 2026-11-30T00:00:00Z``)."""
+    now = now or utcnow()
+    notes = []
+    for certificate in certificates:
+        end = not_after(certificate.path)
+        if end is None:
+            continue
+        where = (
+            "[dicom] tls_cert"
+            if certificate.role == "listener"
+            else f"[destinations.{certificate.name}] tls_cert"
+        )
+        days_left = (end - now).total_seconds() / 86400
+        if days_left <= 0:
+            notes.append(f"{where} {certificate.path} expired {end.isoformat()}Z")
+        elif days_left <= WARN_BEFORE_DAYS:
+            days = int(days_left)
+            notes.append(
+                f"{where} {certificate.path} expires {end.isoformat()}Z"
+                f" (in {days} day{'' if days == 1 else 's'})"
+            )
+    return notes
+
+
 def report_expiry(certificates: list[Certificate], now: datetime | None = None) -> None:
     """Log an error for each expired certificate, a warning for each that expires within
     :data:`WARN_BEFORE_DAYS`."""

@@ -55,8 +55,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _show_config(args: argparse.Namespace) -> int:
+    from triage.tls_expiry import certificates_in_use, expiry_notes
+
     config = load_config(_config_path(args))
     print(json.dumps(describe(config), indent=2))
+    # Valid, but worth knowing before the peers find out.
+    for note in expiry_notes(certificates_in_use(config)):
+        print(f"triage: warning: {note}", file=sys.stderr)
     return 0
 
 
