@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -214,3 +215,12 @@ def test_reader_protocol_counts_ties_with_even_groups() -> None:
     assert result.tied_studies == 5
     with pytest.raises(ValueError):
         compare_with_readers({"A": np.ones(3), "B": np.ones(3)}, np.ones(3))
+
+
+def test_reader_comparison_with_an_undefined_score_is_valid_json() -> None:
+    # Three normal studies that every reader calls normal: F1 and kappa are undefined.
+    readers = [(name, np.zeros(3, dtype=int)) for name in ("a", "b", "c")]
+    result = compare_with_readers(readers, np.zeros(3, dtype=bool), n_resamples=5)
+    out = json.loads(json.dumps(result.as_dict(), allow_nan=False))
+    assert out["reader_scores"]["f1"] == {"a": None, "b": None, "c": None}
+    assert set(out["model_scores"]["kappa"].values()) == {None}

@@ -463,3 +463,27 @@ def test_check_images_lets_a_readable_data_set_train(
     err = capsys.readouterr().err
     assert "all images can be read" in err
     assert (out / "card.toml").is_file()
+
+
+def test_negative_seed_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--seed"):
+        TrainOptions(out_dir=tmp_path, seed=-1).check()
+    for command in (
+        ["train", "--mura", str(tmp_path), "--out", str(tmp_path / "o"), "--seed", "-1"],
+        ["evaluate", "--card", "models/demo", "--mura", str(tmp_path), "--seed", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exc:  # argparse, before any data or scoring
+            main(command)
+        assert exc.value.code == 2
+
+
+def test_resume_without_a_checkpoint_does_not_replace_a_finished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "weights.pt").write_bytes(b"weights of a finished run")
+    (out / "card.toml").write_text("# card\n")
+    assert main(["train", "--mura", str(tmp_path / "none"), "--out", str(out), "--resume"]) == 1
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    assert (out / "weights.pt").read_bytes() == b"weights of a finished run"

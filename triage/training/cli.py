@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 _DEVICES = ("auto", "cpu", "cuda")
 #: The model card's input-size range (triage.scoring.card; TrainOptions.check repeats it).
 _IMAGE_SIZES = (32, 2048)
+#: Seeds numpy's generators (non-negative only) and torch.manual_seed (< 2**64) both take.
+_MAX_SEED = 2**63 - 1
 
 
 def _int_from(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -132,7 +134,7 @@ def add_commands(subparsers: Any) -> None:
         choices=("auto", "fp32", "bf16"),
         help="auto: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, else fp32",
     )
-    train.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    train.add_argument("--seed", type=_int_from(0, _MAX_SEED), default=0, help="random seed (0)")
     train.add_argument(
         "--imagenet-weights",
         metavar="FILE",
@@ -208,7 +210,7 @@ def add_commands(subparsers: Any) -> None:
     ev.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     ev.add_argument("--plots", type=Path, metavar="DIR", help="write ROC plots (PNG) here")
     ev.add_argument("--bootstrap", type=_int_from(0), default=10_000, help="resamples (10000)")
-    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    ev.add_argument("--seed", type=_int_from(0, _MAX_SEED), default=0, help="bootstrap seed (0)")
     ev.add_argument("--device", default="auto", choices=_DEVICES)
     ev.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ev.add_argument("--batch-size", type=_int_from(1), default=32)
@@ -309,6 +311,12 @@ def run_train(args: argparse.Namespace) -> int:
             for name in ("card.toml", "weights.pt", "checkpoint.pt")
             if (Path(args.out) / name).is_file()
         ]
+        if held and args.resume and "checkpoint.pt" not in held and not args.overwrite:
+            # --resume with nothing to resume from would start afresh and replace the run.
+            raise DataError(
+                f"{args.out} holds a run ({', '.join(held)}) but no checkpoint.pt to continue "
+                "from: --overwrite starts afresh there"
+            )
         if held and not args.resume and not args.overwrite:
             # A run of days, replaced by a typo in --out.
             raise DataError(

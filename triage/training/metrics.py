@@ -280,12 +280,17 @@ class ReaderComparison:
             "readers": list(self.readers),
             "n_studies": self.n_studies,
             "tied_studies": self.tied_studies,
-            "reader_scores": self.reader_scores,
-            "model_scores": self.model_scores,
+            # NaN (F1 or kappa undefined on a group) → None, as in Estimate.as_dict.
+            "reader_scores": _json_scores(self.reader_scores),
+            "model_scores": _json_scores(self.model_scores),
             "reader_mean": {k: v.as_dict() for k, v in self.reader_mean.items()},
             "model_mean": {k: v.as_dict() for k, v in self.model_mean.items()},
             "model_minus_readers": {k: v.as_dict() for k, v in self.difference.items()},
         }
+
+
+def _json_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
+    return {m: {k: _json_float(v) for k, v in by.items()} for m, by in scores.items()}
 
 
 def compare_with_readers(

@@ -146,6 +146,7 @@ class TrainOptions:
             ("--log-every", self.log_every, 1),
             ("--bootstrap", self.bootstrap_resamples, 0),
             ("--image-size", self.image_size, MIN_IMAGE_SIZE),
+            ("--seed", self.seed, 0),
         ):
             if value is None and flag in ("--max-steps", "--workers"):
                 continue
