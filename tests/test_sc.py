@@ -617,3 +617,27 @@ def test_an_overlay_of_non_square_pixels_keeps_their_aspect(
     sc = _overlay(source, make_result([source]))
     assert (list(sc.PixelAspectRatio) if "PixelAspectRatio" in sc else None) == aspect
     _validate(sc, tmp_path / "sc.dcm")
+
+
+@pytest.mark.parametrize("how", ["attribute", "transfer syntax"])
+def test_an_overlay_of_a_lossy_compressed_view_says_so(how: str, tmp_path: Path) -> None:
+    # PS3.3 C.7.6.1.1.5: once 01, Lossy Image Compression stays 01 in derived images.
+    [source] = make_study("DX", views=("PA",), rows=96, cols=80)
+    display = display_of(source)
+    if how == "attribute":
+        source.LossyImageCompression = "01"
+        source.LossyImageCompressionRatio = 12.5
+        source.LossyImageCompressionMethod = "ISO_10918_1"
+    else:  # a CR may say nothing: its JPEG Baseline transfer syntax does
+        del source.LossyImageCompression
+        source.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    result = make_result([source])
+    view = result.views[0]
+    outputs = {
+        "sc": build_cam_overlay(source, display, view, result, VALIDATED),
+        "pm": build_parametric_map(source, view, result, VALIDATED),
+    }
+    for kind, output in outputs.items():
+        assert output.LossyImageCompression == "01", kind
+        assert output.LossyImageCompressionMethod == "ISO_10918_1", kind
+        _validate(output, tmp_path / f"{kind}.dcm")

@@ -451,3 +451,63 @@ def test_the_header_copy_leaves_the_source_as_it_was() -> None:
     assert (source.PatientSex, len(source.StudyDescription)) == ("m", 80)
     assert "AccessionNumber" not in source and "PixelData" not in header
     assert np.frombuffer(source.PixelData, np.uint16).size == 96 * 80
+
+
+def test_empty_type_3_sequences_of_the_source_are_left_out_of_every_output(
+    tmp_path: Path,
+) -> None:
+    # Modalities copy empty sequences from the worklist (ReferencedStudySequence,
+    # ProcedureCodeSequence …); copied empty, each was a dciodvfy error ("1-n" items).
+    study = _small_study()
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "XRW", "99LOCAL", "XR WRIST"
+    code.EquivalentCodeSequence = []
+    for source in study:
+        source.ReferencedStudySequence = []
+        source.OtherPatientIDsSequence = []
+        source.ProcedureCodeSequence = [code]
+    for kind, output in _outputs(study, tmp_path).items():
+        assert "ReferencedStudySequence" not in output, kind
+        assert output.ProcedureCodeSequence[0].CodeValue == "XRW", kind
+
+
+def test_text_cut_for_the_sources_set_still_fits_once_the_sr_is_made_utf_8(
+    tmp_path: Path,
+) -> None:
+    # Cut to 64 Latin-1 bytes, then written in UTF-8 for the reason's quotes: 110 bytes.
+    require_tools("dciodvfy")
+    study = _small_study(("PA", "LL"))
+    for source in study:
+        source.SpecificCharacterSet = "ISO_IR 100"
+        source.StudyDescription = "Röntgen Handgelenk " + "ä" * 50
+        source.PatientName = "Müller" * 10 + "^Jürgen"
+    headers = _received(study, tmp_path)
+    result = make_result(study[:1], skipped=[(study[1], "not a DICOM file: bad preamble ‘µ’")])
+    sr = build_sr(headers, result, MODEL, device_uid=DEVICE_UID, created=CREATED)
+    written = _written(sr, tmp_path / "sr.dcm")  # dciodvfy: LO and PN within 64 bytes
+    assert written.SpecificCharacterSet == "ISO_IR 192"
+    assert written.StudyDescription.startswith("Röntgen Handgelenk ää")
+    assert str(written.PatientName).endswith("^Jürgen")
+
+
+def test_text_cut_for_the_sources_set_still_fits_in_an_overlay_and_map_made_utf_8(
+    tmp_path: Path,
+) -> None:
+    # A model named beyond Latin-1 makes the overlay and the map UTF-8 too.
+    require_tools("dciodvfy")
+    [source] = _small_study()
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.StudyDescription = "Röntgen Handgelenk " + "ä" * 50
+    source.PatientName = "Müller" * 10 + "^Jürgen"
+    [header] = _received([source], tmp_path)
+    model = ModelInfo(name="densenet169-mura-β", version="1.2.0", validated=False)
+    result = make_result([source])
+    view = result.views[0]
+    built = {
+        "sc": build_cam_overlay(header, display_of(source), view, result, model),
+        "pm": build_parametric_map(header, view, result, model, device_uid=DEVICE_UID),
+    }
+    for kind, output in built.items():
+        written = _written(output, tmp_path / f"{kind}.dcm")  # LO and PN within 64 bytes
+        assert written.SpecificCharacterSet == "ISO_IR 192", kind
+        assert str(written.PatientName).endswith("^Jürgen"), kind

@@ -137,7 +137,7 @@ def build_parametric_map(
         ),
     ]
     # The patient and study come from a repaired copy of the header (see build_sr).
-    header = header_for_outputs(source)
+    header = header_for_outputs(source, also=(model.name, model.version, description))
     pm = hd.pm.ParametricMap(
         source_images=[_with_own_frame_of_reference(header, result, model, view)],
         pixel_array=values,

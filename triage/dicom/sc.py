@@ -77,6 +77,14 @@ _STUDY_ATTRIBUTES = (
 )
 
 
+#: General Image attributes that an image derived from a lossy-compressed one carries over.
+_LOSSY_ATTRIBUTES = (
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
+
+
 def _copy_patient_and_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
     """Every Patient module attribute (group 0010) and the study attributes of the source
     that *target* lacks: highdicom copies only the core ones, and an overlay filed without
@@ -304,7 +312,7 @@ def build_cam_overlay(
     if series_laterality:
         description = f"{description} {series_laterality}"[:64]
     # The patient and study come from a repaired copy of the header (see build_sr).
-    header = header_for_outputs(source)
+    header = header_for_outputs(source, also=(*lines, description))
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=rgb,
@@ -341,6 +349,11 @@ def build_cam_overlay(
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined
     sc.BurnedInAnnotation = "YES"
+    if header.get("LossyImageCompression") == "01":
+        # PS3.3 C.7.6.1.1.5: once lossy, every image derived from it says so.
+        for keyword in _LOSSY_ATTRIBUTES:
+            if header.get(keyword):
+                sc[keyword] = deepcopy(header[keyword])
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = "; ".join(lines)
     sc.DerivationDescription = (

@@ -64,6 +64,17 @@ _PATIENT_SEXES = frozenset({"M", "F", "O"})
 #: PatientID, IssuerOfPatientID, AccessionNumber, StudyID: never changed (see _fitted).
 _MATCHING_KEYS = frozenset({0x00100020, 0x00100021, 0x00080050, 0x00200010})
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: Sequences that are Type 2C (present, maybe empty) where they apply: the non-human
+#: patient's breed. Every other sequence an output copies is Type 3 or has its own value, and
+#: present it needs one item at least (dciodvfy: "Bad Sequence number of Items = <0>").
+_EMPTY_SEQUENCES_KEPT = frozenset({0x00102293, 0x00102294})
+#: Transfer syntaxes that are lossy whatever the image says: JPEG Baseline and Extended,
+#: JPEG-LS near-lossless (PS3.5 A.4), with their Lossy Image Compression Method.
+_LOSSY_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+}
 _SPECIFIC_CHARACTER_SET = 0x00080005
 
 _STRICT_DA = re.compile(r"^\d{8}$")
@@ -166,7 +177,7 @@ def character_set_of(dataset: pydicom.Dataset) -> tuple[str, ...]:
     return normalise_character_set(element.value)
 
 
-def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
+def header_for_outputs(source: pydicom.Dataset, also: Iterable[str] = ()) -> pydicom.Dataset:
     """A copy of *source*'s header (public elements, no pixel data) that the builders accept.
 
     - SpecificCharacterSet is normalised (GBK is written as GB18030 and ISO_IR 13 as
@@ -188,6 +199,10 @@ def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
       character set (PN per component group);
     - the matching keys (``_MATCHING_KEYS``) are exempt from all of this: copied as they are.
 
+    *also* is the output's own text (a reason, a note, a model name): where the source's set
+    cannot hold it, the output is declared UTF-8 (see :func:`declare_character_set`) and the
+    lengths are measured in UTF-8 too.
+
     *source* is not changed (beyond pydicom decoding its raw elements on access, as any read
     does); unchanged elements are shared with it.
     """
@@ -198,13 +213,21 @@ def header_for_outputs(source: pydicom.Dataset) -> pydicom.Dataset:
     header = _copied(
         source, redecoding, convert_encodings(list(written) or [_LATIN_1]), top_level=True
     )
-    if not _encodes(written or (_LATIN_1,), (t for t in _texts(header) if not t.isascii())):
+    texts = [*(t for t in _texts(header) if not t.isascii()), *(t for t in also if t)]
+    if not _encodes(written or (_LATIN_1,), texts):
         # Text the set cannot hold (bytes it could not decode, read as U+FFFD) makes the
         # outputs UTF-8 (see declare_character_set): lengths are measured in UTF-8 then.
         header = _copied(source, redecoding, list(_UTF8_ENCODINGS), top_level=True)
     for keyword, vr in _REQUIRED.items():
         if keyword not in header:
             header.add_new(keyword, vr, None)
+    syntax = str(getattr(source, "file_meta", {}).get("TransferSyntaxUID", ""))
+    if syntax in _LOSSY_TRANSFER_SYNTAXES and header.get("LossyImageCompression") != "01":
+        # Received lossy-compressed without saying so (Type 3 in a CR): derived images must.
+        header.LossyImageCompression = "01"
+        header.LossyImageCompressionMethod = _LOSSY_TRANSFER_SYNTAXES[syntax]
+        if "LossyImageCompressionRatio" in header:
+            del header.LossyImageCompressionRatio  # one ratio per method, or none
     charset = written
     if charset:
         header.SpecificCharacterSet = charset[0] if len(charset) == 1 else list(charset)
@@ -268,6 +291,8 @@ def _copied(
         if _dictionary_vr(tag) is None:
             continue  # a public attribute of no known dictionary: invalid in any output
         element = _decoded(dataset, tag, encodings, read_as)
+        if element.VR == "SQ" and not element.value and tag not in _EMPTY_SEQUENCES_KEPT:
+            continue  # an empty Type 3 sequence (copied from a worklist): invalid as is
         copy.add(_fitted(element, top_level=top_level, encodings=encodings, output=output))
     return copy
 

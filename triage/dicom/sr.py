@@ -143,7 +143,18 @@ def build_sr(
         raise ValueError(f"sources are not all in study {result.study_uid}")
     # Headers as they come from modalities: highdicom refuses many (missing Type 2
     # attributes, odd character sets, dates of 00000000), and one header must not fail a study.
-    evidence = [header_for_outputs(ds) for ds in evidence]
+    # Measured in the character set the report is written in: its own text may make it UTF-8.
+    own_text = [
+        not_validated_statement(model),
+        *(skipped.reason for skipped in result.skipped_views),
+        *(view.note for view in result.views),
+        model.name,
+        model.version,
+        model.manufacturer,
+        device_name,
+        institution_name or "",
+    ]
+    evidence = [header_for_outputs(ds, also=own_text) for ds in evidence]
 
     algorithm = _algorithm(model.name, model.version, model.manufacturer)
     site_code, site_meaning = result.study_type.finding_site
