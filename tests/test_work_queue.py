@@ -472,3 +472,31 @@ def test_a_discarded_results_files_go_only_once_the_study_moved_to_another_revis
         None,
     )
     assert queue.discardable_outputs(claim, paths) == paths
+
+
+def test_a_requeued_study_that_is_skipped_or_fails_sends_none_of_its_old_outputs(
+    store: Store,
+) -> None:
+    from triage.store.operations import requeue
+    from triage.store.outbox import Outbox
+
+    queue, outbox = WorkQueue(store), Outbox(store)
+    skipped, failed = queued_study(store, 1), queued_study(store, 2)
+    for claim in queue.claim("w1", limit=5, lease_s=60):
+        assert queue.complete(claim, result_for(claim), MODEL, outputs_for(claim), ["pacs"], 1.0)
+    # The operator requeues both (a new model card) before the PACS took the results.
+    requeue(store, skipped)
+    requeue(store, failed)
+    for claim in queue.claim("w1", limit=5, lease_s=60):
+        if claim.study_uid == skipped:
+            assert queue.skip(claim, "not an upper-extremity radiograph")
+        else:
+            assert queue.fail_attempt(claim, "model error", max_attempts=1) is StudyState.FAILED
+    assert store.get_study(skipped).state is StudyState.SKIPPED
+    assert store.get_study(failed).state is StudyState.FAILED
+    # Nothing the requeue meant to replace goes out, and nothing waits for ever.
+    sent = [d.study_uid for d in outbox.claim_due("pacs", 10, 60)]
+    assert sent == []
+    assert outbox.pending_destinations() == []
+    states = {d.state for uid in (skipped, failed) for d, _ in outbox.deliveries(uid)}
+    assert states == {DeliveryState.CANCELLED}

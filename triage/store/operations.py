@@ -104,6 +104,9 @@ def requeue(store: Store, study_uid: str, *, force: bool = False, actor: str = "
         study.attempts = 0
         study.state_reason = ""
         _move(session, study, StudyState.QUEUED, f"requeued by {actor or 'operator'}")
+        # The scoring to come supersedes what is still to send: if it makes the same objects
+        # again, their deliveries start again; if it skips or fails, the old ones must not go.
+        _cancel_deliveries(session, study, "superseded: the study was requeued")
         return Change(study_uid, previous.value, StudyState.QUEUED.value, True, study.revision)
 
     return store.transaction(work)
@@ -123,19 +126,23 @@ def cancel(store: Store, study_uid: str, reason: str, *, actor: str = "") -> Cha
         text = f"cancelled by {actor or 'operator'}: {reason}"
         study.state_reason = text
         _move(session, study, StudyState.CANCELLED, text)
-        session.execute(
-            update(Delivery)
-            .where(
-                # FAILED ones too: they could not be retried any more, yet were listed and
-                # counted as failures (an alert on them never cleared).
-                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
-                Delivery.output_id.in_(select(Output.id).where(Output.study_id == study.id)),
-            )
-            .values(state=DeliveryState.CANCELLED, last_error="study cancelled")
-        )
+        _cancel_deliveries(session, study, "study cancelled")
         return Change(study_uid, previous.value, StudyState.CANCELLED.value, True, study.revision)
 
     return store.transaction(work)
+
+
+def _cancel_deliveries(session: Session, study: Study, why: str) -> None:
+    session.execute(
+        update(Delivery)
+        .where(
+            # FAILED ones too: they could not be retried any more, yet were listed and
+            # counted as failures (an alert on them never cleared).
+            Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)),
+            Delivery.output_id.in_(select(Output.id).where(Output.study_id == study.id)),
+        )
+        .values(state=DeliveryState.CANCELLED, last_error=why)
+    )
 
 
 # --- purge ---------------------------------------------------------------------------------
