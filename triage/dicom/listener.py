@@ -420,7 +420,7 @@ class Listener:
             bound.info("own_output_ignored")
             return Status.SUCCESS, ""
         if not self.spool.has_room():
-            if self.store.instance_exists(verdict.sop_instance_uid):
+            if self.store.holds_instance(verdict.sop_instance_uid, verdict.study_uid):
                 tally.duplicate += 1  # already held: still a success, even on a full disk
                 return Status.SUCCESS, ""
             bound.error("spool_below_free_space_floor", min_free_bytes=self.spool.min_free_bytes)

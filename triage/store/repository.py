@@ -155,6 +155,21 @@ class Store:
 
     # --- ingest -------------------------------------------------------------------------
 
+    def holds_instance(self, sop_instance_uid: str, study_uid: str) -> bool:
+        """True if a C-STORE of this instance for *study_uid* would be a duplicate (see
+        :meth:`record_instance`): held in that study, or in another that is not cancelled.
+        One held by a cancelled study would move to *study_uid*: not held for it."""
+        with self._readers() as session:
+            found = session.execute(
+                select(Study.study_uid, Study.state)
+                .join(Instance, Instance.study_id == Study.id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+        if found is None:
+            return False
+        held_in, state = found
+        return held_in == study_uid or StudyState(state) is not StudyState.CANCELLED
+
     def instance_exists(self, sop_instance_uid: str) -> bool:
         """True if this SOP instance is already stored (duplicates are idempotent)."""
         with self._readers() as session:
