@@ -511,3 +511,43 @@ def test_text_cut_for_the_sources_set_still_fits_in_an_overlay_and_map_made_utf_
         written = _written(output, tmp_path / f"{kind}.dcm")  # LO and PN within 64 bytes
         assert written.SpecificCharacterSet == "ISO_IR 192", kind
         assert str(written.PatientName).endswith("^Jürgen"), kind
+
+
+def test_references_to_a_multi_frame_view_name_the_frame_it_was_scored_on(
+    tmp_path: Path,
+) -> None:
+    """A multi-frame view is scored on its first frame: a reference to it that does not
+    apply to every frame must say which (PS3.3 Table 10-3, Referenced Frame Number 1C)."""
+    require_tools("dciodvfy")
+    study = _small_study(("PA", "LL"))
+    headers = _received(study, tmp_path)
+    headers[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
+    headers[0].NumberOfFrames = 2
+    result = make_result(study)
+    view = result.views[0]
+    sr = _written(
+        build_sr(headers, result, MODEL, device_uid=DEVICE_UID, created=CREATED),
+        tmp_path / "sr.dcm",
+    )
+    sc = _written(
+        build_cam_overlay(headers[0], display_of(study[0]), view, result, MODEL),
+        tmp_path / "sc.dcm",
+    )
+    assert sc.SourceImageSequence[0].ReferencedFrameNumber == 1
+
+    def frames_referenced(items) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        found = {}
+        for item in items:
+            if item.ValueType == "IMAGE":
+                reference = item.ReferencedSOPSequence[0]
+                found[reference.ReferencedSOPInstanceUID] = reference.get("ReferencedFrameNumber")
+            found.update(frames_referenced(item.get("ContentSequence", [])))
+        return found
+
+    groups = next(
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010"  # Imaging Measurements
+    ).ContentSequence
+    referenced = frames_referenced(groups)
+    assert referenced == {headers[0].SOPInstanceUID: 1, headers[1].SOPInstanceUID: None}

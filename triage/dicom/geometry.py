@@ -57,3 +57,25 @@ def pixel_aspect_ratio(source: pydicom.Dataset) -> tuple[int, int] | None:
     if ratio == 1:
         return None
     return ratio.numerator, ratio.denominator
+
+
+def scored_frames(source: pydicom.Dataset) -> list[int] | None:
+    """The frames of *source* a result derives from, for a reference that must name them:
+    ``[1]`` for a multi-frame image (a view is scored on its first frame), ``None`` for a
+    single-frame one (PS3.3 Table 10-3: Referenced Frame Number is required when the
+    referenced image has several frames and the reference does not apply to all of them).
+
+    Multi-frame means an image of a multi-frame IOD (a Multi-frame Grayscale Word SC added
+    to ``extra_sop_classes``) with more than one frame; a CR or DX that says it has several
+    is scored on its first frame too, but its IOD has no frames to name (highdicom refuses
+    a frame number for it, and the reference is left whole).
+    """
+    from triage.dicom.iod_lookup import is_attribute_in_iod
+
+    try:
+        frames = int(source.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return None
+    if frames <= 1 or not is_attribute_in_iod("NumberOfFrames", str(source.SOPClassUID)):
+        return None
+    return [1]

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
 from triage.dicom import colormap as colormaps
-from triage.dicom.geometry import patient_orientation, pixel_aspect_ratio
+from triage.dicom.geometry import patient_orientation, pixel_aspect_ratio, scored_frames
 from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.dicom.sr import (
     MANUFACTURER,
@@ -365,6 +365,9 @@ def build_cam_overlay(
     reference = pydicom.Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    frames = scored_frames(source)
+    if frames:
+        reference.ReferencedFrameNumber = frames[0]
     reference.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
     sc.SourceImageSequence = [reference]
     declare_character_set(sc, header)

@@ -39,6 +39,7 @@ from pydicom.sr.codedict import codes
 import triage
 from triage import __version__
 from triage.dicom import iod_lookup
+from triage.dicom.geometry import scored_frames
 from triage.dicom.source_header import declare_character_set, header_for_outputs
 from triage.scoring.result import ModelInfo, StudyResult, output_identity, shown_decimals
 from triage.uids import derived_uid
@@ -371,7 +372,10 @@ def _group(
         measurements=measurements,
         qualitative_evaluations=[finding] if finding is not None else None,
         source_images=[
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                image, referenced_frame_numbers=scored_frames(image)
+            )
+            for image in images
         ],
     )
     items = group[0].ContentSequence
