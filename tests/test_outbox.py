@@ -6,9 +6,10 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from sqlalchemy import update
 
 from triage.scoring.result import ModelInfo, StudyResult, ViewResult
-from triage.store.models import DeliveryState, StudyState, utcnow
+from triage.store.models import Delivery, DeliveryState, StudyState, utcnow
 from triage.store.outbox import Backoff, Outbox
 from triage.store.repository import InstanceMeta, Store
 from triage.store.work_queue import OutputFile, WorkQueue
@@ -380,3 +381,24 @@ def test_a_retry_waits_for_a_change_committing_meanwhile_and_keeps_it(
     assert store.get_study(study_uid).state is expected
     left = DeliveryState.FAILED if change == "requeue" else DeliveryState.CANCELLED
     assert {d.state for d, _ in outbox.deliveries(study_uid)} == {left}
+
+
+def test_a_claim_taken_over_after_its_lease_is_neither_held_nor_given_back(
+    store: Store,
+) -> None:
+    """A batch that outlasted its lease: another daemon claimed the rest. The first sender
+    must neither send those objects (hold) nor hand them back (not_tried), which would
+    undo the other's claim and let a third sender take them while they are in flight."""
+    outbox = Outbox(store)
+    delivering_study(store, destinations=("pacs",))
+    first = outbox.claim_due("pacs", 10, 60)
+    assert outbox.hold(first[0], 60)
+    with store.session() as session, session.begin():  # the first claim's lease ran out
+        session.execute(update(Delivery).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+    second = outbox.claim_due("pacs", 10, 60)
+    assert {d.delivery_id for d in second} == {d.delivery_id for d in first}
+    for item in first:
+        assert not outbox.hold(item, 60)
+        assert not outbox.not_tried(item.delivery_id, "association ended", 5, item.lease_until)
+    for item in second:
+        assert outbox.hold(item, 60)  # still the second sender's

@@ -7,18 +7,24 @@ was stored, like the storage warnings 0xBxxx; 0x0213 (resource limitation) means
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE, evt
+from sqlalchemy import update
 
 from tests.peers import free_port
 from tests.test_admin import SC_CLASS, SR_CLASS, sender_site
+from tests.test_outbox import delivering_study
 from triage.dicom.sender import Sender
-from triage.store.models import Delivery, DeliveryState
+from triage.store.db import make_engine, upgrade_schema
+from triage.store.models import Delivery, DeliveryState, utcnow
 from triage.store.outbox import Outbox
 from triage.store.repository import Store
 
@@ -273,3 +279,56 @@ def test_a_pacs_that_never_answers_the_c_store_is_a_timeout(tmp_path: Path) -> N
     assert deliveries[0].last_error == (
         "no response to the C-STORE within 1.5 s ([delivery] timeout_s)"
     )
+
+
+def test_a_batch_that_outlasts_its_lease_is_not_sent_twice(tmp_path: Path, store_url: str) -> None:
+    """Two daemons on one store: while sender A works through its batch, the lease of the
+    rest runs out and sender B claims it. A must leave those objects to B, not send them too."""
+    port = free_port()
+    _path, config, first_store, spool, _ = sender_site(tmp_path, {"port": port})
+    first_store.engine.dispose()
+    engine_a, engine_b = make_engine(store_url), make_engine(store_url)
+    upgrade_schema(engine_a)
+    store_a, store_b = Store(engine_a), Store(engine_b)
+    study = delivering_study(store_a, destinations=("pacs",))
+    [sr_id] = [d.id for d, o in Outbox(store_a).deliveries(study) if o.kind == "sr"]
+    a, b = Sender(config, store_a, spool), Sender(config, store_b, spool)
+    received: collections.Counter[str] = collections.Counter()
+    b_in_flight, a_sent_sc = threading.Event(), threading.Event()
+    other = threading.Thread(target=b.deliver_once, args=(config.destinations[0],))
+
+    def on_store(event: evt.Event) -> int:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        received[sop_class] += 1
+        if sop_class == SR_CLASS:  # A's first object; meanwhile the rest's lease runs out
+            with engine_a.begin() as connection:
+                connection.execute(
+                    update(Delivery)
+                    .where(Delivery.state == DeliveryState.PENDING, Delivery.id != sr_id)
+                    .values(next_attempt_at=utcnow() - timedelta(seconds=1))
+                )
+            other.start()  # the other daemon's sender claims it
+            b_in_flight.wait(10)
+        elif received[sop_class] == 1:  # B's C-STORE of the SC, in flight
+            b_in_flight.set()
+            a_sent_sc.wait(2)
+        else:
+            a_sent_sc.set()
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    for sop_class in (SR_CLASS, SC_CLASS):
+        pacs.add_supported_context(sop_class)
+    server = pacs.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        a.deliver_once(config.destinations[0])
+        other.join(30)
+        states = {d.state for d, _ in Outbox(store_a).deliveries(study)}
+    finally:
+        server.shutdown()
+        engine_a.dispose()
+        engine_b.dispose()
+    assert received == {SR_CLASS: 1, SC_CLASS: 1}
+    assert states == {DeliveryState.DONE}

@@ -132,12 +132,14 @@ class Sender:
 
     def deliver_once(self, destination: DestinationConfig) -> int:
         """Send what is due to *destination* over one association; returns objects attempted."""
-        lease_s = self.config.delivery.timeout_s * 4 + 60
-        due = self.outbox.claim_due(destination.name, BATCH, lease_s)
+        due = self.outbox.claim_due(destination.name, BATCH, self._lease_s())
         if not due:
             return 0
         self._send(destination, due)
         return len(due)
+
+    def _lease_s(self) -> float:
+        return self.config.delivery.timeout_s * 4 + 60
 
     def _send(self, destination: DestinationConfig, due: Sequence[DueDelivery]) -> None:
         ae = AE(ae_title=destination.calling_ae or self.config.dicom.ae_title)
@@ -213,7 +215,10 @@ class Sender:
                     # use up max_attempts, and so its study went FAILED.
                     delay = self.backoff.delay(max(1, item.attempt))
                     self.outbox.not_tried(
-                        item.delivery_id, "association ended before it was sent", delay
+                        item.delivery_id,
+                        "association ended before it was sent",
+                        delay,
+                        item.lease_until,
                     )
                     continue
                 if item.sop_class_uid not in accepted:
@@ -225,17 +230,18 @@ class Sender:
                         permanent=True,
                     )
                     continue
-                if not self.outbox.is_pending(item.delivery_id):
+                if not self.outbox.hold(item, self._lease_s()):
                     # Cancelled (`triage-admin cancel`: a wrong patient's results) or superseded
                     # since the batch was claimed: one C-STORE may take up to its timeout, and
-                    # the rest of the batch must not follow it to the PACS.
+                    # the rest of the batch must not follow it to the PACS. Or its lease ran
+                    # out meanwhile and another daemon on the store claimed it: it sends it.
                     log.info(
                         "delivery_dropped",
                         study_uid=item.study_uid,
                         revision=item.revision,
                         destination=destination.name,
                         sop_instance_uid=item.sop_instance_uid,
-                        reason="no longer pending",
+                        reason="no longer pending, or claimed by another sender",
                     )
                     continue
                 self._store_one(assoc, destination, item, dataset, message_id)

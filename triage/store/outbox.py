@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from triage.store.models import Delivery, DeliveryState, Output, Study, StudyState, utcnow
@@ -32,6 +32,9 @@ class DueDelivery:
     sop_instance_uid: str
     path: str
     attempt: int
+    #: The ``next_attempt_at`` the claim set: the claim is still this sender's while the row
+    #: holds it (see :meth:`Outbox.hold`).
+    lease_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,10 @@ class Outbox:
             if self._postgres:
                 statement = statement.with_for_update(of=Delivery, skip_locked=True)
             due = []
+            lease_until = now + timedelta(seconds=lease_s)
             for delivery, output, study in session.execute(statement).all():
                 delivery.attempts += 1
-                delivery.next_attempt_at = now + timedelta(seconds=lease_s)
+                delivery.next_attempt_at = lease_until
                 due.append(
                     DueDelivery(
                         delivery_id=delivery.id,
@@ -92,6 +96,7 @@ class Outbox:
                         sop_instance_uid=output.sop_instance_uid,
                         path=output.path,
                         attempt=delivery.attempts,
+                        lease_until=lease_until,
                     )
                 )
             return due
@@ -130,6 +135,25 @@ class Outbox:
         with self.store.read_session() as session:
             state = session.scalar(select(Delivery.state).where(Delivery.id == delivery_id))
         return state is DeliveryState.PENDING
+
+    def hold(self, item: DueDelivery, lease_s: float) -> bool:
+        """Renew *item*'s claim for *lease_s* just before its C-STORE. False when it is no
+        longer pending (cancelled, superseded) or no longer this sender's: a batch can outlast
+        its lease (slow objects), and another daemon on the store then claims the rest of it,
+        which this one must not send as well."""
+
+        def work(session: Session) -> bool:
+            conditions = [Delivery.id == item.delivery_id, Delivery.state == DeliveryState.PENDING]
+            if item.lease_until is not None:
+                conditions.append(Delivery.next_attempt_at == item.lease_until)
+            renewed = session.execute(
+                update(Delivery)
+                .where(*conditions)
+                .values(next_attempt_at=utcnow() + timedelta(seconds=lease_s))
+            )
+            return renewed.rowcount == 1
+
+        return self.store.transaction(work)
 
     def _with_study_locked(self, session: Session, delivery_id: int) -> Delivery | None:
         """The delivery, read after its study's row is locked.
@@ -243,14 +267,23 @@ class Outbox:
 
         return self.store.transaction(work)
 
-    def not_tried(self, delivery_id: int, reason: str, delay_s: float) -> bool:
+    def not_tried(
+        self,
+        delivery_id: int,
+        reason: str,
+        delay_s: float,
+        lease_until: datetime | None = None,
+    ) -> bool:
         """Give back a claimed delivery that was never attempted (its association ended
         before its turn): it is due again after *delay_s*, and the claim's attempt is not
-        counted. Returns whether it was still pending."""
+        counted. Returns whether it was still pending (and, with *lease_until*, the claim
+        still this sender's: another daemon's claim of it, its lease run out, stays)."""
 
         def work(session: Session) -> bool:
             delivery = self._with_study_locked(session, delivery_id)
             if delivery is None or delivery.state is not DeliveryState.PENDING:
+                return False
+            if lease_until is not None and delivery.next_attempt_at != lease_until:
                 return False
             delivery.attempts = max(0, delivery.attempts - 1)
             delivery.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
