@@ -1034,6 +1034,8 @@ def _outbox_files(spool: Spool) -> None:
         ds = Dataset()
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = "2.25.7"
+        ds.PatientName = PATIENT["name"]
+        ds.PatientID = PATIENT["id"]
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID = sop_class

@@ -332,3 +332,55 @@ def test_a_batch_that_outlasts_its_lease_is_not_sent_twice(tmp_path: Path, store
         engine_b.dispose()
     assert received == {SR_CLASS: 1, SC_CLASS: 1}
     assert states == {DeliveryState.DONE}
+
+
+def test_a_pacs_complaint_naming_the_patient_is_kept_without_the_name(tmp_path: Path) -> None:
+    """The reason is logged, stored and shown by triage-admin: a PACS's ErrorComment that
+    names the patient (it knows the object it refuses) must not carry that into them."""
+    from pydicom.dataset import Dataset
+
+    from tests.test_admin import PATIENT
+
+    def refuse(event: evt.Event) -> Dataset:
+        answer = Dataset()
+        answer.Status = 0xC000
+        answer.ErrorComment = f"ID {PATIENT['id']} is {PATIENT['name']} here"
+        return answer
+
+    port = free_port()
+    deliveries = _one_round(tmp_path, port, _pacs(port, refuse))
+    assert {d.state for d in deliveries} == {DeliveryState.FAILED}
+    for delivery in deliveries:
+        assert delivery.last_error == "status 0xC000: ID ... is ... here", delivery.last_error
+
+
+def test_a_missing_outbox_file_fails_and_a_read_error_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file gone will not come back; EIO or ESTALE on a network spool may pass, and the
+    study went FAILED on the first for an operator to retry by hand."""
+    import errno
+
+    from triage.dicom import sender as sender_module
+
+    reads = sender_module.read_whole
+
+    def read(path: Path) -> bytes:
+        if path.name == "sc.dcm":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return reads(path)
+
+    kinds: dict[int, str] = {}
+
+    def remove_the_sr(store: Store, study_uid: str) -> None:
+        kinds.update({d.id: o.kind for d, o in Outbox(store).deliveries(study_uid)})
+        (tmp_path / "spool" / "outbox" / "sr.dcm").unlink()
+
+    monkeypatch.setattr(sender_module, "read_whole", read)
+    port = free_port()
+    deliveries = _one_round(tmp_path, port, _pacs(port), ready=remove_the_sr)
+    by_kind = {kinds[d.id]: d for d in deliveries}
+    assert by_kind["sr"].state is DeliveryState.FAILED
+    assert "No such file" in by_kind["sr"].last_error
+    assert by_kind["sc"].state is DeliveryState.PENDING
+    assert "Input/output error" in by_kind["sc"].last_error

@@ -125,7 +125,12 @@ def error_text(exc: BaseException, withheld: Iterable[str] = ()) -> str:
     they appear, and so does any other quoted text that is not a keyword, VR, UID, UID name
     or path, so that the reason still says what failed.
     """
-    text = str(exc)
+    return f"{type(exc).__name__}: {withheld_text(str(exc), withheld)}"
+
+
+def withheld_text(text: str, withheld: Iterable[str] = ()) -> str:
+    """*text* (an error message, a peer's ErrorComment) with identity withheld, as
+    :func:`error_text` does it."""
     for value in sorted(set(withheld), key=len, reverse=True):
         # As a whole word: a two-letter name part must not eat the middle of other words.
         text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", _WITHHELD, text)
@@ -133,7 +138,7 @@ def error_text(exc: BaseException, withheld: Iterable[str] = ()) -> str:
     def quoted(match: re.Match[str]) -> str:
         return match.group(0) if _harmless(match.group(2)) else _WITHHELD
 
-    return f"{type(exc).__name__}: {_QUOTED.sub(quoted, text)}"
+    return _QUOTED.sub(quoted, text)
 
 
 def _show_warning_without_its_text(

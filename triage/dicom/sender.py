@@ -23,7 +23,7 @@ from pynetdicom.status import STATUS_WARNING, code_to_category
 
 from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
-from triage.logs import RepeatedFailure, get_logger
+from triage.logs import RepeatedFailure, get_logger, identity_values, withheld_text
 from triage.store.direct_io import read_whole
 from triage.store.outbox import Backoff, DueDelivery, Outbox
 from triage.store.repository import Store
@@ -153,7 +153,13 @@ class Sender:
                 # Written around the page cache (outputs.write_outputs): read the same way.
                 data = read_whole(self.spool.path(item.path))
                 datasets[item.delivery_id] = dcmread(BytesIO(data))
-            except Exception as exc:  # a missing or broken outbox file will not heal
+            except FileNotFoundError as exc:  # a missing outbox file will not come back
+                self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
+            except OSError as exc:
+                # EIO, ESTALE, EMFILE: a network spool's moment or a short file table may
+                # pass; the backoff's attempts decide, not the first read.
+                self._failed(destination, item, f"cannot read {item.path}: {exc}")
+            except Exception as exc:  # a broken outbox file will not heal
                 self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
         if not datasets:
             return
@@ -281,6 +287,9 @@ class Sender:
                 metrics.observe_study_done(self.outbox.store, finished)
             return
         comment = str(getattr(response, "ErrorComment", "") or "")
+        # A PACS may name the patient in its complaint ("Patient ID X exists with name Y"):
+        # the reason is logged, stored and shown by triage-admin.
+        comment = withheld_text(comment, identity_values([dataset]))
         reason = f"status 0x{status:04X}" + (f": {comment}" if comment else "")
         self._failed(
             destination, item, reason, status=int(status), permanent=not _is_transient(status)
