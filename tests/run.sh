@@ -28,6 +28,18 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
 
+# A fresh Debian cluster takes TCP logins by password only (scram-sha-256), and the tests log
+# in over TCP as postgres (tests/conftest.py): where that fails, give the role a password over
+# the local socket and hand the tests a URL with it.
+if [ -z "${MSK_TRIAGE_TEST_PG:-}" ] && [ "${MSK_TRIAGE_SKIP_PG:-}" != 1 ] &&
+  ! PGCONNECT_TIMEOUT=5 psql -qtAXw "postgresql://postgres@127.0.0.1:5432/postgres" \
+    -c 'select 1' >/dev/null 2>&1; then
+  pg_password=msk-triage-test
+  if as_root runuser -u postgres -- psql -qX -c "ALTER ROLE postgres PASSWORD '$pg_password'"; then
+    export MSK_TRIAGE_TEST_PG="postgresql://postgres:$pg_password@127.0.0.1:5432/postgres"
+  fi
+fi
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from typing import NoReturn
 
 from triage import __version__
 from triage.config import ConfigError, describe, load_config
@@ -71,9 +73,36 @@ def _synth(args: argparse.Namespace) -> int:
     return synth_main(args.synth_args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line on stderr (exit 2), as triage-admin."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text!r})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `triage` argument parser."""
-    parser = argparse.ArgumentParser(prog="triage", description=__doc__)
+    parser = _Parser(prog="triage", description=__doc__)
     parser.add_argument("--version", action="version", version=f"msk-triage {__version__}")
     parser.add_argument("--config", "-c", help="TOML config file (default: $TRIAGE_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="send synthetic studies to the running daemon and print the worklist"
     )
-    demo.add_argument("--studies", type=int, default=8, help="how many studies (default 8)")
-    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+    demo.add_argument(
+        "--studies", type=_positive_int, default=8, help="how many studies (default 8)"
+    )
+    demo.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to wait for results")
     demo.add_argument("--host", default=None, help="the daemon's host (default: from the config)")
     demo.add_argument(
         "--workdir",
