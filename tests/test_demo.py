@@ -106,3 +106,13 @@ def test_demo_to_a_host_that_does_not_resolve_says_so_in_one_line(daemon_factory
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(f"triage demo: cannot reach nonsense.invalid:{daemon.port}: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_against_a_tls_port_says_so_in_one_line(daemon_factory, tmp_path) -> None:
+    from tests.test_listener import _make_pki, _mutual_tls
+
+    daemon = daemon_factory(_mutual_tls(_make_pki(tmp_path / "pki")))  # never started
+    result = _demo(daemon.config_path, daemon.workdir)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("triage demo: the daemon's DICOM port ")
+    assert "speaks TLS" in result.stderr and len(result.stderr.strip().splitlines()) == 1

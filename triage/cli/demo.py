@@ -76,6 +76,12 @@ def _association(config: Config, host: str, port: int, classes: set[str]):  # ty
 
 def check_daemon(config: Config, host: str | None) -> None:
     """C-ECHO the daemon; :class:`DemoError` says what to do when it does not answer."""
+    if config.dicom.tls:
+        # Its plain association would fail the handshake and read as "not running".
+        raise DemoError(
+            f"the daemon's DICOM port {config.dicom.port} speaks TLS ([dicom] tls = true) and"
+            " the demo sends plain DICOM: run it against a daemon configured without TLS"
+        )
     host, port = _address(config, host)
     assoc = _association(config, host, port, set())
     try:
