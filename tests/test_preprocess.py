@@ -838,3 +838,30 @@ def test_zero_window_width_is_ignored_with_a_note():
     )
     assert note == "invalid window width 0 ignored"
     assert display.min() == 0.0 and display.max() == 1.0  # percentile-stretched instead
+
+
+# --- preprocessing: a blank 8-bit or colour image is no image, as a blank 12-bit one ---------
+
+
+@pytest.mark.parametrize(
+    ("pixels", "photometric"),
+    [
+        (np.zeros((64, 64), np.uint8), "MONOCHROME2"),
+        (np.full((64, 64), 17, np.uint8), "MONOCHROME1"),
+        (np.zeros((64, 64, 3), np.uint8), "RGB"),
+    ],
+)
+def test_a_blank_8_bit_or_colour_image_has_no_content(
+    tmp_path: Path, pixels: np.ndarray, photometric: str
+):
+    ds = make_ds(pixels, photometric=photometric, sop_class=SECONDARY_CAPTURE)
+    path = save(ds, tmp_path / "blank.dcm")
+    with pytest.raises(UndecodableView, match="no image content"):
+        decode_view(path, 224, MEAN, STD, 0)
+
+
+def test_an_8_bit_image_with_content_is_still_display_values():
+    pixels = phantom(top=255)
+    display, note = display_pixels(make_ds(pixels, sop_class=SECONDARY_CAPTURE))
+    assert note == ""
+    np.testing.assert_array_equal(display, pixels.astype(np.float32) * np.float32(1 / 255))

@@ -352,3 +352,40 @@ def test_patients_in_counts_distinct_patient_ids_ignoring_empty_ones():
     views = [header(PatientID="A1"), header(PatientID=" A1 "), header(PatientID=""), header()]
     assert patients_in(views) == 1
     assert patients_in([*views, header(PatientID="B2")]) == 2
+
+
+# --- adjectives: ULNAR and SCAPULAR are not ULNA or SCAPULA + R(ight) -----------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("PA ULNAR DEVIATION", StudyType.WRIST),  # a scaphoid/wrist view, not a forearm
+        ("ULNAR DEV", StudyType.WRIST),
+        ("TRANS-SCAPULAR LAT", StudyType.SHOULDER),  # the shoulder's Y view
+        ("Y SCAPULAR", StudyType.SHOULDER),
+        ("SCAPULAR Y VIEW", StudyType.SHOULDER),
+        ("WRISTR", StudyType.WRIST),  # a glued laterality is still stripped
+        ("ULNA", StudyType.FOREARM),
+    ],
+)
+def test_adjectives_are_not_unglued_into_another_part(text: str, expected: StudyType):
+    assert parse_anatomy(text)[0] is expected
+
+
+def test_a_trans_scapular_view_of_a_shoulder_study_is_scored():
+    views = [
+        header(StudyDescription="XR SHOULDER 3 VIEWS RIGHT", SeriesDescription=s)
+        for s in ("AP INT ROT", "GRASHEY", "TRANS-SCAPULAR LAT")
+    ]
+    decision = decide_study(views)
+    assert decision.study_type is StudyType.SHOULDER
+    assert decision.scored_uids == tuple(v.SOPInstanceUID for v in views)
+
+
+def test_an_ulnar_deviation_view_does_not_make_a_forearm_study():
+    views = [
+        header(StudyDescription="RADIOGRAPHY", SeriesDescription=s)
+        for s in ("PA ULNAR DEVIATION", "PA", "LAT")
+    ]
+    assert decide_study(views).study_type is not StudyType.FOREARM

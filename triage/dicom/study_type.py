@@ -87,6 +87,9 @@ _TYPE_WORDS: dict[StudyType, tuple[str, ...]] = {
         "SCAPULAR Y",
         "SCAPULA Y",
         "Y SCAPULA",
+        "Y SCAPULAR",
+        "TRANSSCAPULAR",
+        "TRANS SCAPULAR",
         "Y VIEW",
         "OUTLET VIEW",
         "GRASHEY",
@@ -100,6 +103,10 @@ _TYPE_WORDS: dict[StudyType, tuple[str, ...]] = {
         "CARPAL",
         "CARPUS",
         "DISTAL RADIUS",
+        "ULNAR DEVIATION",
+        "ULNAR DEV",
+        "RADIAL DEVIATION",
+        "RADIAL DEV",
     ),
 }
 
@@ -286,6 +293,8 @@ def _unglue(word: str) -> str:
                 return found
     for suffix in _GLUED_SUFFIXES:
         rest = word.removesuffix(suffix)
+        if len(suffix) == 1 and rest.endswith("A"):
+            continue  # an adjective (ULNAR, SCAPULAR, TIBIAL), not ULNA or SCAPULA + R(ight)
         if rest != word and rest in _SINGLE_WORDS:
             return rest
     return word

@@ -271,11 +271,7 @@ def _percentile_mapping(
         sample = modality.apply(sample)
     else:
         sample = sample.astype(np.float64) * slope + intercept
-    low, high = np.percentile(sample, PERCENTILES)
-    if high <= low:
-        # At least 99 % of the pixels have one value: a blank frame with perhaps a few dots,
-        # not a radiograph. Stretched to its full range it made a black image for the model.
-        raise UndecodableView(f"no image content: nearly every pixel has the value {low:g}")
+    low, high = _content_range(sample)
     span = high - low
     if modality is not None:
         assert modality.lut is not None
@@ -283,6 +279,17 @@ def _percentile_mapping(
         return _Mapping("lut", lo=modality.lo, lut=lut)
     # clip((slope·x + intercept − low) / span)
     return _Mapping("affine", slope / span, (intercept - low) / span)
+
+
+def _content_range(sample: np.ndarray) -> tuple[float, float]:
+    """The robust percentiles of *sample*; UndecodableView when they are equal."""
+    low, high = (float(v) for v in np.percentile(sample, PERCENTILES))
+    if high <= low:
+        # At least 99 % of the pixels have one value: a blank frame with perhaps a few dots,
+        # not a radiograph. Stretched to its full range it made a black image for the model;
+        # shown as is (8-bit or colour data) it is a flat image the model would still score.
+        raise UndecodableView(f"no image content: nearly every pixel has the value {low:g}")
+    return low, high
 
 
 def stretch_raw(values: np.ndarray) -> np.ndarray:
@@ -445,6 +452,7 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
         identity = _modality_is_linear(ds) and slope == 1.0 and intercept == 0.0
         if not window_rejected and identity and 0 < bits <= 8 and frame.dtype.kind == "u":
             # Already display values (a secondary capture, a converted PNG): keep them as is.
+            _content_range(_sample(frame))
             mapping = _Mapping("affine", 1.0 / (2**bits - 1), 0.0)
         else:
             modality = None
@@ -499,7 +507,9 @@ def _colour(ds: Dataset, frame: np.ndarray, photometric: str, notes: list[str]) 
         notes.append(f"colour ({photometric}) converted to luminance")
     out = to_luminance(rgb)
     out *= np.float32(1.0 / top)
-    return np.clip(out, 0.0, 1.0, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    _content_range(_sample(out))
+    return out
 
 
 def _check_frame(frame: np.ndarray) -> None:
