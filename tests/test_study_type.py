@@ -389,3 +389,15 @@ def test_an_ulnar_deviation_view_does_not_make_a_forearm_study():
         for s in ("PA ULNAR DEVIATION", "PA", "LAT")
     ]
     assert decide_study(views).study_type is not StudyType.FOREARM
+
+
+def test_abd_in_a_shoulder_series_is_abduction_not_the_abdomen():
+    views = [
+        header(StudyDescription="XR SHOULDER 2 VIEWS", SeriesDescription=s)
+        for s in ("AP ABD ER", "AXILLARY")
+    ]
+    decision = decide_study(views)
+    assert decision.study_type is StudyType.SHOULDER
+    assert decision.scored_uids == tuple(v.SOPInstanceUID for v in views)
+    # A study that says abdomen in full is still no upper-extremity radiograph.
+    assert decide_study([header(StudyDescription="XR ABDOMEN 1 VIEW")]).study_type is None

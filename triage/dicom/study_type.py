@@ -190,7 +190,7 @@ _OTHER_PARTS = frozenset(
         "ORBITS",
         "NECK",
         "ABDOMEN",
-        "ABD",
+        # Not "ABD": in a shoulder series it is abduction ("AP ABD ER"), the common sense here.
         "KUB",
         "BREAST",
         "MAMMO",
