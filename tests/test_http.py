@@ -9,6 +9,9 @@ latency, deliveries and the model.
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -20,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.peers import Daemon, Storescp, echoscu, storescu, wait_until
 from tests.test_end_to_end import scoring_config, send_study, wait_state
+from triage.health import BoundedCall, StoreNotAnswering
 from triage.store.models import StudyState
 
 pytestmark = pytest.mark.timeout(420)
@@ -393,3 +397,114 @@ def test_readyz_reports_an_outbox_it_cannot_write(daemon_factory, read_only_outb
     assert status == 503 and ready["failed"] == ["spool"]
     assert ready["checks"]["spool"]["unwritable"] == ["outbox"]
     assert daemon.stop() == 0
+
+
+def test_association_counter_survives_audit_purge_behind_an_active_row(store, tmp_path) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from triage.store.models import AssociationOutcome, AssociationRecord, utcnow
+    from triage.store.operations import purge
+    from triage.store.queries import AssociationCounter
+    from triage.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    # An association still ACTIVE for days (a dead listener's row not closed yet): every row
+    # after it stays above the watermark.
+    store.open_association("PACS", "TRIAGE", "10.0.0.1", 1, False, 999)
+    ids = [store.open_association("PACS", "TRIAGE", "10.0.0.2", 2, False, 1) for _ in range(5)]
+    for association in ids:
+        store.close_association(association, AssociationOutcome.RELEASED, stored=2)
+    with store.session() as session, session.begin():
+        session.execute(update(AssociationRecord).values(started_at=utcnow() - timedelta(days=10)))
+    counter = AssociationCounter()
+
+    def totals():  # type: ignore[no-untyped-def]
+        with store.read_session() as session:
+            return counter.totals(session)
+
+    before = totals()
+    assert (before.by_outcome["RELEASED"], before.stored) == (5, 10)
+    assert purge(store, spool, 30.0, audit_older_than_days=7).associations == 5
+    after = totals()
+    assert (after.by_outcome["RELEASED"], after.stored) == (5, 10)
+    assert after.by_outcome["ACTIVE"] == 1
+
+
+def _overlapping(call: BoundedCall, work, n: int = 3) -> list[object]:  # type: ignore[no-untyped-def]
+    results: list[object] = []
+
+    def one() -> None:
+        try:
+            results.append(call(work))
+        except StoreNotAnswering as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_overlapping_calls_on_a_store_that_answers_all_succeed() -> None:
+    call = BoundedCall("t", 3.0, busy="busy")
+    try:
+        assert _overlapping(call, lambda: time.sleep(0.3) or "ok") == ["ok", "ok", "ok"]
+    finally:
+        call.close()
+
+
+def test_a_store_that_hangs_still_bounds_every_call() -> None:
+    release = threading.Event()
+    call = BoundedCall("t", 0.5, busy="busy")
+    try:
+        started = time.monotonic()
+        results = _overlapping(call, lambda: release.wait(30))
+        assert all(isinstance(r, StoreNotAnswering) for r in results)
+        assert time.monotonic() - started < 2.0
+        # Past its bound, the hung call makes the next one fail at once.
+        started = time.monotonic()
+        with pytest.raises(StoreNotAnswering):
+            call(lambda: "ok")
+        assert time.monotonic() - started < 0.2
+        release.set()
+        time.sleep(0.1)
+        assert call(lambda: "ok") == "ok"  # answering again: ready again
+    finally:
+        release.set()
+        call.close()
+
+
+def test_an_idle_http_client_is_dropped(tmp_path) -> None:
+    from triage.config import HttpConfig
+    from triage.health import Health
+    from triage.httpd import HttpServer
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.repository import Store
+    from triage.store.spool import Spool
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_schema(engine)
+    health = Health(Store(engine), Spool(tmp_path / "spool"), listener=False)
+    http = HttpServer(HttpConfig(bind="127.0.0.1", port=0), health)
+    http.start()
+    try:
+        with socket.create_connection(("127.0.0.1", http.port)) as client:
+            client.sendall(b"GET /heal")  # and nothing more
+            client.settimeout(20)
+            started = time.monotonic()
+            try:
+                data = client.recv(1024)
+            except TimeoutError:
+                data = None
+            assert data is not None, "the server still holds the idle connection after 20 s"
+            assert time.monotonic() - started < 20
+    finally:
+        http.stop()
+        health.close()
+        engine.dispose()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from datetime import datetime
@@ -1248,3 +1249,49 @@ def test_a_peer_that_stops_inside_its_answer_is_given_up_after_the_timeout() -> 
             peer.close()
     assert not result["ok"]
     assert took < 15, f"echo returned after {took:.0f} s"
+
+
+_RAISES_AFTER_START = textwrap.dedent(
+    """
+    import sys
+    from triage.config import load_config
+    from triage.dicom.listener_process import ListenerPool
+
+    if __name__ == "__main__":
+        pool = ListenerPool(load_config(sys.argv[1]))
+        pool.start()
+        print("listening", pool.port, flush=True)
+        raise RuntimeError("unexpected")  # as any error after start-up in Daemon.run
+    """
+)
+
+
+def test_an_unexpected_error_after_start_does_not_hang_the_exit(tmp_path) -> None:
+    config = tmp_path / "triage.toml"
+    config.write_text(
+        "[dicom]\nport = 0\nshutdown_grace_s = 1\n"
+        f'[store]\nurl = "sqlite:///{tmp_path}/var/triage.db"\nspool_dir = "{tmp_path}/var/spool"\n'
+    )
+    from triage.store.db import make_engine, upgrade_schema
+
+    engine = make_engine(f"sqlite:///{tmp_path}/var/triage.db")
+    upgrade_schema(engine)
+    engine.dispose()
+    script = tmp_path / "run.py"
+    script.write_text(_RAISES_AFTER_START)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        code = process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()  # its listener follows (parent-death signal)
+        process.wait()
+        code = None
+    output = process.stdout.read() if process.stdout else ""
+    assert "listening" in output, output[-2000:]
+    assert code == 1, f"still running 30 s after an unexpected error:\n{output[-2000:]}"

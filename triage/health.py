@@ -14,9 +14,11 @@ store's and the spool's.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import text
@@ -37,24 +39,37 @@ class StoreNotAnswering(TimeoutError):
 class BoundedCall:
     """Runs store reads for an HTTP endpoint in one background thread and waits at most
     *timeout_s* for each: a store that does not answer (a frozen server, a partition) must not
-    hang the endpoint, and repeated requests must not pile up threads waiting on it. While a
-    call is still waiting, the next one fails at once rather than queue behind it."""
+    hang the endpoint, and repeated requests must not pile up threads waiting on it. A call
+    that comes while another is running waits for it within both their bounds (overlapping
+    scrapes of a store that answers all succeed); while one is past its bound, the next
+    fails at once rather than queue behind it."""
 
     def __init__(self, name: str, timeout_s: float, busy: str) -> None:
         self.timeout_s = timeout_s
         self._busy = busy
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: Future[Any] | None = None
+        self._pending_deadline = 0.0
         self._lock = threading.Lock()
 
     def __call__(self, work: Callable[[], T]) -> T:
         """*work()*'s result or exception, or :class:`StoreNotAnswering`."""
-        with self._lock:
-            if self._pending is not None and not self._pending.done():
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            with self._lock:
+                pending, pending_deadline = self._pending, self._pending_deadline
+                if pending is None or pending.done():
+                    self._pending = future = self._pool.submit(work)
+                    self._pending_deadline = deadline
+                    break
+            # Another request's call is running (overlapping scrapes or probes on a store that
+            # answers): wait for it, within its bound and ours, then run ours. One past its
+            # bound means the store does not answer: fail at once.
+            wait_s = min(deadline, pending_deadline) - time.monotonic()
+            if wait_s <= 0 or not futures_wait([pending], timeout=wait_s).done:
                 raise StoreNotAnswering(self._busy)
-            self._pending = future = self._pool.submit(work)
         try:
-            return future.result(timeout=self.timeout_s)
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             raise StoreNotAnswering(f"no answer within {self.timeout_s:g} s") from None
 

@@ -27,11 +27,17 @@ from triage.metrics import REGISTRY
 
 log = get_logger("triage.http")
 
+#: How long a connection may take to send its request or read the answer (socket timeout).
+CLIENT_TIMEOUT_S = 10.0
+
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "msk-triage"
     # HTTP/1.0: one request per connection, so a scraper cannot hold a thread open.
     protocol_version = "HTTP/1.0"
+    # Nor can a client that connects and sends nothing (or half a request line), or stops
+    # reading: each connection has a thread, and without a timeout it held it for ever.
+    timeout = CLIENT_TIMEOUT_S
 
     @property
     def health(self) -> Health:

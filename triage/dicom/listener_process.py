@@ -108,7 +108,10 @@ class ListenerPool:
             target=run_listener_process,
             args=(self.config, child, self.count > 1),
             name="triage-listener",
-            daemon=False,
+            # Daemonic: should the daemon end on an error it did not expect, the interpreter
+            # SIGTERMs them at exit (they finish their associations) instead of waiting for
+            # ever on processes that only stop when told to.
+            daemon=True,
         )
         process.start()
         child.close()

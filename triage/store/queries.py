@@ -503,6 +503,10 @@ class AssociationCounter:
     def __init__(self) -> None:
         self._final = AssociationTotals()
         self._watermark = 0  # every row with id <= this is final and in self._final
+        #: Final rows above the watermark (after a row still ACTIVE or recent) that are
+        #: already in self._final: counted once, and still counted once the audit purge
+        #: (``[store] audit_retention_days``) removes them, so the counters never go back.
+        self._counted: set[int] = set()
 
     def totals(self, session: Session, now: datetime | None = None) -> AssociationTotals:
         """Totals over every row, ACTIVE ones included (their counts arrive when they end)."""
@@ -524,14 +528,18 @@ class AssociationCounter:
         final, pending = AssociationTotals(), AssociationTotals()
         still_final = True
         watermark = self._watermark
+        counted = set(self._counted)
         for row_id, started_at, outcome, stored, duplicate, failed, size, echoes in rows:
             outcome = AssociationOutcome(outcome)
-            still_final = (
-                still_final and outcome is not AssociationOutcome.ACTIVE and started_at <= settled
-            )
-            target = final if still_final else pending
+            is_final = outcome is not AssociationOutcome.ACTIVE and started_at <= settled
+            still_final = still_final and is_final
             if still_final:
                 watermark = row_id
+            if is_final:
+                if row_id in counted:
+                    continue
+                counted.add(row_id)
+            target = final if is_final else pending
             target.by_outcome[outcome.value] += 1
             target.stored += stored or 0
             target.duplicate += duplicate or 0
@@ -540,6 +548,7 @@ class AssociationCounter:
             target.echoes += echoes or 0
         self._final = self._final.add(final)
         self._watermark = watermark
+        self._counted = {row_id for row_id in counted if row_id > watermark}
         return self._final.add(pending)
 
 
