@@ -259,5 +259,9 @@ def test_a_weights_file_that_cannot_be_read_is_one_line(tmp_path: Path):
 def test_seeded_init_needs_a_seed(tmp_path: Path):
     text = VALID.replace(f'file = "weights.pt"\nsha256 = "{DIGEST}"', 'init = "seeded"')
     assert "weights.seed must be an integer" in _error(_card_dir(tmp_path, text))
-    seeded = load_card(_card_dir(tmp_path, text.replace('"seeded"', '"seeded"\nseed = 5')))
+    text = text.replace('"seeded"', '"seeded"\nseed = 5')
+    # Random weights by definition: never validated (it would load without allow_unvalidated).
+    assert "untrained weights" in _error(_card_dir(tmp_path, text))
+    text = text.replace("validated = true", "validated = false")
+    seeded = load_card(_card_dir(tmp_path, text))
     assert (seeded.init, seeded.seed, seeded.weights_path) == ("seeded", 5, None)

@@ -865,3 +865,28 @@ def test_an_8_bit_image_with_content_is_still_display_values():
     display, note = display_pixels(make_ds(pixels, sop_class=SECONDARY_CAPTURE))
     assert note == ""
     np.testing.assert_array_equal(display, pixels.astype(np.float32) * np.float32(1 / 255))
+
+
+def test_a_read_error_of_the_disk_is_an_error_not_an_undecodable_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO or ESTALE on a network spool passes: the study is retried. As an undecodable
+    view it was skipped for good, and a study whose every view hit it FAILED at once."""
+    import errno
+    import os
+
+    path = save(make_ds(phantom()), tmp_path / "view.dcm")
+
+    def failing_read(*args: object, **kwargs: object) -> Dataset:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+    monkeypatch.setattr(pydicom, "dcmread", failing_read)
+    with pytest.raises(OSError) as raised:
+        decode_view(path, 224, MEAN, STD, 0)
+    assert raised.value.errno == errno.EIO and not isinstance(raised.value, UndecodableView)
+    # A cut file's error from pydicom carries no errno: still a view that cannot be decoded.
+    monkeypatch.undo()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(Path(path).read_bytes()[:2000])
+    with pytest.raises(UndecodableView):
+        decode_view(str(cut), 224, MEAN, STD, 0)

@@ -346,6 +346,10 @@ def parse_card(raw: Mapping[str, Any], path: Path, *, verify_weights: bool = Tru
         _fail(path, f"description must be a string (got {description!r})")
 
     weights_path, digest, init, seed = _parse_weights(path, raw["weights"], verify_weights)
+    if init is not None and validated:
+        # Seeded weights are random by definition: such a card would load without
+        # allow_unvalidated and its outputs would lose their NOT VALIDATED label.
+        _fail(path, f'validated = true with weights.init = "{init}": untrained weights')
     return ModelCard(
         path=path,
         name=name,

@@ -801,6 +801,11 @@ def decode_view(
     except InvalidDicomError as exc:
         raise UndecodableView(f"not a DICOM file: {_oneline(str(exc))}") from None
     except Exception as exc:  # truncated or corrupt files raise many types
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+            # The disk, a network share or the host (EIO, ESTALE, EMFILE), not the file: an
+            # error the study is retried for, not a view skipped for good (pydicom's own
+            # errors for a cut file carry no errno).
+            raise
         raise UndecodableView(
             f"unreadable DICOM file: {type(exc).__name__}: {_oneline(str(exc))}"
         ) from None
