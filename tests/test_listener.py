@@ -192,6 +192,47 @@ def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
         assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID
 
 
+_LISTENER_LOSING_THE_COMMITS_ANSWER = _LISTENER_RACING_A_PURGE.replace(
+    """        spool.remove(meta.path)
+        return super().record_instance(meta, association_id)""",
+    """        super().record_instance(meta, association_id)
+        raise ConnectionError("server closed the connection unexpectedly")""",
+)
+
+
+def test_a_file_a_row_names_is_kept_when_the_commits_answer_is_lost(tmp_path: Path) -> None:
+    """The row was written, then the store's answer was lost (or another association's copy
+    of the instance, acknowledged meanwhile, kept this file): the PACS is told 0xA701, and
+    the file stays, since a row names it. It was removed: a row with no file behind it."""
+    config = write_config(
+        tmp_path / "triage.toml",
+        {
+            "dicom": {"port": 0, "ae_title": "TRIAGE"},
+            "store": {"url": f"sqlite:///{tmp_path / 'triage.db'}", "spool_dir": "spool"},
+        },
+    )
+    assert _LISTENER_LOSING_THE_COMMITS_ANSWER != _LISTENER_RACING_A_PURGE
+    listener = subprocess.Popen(
+        [sys.executable, "-c", _LISTENER_LOSING_THE_COMMITS_ANSWER, str(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        assert listener.stdout is not None
+        port = int(listener.stdout.readline())
+        files = study_files(tmp_path / "in", views=1, rows=64, cols=64)
+        run = storescu(port, files, extra=["--no-halt"])
+        assert run.acknowledged == 0 and run.failure_statuses == ["0xa701"], run.output
+    finally:
+        assert listener.stdin is not None
+        listener.stdin.close()
+        listener.wait(timeout=30)
+    ds = pydicom.dcmread(files[0])
+    kept = tmp_path / "spool" / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID
+
+
 def test_instances_of_a_cancelled_study_resent_under_a_corrected_study_move_there(
     daemon_factory, tmp_path
 ) -> None:

@@ -99,3 +99,33 @@ def test_what_a_dead_process_staged_is_removed_by_its_prefix(tmp_path: Path) -> 
             spool.discard_staged(bad)
     with pytest.raises(ValueError):
         spool.stage([b"x"], prefix="../escape-")
+
+
+def test_an_adopted_name_whose_folder_cannot_be_synced_is_not_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link is made, the folder's fsync fails (EIO): the C-STORE is refused (0xA700),
+    and the name goes too, or the spool recovery would record what the PACS was told was
+    not stored."""
+    import errno
+
+    from triage.store import spool as spool_module
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    first, second = spool.temp_dir / "a.part", spool.temp_dir / "b.part"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    spool.adopt(first, "1.2.3/1.2.3.1.dcm")  # the study folder exists from here on
+
+    def failing_sync(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", failing_sync)
+    with pytest.raises(SpoolError):
+        spool.adopt(second, "1.2.3/1.2.3.2.dcm")
+    assert not spool.holds("1.2.3/1.2.3.2.dcm")
+    # A name another attempt linked (kept as the earlier copy) is not removed.
+    with pytest.raises(SpoolError):
+        spool.adopt(second, "1.2.3/1.2.3.1.dcm")
+    assert (spool.root / "1.2.3/1.2.3.1.dcm").read_bytes() == b"first"

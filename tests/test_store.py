@@ -71,20 +71,21 @@ def test_first_instance_opens_study_and_duplicates_are_idempotent(store: Store) 
     assert study is not None and study.state is StudyState.RECEIVING
 
 
-def test_holds_instance_answers_as_record_instance_would(store: Store) -> None:
+def test_held_path_answers_as_record_instance_would(store: Store) -> None:
     """The listener's answer on a full disk: a duplicate is still a success, but an instance
     of a cancelled study sent for another study would move there, so it is not held for it
     (acknowledged, that study would miss it)."""
     from triage.store.operations import cancel
 
     other = "1.2.826.0.1.3680043.8.498.2"
-    assert not store.holds_instance("1.2.3.1", STUDY)
+    assert store.held_path("1.2.3.1", STUDY) is None
     store.record_instance(meta("1.2.3.1"), None)
-    assert store.holds_instance("1.2.3.1", STUDY)
-    assert store.holds_instance("1.2.3.1", other)  # a duplicate there too (kept where it is)
+    path = store.instance_path("1.2.3.1")
+    assert path is not None and store.held_path("1.2.3.1", STUDY) == path
+    assert store.held_path("1.2.3.1", other) == path  # a duplicate there too (kept where it is)
     cancel(store, STUDY, "wrong patient")
-    assert store.holds_instance("1.2.3.1", STUDY)
-    assert not store.holds_instance("1.2.3.1", other)
+    assert store.held_path("1.2.3.1", STUDY) == path
+    assert store.held_path("1.2.3.1", other) is None
     assert not store.record_instance(meta("1.2.3.1", study=other), None).duplicate
 
 

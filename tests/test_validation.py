@@ -152,3 +152,24 @@ def test_a_long_reason_becomes_an_error_comment_cut_at_a_word() -> None:
         "pixel data cut short (data set truncated)"
     )
     assert all(len(error_comment("x " * n)) <= 64 for n in range(60))
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("1.2.840.10008.1.2", True),
+        ("1.2.03.4", True),  # a leading zero: invalid per PS3.5, common, harmless in a path
+        ("1.2.3\n", False),  # "$" matched before a final newline: a study named "1.2.3\n"
+        ("1.2.3 ", False),
+        ("1..2", False),
+        (".1.2", False),
+        ("1.2.", False),
+        ("1.2.a", False),
+        ("", False),
+        ("1." * 32 + "1", False),  # 65 characters
+    ],
+)
+def test_a_uid_is_digits_and_dots_and_nothing_after(value: str, valid: bool) -> None:
+    from triage.uids import is_valid_uid
+
+    assert is_valid_uid(value) is valid

@@ -420,7 +420,8 @@ class Listener:
             bound.info("own_output_ignored")
             return Status.SUCCESS, ""
         if not self.spool.has_room():
-            if self.store.holds_instance(verdict.sop_instance_uid, verdict.study_uid):
+            held = self.store.held_path(verdict.sop_instance_uid, verdict.study_uid)
+            if held is not None and self.spool.holds(held):
                 tally.duplicate += 1  # already held: still a success, even on a full disk
                 return Status.SUCCESS, ""
             bound.error("spool_below_free_space_floor", min_free_bytes=self.spool.min_free_bytes)
@@ -447,13 +448,19 @@ class Listener:
             )
         except Exception as exc:
             bound.error("store_record_failed", error=_one_line(exc))
-            # Not acknowledged: the name linked above goes, unless it is an earlier copy of
-            # this instance (another inode), acknowledged then. Left, it held PHI that no row
-            # named (PostgreSQL), or the spool recovery recorded what the PACS was told was
-            # refused (SQLite). If the row was written after all, the PACS's next attempt
-            # links the file again (adopt) and is a duplicate.
-            with contextlib.suppress(OSError):
-                if os.path.samefile(received, self.spool.path(relative)):
+            # Not acknowledged: the name linked above goes. Left with no row, it held PHI
+            # that no row named (PostgreSQL), or the spool recovery recorded what the PACS
+            # was told was refused (SQLite). It stays if it is an earlier copy of this
+            # instance (another inode), acknowledged then, or if a row names it after all:
+            # another association's copy of the instance, acknowledged meanwhile, found this
+            # file and kept it, or this commit went through and only its answer was lost.
+            # Unsure (the store does not answer): kept, and the PACS's next attempt is a
+            # duplicate that names it.
+            with contextlib.suppress(Exception):
+                if (
+                    os.path.samefile(received, self.spool.path(relative))
+                    and self.store.instance_path(verdict.sop_instance_uid) != relative
+                ):
                     self.spool.remove(relative)
             return Status.STORE_UNAVAILABLE, "store unavailable; retry later"
         if result.moved_from is not None:

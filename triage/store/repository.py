@@ -155,20 +155,31 @@ class Store:
 
     # --- ingest -------------------------------------------------------------------------
 
-    def holds_instance(self, sop_instance_uid: str, study_uid: str) -> bool:
-        """True if a C-STORE of this instance for *study_uid* would be a duplicate (see
-        :meth:`record_instance`): held in that study, or in another that is not cancelled.
-        One held by a cancelled study would move to *study_uid*: not held for it."""
+    def held_path(self, sop_instance_uid: str, study_uid: str) -> str | None:
+        """The spool path of this instance if a C-STORE of it for *study_uid* would be a
+        duplicate (see :meth:`record_instance`): held in that study, or in another that is
+        not cancelled. None otherwise (one held by a cancelled study would move to
+        *study_uid*: not held for it)."""
         with self._readers() as session:
             found = session.execute(
-                select(Study.study_uid, Study.state)
+                select(Study.study_uid, Study.state, Instance.path)
                 .join(Instance, Instance.study_id == Study.id)
                 .where(Instance.sop_instance_uid == sop_instance_uid)
             ).first()
         if found is None:
-            return False
-        held_in, state = found
-        return held_in == study_uid or StudyState(state) is not StudyState.CANCELLED
+            return None
+        held_in, state, path = found
+        if held_in == study_uid or StudyState(state) is not StudyState.CANCELLED:
+            return str(path)
+        return None
+
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        """The spool path the store records for this SOP instance, or None."""
+        with self._readers() as session:
+            found = session.scalar(
+                select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+            return None if found is None else str(found)
 
     def instance_exists(self, sop_instance_uid: str) -> bool:
         """True if this SOP instance is already stored (duplicates are idempotent)."""

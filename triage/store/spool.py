@@ -163,6 +163,7 @@ class Spool:
         holds the same SOP instance, written and synced by an earlier attempt: it is kept.
         """
         final = self.root / relative
+        linked = False
         try:
             fd = os.open(temp_path, os.O_RDONLY)
             try:
@@ -173,8 +174,14 @@ class Spool:
             self._make_folders(final.parent)
             with contextlib.suppress(FileExistsError):
                 os.link(temp_path, final)
+                linked = True
             _fsync_dir(final.parent)
         except OSError as exc:
+            if linked:
+                # Refused (0xA700): the name must not stay, or the spool recovery would
+                # record what the PACS was told was not stored.
+                with contextlib.suppress(OSError):
+                    final.unlink()
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
         return size
 
@@ -183,10 +190,10 @@ class Spool:
         if folder == self.root or folder.is_dir():
             return
         self._make_folders(folder.parent)
-        try:
+        # Made a moment ago by another association, whose fsync of the parent may not be
+        # done yet: synced here too before this one's file is acknowledged.
+        with contextlib.suppress(FileExistsError):
             folder.mkdir()
-        except FileExistsError:
-            return
         _fsync_dir(folder.parent)
 
     def holds(self, relative: str) -> bool:
