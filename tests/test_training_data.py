@@ -314,7 +314,7 @@ def _copy_with(source: Path, target: Path, **values: str) -> Path:
 def test_damaged_dicom_files_are_skipped_counted_and_quiet(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    img = np.full((20, 20), 100, np.uint8)
+    img = np.tile(np.arange(0, 200, 10, dtype=np.uint8), (20, 1))  # a blank one is no image
     good = _dicom(tmp_path / "a", img, "1.2.3.1", "P1", "WRIST")
     blob = good.read_bytes()
     # An unknown VR in the file meta: dcmread raises NotImplementedError.
