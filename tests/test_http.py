@@ -433,7 +433,7 @@ def test_association_counter_survives_audit_purge_behind_an_active_row(store, tm
     assert after.by_outcome["ACTIVE"] == 1
 
 
-def _overlapping(call: BoundedCall, work, n: int = 3) -> list[object]:  # type: ignore[no-untyped-def]
+def _overlapping(call: BoundedCall, work: Callable[[], object], n: int = 3) -> list[object]:
     results: list[object] = []
 
     def one() -> None:

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 
 from tests.peers import (
     ACKNOWLEDGED,
+    StoreRun,
     acknowledged_files,
     echoscu,
     storescu,
@@ -155,13 +156,9 @@ listener.stop(1.0)
 """
 
 
-def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
-    tmp_path: Path,
-) -> None:
-    """The PACS re-sends an instance of a study that the purge is removing at that moment:
-    the file adopted before the row was written is linked again, not lost once acknowledged.
-    The listener runs in its own process (it patches pynetdicom); only the interleaving is
-    injected."""
+def _send_to_a_scripted_listener(tmp_path: Path, script: str, files: list[Path]) -> StoreRun:
+    """storescu of *files* to a listener run by *script* in its own process (it patches
+    pynetdicom), on an SQLite store and spool under *tmp_path*; the run's result."""
     config = write_config(
         tmp_path / "triage.toml",
         {
@@ -170,7 +167,7 @@ def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
         },
     )
     listener = subprocess.Popen(
-        [sys.executable, "-c", _LISTENER_RACING_A_PURGE, str(config)],
+        [sys.executable, "-c", script, str(config)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=tmp_path,
@@ -178,13 +175,23 @@ def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
     try:
         assert listener.stdout is not None
         port = int(listener.stdout.readline())
-        files = study_files(tmp_path / "in", views=2, rows=64, cols=64)
-        run = storescu(port, files)
-        assert run.acknowledged == 2, run.output
+        return storescu(port, files, extra=["--no-halt"])
     finally:
         assert listener.stdin is not None
         listener.stdin.close()
         listener.wait(timeout=30)
+
+
+def test_an_instance_whose_file_a_purge_removes_while_it_is_recorded_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The PACS re-sends an instance of a study that the purge is removing at that moment:
+    the file adopted before the row was written is linked again, not lost once acknowledged.
+    The listener runs in its own process (it patches pynetdicom); only the interleaving is
+    injected."""
+    files = study_files(tmp_path / "in", views=2, rows=64, cols=64)
+    run = _send_to_a_scripted_listener(tmp_path, _LISTENER_RACING_A_PURGE, files)
+    assert run.acknowledged == 2, run.output
     spool = tmp_path / "spool"
     for path in files:
         ds = pydicom.dcmread(path)
@@ -204,30 +211,10 @@ def test_a_file_a_row_names_is_kept_when_the_commits_answer_is_lost(tmp_path: Pa
     """The row was written, then the store's answer was lost (or another association's copy
     of the instance, acknowledged meanwhile, kept this file): the PACS is told 0xA701, and
     the file stays, since a row names it. It was removed: a row with no file behind it."""
-    config = write_config(
-        tmp_path / "triage.toml",
-        {
-            "dicom": {"port": 0, "ae_title": "TRIAGE"},
-            "store": {"url": f"sqlite:///{tmp_path / 'triage.db'}", "spool_dir": "spool"},
-        },
-    )
     assert _LISTENER_LOSING_THE_COMMITS_ANSWER != _LISTENER_RACING_A_PURGE
-    listener = subprocess.Popen(
-        [sys.executable, "-c", _LISTENER_LOSING_THE_COMMITS_ANSWER, str(config)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=tmp_path,
-    )
-    try:
-        assert listener.stdout is not None
-        port = int(listener.stdout.readline())
-        files = study_files(tmp_path / "in", views=1, rows=64, cols=64)
-        run = storescu(port, files, extra=["--no-halt"])
-        assert run.acknowledged == 0 and run.failure_statuses == ["0xa701"], run.output
-    finally:
-        assert listener.stdin is not None
-        listener.stdin.close()
-        listener.wait(timeout=30)
+    files = study_files(tmp_path / "in", views=1, rows=64, cols=64)
+    run = _send_to_a_scripted_listener(tmp_path, _LISTENER_LOSING_THE_COMMITS_ANSWER, files)
+    assert run.acknowledged == 0 and run.failure_statuses == ["0xa701"], run.output
     ds = pydicom.dcmread(files[0])
     kept = tmp_path / "spool" / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
     assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID

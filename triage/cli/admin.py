@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import fcntl
 import json
 import logging
@@ -109,14 +110,20 @@ def parse_state(text: str) -> list[str]:
     """``queued`` or ``queued,failed`` → ``["QUEUED", "FAILED"]``."""
     from triage.store.models import StudyState
 
-    states = []
+    return _names_of(text, StudyState, "state")
+
+
+def _names_of(text: str, members: type[enum.Enum], what: str) -> list[str]:
+    """The comma-separated member names in *text*, upper-cased; a usage error names the
+    first that is not one of *members*."""
+    names = []
     for item in text.split(","):
         name = item.strip().upper()
-        if name not in StudyState.__members__:
-            known = ", ".join(s.value for s in StudyState)
-            raise argparse.ArgumentTypeError(f"unknown state {item!r} (one of {known})")
-        states.append(name)
-    return states
+        if name not in members.__members__:
+            known = ", ".join(str(member.value) for member in members)
+            raise argparse.ArgumentTypeError(f"unknown {what} {item!r} (one of {known})")
+        names.append(name)
+    return names
 
 
 def parse_study_type(text: str) -> str:
@@ -144,14 +151,7 @@ def parse_outcome(text: str) -> list[str]:
     """``rejected`` or ``rejected,aborted`` → ``["REJECTED", "ABORTED"]``."""
     from triage.store.models import AssociationOutcome
 
-    outcomes = []
-    for item in text.split(","):
-        name = item.strip().upper()
-        if name not in AssociationOutcome.__members__:
-            known = ", ".join(o.value for o in AssociationOutcome)
-            raise argparse.ArgumentTypeError(f"unknown outcome {item!r} (one of {known})")
-        outcomes.append(name)
-    return outcomes
+    return _names_of(text, AssociationOutcome, "outcome")
 
 
 def parse_limit(text: str) -> int:

@@ -372,57 +372,22 @@ class Store:
         listener_pid: int,
     ) -> int:
         """Insert the audit row of a new association; returns its id."""
-
-        def work(session: Session) -> int:
-            record = AssociationRecord(
-                calling_ae=calling_ae[:16],
-                called_ae=called_ae[:16],
-                peer_host=peer_host[:64],
-                peer_port=peer_port,
-                tls=tls,
-                listener_pid=listener_pid,
-                listener_host=socket.gethostname()[:128],
-                started_at=utcnow(),
-                outcome=AssociationOutcome.ACTIVE,
-                instances_stored=0,
-                instances_duplicate=0,
-                instances_failed=0,
-                bytes_stored=0,
-                echoes=0,
-                reason="",
-            )
-            session.add(record)
-            session.flush()
-            return record.id
-
-        return self.transaction(work, sessions=self._audits)
+        record = _audit_row(calling_ae, called_ae, peer_host, peer_port, tls, listener_pid)
+        return self._insert_audit_row(record)
 
     def record_refused_connection(
         self, called_ae: str, peer_host: str, peer_port: int, listener_pid: int, reason: str
     ) -> int:
         """Insert the finished audit row of a TLS connection refused before any DICOM
         (a failed handshake): REJECTED, with no calling AE title; returns its id."""
+        record = _audit_row("", called_ae, peer_host, peer_port, True, listener_pid)
+        record.ended_at = record.started_at
+        record.outcome = AssociationOutcome.REJECTED
+        record.reason = reason
+        return self._insert_audit_row(record)
 
+    def _insert_audit_row(self, record: AssociationRecord) -> int:
         def work(session: Session) -> int:
-            now = utcnow()
-            record = AssociationRecord(
-                calling_ae="",
-                called_ae=called_ae[:16],
-                peer_host=peer_host[:64],
-                peer_port=peer_port,
-                tls=True,
-                listener_pid=listener_pid,
-                listener_host=socket.gethostname()[:128],
-                started_at=now,
-                ended_at=now,
-                outcome=AssociationOutcome.REJECTED,
-                instances_stored=0,
-                instances_duplicate=0,
-                instances_failed=0,
-                bytes_stored=0,
-                echoes=0,
-                reason=reason,
-            )
             session.add(record)
             session.flush()
             return record.id
@@ -598,6 +563,29 @@ def _pause_after(exc: Exception, attempt: int) -> None:
     the survivor for its first row and, winning, deadlocks with it once more."""
     if not isinstance(exc, IntegrityError):
         time.sleep(random.uniform(0.0, 0.05 * (attempt + 1)))
+
+
+def _audit_row(
+    calling_ae: str, called_ae: str, peer_host: str, peer_port: int, tls: bool, listener_pid: int
+) -> AssociationRecord:
+    """A new association's audit row: ACTIVE, nothing counted yet."""
+    return AssociationRecord(
+        calling_ae=calling_ae[:16],
+        called_ae=called_ae[:16],
+        peer_host=peer_host[:64],
+        peer_port=peer_port,
+        tls=tls,
+        listener_pid=listener_pid,
+        listener_host=socket.gethostname()[:128],
+        started_at=utcnow(),
+        outcome=AssociationOutcome.ACTIVE,
+        instances_stored=0,
+        instances_duplicate=0,
+        instances_failed=0,
+        bytes_stored=0,
+        echoes=0,
+        reason="",
+    )
 
 
 _FIND_PURGED_REVISION = select(PurgedStudy.__table__.c.last_revision).where(
