@@ -130,12 +130,6 @@ class Outbox:
 
         return self.store.transaction(work)
 
-    def is_pending(self, delivery_id: int) -> bool:
-        """Whether the delivery is still to be made (not cancelled or superseded meanwhile)."""
-        with self.store.read_session() as session:
-            state = session.scalar(select(Delivery.state).where(Delivery.id == delivery_id))
-        return state is DeliveryState.PENDING
-
     def hold(self, item: DueDelivery, lease_s: float) -> bool:
         """Renew *item*'s claim for *lease_s* just before its C-STORE. False when it is no
         longer pending (cancelled, superseded) or no longer this sender's: a batch can outlast
