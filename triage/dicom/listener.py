@@ -454,13 +454,12 @@ class Listener:
             # instance (another inode), acknowledged then, or if a row names it after all:
             # another association's copy of the instance, acknowledged meanwhile, found this
             # file and kept it, or this commit went through and only its answer was lost.
-            # Unsure (the store does not answer): kept, and the PACS's next attempt is a
-            # duplicate that names it.
-            with contextlib.suppress(Exception):
-                if (
-                    os.path.samefile(received, self.spool.path(relative))
-                    and self.store.instance_path(verdict.sop_instance_uid) != relative
-                ):
+            # When the store does not answer that, no row is taken to name it: if one does,
+            # the PACS's next attempt is a duplicate that links the file again.
+            with contextlib.suppress(OSError):
+                if os.path.samefile(
+                    received, self.spool.path(relative)
+                ) and not self._named_by_a_row(verdict.sop_instance_uid, relative):
                     self.spool.remove(relative)
             return Status.STORE_UNAVAILABLE, "store unavailable; retry later"
         if result.moved_from is not None:
@@ -494,6 +493,14 @@ class Listener:
             bound.info("study_reopened", revision=result.revision)
         bound.debug("instance_stored", size_bytes=size, revision=result.revision)
         return Status.SUCCESS, ""
+
+    def _named_by_a_row(self, sop_instance_uid: str, relative: str) -> bool:
+        """Whether the store records *relative* as this instance's file; False when the
+        store does not answer."""
+        try:
+            return self.store.instance_path(sop_instance_uid) == relative
+        except Exception:
+            return False
 
     def _on_acse_sent(self, event: evt.Event) -> None:
         tally = self._tallies.get(id(event.assoc))
