@@ -1,21 +1,33 @@
-"""The worker's process pool runs decodes (the model waits) before output building."""
+"""The worker's process pool runs decodes (the model waits) before output building, and a
+process that dies fails its own job and no other."""
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 
 from triage.scoring.priority_pool import BACKGROUND, URGENT, JobNotRun, PriorityPool
 
 
+def _threads(count: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=count)
+
+
+def _processes(count: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=count)
+
+
 def test_urgent_jobs_overtake_waiting_background_jobs() -> None:
     gate = threading.Event()
     ran: list[str] = []
-    pool = PriorityPool(ThreadPoolExecutor(max_workers=1), slots=1)
+    pool = PriorityPool(_threads, slots=1)
     first = pool.submit(BACKGROUND, gate.wait, 10)
     later = [pool.submit(BACKGROUND, ran.append, f"build {n}") for n in range(3)]
     urgent = pool.submit(URGENT, ran.append, "decode")
@@ -29,7 +41,7 @@ def test_urgent_jobs_overtake_waiting_background_jobs() -> None:
 
 
 def test_results_and_errors_come_back_from_processes() -> None:
-    pool = PriorityPool(ProcessPoolExecutor(max_workers=2), slots=2)
+    pool = PriorityPool(_processes, slots=2)
     squares = [pool.submit(URGENT, pow, n, 2) for n in range(6)]
     assert [f.result(timeout=60) for f in squares] == [0, 1, 4, 9, 16, 25]
     with pytest.raises(ZeroDivisionError):
@@ -39,7 +51,7 @@ def test_results_and_errors_come_back_from_processes() -> None:
 
 def test_shutdown_cancels_waiting_jobs() -> None:
     gate = threading.Event()
-    pool = PriorityPool(ThreadPoolExecutor(max_workers=1), slots=1)
+    pool = PriorityPool(_threads, slots=1)
     running = pool.submit(URGENT, gate.wait, 10)
     waiting = pool.submit(BACKGROUND, print, "never")
     pool.shutdown(wait=False, cancel_futures=True)
@@ -54,25 +66,92 @@ def _die() -> None:
     os._exit(139)
 
 
-def test_a_process_that_dies_breaks_the_pool_and_the_jobs_still_waiting_never_ran() -> None:
-    pool = PriorityPool(ProcessPoolExecutor(max_workers=1), slots=1)
+def _wait_for(paths: list[Path], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        assert time.monotonic() < deadline, f"timed out waiting for {paths}"
+        time.sleep(0.01)
+
+
+def _die_once_these_run(markers: list[str]) -> None:
+    """Dies once the jobs beside it have started (each wrote its marker)."""
+    _wait_for([Path(marker) for marker in markers])
+    os._exit(139)
+
+
+def _run_for_a_while(marker: str, value: int) -> tuple[int, int]:
+    """Writes *marker* (this process's pid in it), takes a second, returns *value* and the
+    pid."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(1.0)
+    return value, os.getpid()
+
+
+def test_a_process_that_dies_alone_fails_its_job_and_the_waiting_jobs_run_in_new_ones() -> None:
+    pool = PriorityPool(_processes, slots=1)
     dying = pool.submit(URGENT, _die)
-    waiting = pool.submit(URGENT, pow, 2, 2)  # behind it: never handed to the executor
-    with pytest.raises(BrokenProcessPool):
+    waiting = pool.submit(URGENT, pow, 2, 2)  # behind it: not yet handed to the executor
+    with pytest.raises(BrokenProcessPool):  # the only job running: it killed the process
         dying.result(timeout=60)
-    with pytest.raises(JobNotRun):
-        waiting.result(timeout=60)
-    assert pool.broken
-    with pytest.raises(JobNotRun):  # and nothing more runs there
-        pool.submit(BACKGROUND, pow, 3, 2).result(timeout=60)
+    assert waiting.result(timeout=60) == 4
+    assert pool.restarts == 1
+    assert pool.submit(BACKGROUND, pow, 3, 2).result(timeout=60) == 9
     pool.shutdown()
 
 
+def test_the_jobs_beside_a_dying_one_run_again_alone_and_only_it_fails(tmp_path: Path) -> None:
+    markers = [str(tmp_path / f"running-{n}") for n in range(2)]
+    pool = PriorityPool(_processes, slots=3)
+    beside = [pool.submit(URGENT, _run_for_a_while, marker, n) for n, marker in enumerate(markers)]
+    dying = pool.submit(URGENT, _die_once_these_run, markers)
+    waiting = pool.submit(BACKGROUND, pow, 2, 5)
+    with pytest.raises(BrokenProcessPool):  # alone, it killed its process again
+        dying.result(timeout=60)
+    assert [future.result(timeout=60)[0] for future in beside] == [0, 1]
+    assert waiting.result(timeout=60) == 32
+    assert pool.restarts == 1  # the process each ran alone in is not the pool's
+    pool.shutdown()
+
+
+def test_a_process_killed_from_outside_costs_no_job(tmp_path: Path) -> None:
+    """The OOM killer picks a process, not a culprit: every job it held runs again."""
+    markers = [tmp_path / f"running-{n}" for n in range(2)]
+    pool = PriorityPool(_processes, slots=2)
+    jobs = [
+        pool.submit(URGENT, _run_for_a_while, str(marker), n) for n, marker in enumerate(markers)
+    ]
+    _wait_for(markers)
+    first_pid = int(markers[0].read_text())
+    os.kill(first_pid, signal.SIGKILL)
+    results = [future.result(timeout=60) for future in jobs]
+    assert [value for value, _pid in results] == [0, 1]
+    assert all(pid != first_pid for _value, pid in results)
+    assert pool.restarts == 1
+    pool.shutdown()
+
+
+def test_stop_fails_the_jobs_waiting_to_run_again(tmp_path: Path) -> None:
+    markers = [str(tmp_path / f"running-{n}") for n in range(2)]
+    pool = PriorityPool(_processes, slots=3)
+    beside = [pool.submit(URGENT, _run_for_a_while, marker, n) for n, marker in enumerate(markers)]
+    dying = pool.submit(URGENT, _die_once_these_run, markers)
+    with pytest.raises(BrokenProcessPool):
+        dying.result(timeout=60)
+    pool.stop(5.0)
+    for future in beside:  # each either ran alone before the stop, or never will
+        try:
+            assert future.result(timeout=60)[0] in (0, 1)
+        except JobNotRun:
+            pass
+        except BrokenProcessPool:  # killed by the stop while it ran alone
+            pass
+
+
 def test_a_job_that_fails_on_its_own_leaves_the_pool_whole() -> None:
-    pool = PriorityPool(ProcessPoolExecutor(max_workers=1), slots=1)
+    pool = PriorityPool(_processes, slots=1)
     with pytest.raises(ZeroDivisionError):
         pool.submit(URGENT, divmod, 1, 0).result(timeout=60)
-    assert not pool.broken
+    assert pool.restarts == 0
     assert pool.submit(URGENT, pow, 2, 3).result(timeout=60) == 8
     pool.shutdown()
 
@@ -87,7 +166,7 @@ def stuck_job(marker):
     open(marker, "w").close()
     time.sleep(3600)
 
-pool = PriorityPool(ProcessPoolExecutor(max_workers=2), slots=2)
+pool = PriorityPool(lambda count: ProcessPoolExecutor(max_workers=count), slots=2)
 assert pool.submit(URGENT, pow, 2, 5).result(timeout=60) == 32
 if sys.argv[1] == "stuck":
     stuck = pool.submit(URGENT, stuck_job, sys.argv[2])

@@ -98,6 +98,27 @@ def test_a_decode_process_that_dies_fails_its_study_and_not_the_others(
             assert _study(store, path).attempts == 1
 
 
+def test_with_several_decode_processes_only_the_culprit_is_charged_for_a_dead_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The views decoding beside the one that killed a process died with the pool: each is
+    decoded again alone, and only the culprit's study counts the attempt."""
+    config = _config(tmp_path, max_attempts=2, decode_processes=3, claim_batch=8)
+    files = write_benchmark_files(config.store.spool_dir, 5, size_mb=0.25, views_per_study=1)
+    poisoned = files[2]
+    monkeypatch.setenv(crashing_jobs.DIE_DECODING, poisoned.parent.name)
+    # The other views take their time, so that some are in their processes when it dies.
+    monkeypatch.setenv(crashing_jobs.SLOW_DECODING_S, "1.0")
+    monkeypatch.setattr(worker_module, "decode_view", crashing_jobs.decode_view)
+    with _running(config, files) as (store, _spool, worker):
+        _wait("every study to finish", _finished(store, {StudyState.DONE: 4, StudyState.FAILED: 1}))
+        culprit = _study(store, poisoned)
+        assert culprit.attempts == 2 and "decode process died" in culprit.state_reason
+        for path in files[:2] + files[3:]:
+            assert _study(store, path).attempts == 1
+        assert worker._pool.restarts >= 2  # one per attempt of the culprit
+
+
 def test_a_process_that_dies_building_outputs_is_replaced_before_the_next_study(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

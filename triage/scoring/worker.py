@@ -131,6 +131,19 @@ def _init_decode_process() -> None:
     configure_logging("warning", "json")
 
 
+def _decode_executor(processes: int) -> ProcessPoolExecutor:
+    """The executor of the worker's pool: *processes* decode processes."""
+    # spawn, not fork: a forked child of a process that ran OpenMP threads can hang.
+    executor = ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_decode_process,
+    )
+    widen_pool_pipes(executor)
+    read_results_in_place(executor)
+    return executor
+
+
 def _warm_process(config: Config, model: ModelInfo) -> bool:
     """Runs in a pool process: imports done by the initializer, output builders warmed."""
     warm_up_builders(config, model)
@@ -153,7 +166,7 @@ class _InFlight:
     skipped: list[SkippedView] = field(default_factory=list)
     error: str = ""
     #: Why the study goes back to the queue unscored, its attempt not counted (a view never
-    #: reached a decode process: the pool broke under another study's view).
+    #: ran to its end: the pool was stopped, or could not start a process).
     give_back: str = ""
 
 
@@ -244,20 +257,9 @@ class Worker:
         # its results back would only delay them.
         self._pipelined = model.device.type == "cuda"
         self._last_delivered = 0.0  # monotonic
-        self._pool = self._new_pool()
-        self._warm = False
-
-    def _new_pool(self) -> PriorityPool:
-        # spawn, not fork: a forked child of a process that ran OpenMP threads can hang.
-        executor = ProcessPoolExecutor(
-            max_workers=self._processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_decode_process,
-        )
-        widen_pool_pipes(executor)
-        read_results_in_place(executor)
         # Decodes (the model waits for them) go before SR and overlay building.
-        return PriorityPool(executor, self._processes)
+        self._pool = PriorityPool(_decode_executor, self._processes)
+        self._warm = False
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -380,11 +382,6 @@ class Worker:
         while not self._stop.is_set():
             claimed = 0
             try:
-                if self._pool.broken:
-                    # Its waiting jobs have failed as not run: nothing is left to cancel.
-                    self._pool.shutdown(wait=False)
-                    self._pool = self._new_pool()
-                    log.warning("decode_pool_restarted", processes=self._processes)
                 self._give_back_pending()
                 room = self.config.worker.claim_batch - len(self._in_flight)
                 if room > 0 and time.monotonic() >= self._claims_paused_until:
@@ -568,11 +565,11 @@ class Worker:
             except UndecodableView as exc:
                 study.skipped.append(SkippedView(uid, f"undecodable: {exc.reason}"))
                 self._view_done(study)
-            except BrokenProcessPool:  # the pool is replaced (see PriorityPool.broken)
+            except BrokenProcessPool:  # it killed a process alone (see PriorityPool)
                 study.error = "a decode process died while it decoded a view of this study"
                 self._view_done(study)
-            except JobNotRun:
-                study.give_back = "the decode processes were restarted"
+            except JobNotRun as exc:
+                study.give_back = f"the view was not decoded: {exc}"
                 self._view_done(study)
             except Exception as exc:
                 study.error = f"decoding failed: {error_text(exc)}"
@@ -843,7 +840,7 @@ class Worker:
         if not take_back:
             try:
                 built = future.result()
-            except JobNotRun:  # the pool broke under another job before this one's turn
+            except JobNotRun:  # the pool was stopped, or could not start a process
                 with self._model_idle:
                     while self._building_here:
                         self._model_idle.wait()
