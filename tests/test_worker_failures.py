@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from tests import crashing_jobs
@@ -373,3 +375,50 @@ def test_a_store_error_at_the_end_gives_the_study_back_once_the_store_answers(
         assert _study(store, files[0]).attempts == 1
     assert time.monotonic() - started < 60  # not the lease's 120 s
     assert down == {"complete": 0, "release": 0}
+
+
+def test_a_batch_the_device_has_no_memory_for_is_scored_in_halves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory for a whole batch (other processes on the GPU, a fragmented cache) is
+    not the studies' fault: the batch is scored again in halves, down to single views."""
+    from triage.scoring.model import ScoringModel
+
+    config = local_worker_config(
+        tmp_path,
+        model={"device": "cpu", "precision": "fp32", "batch_size": 4, "threads": 1},
+        worker={"decode_processes": 1, "poll_interval_s": 0.05},
+    )
+    config = replace(config, model=replace(config.model, batch_wait_ms=2000))
+    files = write_benchmark_files(config.store.spool_dir, 6, size_mb=0.25, views_per_study=2)
+    start = ScoringModel.start
+    sizes: list[int] = []
+
+    def short_of_memory(model: ScoringModel, views: Any) -> Any:
+        sizes.append(len(views))
+        if len(views) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return start(model, views)
+
+    monkeypatch.setattr(ScoringModel, "start", short_of_memory)
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("every study to be scored", _finished(store, {StudyState.DONE: 3}))
+        assert all(_study(store, path).attempts == 1 for path in files[::2])
+    assert max(sizes) > 2 and sizes.count(1) == 6
+
+
+def test_a_single_view_the_device_has_no_memory_for_fails_its_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from triage.scoring.model import ScoringModel
+
+    config = _config(tmp_path, max_attempts=1)
+    files = write_benchmark_files(config.store.spool_dir, 1, size_mb=0.25, views_per_study=1)
+
+    def no_memory(model: ScoringModel, views: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ScoringModel, "start", no_memory)
+    with _running(config, files) as (store, _spool, _worker):
+        _wait("the study to fail", _finished(store, {StudyState.FAILED: 1}))
+        assert "out of memory" in _study(store, files[0]).state_reason

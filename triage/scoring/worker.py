@@ -193,6 +193,15 @@ def _is_out_of_room(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _OUT_OF_ROOM
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether *exc* says the device had no memory for a forward pass: CUDA's out of memory,
+    or the CPU allocator's refusal. A batch of many large-input views can fail so where each
+    half would not (other processes on the GPU, a fragmented cache)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 def _is_store_error(exc: BaseException) -> bool:
     """Whether *exc* says the store could not be reached or used (down, cut, timed out):
     not a constraint or a statement it refused, which would fail the same way each time."""
@@ -615,6 +624,22 @@ class Worker:
         return _Started(ready, pending, started, items)
 
     def _forward_failed(self, ready: list[tuple[_InFlight, DecodedView]], exc: Exception) -> None:
+        """Record *exc*, the failure of *ready*'s forward pass, on their studies; a batch the
+        device had no memory for is scored again in halves first (see :func:`_out_of_memory`),
+        so that only a view too large on its own fails its study."""
+        if _out_of_memory(exc) and len(ready) > 1:
+            log.warning("forward_out_of_memory", views=len(ready), retry="in halves")
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()  # the failed pass's blocks, for the halves
+            half = len(ready) // 2
+            for part in (ready[:half], ready[half:]):
+                try:
+                    pending = self.model.start([view.grey for _, view in part])
+                except Exception as part_exc:
+                    self._forward_failed(part, part_exc)
+                else:  # items: the caller counts the views out of the model's queue
+                    self._record(_Started(part, pending, time.monotonic(), items=0))
+            return
         log.exception("forward_failed", views=len(ready))  # called while *exc* is handled
         for study, _view in ready:
             study.error = f"model forward failed: {error_text(exc)}"
