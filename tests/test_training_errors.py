@@ -381,7 +381,12 @@ def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path: Path) -> None:
 
     tiny = _tiny(tmp_path)
     out = tmp_path / "o"
-    script = "import sys; from triage.training.cli import main; sys.exit(main(sys.argv[1:]))"
+    # Python leaves SIGINT ignored when the process starts with it ignored, as a test run
+    # started in the background of a shell without job control does: as at a terminal here.
+    script = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from triage.training.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     args = ["train", "--mura", str(tiny), "--out", str(out), *_FAST, "--max-steps", "100000",
             "--log-every", "1", "--checkpoint-every", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
