@@ -422,3 +422,40 @@ def test_a_single_view_the_device_has_no_memory_for_fails_its_study(
     with _running(config, files) as (store, _spool, _worker):
         _wait("the study to fail", _finished(store, {StudyState.FAILED: 1}))
         assert "out of memory" in _study(store, files[0]).state_reason
+
+
+def test_a_claim_the_store_answers_after_the_stop_goes_back_to_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow store can answer a claim after the stop has given the studies in flight back:
+    that claim is given back too, not left SCORING until its lease expires."""
+    config = _config(tmp_path)
+    files = write_benchmark_files(config.store.spool_dir, 1, size_mb=0.25, views_per_study=1)
+    claim = WorkQueue.claim
+    in_the_store, answer = threading.Event(), threading.Event()
+
+    def slow_claim(queue: WorkQueue, *args: Any, **kwargs: Any) -> Any:
+        claims = claim(queue, *args, **kwargs)
+        if claims:
+            in_the_store.set()
+            answer.wait(60)
+        return claims
+
+    monkeypatch.setattr(WorkQueue, "claim", slow_claim)
+    engine, store, spool = received_store(config.store.url, Path(config.store.spool_dir), files)
+    try:
+        worker = Worker(config, store, spool, load_configured_model(config))
+        worker.warm_up()
+        _queue(store)
+        worker.start()
+        assert in_the_store.wait(60)
+        worker.stop(0.5)
+        answer.set()
+        for thread in worker._threads:
+            thread.join(30)
+        study = _study(store, files[0])
+        assert study.state == StudyState.QUEUED
+        assert study.attempts == 0 and study.lease_owner is None  # given back, not expired
+    finally:
+        answer.set()
+        engine.dispose()

@@ -397,7 +397,12 @@ class Worker:
                     claims = self.queue.claim(self.owner, room, self.config.worker.lease_s)
                     claimed = len(claims)
                     for claim in claims:
-                        self._begin_or_give_back(claim)
+                        if self._stop.is_set():
+                            # The stop came while the store answered (a slow store can outlast
+                            # the whole grace): begun now, nothing would ever give it back.
+                            self._give_back(claim, "worker stopped")
+                        else:
+                            self._begin_or_give_back(claim)
                 now = time.monotonic()
                 if now - last_renew > renew_every:
                     with self._lock:
