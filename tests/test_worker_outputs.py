@@ -132,7 +132,7 @@ def test_outputs_are_built_here_while_a_cpu_model_waits_for_decoded_views(
 
 def test_the_pool_pipes_carry_a_megabyte_at_once(worker: Worker) -> None:
     """Displays go to the decode process and overlays come back through 1 MB pipes."""
-    executor = worker._pool._executor
+    executor = worker._pool._current.executor
     for queue in (executor._call_queue, executor._result_queue):  # type: ignore[attr-defined]
         size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
         assert size == WIDE_PIPE_BYTES
