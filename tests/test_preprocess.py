@@ -890,3 +890,103 @@ def test_a_read_error_of_the_disk_is_an_error_not_an_undecodable_view(
     cut.write_bytes(Path(path).read_bytes()[:2000])
     with pytest.raises(UndecodableView):
         decode_view(str(cut), 224, MEAN, STD, 0)
+
+
+# --- rescale, LUT descriptors and padding values as hospitals' writers encode them ------------
+
+
+@pytest.mark.parametrize("voi", ["none", "window", "VOI LUT"])
+def test_a_zero_rescale_slope_is_ignored_as_dcmtk_does(voi: str):
+    """Rescale Slope 0 maps every pixel to the intercept: DCMTK ignores such a rescale; a
+    radiograph carrying one was reported blank ("no image content") and never scored."""
+    pixels = phantom()
+    extra: dict[str, object] = {}
+    if voi == "window":
+        extra = {"WindowCenter": 2048, "WindowWidth": 4096}
+    plain = make_ds(pixels, bits_stored=12, **extra)
+    broken = make_ds(pixels, bits_stored=12, RescaleSlope=0, RescaleIntercept=0, **extra)
+    if voi == "VOI LUT":
+        for ds in (plain, broken):
+            ds.VOILUTSequence = DicomSequence([_lut_item(0, list(range(4096)), 12)])
+    expected, _ = display_pixels(plain)
+    display, note = display_pixels(broken)
+    assert note == "invalid rescale (slope 0, intercept 0) ignored"
+    np.testing.assert_array_equal(display, expected)
+
+
+def test_a_voi_lut_reads_the_rescale_as_a_window_does():
+    """Empty Rescale Slope and Intercept (Type 1 in CR, emptied by some anonymisers) are
+    absent for a window; with a VOI LUT they made the view undecodable (pydicom multiplied by
+    None). A slope without an intercept was applied before a window and ignored before a
+    VOI LUT."""
+    pixels = np.array([[10, 11], [12, 13]], dtype=np.uint16)
+    lut = [0, 1000, 3000, 4095, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 4095, 0]
+    empty = make_ds(pixels, bits_stored=12, RescaleSlope=None, RescaleIntercept=None)
+    empty.VOILUTSequence = DicomSequence([_lut_item(10, lut, 12)])
+    display, note = display_pixels(empty)
+    assert note == ""
+    np.testing.assert_allclose(display, np.array([[0, 1000], [3000, 4095]]) / 4095, atol=1e-6)
+    slope_only = make_ds(pixels, bits_stored=12, RescaleSlope=2)  # 20, 22, 24, 26
+    slope_only.VOILUTSequence = DicomSequence([_lut_item(10, lut, 12)])
+    display, _ = display_pixels(slope_only)
+    np.testing.assert_allclose(display, np.array([[700, 900], [4095, 0]]) / 4095, atol=1e-6)
+
+
+@pytest.mark.parametrize("lut", ["Modality LUT", "VOI LUT"])
+def test_a_negative_first_value_mapped_written_as_us_is_read_as_signed(tmp_path: Path, lut: str):
+    """Signed pixels' LUT Descriptor names its first value mapped SS (PS3.3 C.11.1.1.1), but
+    an explicit VR gives one VR for all three values and writers choose US: -2048 arrives as
+    63488, which the LUT lookup took literally: every pixel clamped to the first entry (a
+    Modality LUT: "no image content"; a VOI LUT: not applied)."""
+    pixels = (phantom().astype(np.int32) - 2048).astype(np.int16)  # -2048..1228
+    entries = np.arange(4096, dtype=np.uint16)[::-1].copy()  # a visible, inverting LUT
+    descriptors = {}
+    for vr in ("SS", "US"):
+        item = _lut_item(-2048 if vr == "SS" else 0x10000 - 2048, [int(v) for v in entries], 12)
+        item["LUTDescriptor"].VR = vr
+        ds = make_ds(pixels, bits_stored=12)
+        if lut == "Modality LUT":
+            item.ModalityLUTType = "US"
+            ds.ModalityLUTSequence = DicomSequence([item])
+        else:
+            ds.VOILUTSequence = DicomSequence([item])
+        read = pydicom.dcmread(save(ds, tmp_path / f"{vr}.dcm"))
+        sequence = read.ModalityLUTSequence if lut == "Modality LUT" else read.VOILUTSequence
+        descriptors[vr] = list(sequence[0].LUTDescriptor)
+        display, note = display_pixels(read)
+        assert note == ""
+        if lut == "VOI LUT":
+            expected = entries[pixels.astype(np.int32) + 2048] / 4095.0
+            np.testing.assert_allclose(display, expected, atol=1e-6)
+        else:  # percentile-stretched output of the LUT: inverted
+            assert np.corrcoef(display.ravel(), pixels.ravel())[0, 1] < -0.99
+    assert descriptors == {"SS": [4096, -2048, 12], "US": [4096, 63488, 12]}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits", "pad", "vr"),
+    [
+        (np.int16, 16, 0x8000, "US"),  # -32768 written as US
+        (np.int16, 12, 0xF800, "US"),  # -2048 written as US
+        (np.uint16, 16, -1, "SS"),  # 65535 written as SS
+    ],
+)
+def test_a_pixel_padding_value_written_with_the_other_sign_still_marks_padding(
+    tmp_path: Path, dtype: type, bits: int, pad: int, vr: str
+):
+    """Pixel Padding Value is US or SS as Pixel Representation is (C.7.5.1.1.2); written with
+    the other VR it never equalled a pixel, and the padding dragged the percentiles."""
+    rows, columns = 200, 100
+    ramp = np.tile(np.linspace(-1000, 1000, columns), (rows, 1)).astype(np.int32)
+    if dtype == np.uint16:
+        ramp += 2000
+    padded = ramp.astype(dtype)
+    padded[:, :30] = np.array(pad).astype(dtype) if bits == 16 else -2048
+    ds = make_ds(padded, bits_stored=bits)
+    ds.add_new(0x00280120, vr, pad)
+    display, note = display_pixels(pydicom.dcmread(save(ds, tmp_path / "pad.dcm")))
+    assert note == ""
+    inside = display[:, 30:]
+    low, high = np.percentile(ramp[:, 30:], [0.5, 99.5])
+    expected = np.clip((ramp[:, 30:] - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(inside, expected, atol=1e-5)

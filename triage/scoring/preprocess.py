@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.pixels import apply_color_lut, pixel_array
 
 #: ITU-R BT.601 luma weights (the Y of YBR, and PIL's RGB → L conversion).
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -196,13 +196,22 @@ def _modality_is_linear(ds: Dataset) -> bool:
     return not ds.get("ModalityLUTSequence")
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
+def _rescale(ds: Dataset, notes: list[str]) -> tuple[float, float]:
+    """Rescale Slope and Intercept (1 and 0 when absent or empty), for a window and a VOI
+    LUT alike.
+
+    A slope of 0 maps every pixel to the intercept, and one that is not a finite number maps
+    them to no number: such a rescale is ignored (as DCMTK ignores it) and noted, rather than
+    the radiograph reported as holding no image.
+    """
     slope = ds.get("RescaleSlope")
     intercept = ds.get("RescaleIntercept")
-    return (
-        1.0 if slope in (None, "") else _first(slope),
-        0.0 if intercept in (None, "") else _first(intercept),
-    )
+    a = 1.0 if slope in (None, "") else _first(slope)
+    b = 0.0 if intercept in (None, "") else _first(intercept)
+    if a == 0.0 or not (math.isfinite(a) and math.isfinite(b)):
+        notes.append(f"invalid rescale (slope {a:g}, intercept {b:g}) ignored")
+        return 1.0, 0.0
+    return a, b
 
 
 def _window(ds: Dataset, notes: list[str]) -> tuple[float, float, str] | None:
@@ -251,11 +260,44 @@ def _padding_mask(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
     pad = ds.get("PixelPaddingValue")
     if pad is None or isinstance(pad, bytes):
         return None
+    pad = _as_stored(ds, int(_first(pad)), values)
     limit = ds.get("PixelPaddingRangeLimit")
     if limit is None or isinstance(limit, bytes):
         return values == pad
+    limit = _as_stored(ds, int(_first(limit)), values)
     low, high = min(pad, limit), max(pad, limit)
     return (values >= low) & (values <= high)
+
+
+def _as_stored(ds: Dataset, value: int, values: np.ndarray) -> int:
+    """A Pixel Padding Value (or Range Limit) in the domain of the stored *values*.
+
+    Its VR is US or SS as Pixel Representation is (PS3.3 C.7.5.1.1.2), but writers send
+    signed padding as US (-32768 as 32768, -2048 as 63488) and unsigned as SS (65535 as
+    -1): such a value equals no pixel, and the padding drags the percentiles. A value
+    outside the stored range is taken as its bit pattern and read as the pixels are, from
+    the low Bits Stored bits (:func:`_clear_unused_bits`); one inside is kept.
+    """
+    if values.dtype.kind not in "iu":
+        return value
+    bits, low, high = _stored_range(ds, values)
+    if low <= value <= high:
+        return value
+    value &= (1 << bits) - 1
+    if value > high:  # signed: the sign bit is set
+        value -= 1 << bits
+    return value
+
+
+def _stored_range(ds: Dataset, frame: np.ndarray) -> tuple[int, int, int]:
+    """Bits Stored (the integer *frame*'s width when absent or wrong) and the least and
+    greatest stored value it allows, signed or not as *frame* is."""
+    width = frame.dtype.itemsize * 8
+    bits = int(ds.get("BitsStored", 0) or 0)
+    bits = bits if 0 < bits <= width else width
+    if frame.dtype.kind == "i":
+        return bits, -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return bits, 0, (1 << bits) - 1
 
 
 def _percentile_mapping(
@@ -302,11 +344,15 @@ def stretch_raw(values: np.ndarray) -> np.ndarray:
     return _percentile_mapping(Dataset(), values, None, 1.0, 0.0).apply(values)
 
 
-def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping, float] | None:
+def _lut_over_range(
+    ds: Dataset, frame: np.ndarray, voi: bool, rescale: tuple[float, float]
+) -> tuple[_Mapping, float] | None:
     """Modality LUT (and the VOI LUT when *voi*) tabulated over the image's integer values.
 
-    Returns the mapping (display 0..1 when *voi*, else modality output units) and the
-    normalising denominator used; None when the image is not integer or its range too wide.
+    *rescale*: :func:`_rescale`'s slope and intercept, the modality transformation when there
+    is no Modality LUT Sequence. Returns the mapping (display 0..1 when *voi*, else modality
+    output units) and the normalising denominator used; None when the image is not integer
+    or its range too wide.
     """
     if frame.dtype.kind not in "iu":
         return None
@@ -314,16 +360,25 @@ def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping
     if hi - lo + 1 > _MAX_LUT_ENTRIES:
         return None
     values = np.arange(lo, hi + 1, dtype=np.int64)
+    slope, intercept = rescale
     if _modality_is_linear(ds):
-        out = apply_modality_lut(values, ds)
+        # The rescale a window gets (not pydicom's apply_modality_lut, which multiplies by an
+        # empty slope, and ignores a slope given without an intercept).
+        out = values * slope + intercept
     else:
         # Looked up here, not by pydicom's apply_modality_lut, which cannot read 8-bit
         # entries packed two to a word (the encoding the standard prescribes).
-        first, table, _depth = _lut_table(ds, ds.ModalityLUTSequence[0], "Modality LUT")
+        first, table, _depth = _lut_table(
+            ds, ds.ModalityLUTSequence[0], "Modality LUT", signed_input=frame.dtype.kind == "i"
+        )
         out = table[np.clip(values - first, 0, table.size - 1)]
     denominator = 1.0
     if voi:
-        first, entries, depth = _lut_table(ds, ds.VOILUTSequence[0], "VOI LUT")
+        # The VOI LUT's input is signed when the rescale of the possible stored values may
+        # be negative (C.11.2.1.1); a Modality LUT's output never is.
+        _bits, low, high = _stored_range(ds, frame)
+        signed = _modality_is_linear(ds) and min(low * slope, high * slope) + intercept < 0
+        first, entries, depth = _lut_table(ds, ds.VOILUTSequence[0], "VOI LUT", signed_input=signed)
         index = np.rint(out).astype(np.int64) - first
         out = entries[np.clip(index, 0, len(entries) - 1, out=index)]
         denominator = float(2**depth - 1)
@@ -334,9 +389,12 @@ def _lut_over_range(ds: Dataset, frame: np.ndarray, voi: bool) -> tuple[_Mapping
     return _Mapping("lut", lo=lo, lut=np.asarray(out, dtype=np.float32)), denominator
 
 
-def _lut_table(ds: Dataset, item: Dataset, what: str) -> tuple[int, np.ndarray, int]:
+def _lut_table(
+    ds: Dataset, item: Dataset, what: str, signed_input: bool = False
+) -> tuple[int, np.ndarray, int]:
     """The LUT in *item* (a VOI or Modality LUT Sequence item): first value mapped, its
-    entries (int64), bits per entry.
+    entries (int64), bits per entry. *signed_input*: whether the LUT's input may be negative
+    (signed pixels for a Modality LUT; a rescale that may give negative values for a VOI LUT).
 
     VOI LUTs are looked up here rather than by pydicom's ``apply_voi``, which (3.0) indexes an
     8-bit LUT with 8-bit integers: the values of a 12-bit image wrap modulo 256 and are never
@@ -345,6 +403,12 @@ def _lut_table(ds: Dataset, item: Dataset, what: str) -> tuple[int, np.ndarray, 
     writers give each entry its own word: the data's length tells which.
     """
     entries_declared, first, depth = (int(value) for value in item.LUTDescriptor)
+    if signed_input and first >= 0x8000:
+        # The first value mapped is SS for a signed input (C.11.1.1.1, C.11.2.1.1), but an
+        # explicit VR names one VR for all three values and writers choose US: -2048 comes
+        # as 63488, and taken as such every pixel clamps to the first entry. Read as the
+        # 16-bit pattern it is, as DCMTK reads it.
+        first -= 0x10000
     if not 8 <= depth <= 16:
         raise ValueError(f"{depth} bits per {what} entry (8 to 16 allowed)")
     entries = entries_declared or 65536
@@ -410,13 +474,14 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
     if photometric == "MONOCHROME2" and str(ds.get("PresentationLUTShape", "")) == "INVERSE":
         invert = True
         notes.append("inverted (Presentation LUT Shape INVERSE)")
-    slope, intercept = _rescale(ds)
+    # A Modality LUT Sequence replaces the rescale (PS3.3 C.11.1): its values are not read.
+    slope, intercept = _rescale(ds, notes) if _modality_is_linear(ds) else (1.0, 0.0)
     mapping: _Mapping | None = None
     window_rejected = False
     voi_luts = ds.get("VOILUTSequence")
 
     if voi_luts:
-        tabulated = _lut_over_range(ds, frame, voi=True)
+        tabulated = _lut_over_range(ds, frame, True, (slope, intercept))
         if tabulated is None:
             raise UndecodableView("VOI LUT on non-integer or very wide-range pixel data")
         mapping = tabulated[0]
@@ -433,7 +498,7 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
             if _modality_is_linear(ds):
                 mapping = _window_mapping(slope, intercept, centre, width, function)
             else:
-                tabulated = _lut_over_range(ds, frame, voi=False)
+                tabulated = _lut_over_range(ds, frame, False, (slope, intercept))
                 if tabulated is None:
                     raise UndecodableView("Modality LUT on non-integer or very wide-range data")
                 modality_lut = tabulated[0]
@@ -457,7 +522,7 @@ def _grayscale_mapping(ds: Dataset, frame: np.ndarray, notes: list[str]) -> _Map
         else:
             modality = None
             if not _modality_is_linear(ds):
-                tabulated = _lut_over_range(ds, frame, voi=False)
+                tabulated = _lut_over_range(ds, frame, False, (slope, intercept))
                 if tabulated is None:
                     raise UndecodableView("Modality LUT on non-integer or very wide-range data")
                 modality = tabulated[0]
