@@ -413,6 +413,43 @@ def test_associations_lists_the_audit_newest_first_with_filters(site: Site) -> N
     assert code == 2 and out == "" and "unknown outcome 'lost'" in err
 
 
+def test_tables_show_stored_text_as_it_is_never_as_markup(site: Site) -> None:
+    """Text from peers and operators (a calling AE title is any printable ASCII, a cancel
+    reason anything) reaches the tables: read as rich markup, "[/x]" crashed the command
+    with a traceback and "[bold]" vanished."""
+    from triage.store.models import AssociationOutcome
+
+    store = site.store
+    odd = store.open_association("CT[/A]", "TRIAGE", "10.0.0.5", 40000, False, 123)
+    store.close_association(odd, AssociationOutcome.ABORTED, reason="peer said [bold]bye")
+    code, out, err = site.admin("associations")
+    assert code == 0 and err == "", err
+    assert "CT[/A]" in out and "peer said [bold]bye" in out
+    uid = site.uids["QUEUED"]
+    reason = "wrong patient [/ordered twice] :warning: [red]"
+    assert site.admin("cancel", uid, "--reason", reason)[0] == 0
+    code, out, err = site.admin("study", uid)
+    assert code == 0 and err == "", err
+    assert reason in out
+
+
+@pytest.mark.parametrize("form", [[], ["--json"]])
+def test_a_reader_that_stops_early_gets_no_traceback(site: Site, form: list[str]) -> None:
+    """`triage-admin studies | head -1`: the reader closes the pipe before the output is
+    written; the command ended with a BrokenPipeError traceback on the operator's terminal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    command = [sys.executable, "-m", "triage.cli.admin", "--config", str(site.config)]
+    process = subprocess.Popen(
+        [*command, "studies", *form], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the first line
+    err = process.stderr.read().decode()
+    code = process.wait(120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert err == "" and code == 1
+
+
 # --- study ---------------------------------------------------------------------------------
 
 
@@ -731,6 +768,29 @@ def test_purge_with_a_spool_that_is_not_there_removes_nothing_and_exits_3(
         purge(site.store, Spool(elsewhere / "var" / "spool"), 30)
 
 
+def test_purge_that_may_not_remove_a_file_says_so_in_one_line(site: Site, monkeypatch) -> None:
+    """Run as another user than the daemon's (README: run it as the service user), the
+    purge may not remove the spooled files: a PermissionError traceback, not one line."""
+    real_unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if site.spool.root in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    for form in ([], ["--json"]):
+        code, out, err = site.admin("purge", "--older-than", "30", *form)
+        assert code == 1, out + err
+        [line] = err.strip().splitlines()
+        assert line.startswith(f"triage-admin: purge stopped at {site.spool.root}/")
+        assert "Permission denied" in line and "the daemon's user" in line
+    # Nothing was removed, rows and files alike: the next purge does it all.
+    assert all(site.store.get_study(uid) is not None for uid in site.uids.values())
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert len(as_json(site, "purge", "--older-than", "30")["study_uids"]) == 4
+
+
 def test_purge_keeps_a_late_instance_of_a_cancelled_study_for_the_retention_period(
     site: Site,
 ) -> None:
@@ -865,6 +925,16 @@ def test_unreachable_store_and_config_errors_have_their_exit_codes(
     missing = write_config(tmp_path / "m.toml", {"store": {"url": "sqlite:///nowhere/x.db"}})
     assert main(["--config", str(missing), "studies"]) == 3
     assert "no store at" in capsys.readouterr().err
+    # `db upgrade` creates the SQLite file's folder; one it cannot create (no permission, a
+    # file in the way) was a traceback.
+    (tmp_path / "a-file").write_text("")
+    blocked = write_config(
+        tmp_path / "b.toml", {"store": {"url": f"sqlite:///{tmp_path / 'a-file' / 'x.db'}"}}
+    )
+    assert main(["--config", str(blocked), "db", "upgrade"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"triage-admin: cannot create the SQLite store's folder {tmp_path}")
+    assert len(err.strip().splitlines()) == 1
     assert main(["--config", str(tmp_path / "absent.toml"), "status"]) == 2
     assert "config error: no such file" in capsys.readouterr().err
     monkeypatch.setenv("TRIAGE_DICOM_PORT", "many")

@@ -440,3 +440,37 @@ def test_a_dead_listeners_rows_are_closed_on_its_host_only(store: Store) -> None
     assert store.close_abandoned_associations(alive=lambda pid: False) == 0
     outcomes = {row.id: row.outcome for row in store.associations()}
     assert outcomes == {here: AssociationOutcome.ABORTED, there: AssociationOutcome.ACTIVE}
+
+
+def test_a_new_sqlite_store_another_process_is_writing_waits_to_turn_to_wal(tmp_path) -> None:
+    # Two processes starting on a new SQLite file at once (`triage serve` and `triage-admin
+    # db upgrade`): switching a rollback-journal database to WAL does not wait for another
+    # connection's write lock (SQLite does not call the busy handler there), and the loser
+    # stopped at once with "cannot upgrade the store schema: database is locked".
+    import sqlite3
+    import time
+
+    database = tmp_path / "triage.db"
+    locked = threading.Event()
+
+    def other_process() -> None:
+        holder = sqlite3.connect(database, isolation_level=None)
+        holder.execute("CREATE TABLE other (x)")
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("INSERT INTO other VALUES (1)")
+        locked.set()
+        time.sleep(0.5)
+        holder.execute("COMMIT")
+        holder.close()
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        engine = make_engine(f"sqlite:///{database}")
+        assert upgrade_schema(engine) == head_revision()
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+        engine.dispose()
+    finally:
+        thread.join()

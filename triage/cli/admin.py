@@ -234,7 +234,19 @@ def _console() -> Any:
     from rich.console import Console
 
     # Not a terminal (a pipe, a file): wide enough that 64-character UIDs never wrap.
-    return Console(width=None if sys.stdout.isatty() else 220, highlight=False)
+    # No markup, no emoji codes: what is printed comes from peers and operators (a calling
+    # AE title may be "CT[/A]", a cancel reason anything), and read as markup "[/A]" stopped
+    # the command with a traceback and "[bold]" vanished. Styles go in as rich Text.
+    return Console(
+        width=None if sys.stdout.isatty() else 220, highlight=False, markup=False, emoji=False
+    )
+
+
+def _styled(text: str, style: str) -> Any:
+    """*text* printed in *style* (the console reads no markup)."""
+    from rich.text import Text
+
+    return Text(text, style=style)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -274,7 +286,13 @@ def open_store(config: Config, *, create: bool = False, check_schema: bool = Tru
     elif "connect_timeout" not in parsed.query:
         parsed = parsed.update_query_dict({"connect_timeout": str(PG_CONNECT_TIMEOUT_S)})
         url = parsed.render_as_string(hide_password=False)
-    engine = make_engine(url, role="admin")
+    try:
+        engine = make_engine(url, role="admin")
+    except OSError as exc:  # the SQLite file's folder (`db upgrade` creates it)
+        raise AdminError(
+            EXIT_STORE,
+            f"cannot create the SQLite store's folder {exc.filename}: {exc.strerror or exc}",
+        ) from exc
     try:
         with engine.connect():
             pass
@@ -420,11 +438,14 @@ def _render_status(console: Any, data: dict[str, Any]) -> None:
         console.print(
             f"model   {model['name']} {model['version']} ({validated}), device {model['device']}"
         )
-    floor = " [bold red]BELOW FLOOR[/]" if spool["below_floor"] else ""
-    console.print(
+    line = _styled(
         f"spool   {spool['path']}: {human_bytes(spool['free_bytes'])} free"
-        f" (floor {human_bytes(spool['min_free_bytes'])}){floor}"
+        f" (floor {human_bytes(spool['min_free_bytes'])})",
+        "",
     )
+    if spool["below_floor"]:
+        line.append(" BELOW FLOOR", style="bold red")
+    console.print(line)
     console.print(f"oldest queued study waits {human_age(data['oldest_queued_age_s'])}")
     studies = _table("Studies", ["state", "count"])
     for state, count in data["studies"].items():
@@ -602,7 +623,7 @@ def cmd_study(ctx: Context) -> int:
 
 def _render_study(console: Any, data: dict[str, Any]) -> None:
     study = data["study"]
-    console.print(f"[bold]{study['study_uid']}[/]")
+    console.print(_styled(study["study_uid"], "bold"))
     console.print(
         f"state {study['state']} (revision {study['revision']}, for"
         f" {human_age(study['in_state_s'])}), type {_cell(study['study_type'])},"
@@ -702,7 +723,7 @@ def _render_worklist(console: Any, data: dict[str, Any]) -> None:
             row["study_uid"],
             row["study_type"],
             f"{row['probability']:.3f}",
-            f"[bold red]{finding}[/]" if finding == "abnormal" else finding,
+            _styled(finding, "bold red" if finding == "abnormal" else ""),
             row["state"],
             human_age(row["age_s"]),
         )
@@ -800,13 +821,23 @@ def cmd_purge(ctx: Context) -> int:
             f"no spool at {spool.root}: nothing purged (relative paths in the config resolve"
             " against the working directory: run from the daemon's, or pass --workdir)",
         )
-    report = purge(
-        ctx.store(),
-        spool,
-        days,
-        dry_run=ctx.args.dry_run,
-        audit_older_than_days=float(ctx.config.store.audit_retention_days),
-    )
+    try:
+        report = purge(
+            ctx.store(),
+            spool,
+            days,
+            dry_run=ctx.args.dry_run,
+            audit_older_than_days=float(ctx.config.store.audit_retention_days),
+        )
+    except OSError as exc:
+        # Typically run as another user than the daemon's. The batch that met the file keeps
+        # its rows (the next purge finishes it); the batches before it are purged.
+        raise AdminError(
+            EXIT_FAILED,
+            f"purge stopped at {exc.filename or 'a spooled file'}:"
+            f" {exc.strerror or exc} (run triage-admin as the daemon's user); studies"
+            " purged before it stay purged, the rest are left for the next purge",
+        ) from exc
     ctx.emit(report.as_dict(), _render_purge)
     return EXIT_OK
 
@@ -1218,6 +1249,16 @@ def _fail(code: int, message: str, as_json: bool, reported: bool = False) -> int
     return code
 
 
+def _reader_gone() -> int:
+    """Exit status 1 for output whose reader closed the pipe, as rich does for a table: the
+    rest of the output (and the flush at exit, which would print a traceback of its own)
+    goes to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `triage-admin` command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1243,6 +1284,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc.code, exc.message, as_json, exc.reported)
     except KeyboardInterrupt:
         return _fail(EXIT_FAILED, "interrupted", as_json)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): nothing is wrong that a line could tell it.
+        return _reader_gone()
     except Exception as exc:
         from sqlalchemy.exc import DBAPIError
 

@@ -7,6 +7,7 @@ import functools
 import heapq
 import os
 import socket
+import sqlite3
 import threading
 import time
 import weakref
@@ -140,7 +141,7 @@ def make_engine(url: str, *, spool_backed: bool = False, role: str = "process") 
             # Autocommit at the driver level; SQLAlchemy's "begin" event issues BEGIN itself.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _turn_to_wal(cursor)
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={_DEFAULT_LOCK_WAIT_MS}")
@@ -186,6 +187,22 @@ def make_engine(url: str, *, spool_backed: bool = False, role: str = "process") 
     engine = create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
     _watch_connections(engine, hold_s)
     return engine
+
+
+def _turn_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting (up to the usual lock wait) for another
+    connection's write lock: on a database not yet in WAL mode (a new store that another
+    process is setting up at the same moment) SQLite answers "database is locked" at once,
+    without calling the busy handler. Once in WAL mode the pragma takes no lock."""
+    deadline = time.monotonic() + _DEFAULT_LOCK_WAIT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def bound_store_waits(engine: Engine, seconds: float) -> None:
