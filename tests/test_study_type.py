@@ -401,3 +401,17 @@ def test_abd_in_a_shoulder_series_is_abduction_not_the_abdomen():
     assert decision.scored_uids == tuple(v.SOPInstanceUID for v in views)
     # A study that says abdomen in full is still no upper-extremity radiograph.
     assert decide_study([header(StudyDescription="XR ABDOMEN 1 VIEW")]).study_type is None
+
+
+def test_reasons_withhold_the_patient_identity_a_description_carries():
+    """Reasons quote descriptions and are logged and stored: a site that writes the
+    patient's name or the accession number into them must not see those in the log."""
+    identity = {"PatientName": "SMITH^JOHN", "PatientID": "MRN4711", "AccessionNumber": "ACC99"}
+    chest = header(StudyDescription="CHEST PA SMITH ACC99", **identity)
+    wrist = header(SeriesDescription="WRIST PA MRN4711", **identity)
+    for views in ([chest], [chest, wrist]):
+        decision = decide_study(views)
+        texts = [decision.reason, *(view.reason for view in decision.views)]
+        assert not any(value in text for text in texts for value in ("SMITH", "MRN4711", "ACC99"))
+        assert any("CHEST PA ... ..." in text for text in texts)
+    assert decide_study([chest, wrist]).study_type is WRIST

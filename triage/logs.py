@@ -131,14 +131,22 @@ def error_text(exc: BaseException, withheld: Iterable[str] = ()) -> str:
 def withheld_text(text: str, withheld: Iterable[str] = ()) -> str:
     """*text* (an error message, a peer's ErrorComment) with identity withheld, as
     :func:`error_text` does it."""
-    for value in sorted(set(withheld), key=len, reverse=True):
-        # As a whole word: a two-letter name part must not eat the middle of other words.
-        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", _WITHHELD, text)
+    text = without_identity(text, withheld)
 
     def quoted(match: re.Match[str]) -> str:
         return match.group(0) if _harmless(match.group(2)) else _WITHHELD
 
     return _QUOTED.sub(quoted, text)
+
+
+def without_identity(text: str, withheld: Iterable[str]) -> str:
+    """*text* with each of the *withheld* values (see :func:`identity_values`) made "...",
+    wherever it stands as a whole word; other text, quoted or not, is kept (a reason that
+    quotes a series description still says what it named)."""
+    for value in sorted(set(withheld), key=len, reverse=True):
+        # As a whole word: a two-letter name part must not eat the middle of other words.
+        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", _WITHHELD, text)
+    return text
 
 
 def _show_warning_without_its_text(

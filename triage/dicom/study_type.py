@@ -26,6 +26,7 @@ a reason; the worker marks it SKIPPED.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,7 @@ from triage.dicom.sop import (
     DX_FOR_PROCESSING,
     SECONDARY_CAPTURE,
 )
+from triage.logs import identity_values, without_identity
 from triage.scoring.result import ModelInfo
 from triage.study_types import StudyType
 
@@ -458,7 +460,25 @@ def decide_study(
     *views* in the order the worker prefers (e.g. by series and instance number); ties in the
     majority go to the earliest. *covered* (the model card's study types) turns a type the
     model was not trained for into a skip.
+
+    The reasons quote descriptions, which sites sometimes fill with the patient's name or
+    the accession number; they are logged and stored, so those values are withheld there.
     """
+    decision = _decide(views, covered)
+    withheld = identity_values(views)
+    if not withheld:
+        return decision
+    return StudyDecision(
+        decision.study_type,
+        without_identity(decision.reason, withheld),
+        tuple(
+            dataclasses.replace(view, reason=without_identity(view.reason, withheld))
+            for view in decision.views
+        ),
+    )
+
+
+def _decide(views: Sequence[Dataset], covered: Iterable[StudyType] | None) -> StudyDecision:
     survey = _survey(views)
     if survey:
         decisions = tuple(
