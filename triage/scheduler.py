@@ -138,6 +138,13 @@ class Scheduler:
                 associations=report.associations,
                 retention_days=self.config.store.retention_days,
             )
+        if report.not_purged:
+            log.warning(
+                "studies_not_purged",
+                count=len(report.not_purged),
+                study_uids=list(report.not_purged)[:10],
+                first_error=next(iter(report.not_purged.values())),
+            )
         return len(report.study_uids)
 
     def alive(self) -> bool:

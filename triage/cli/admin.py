@@ -821,24 +821,24 @@ def cmd_purge(ctx: Context) -> int:
             f"no spool at {spool.root}: nothing purged (relative paths in the config resolve"
             " against the working directory: run from the daemon's, or pass --workdir)",
         )
-    try:
-        report = purge(
-            ctx.store(),
-            spool,
-            days,
-            dry_run=ctx.args.dry_run,
-            audit_older_than_days=float(ctx.config.store.audit_retention_days),
-        )
-    except OSError as exc:
-        # Typically run as another user than the daemon's. The batch that met the file keeps
-        # its rows (the next purge finishes it); the batches before it are purged.
+    report = purge(
+        ctx.store(),
+        spool,
+        days,
+        dry_run=ctx.args.dry_run,
+        audit_older_than_days=float(ctx.config.store.audit_retention_days),
+    )
+    ctx.emit(report.as_dict(), _render_purge)
+    if report.not_purged:
+        # Typically run as another user than the daemon's: those studies keep their rows
+        # and files for the next purge; the others are purged.
+        first = next(iter(report.not_purged.values()))
         raise AdminError(
             EXIT_FAILED,
-            f"purge stopped at {exc.filename or 'a spooled file'}:"
-            f" {exc.strerror or exc} (run triage-admin as the daemon's user); studies"
-            " purged before it stay purged, the rest are left for the next purge",
-        ) from exc
-    ctx.emit(report.as_dict(), _render_purge)
+            f"{len(report.not_purged)} studies not purged, a file of theirs could not be"
+            f" removed (run triage-admin as the daemon's user); first: {first}",
+            reported=True,
+        )
     return EXIT_OK
 
 
@@ -854,6 +854,8 @@ def _render_purge(console: Any, data: dict[str, Any]) -> None:
         console.print(f"  {uid}")
     if data["studies"] > 50:
         console.print(f"  … and {data['studies'] - 50} more (--json lists all)")
+    for entry in data["not_purged"][:50]:
+        console.print(f"  not purged: {entry['study_uid']}: {entry['error']}")
 
 
 # --- db --------------------------------------------------------------------------------------

@@ -162,6 +162,9 @@ class PurgeReport:
     bytes: int = 0
     workers: int = 0
     associations: int = 0
+    #: Studies a file of which could not be removed (kept, rows and all, for the next
+    #: purge), with the error.
+    not_purged: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """The JSON form (`triage-admin purge --json`)."""
@@ -177,6 +180,9 @@ class PurgeReport:
             "bytes": self.bytes,
             "workers": self.workers,
             "associations": self.associations,
+            "not_purged": [
+                {"study_uid": uid, "error": error} for uid, error in self.not_purged.items()
+            ],
         }
 
 
@@ -261,32 +267,29 @@ def purge(
         rows = session.execute(statement).all()
         if not rows:
             return 0
-        ids = [row_id for row_id, _ in rows]
-        after_id = ids[-1]
-        paths = list(session.scalars(select(Instance.path).where(Instance.study_id.in_(ids))))
-        outputs = list(session.scalars(select(Output.path).where(Output.study_id.in_(ids))))
-        report.instances += len(paths)
-        report.outputs += len(outputs)
-        for relative in (*paths, *outputs):
-            if stop is not None and stop.is_set():
-                raise _Stopped
-            size = _remove_file(spool.path(relative), dry_run)
-            if size >= 0:
-                report.files += 1
-                report.bytes += size
-        listed = set(outputs)
-        for _, uid in rows:
-            # Outputs no row names: a result discarded by a crash between the files and its
-            # row. They belong to this study as surely as its listed ones.
-            folder = spool.path(f"outbox/{uid}")
-            for leftover in sorted(folder.glob("*.dcm")) if folder.is_dir() else ():
-                if f"outbox/{uid}/{leftover.name}" in listed:
-                    continue  # counted above (still there on a dry run)
-                size = _remove_file(leftover, dry_run)
-                if size >= 0:
-                    report.files += 1
-                    report.bytes += size
-        if not dry_run:
+        after_id = rows[-1][0]
+        all_ids = [row_id for row_id, _ in rows]
+        paths: dict[int, list[str]] = {row_id: [] for row_id in all_ids}
+        outputs: dict[int, list[str]] = {row_id: [] for row_id in all_ids}
+        for table, found in ((Instance, paths), (Output, outputs)):
+            for study_id, path in session.execute(
+                select(table.study_id, table.path).where(table.study_id.in_(all_ids))
+            ):
+                found[study_id].append(path)
+        purged: list[tuple[int, str]] = []
+        for row_id, uid in rows:
+            try:
+                _remove_study_files(uid, paths[row_id], outputs[row_id])
+            except OSError as exc:
+                # Its rows stay and the next purge tries it again; the studies after it go on
+                # (one file the daemon may not remove stopped every purge after it for good).
+                report.not_purged[uid] = f"{exc.filename or uid}: {exc.strerror or exc}"
+                continue
+            report.instances += len(paths[row_id])
+            report.outputs += len(outputs[row_id])
+            purged.append((row_id, uid))
+        ids = [row_id for row_id, _ in purged]
+        if not dry_run and ids:
             revisions = {
                 uid: revision
                 for uid, revision in session.execute(
@@ -300,8 +303,27 @@ def purge(
             )
             # ON DELETE CASCADE takes instances, events, results, views, outputs, deliveries.
             session.execute(delete(Study).where(Study.id.in_(ids)))
-        report.study_uids.extend(uid for _, uid in rows)
+        report.study_uids.extend(uid for _, uid in purged)
         return len(rows)
+
+    def _remove_study_files(uid: str, paths: list[str], outputs: list[str]) -> None:
+        for relative in (*paths, *outputs):
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            _count_removed(spool.path(relative))
+        listed = set(outputs)
+        # Outputs no row names: a result discarded by a crash between the files and its
+        # row. They belong to this study as surely as its listed ones.
+        folder = spool.path(f"outbox/{uid}")
+        for leftover in sorted(folder.glob("*.dcm")) if folder.is_dir() else ():
+            if f"outbox/{uid}/{leftover.name}" not in listed:  # listed: counted above
+                _count_removed(leftover)
+
+    def _count_removed(path: Path) -> None:
+        size = _remove_file(path, dry_run)
+        if size >= 0:
+            report.files += 1
+            report.bytes += size
 
     while True:
         counted = (report.instances, report.outputs)
