@@ -621,11 +621,19 @@ def test_retry_one_delivery_a_study_or_all_failed(site: Site) -> None:
     assert code == 1 and "no FAILED delivery" in err
     code, _, err = site.admin("retry", "--study", site.uids["DONE"])
     assert code == 1 and "has no FAILED delivery" in err
-    data = as_json(site, "retry", "--delivery", str(site.failed_delivery_id))
-    assert data == {
+    # One of two named cannot be retried: the other is, and the command still fails.
+    code, out, err = site.admin(
+        "--json", "retry", "--delivery", str(site.failed_delivery_id), "--delivery", "99999"
+    )
+    assert code == 1 and err.strip() == (
+        "triage-admin: no FAILED delivery of a current revision to a configured destination"
+        " with id 99999"
+    )
+    assert json.loads(out) == {
         "schema": "msk-triage-admin/1",
         "retried": 1,
-        "selector": {"deliveries": [site.failed_delivery_id]},
+        "delivery_ids": [site.failed_delivery_id],
+        "selector": {"deliveries": [site.failed_delivery_id, 99999]},
     }
     assert site.store.get_study(uid).state is StudyState.DELIVERING
     [(sr, _)] = [(d, o) for d, o in Outbox(site.store).deliveries(uid) if o.kind == "sr"]
@@ -633,6 +641,7 @@ def test_retry_one_delivery_a_study_or_all_failed(site: Site) -> None:
     assert as_json(site, "retry", "--all-failed") == {
         "schema": "msk-triage-admin/1",
         "retried": 0,
+        "delivery_ids": [],
         "selector": {"all_failed": True},
     }
     # Fail it again, then retry the whole study.

@@ -349,7 +349,7 @@ def test_a_destination_that_stores_no_sr_fails_for_good_and_holds_back_no_other(
     )
     assert sorted(str(ds.SOPClassUID) for ds in pacs.received()) == sorted([SR_CLASS, SC_CLASS])
     # Retried, the SR goes alone: the peer accepts no context at all, and says so again.
-    assert outbox.retry(study_uid=study_uid) == 1
+    assert len(outbox.retry(study_uid=study_uid)) == 1
     study = wait_state(daemon, study_uid, StudyState.FAILED)
     assert study.state_reason == (
         "delivery to archive failed: the peer stores none of the SOP classes offered: "

@@ -110,7 +110,7 @@ def test_backoff_then_failed_then_admin_retry(store: Store) -> None:
     assert state is DeliveryState.FAILED  # third attempt was the last
     row = store.get_study(study)
     assert row.state is StudyState.FAILED and "delivery to pacs failed" in row.state_reason
-    assert outbox.retry(study_uid=study) == 1
+    assert len(outbox.retry(study_uid=study)) == 1
     assert store.get_study(study).state is StudyState.DELIVERING
     [retried] = [d for d in outbox.claim_due("pacs", 10, 60) if d.delivery_id == first.delivery_id]
     assert retried.attempt == 1
@@ -144,8 +144,8 @@ def test_a_cancelled_study_has_nothing_to_retry(store: Store) -> None:
     outbox.failed(item.delivery_id, "status 0xC000", BACKOFF, status=0xC000, permanent=True)
     cancel(store, study, "wrong patient")
     # Nothing would send it: saying "1 delivery will be sent again" would be a lie.
-    assert outbox.retry(study_uid=study) == 0
-    assert outbox.retry() == 0
+    assert outbox.retry(study_uid=study) == []
+    assert outbox.retry() == []
     # Nor is it a failure any more (listed, counted, alerted on for ever).
     states = {d.state for d, _ in outbox.deliveries(study)}
     assert states == {DeliveryState.CANCELLED}
@@ -171,7 +171,7 @@ def test_a_study_whose_other_deliveries_arrive_after_a_retry_stays_failed(store:
     for item in down:
         outbox.failed(item.delivery_id, "cannot connect", status=None, permanent=True)
     assert store.get_study(study).state is StudyState.FAILED
-    assert outbox.retry(study_uid=study, configured=["archive"]) == 2  # pacs: not configured
+    assert len(outbox.retry(study_uid=study, configured=["archive"])) == 2  # pacs: not configured
     assert store.get_study(study).state is StudyState.DELIVERING
     for item in [*outbox.claim_due("archive", 10, 60), other]:  # pacs took its other object
         assert outbox.delivered(item.delivery_id) is None
@@ -350,7 +350,7 @@ def test_a_retry_waits_for_a_change_committing_meanwhile_and_keeps_it(
     for item in outbox.claim_due("pacs", 10, 60):
         outbox.failed(item.delivery_id, "status 0xC000", status=0xC000, permanent=True)
     assert store.get_study(study_uid).state is StudyState.FAILED
-    restarted: list[int] = []
+    restarted: list[list[int]] = []
     retry = threading.Thread(target=lambda: restarted.append(outbox.retry(study_uid=study_uid)))
     with store.session() as session, session.begin():
         study = session.scalar(select(Study).where(Study.study_uid == study_uid).with_for_update())
@@ -372,7 +372,7 @@ def test_a_retry_waits_for_a_change_committing_meanwhile_and_keeps_it(
         retry.start()
         time.sleep(1.0)  # retry is waiting on the lock (without it, it read FAILED and went on)
     retry.join(timeout=30)
-    assert restarted == [0]
+    assert restarted == [[]]
     expected = {
         "cancel": StudyState.CANCELLED,
         "requeue": StudyState.QUEUED,

@@ -777,32 +777,42 @@ def cmd_retry(ctx: Context) -> int:
     # A destination no longer configured has no sender: retried, its deliveries would wait
     # for ever, and their studies in DELIVERING with them.
     configured = [destination.name for destination in ctx.config.destinations]
+    not_retried: list[int] = []
     if args.delivery:
         selector: dict[str, Any] = {"deliveries": list(args.delivery)}
-        count = outbox.retry(delivery_ids=args.delivery, configured=configured)
-        if count == 0:
+        restarted = outbox.retry(delivery_ids=args.delivery, configured=configured)
+        if not restarted:
             raise AdminError(
                 EXIT_FAILED,
                 "no FAILED delivery of a current revision to a configured destination with id "
                 + ", ".join(map(str, args.delivery)),
             )
+        not_retried = sorted(set(args.delivery) - set(restarted))
     elif args.study:
         selector = {"study_uid": args.study}
         if store.get_study(args.study) is None:
             raise AdminError(EXIT_FAILED, f"no study {args.study}")
-        count = outbox.retry(study_uid=args.study, configured=configured)
-        if count == 0:
+        restarted = outbox.retry(study_uid=args.study, configured=configured)
+        if not restarted:
             raise AdminError(
                 EXIT_FAILED,
                 f"study {args.study} has no FAILED delivery to a configured destination to retry",
             )
     else:
         selector = {"all_failed": True}
-        count = outbox.retry(configured=configured)
+        restarted = outbox.retry(configured=configured)
     ctx.emit(
-        {"retried": count, "selector": selector},
+        {"retried": len(restarted), "delivery_ids": restarted, "selector": selector},
         lambda console, data: console.print(f"{data['retried']} deliveries will be sent again"),
     )
+    if not_retried:
+        # Some of those named were retried: the operator must still learn of the others.
+        raise AdminError(
+            EXIT_FAILED,
+            "no FAILED delivery of a current revision to a configured destination with id "
+            + ", ".join(map(str, not_retried)),
+            reported=True,
+        )
     return EXIT_OK
 
 

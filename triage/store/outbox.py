@@ -292,13 +292,13 @@ class Outbox:
         delivery_ids: Sequence[int] | None = None,
         study_uid: str | None = None,
         configured: Sequence[str] | None = None,
-    ) -> int:
+    ) -> list[int]:
         """Start FAILED deliveries again (one, a study's, or all); their studies go back to
         DELIVERING. Only those to a *configured* destination, when given: nothing would send
-        the others, and their studies would wait in DELIVERING for ever. Returns how many
-        deliveries were restarted."""
+        the others, and their studies would wait in DELIVERING for ever. Returns the ids of
+        the deliveries restarted."""
 
-        def work(session: Session) -> int:
+        def work(session: Session) -> list[int]:
             now = utcnow()
             statement = (
                 select(Delivery, Output, Study)
@@ -324,25 +324,25 @@ class Outbox:
             # deliveries PENDING again, its study in DELIVERING for ever).
             study_ids = sorted(set(session.scalars(statement.with_only_columns(Study.id))))
             if not study_ids:
-                return 0
+                return []
             session.execute(
                 self._locked(select(Study.id).where(Study.id.in_(study_ids)).order_by(Study.id))
             )
             statement = statement.where(Study.id.in_(study_ids))
             rows = session.execute(statement.execution_options(populate_existing=True)).all()
-            count = 0
+            restarted = []
             for delivery, _output, study in rows:
                 delivery.state = DeliveryState.PENDING
                 delivery.attempts = 0
                 delivery.next_attempt_at = now
                 delivery.last_error = ""
-                count += 1
+                restarted.append(delivery.id)
                 if study.state is StudyState.FAILED:
                     study.state = StudyState.DELIVERING
                     study.state_reason = ""
                     study.state_changed_at = now
                     add_event(session, study, StudyState.FAILED, "delivery retried", now)
-            return count
+            return sorted(restarted)
 
         return self.store.transaction(work)
 
