@@ -66,6 +66,17 @@ def test_environment_overrides_every_kind_of_key(tmp_path) -> None:
         ('[log]\nlevel = "loud"\n', {}, "[log] level: must be debug, info, warning or error"),
         ("[dicom]\nport = 0\nlistener_processes = 2\n", {}, "[dicom] listener_processes"),
         ('[dicom]\nallowed_peers = ["PACS@"]\n', {}, "[dicom] allowed_peers: empty host"),
+        # Never matched the peer's address: that PACS was rejected, with no word on the entry.
+        (
+            '[dicom]\nallowed_peers = ["PACS@10.0.0.5:104"]\n',
+            {},
+            "[dicom] allowed_peers: not an IP address or host name (no port, no spaces) after",
+        ),
+        (
+            "",
+            {"TRIAGE_DICOM_ALLOWED_PEERS": "PACS @ 10.0.0.5"},
+            "[dicom] allowed_peers: not an IP address or host name",
+        ),
         ('[dicom]\nextra_sop_classes = ["1.2.x"]\n', {}, "[dicom] extra_sop_classes: not a UID"),
         ("[dicom\n", {}, "not valid TOML"),
         ('[dicom]\nbind = "10.0.0.300"\n', {}, "[dicom] bind: not an IP address or a host"),
@@ -347,3 +358,57 @@ def test_a_store_or_spool_folder_that_cannot_be_made_stops_start_in_one_line(
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("triage: " + message.format(dir=tmp_path)), last
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        # Resolved against the working directory before validation, "" became the working
+        # directory itself: the spool (and its outbox, and the purge) ran in it.
+        ('[store]\nspool_dir = ""\n', {}, "[store] spool_dir: must not be empty"),
+        ("", {"TRIAGE_STORE_SPOOL_DIR": ""}, "[store] spool_dir: must not be empty"),
+        # A card path with no parts ("." or "./") raised IndexError: a traceback, exit 1.
+        ('[model]\ncard = "."\n', {}, "[model] card: no such file:"),
+        ('[model]\ncard = "./"\n', {}, "[model] card: no such file:"),
+    ],
+)
+def test_an_empty_spool_dir_or_a_card_path_with_no_name_is_a_one_line_config_error(
+    tmp_path, capsys, monkeypatch, toml, env, message
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TRIAGE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    code, err = _cli(capsys, "--config", str(path), "config")
+    assert code == 2 and err.startswith(f"triage: config error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_triage_config_resolves_relative_paths_against_workdir(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """`triage config --workdir DIR` shows what the daemon running in DIR uses, as
+    `triage-admin --workdir` and `triage demo --workdir` do; a relative TLS file found only
+    there is no config error."""
+    import json
+
+    for name in [n for n in os.environ if n.startswith("TRIAGE_")]:
+        monkeypatch.delenv(name)
+    workdir = tmp_path / "var-lib-msk-triage"
+    cert, _key = _self_signed(workdir / "pki", "server")
+    path = tmp_path / "triage.toml"
+    path.write_text(
+        '[dicom]\ntls = true\ntls_cert = "pki/server.pem"\ntls_key = "pki/server.key"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, "--config", str(path), "config")
+    assert code == 2 and "[dicom] tls_cert: no such file" in err
+    from triage.cli.main import main
+
+    assert main(["--config", str(path), "config", "--workdir", str(workdir)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["dicom"]["tls_cert"] == str(cert)
+    assert shown["store"]["url"] == f"sqlite:///{workdir}/var/triage.db"
+    assert shown["store"]["spool_dir"] == f"{workdir}/var/spool"

@@ -339,6 +339,27 @@ def test_calling_ae_allow_list_with_and_without_host(daemon_factory) -> None:
     assert daemon.stop() == 0
 
 
+def test_a_dual_stack_listener_knows_an_ipv4_peer_by_its_ipv4_address(daemon_factory) -> None:
+    """Bound to ``::``, the listener sees IPv4 peers as ``::ffff:127.0.0.1``: the allow list,
+    the audit and the log name them by their IPv4 address all the same."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    daemon = daemon_factory(
+        {"dicom": {"bind": "::", "allowed_peers": ["ROUTER@127.0.0.1"]}}
+    ).start()
+    assert echoscu(daemon.port, calling="ROUTER").returncode == 0
+    store = daemon.store()
+    [audited] = wait_until(
+        lambda: [a for a in store.associations() if a.outcome is AssociationOutcome.RELEASED],
+        message="the association audited",
+    )
+    assert audited.peer_host == "127.0.0.1"
+    assert daemon.stop() == 0
+
+
 def test_invalid_input_gets_the_right_status_and_the_daemon_keeps_running(
     daemon_factory, tmp_path
 ) -> None:
@@ -1323,3 +1344,17 @@ def test_an_unexpected_error_after_start_does_not_hang_the_exit(tmp_path) -> Non
     output = process.stdout.read() if process.stdout else ""
     assert "listening" in output, output[-2000:]
     assert code == 1, f"still running 30 s after an unexpected error:\n{output[-2000:]}"
+
+
+def test_an_allow_list_host_matches_an_ipv4_peer_seen_through_a_dual_stack_listener() -> None:
+    """`[dicom] bind = "::"` takes IPv4 peers too, as IPv4-mapped IPv6 addresses
+    (``::ffff:127.0.0.1``): ``AE@127.0.0.1`` must still let them in (it rejected them)."""
+    from triage.dicom.listener import PeerPolicy
+
+    policy = PeerPolicy(("ROUTER@127.0.0.1", "SIX@::1"))
+    assert policy.allows("ROUTER", "::ffff:127.0.0.1")
+    assert policy.allows("ROUTER", "127.0.0.1")
+    assert policy.allows("SIX", "::1")
+    assert not policy.allows("ROUTER", "::ffff:127.0.0.2")
+    assert not policy.allows("ROUTER", "::1")
+    assert not policy.allows("SIX", "::ffff:127.0.0.1")

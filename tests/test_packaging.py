@@ -113,3 +113,42 @@ def test_the_installed_wheel_migrates_a_store_and_finds_the_demo_card(tmp_path: 
         assert shown.returncode == 0, shown.stdout + shown.stderr
         card = Path(json.loads(shown.stdout)["model"]["card"])
         assert card.is_file() and card.is_relative_to(tmp_path / "venv"), card
+
+
+@pytest.mark.parametrize("uid", ["0", "1000"])
+def test_quickstart_updates_the_package_lists_before_installing_venv(
+    tmp_path: Path, uid: str
+) -> None:
+    """On a fresh Debian machine (empty package lists, no python3-venv) quickstart.sh must
+    run `apt-get update` before `apt-get install`, as root and through sudo alike (through
+    sudo it did not: "Unable to locate package python3-venv")."""
+    import shutil
+
+    (tmp_path / "deploy").mkdir()
+    shutil.copy2(ROOT / "deploy" / "quickstart.sh", tmp_path / "deploy" / "quickstart.sh")
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    log = tmp_path / "calls.log"
+    scripts = {
+        # A Python without venv/ensurepip, that cannot make the venv either: the script stops.
+        "python3.11": "exit 1",
+        "id": f"echo {uid}",
+        "sudo": f'echo "sudo $*" >> {log}; "$@"',
+        "apt-get": f'echo "apt-get $*" >> {log}',
+    }
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(tmp_path / "deploy" / "quickstart.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0  # the stub Python cannot make .venv
+    calls = [line for line in log.read_text().splitlines() if line.startswith("apt-get")]
+    assert [call.split()[1] for call in calls] == ["update", "install"], calls
+    assert ("sudo apt-get update -qq" in log.read_text()) == (uid != "0")

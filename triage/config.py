@@ -67,6 +67,19 @@ def _check_bind(section: str, value: str, *, empty_is_any: bool = False) -> None
         _fail(section, "bind", f"not an IP address or a host name that resolves: {value!r}")
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+
+
+def _is_host(value: str) -> bool:
+    """An IP address, or something shaped like a host name (not looked up: DNS may be down
+    at start, and the listener then matches the name as written)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(value)) and len(value) <= 253
+
+
 def _check_port(section: str, key: str, value: int, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not low <= value <= 65535:
@@ -173,6 +186,14 @@ class DicomConfig:
             _check_ae_title("dicom", "allowed_peers", ae)
             if "@" in peer and not host:
                 _fail("dicom", "allowed_peers", f"empty host in {peer!r}")
+            if host and not _is_host(host):
+                # Matched as written against the peer's address, "10.0.0.5:104" or " 10.0.0.5"
+                # never matched: that peer was rejected with no word about the entry.
+                _fail(
+                    "dicom",
+                    "allowed_peers",
+                    f"not an IP address or host name (no port, no spaces) after '@' in {peer!r}",
+                )
         if not 1 <= self.max_associations <= 1000:
             _fail("dicom", "max_associations", f"must be 1..1000 (got {self.max_associations})")
         if not 4096 <= self.max_pdu_size <= 4_194_304:
@@ -596,7 +617,9 @@ def _absolute_paths(config: Config, base: Path) -> Config:
     match = re.match(r"^(sqlite(?:\+\w+)?:///)(.+)$", url)
     if match and match.group(2) != ":memory:" and not match.group(2).startswith("/"):
         url = match.group(1) + str((base / match.group(2)).resolve())
-    spool = str((base / store.spool_dir).resolve())
+    # An empty spool_dir stays empty for StoreConfig.validate to refuse: resolved, it would be
+    # *base* itself, and the spool, its outbox and the purge would work in that folder.
+    spool = str((base / store.spool_dir).resolve()) if store.spool_dir else ""
     dicom = config.dicom
     tls_paths = {
         key: str((base / getattr(dicom, key)).resolve())
@@ -634,7 +657,7 @@ def _find_card(card: str, base: Path) -> str:
     package = Path(__file__).resolve().parent
     shipped = [package.parent / card]
     parts = Path(card).parts
-    if parts[0] == "models" and len(parts) > 1:
+    if len(parts) > 1 and parts[0] == "models":  # "." or "./" has no parts at all
         shipped.append(package / "_models" / Path(*parts[1:]))
     for path in shipped:
         if path.is_file():

@@ -59,7 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _show_config(args: argparse.Namespace) -> int:
     from triage.tls_expiry import certificates_in_use, expiry_notes
 
-    config = load_config(_config_path(args))
+    config = load_config(_config_path(args), base_dir=args.workdir)
     print(json.dumps(describe(config), indent=2))
     # Valid, but worth knowing before the peers find out.
     for note in expiry_notes(certificates_in_use(config)):
@@ -110,9 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "worker", help="run only the scoring worker (hosts sharing a PostgreSQL store)"
     ).set_defaults(func=_worker)
-    commands.add_parser(
+    show_config = commands.add_parser(
         "config", help="validate the configuration and print the effective values"
-    ).set_defaults(func=_show_config)
+    )
+    # Run from elsewhere than the daemon's working directory (/var/lib/msk-triage under
+    # systemd), relative paths showed the wrong files, and relative TLS files failed.
+    show_config.add_argument(
+        "--workdir",
+        default=None,
+        help="resolve relative config paths against DIR (the daemon's working directory;"
+        " default: the current directory)",
+    )
+    show_config.set_defaults(func=_show_config)
     demo = commands.add_parser(
         "demo", help="send synthetic studies to the running daemon and print the worklist"
     )

@@ -9,6 +9,7 @@ Every failure becomes a DIMSE status with an ErrorComment; no exception reaches 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -69,7 +70,18 @@ class PeerPolicy:
         if self.open:
             return True
         ae = calling_ae.strip()
-        return ae in self._any_host or host in self._hosts.get(ae, set())
+        return ae in self._any_host or _unmapped(host) in self._hosts.get(ae, set())
+
+
+def _unmapped(host: str) -> str:
+    """*host* with an IPv4-mapped IPv6 address as plain IPv4: a listener bound to ``::``
+    sees an IPv4 peer as ``::ffff:10.0.0.5``, which ``AE@10.0.0.5`` would never match."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else host
 
 
 def _resolve(host: str) -> set[str]:
@@ -135,11 +147,12 @@ class _Server(ThreadedAssociationServer):
             try:
                 request.do_handshake()
             except (OSError, ssl.SSLError) as exc:
-                log.warning("tls_handshake_failed", peer_host=client_address[0], error=str(exc))
+                host = _unmapped(client_address[0])
+                log.warning("tls_handshake_failed", peer_host=host, error=str(exc))
                 self.shutdown_request(request)
                 refused = handshake_refusal(exc)
                 if refused and self.on_handshake_refused is not None:
-                    self.on_handshake_refused(client_address[0], client_address[1], refused)
+                    self.on_handshake_refused(host, client_address[1], refused)
                 return
             finally:
                 with _HANDSHAKES_LOCK:
@@ -312,7 +325,8 @@ class Listener:
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
-        host, port = assoc.requestor.address, assoc.requestor.port
+        # As the audit, the log and the allow list name it (not ::ffff:10.0.0.5 on "::").
+        host, port = _unmapped(assoc.requestor.address), assoc.requestor.port
         tally = _AssociationTally()
         with self._lock:
             self._tallies[id(assoc)] = tally
@@ -532,7 +546,7 @@ class Listener:
         log.info(
             "association_ended",
             calling_ae=assoc.requestor.ae_title,
-            peer_host=assoc.requestor.address,
+            peer_host=_unmapped(assoc.requestor.address),
             outcome=outcome.value,
             stored=tally.stored,
             duplicate=tally.duplicate,
