@@ -95,6 +95,31 @@ def test_wrong_keys_and_values_give_one_line_naming_the_key(tmp_path, toml, env,
     assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[dicom]\ntls_cert = "{pem}"\ntls_key = "{pem}"\n',
+            "[dicom] tls: tls_cert, tls_key set but tls = false (DICOM would go unencrypted)",
+        ),
+        (
+            '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.9"\n'
+            'tls_ca = "{pem}"\n',
+            "[destinations.pacs] tls: tls_ca set but tls = false",
+        ),
+    ],
+)
+def test_tls_files_without_tls_are_refused(tmp_path, toml: str, message: str) -> None:
+    """Named TLS files mean TLS: with ``tls = false`` the images would go in plain text."""
+    pem = tmp_path / "some.pem"
+    pem.write_text("not read: refused before")
+    path = tmp_path / "bad.toml"
+    path.write_text(toml.format(pem=pem))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={}, base_dir=tmp_path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_bind_addresses_and_names_that_resolve_are_taken(tmp_path) -> None:
     for bind in ("0.0.0.0", "::", "127.0.0.1", "::1", "localhost"):
         env = {"TRIAGE_DICOM_BIND": bind, "TRIAGE_HTTP_BIND": bind}

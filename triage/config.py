@@ -119,6 +119,19 @@ def _tls_reason(exc: BaseException) -> str:
     return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc)) or type(exc).__name__
 
 
+def _check_tls_meant(section: str, tls: bool, cert: str, key: str, ca: str) -> None:
+    """TLS files named while ``tls = false``: the section's DICOM would go in plain text with
+    the patient's data, which whoever named the files did not mean."""
+    named = [name for name, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)) if path]
+    if named and not tls:
+        _fail(
+            section,
+            "tls",
+            f"{', '.join(named)} set but tls = false (DICOM would go unencrypted): set"
+            " tls = true, or leave the TLS files out",
+        )
+
+
 def _check_tls_files(section: str, *, server: bool, ca: str, cert: str, key: str) -> None:
     """Build the TLS context the daemon will build from these files, so a file that exists
     but does not load (not PEM, a key that does not match, an encrypted key) stops here with
@@ -213,6 +226,7 @@ class DicomConfig:
         if self.tls_verify_client and not self.tls:
             # Asked to check who connects, but nothing is encrypted or checked.
             _fail("dicom", "tls_verify_client", "needs tls = true")
+        _check_tls_meant("dicom", self.tls, self.tls_cert, self.tls_key, self.tls_ca)
         if self.tls:
             for key in ("tls_cert", "tls_key"):
                 path = getattr(self, key)
@@ -477,6 +491,7 @@ class DestinationConfig:
                 _fail(section, key, f"no such file: {path}")
         if bool(self.tls_cert) != bool(self.tls_key):
             _fail(section, "tls_key", "tls_cert and tls_key go together")
+        _check_tls_meant(section, self.tls, self.tls_cert, self.tls_key, self.tls_ca)
         if self.tls and load_tls:
             _check_tls_files(
                 section, server=False, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key
