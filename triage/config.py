@@ -696,6 +696,10 @@ def load_config(
     """
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
+    if path is not None and not str(path):
+        # `--config "$UNSET"`: running on the defaults instead would put a spool and a store
+        # in whatever directory this is, and listen as the demo.
+        raise ConfigError("config error: the config file path is empty")
     if path is not None:
         try:
             with open(path, "rb") as handle:

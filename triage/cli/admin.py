@@ -1280,7 +1280,9 @@ def main(argv: list[str] | None = None) -> int:
     except AdminError as exc:
         return _fail(exc.code, exc.message, as_json)
     as_json = bool(getattr(args, "json", False))
-    path = getattr(args, "config", None) or os.environ.get("TRIAGE_CONFIG") or None
+    path = getattr(args, "config", None)
+    if path is None:  # --config "" is an error (load_config); TRIAGE_CONFIG empty is unset
+        path = os.environ.get("TRIAGE_CONFIG") or None
     try:
         # Operators may not read the daemon's TLS key: `echo` loads a destination's TLS
         # files itself, with its own one-line error.

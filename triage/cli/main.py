@@ -16,7 +16,8 @@ from triage.training.cli import add_commands as add_training_commands
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
-    return args.config or os.environ.get("TRIAGE_CONFIG") or None
+    # --config "" is an error (load_config); TRIAGE_CONFIG set empty is as if unset.
+    return args.config if args.config is not None else os.environ.get("TRIAGE_CONFIG") or None
 
 
 def _serve(args: argparse.Namespace) -> int:
