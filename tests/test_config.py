@@ -83,6 +83,8 @@ def test_environment_overrides_every_kind_of_key(tmp_path) -> None:
         ('[http]\nbind = "no-such-host.invalid"\n', {}, "[http] bind: not an IP address"),
         ('[http]\nbind = ""\n', {}, "[http] bind: must not be empty"),
         ("[dicom]\ntls_verify_client = true\n", {}, "[dicom] tls_verify_client: needs tls"),
+        ("[model]\nthreads = 100000\n", {}, "[model] threads: must be 0..1024 (got 100000)"),
+        ("[model]\nthreads = -1\n", {}, "[model] threads: must be 0..1024 (got -1)"),
     ],
 )
 def test_wrong_keys_and_values_give_one_line_naming_the_key(tmp_path, toml, env, message) -> None:

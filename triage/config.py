@@ -359,8 +359,8 @@ class ModelConfig:
             _fail("model", "batch_size", f"must be 1..1024 (got {self.batch_size})")
         if not 0 <= self.batch_wait_ms <= 60000:
             _fail("model", "batch_wait_ms", f"must be 0..60000 (got {self.batch_wait_ms})")
-        if self.threads < 0:
-            _fail("model", "threads", "must be >= 0")
+        if not 0 <= self.threads <= 1024:
+            _fail("model", "threads", f"must be 0..1024 (got {self.threads})")
 
 
 @dataclass(frozen=True)
