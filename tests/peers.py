@@ -61,6 +61,17 @@ def _port_range() -> tuple[int, int]:
     return first, last
 
 
+def skip_without_ipv6() -> None:
+    """Skip the calling test on a host that cannot bind an IPv6 socket (IPv6 disabled)."""
+    import pytest
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody uses now and no earlier call handed out.
 

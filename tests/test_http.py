@@ -8,20 +8,31 @@ latency, deliveries and the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.peers import Daemon, Storescp, echoscu, storescu, wait_until
+from tests.peers import (
+    Daemon,
+    Storescp,
+    echoscu,
+    free_port,
+    skip_without_ipv6,
+    storescu,
+    wait_until,
+)
 from tests.test_end_to_end import scoring_config, send_study, wait_state
 from triage.health import BoundedCall, StoreNotAnswering
 from triage.store.models import StudyState
@@ -89,6 +100,14 @@ def test_metrics_during_an_end_to_end_run_show_what_happened(daemon_factory, tmp
             )
             == 1
         )
+        # Counters with known labels start at 0 (increase() sees their first event).
+        for outcome in ("delivered", "retry", "failed"):
+            assert (
+                value(before, "triage_delivery_attempts_total", destination="pacs", outcome=outcome)
+                == 0
+            )
+        for where in ("decode_process", "worker"):
+            assert value(before, "triage_worker_outputs_built_total", where=where) == 0
         # 1 association: two views stored.
         study_uid, files = send_study(daemon, tmp_path / "in", body_part="WRIST", views=2, seed=21)
         # 2: the same two again (duplicates). 3: one without a series UID (failed). 4: an echo.
@@ -295,6 +314,29 @@ def test_a_separate_worker_serves_its_own_health_and_metrics(
         assert worker.stop() == 0
         assert daemon.stop() == 0
         pacs.stop()
+
+
+def test_delivery_attempts_of_each_destination_are_served_from_zero(daemon_factory) -> None:
+    """Before any attempt, every destination's delivered, retry and failed series is there
+    at 0: a series that first appears at 1 hides that attempt from increase() and rate(),
+    and an alert on failed deliveries missed the first failure after every start."""
+    pacs = {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+    daemon = daemon_factory(
+        {"destinations": [{"name": "pacs", **pacs}, {"name": "archive", **pacs}]}
+    ).start()
+    samples = scrape(daemon)
+    for destination in ("pacs", "archive"):
+        for outcome in ("delivered", "retry", "failed"):
+            assert (
+                value(
+                    samples,
+                    "triage_delivery_attempts_total",
+                    destination=destination,
+                    outcome=outcome,
+                )
+                == 0
+            ), (destination, outcome)
+    assert daemon.stop() == 0
 
 
 def test_http_can_be_disabled_and_a_taken_port_stops_start_up(daemon_factory) -> None:
@@ -507,4 +549,169 @@ def test_an_idle_http_client_is_dropped(tmp_path) -> None:
     finally:
         http.stop()
         health.close()
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _serving(tmp_path, bind: str = "127.0.0.1") -> Iterator[Any]:
+    """An HttpServer (over an empty SQLite store, no listener) serving on *bind*, port 0."""
+    from triage.config import HttpConfig
+    from triage.health import Health
+    from triage.httpd import HttpServer
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.repository import Store
+    from triage.store.spool import Spool
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_schema(engine)
+    health = Health(Store(engine), Spool(tmp_path / "spool"), listener=False)
+    http = HttpServer(HttpConfig(bind=bind, port=0), health)
+    http.start()
+    try:
+        yield http
+    finally:
+        http.stop()
+        health.close()
+        engine.dispose()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_http_binds_to_an_ipv6_address_and_to_both_stacks_on_double_colon(tmp_path) -> None:
+    """``[http] bind = "::1"`` or ``"::"`` passes the config check: it must serve too (the
+    stdlib server is IPv4 only, and start-up failed with "Address family for hostname not
+    supported"). ``::`` answers IPv4 clients as well, as the DICOM listener's does."""
+
+    def status(host: str, port: int) -> int:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10) as response:
+            return response.status
+
+    def answered(host: str, port: int) -> int:
+        try:
+            return status(host, port)
+        except urllib.error.HTTPError as exc:  # 503: no loop registered; but it answered
+            return exc.code
+
+    skip_without_ipv6()
+    with _serving(tmp_path / "one", "::1") as http:
+        assert answered("[::1]", http.port) == 503
+    with _serving(tmp_path / "any", "::") as http:
+        assert answered("[::1]", http.port) == 503
+        assert answered("127.0.0.1", http.port) == 503
+
+
+def test_clients_that_reset_their_connection_leave_the_log_json_and_quiet(tmp_path) -> None:
+    """A TCP probe or port scan that resets the connection, before its request or before
+    the answer: socketserver printed a bare traceback to stderr for each (lines that are not
+    JSON, in the journal), and a reset during the answer was an error with its traceback.
+    Now nothing is logged at info level, and every line stays JSON."""
+    import subprocess
+    import sys
+
+    script = """
+import socket, struct, sys, time, urllib.request
+from pathlib import Path
+from triage.logs import configure_logging
+configure_logging("info", "json")
+from tests.test_http import _serving
+
+def reset(port, payload):
+    client = socket.create_connection(("127.0.0.1", port))
+    if payload:
+        client.sendall(payload)
+    time.sleep(0.2)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+with _serving(Path(sys.argv[1])) as http:
+    reset(http.port, b"")
+    reset(http.port, b"GET /hea")
+    client = socket.create_connection(("127.0.0.1", http.port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sendall(b"GET /readyz HTTP/1.0\\r\\n\\r\\n")
+    client.close()
+    time.sleep(0.5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics", timeout=10) as answer:
+        assert answer.status == 200, answer.status  # and it still serves
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr and "Exception occurred" not in run.stderr, run.stderr
+    for line in run.stderr.splitlines():
+        assert json.loads(line)["level"] in ("debug", "info"), line
+
+
+def test_readyz_is_not_ready_once_the_daemon_is_stopping(daemon_factory) -> None:
+    """After SIGTERM the listener closes its socket at once, but its process lives on while
+    an association finishes (the grace): /readyz said ready all that time, so a probe kept
+    sending peers to a daemon that refused them. Now "stopping" fails it from the start."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    daemon = daemon_factory({"dicom": {"shutdown_grace_s": 20}}).start()
+    assert get(daemon, "/readyz")[0] == 200
+    requestor = AE(ae_title="HOLDER")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate("127.0.0.1", daemon.port, ae_title=daemon.ae_title)
+    assert assoc.is_established
+    try:
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for_log('"event": "stopping"', 30)
+        status, _, body = get(daemon, "/readyz")
+        ready = json.loads(body)
+        assert status == 503 and "stopping" in ready["failed"], body
+    finally:
+        assoc.release()
+    assert daemon.process.wait(60) == 0
+
+
+def test_the_oldest_queued_age_is_never_negative(tmp_path) -> None:
+    """On a shared store another host (its clock a little ahead) may have queued the study:
+    its age was scraped as negative."""
+    from datetime import timedelta
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from sqlalchemy import update
+
+    from tests.test_work_queue import queued_study
+    from triage.metrics import StoreCollector
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.models import Study, utcnow
+    from triage.store.repository import Store
+    from triage.store.spool import Spool
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_schema(engine)
+    store = Store(engine)
+    queued_study(store, 1)
+    with engine.begin() as connection:
+        ahead = utcnow() + timedelta(seconds=5)
+        connection.execute(update(Study).values(state_changed_at=ahead))
+    registry = CollectorRegistry()
+    collector = StoreCollector(store, Spool(tmp_path / "spool"))
+    registry.register(collector)
+    try:
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples
+        }
+        assert value(samples, "triage_studies", state="QUEUED") == 1
+        assert value(samples, "triage_oldest_queued_age_seconds") == 0
+    finally:
+        collector.close()
         engine.dispose()

@@ -25,6 +25,7 @@ from tests.peers import (
     StoreRun,
     acknowledged_files,
     echoscu,
+    skip_without_ipv6,
     storescu,
     storescu_background,
     wait_until,
@@ -342,11 +343,7 @@ def test_calling_ae_allow_list_with_and_without_host(daemon_factory) -> None:
 def test_a_dual_stack_listener_knows_an_ipv4_peer_by_its_ipv4_address(daemon_factory) -> None:
     """Bound to ``::``, the listener sees IPv4 peers as ``::ffff:127.0.0.1``: the allow list,
     the audit and the log name them by their IPv4 address all the same."""
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::", 0))
-    except OSError:
-        pytest.skip("no IPv6 on this host")
+    skip_without_ipv6()
     daemon = daemon_factory(
         {"dicom": {"bind": "::", "allowed_peers": ["ROUTER@127.0.0.1"]}}
     ).start()

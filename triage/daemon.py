@@ -123,6 +123,7 @@ class Daemon:
             from triage.dicom.sender import Sender
 
             sender = Sender(config, store, spool)
+            metrics.expect_destinations(d.name for d in config.destinations)
         if config.worker.enabled:
             worker = _make_worker(config, store, spool, sender.wake if sender else None)
             metrics.register_worker(worker.load)
@@ -183,6 +184,7 @@ class Daemon:
                     log.error("loop_dead", loops=dead, watchdog=watchdog_s is not None)
                 was_live = live
         notifier.stopping("stopping")
+        health.begin_stop()
         log.info("stopping")
         bound_store_waits(engine, _STOP_STORE_WAIT_S)
         # The worker's grace runs alongside the listeners': one after the other, with the
@@ -326,6 +328,7 @@ def run_worker(config: Config) -> int:
         if watchdog_s is not None:
             notifier.watchdog()
     notifier.stopping("stopping")
+    health.begin_stop()
     bound_store_waits(engine, _STOP_STORE_WAIT_S)
     worker.stop(config.dicom.shutdown_grace_s)
     if http:
@@ -437,9 +440,10 @@ def _bind_http(config: Config, health: Health, role: str = "serve") -> HttpServe
             if role == "worker"
             else ""
         )
+        # An IPv6 address in brackets: "::1:8080" would not say which part is the port.
+        host = f"[{config.http.bind}]" if ":" in config.http.bind else config.http.bind
         raise StartupError(
-            f"cannot serve HTTP on {config.http.bind}:{config.http.port}:"
-            f" {exc.strerror or exc}{hint}"
+            f"cannot serve HTTP on {host}:{config.http.port}: {exc.strerror or exc}{hint}"
         ) from exc
 
 

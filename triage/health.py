@@ -5,7 +5,8 @@ watchdog.
   worker (when enabled) and the sender (when destinations are configured). The watchdog is fed
   only while this holds, so systemd restarts a daemon whose loop died.
 - **ready**: it can do its job now — the store answers, the listener is bound, the worker runs
-  (when enabled) and the spool is above its free-space floor.
+  (when enabled) and the spool is above its free-space floor; never once the daemon is
+  stopping.
 
 ``triage worker`` has no listener, scheduler or sender: its health is its worker's, the
 store's and the spool's.
@@ -97,6 +98,8 @@ class Health:
         self.listener_expected = listener
         self.listener_port: int | None = None
         self.worker_enabled = False
+        #: Set when the shutdown begins (see :meth:`begin_stop`).
+        self.stopping = False
         self._store_call = BoundedCall(
             "readyz-store",
             STORE_CHECK_TIMEOUT_S,
@@ -106,6 +109,13 @@ class Health:
     def add(self, name: str, loop: Loop) -> None:
         """Watch *loop* under *name* (``listener``, ``scheduler``, ``worker``, ``sender``)."""
         self.loops[name] = loop
+
+    def begin_stop(self) -> None:
+        """The shutdown began: not ready from now on. The listener closes its socket at
+        once but its process lives on through the associations' grace, and the worker and
+        sender take their time: until then the checks above still passed, so a probe kept
+        sending peers to a daemon that no longer accepted them."""
+        self.stopping = True
 
     def live(self) -> tuple[bool, dict[str, bool]]:
         """(all loops alive, each loop's state); False before any loop was registered."""
@@ -154,6 +164,8 @@ class Health:
                 checks["spool"]["unwritable"] = unwritable
         except OSError as exc:
             checks["spool"] = {"ok": False, "error": str(exc)}
+        if self.stopping:
+            checks["stopping"] = {"ok": False}
         return all(check["ok"] for check in checks.values()), checks
 
     def close(self) -> None:

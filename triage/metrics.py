@@ -23,7 +23,7 @@ registry, so importing this module twice (tests) or beside other libraries never
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -87,6 +87,8 @@ DELIVERY_ATTEMPTS = Counter(
     ["destination", "outcome"],
     registry=REGISTRY,
 )
+#: The values of DELIVERY_ATTEMPTS' ``outcome`` label.
+DELIVERY_OUTCOMES = ("delivered", "retry", "failed")
 OUTPUTS_BUILT = Counter(
     "triage_worker_outputs_built",
     "Studies whose SR and overlays were built, by where: a decode process, or the worker's own"
@@ -111,6 +113,18 @@ def set_model(name: str, version: str, validated: bool, device: str) -> None:
             "device": device,
         }
     )
+
+
+def expect_destinations(names: Iterable[str]) -> None:
+    """Start ``triage_delivery_attempts_total`` at 0 for each destination and outcome.
+
+    A labelled counter's series otherwise first appears at 1, with its first attempt: then
+    ``increase()`` and ``rate()`` cannot see that attempt, and an alert on failed deliveries
+    missed the first failure after every start (and every failure of a site that fails
+    rarely)."""
+    for name in names:
+        for outcome in DELIVERY_OUTCOMES:
+            DELIVERY_ATTEMPTS.labels(name, outcome)
 
 
 def observe_views(seconds: float, views: int) -> None:
@@ -198,7 +212,10 @@ class StoreCollector(Collector):
                 "triage_oldest_queued_age_seconds",
                 "How long the study waiting longest in QUEUED has waited (0 when none waits)",
             )
-            queued.add_metric([], 0.0 if oldest is None else (now - oldest).total_seconds())
+            # Never below 0: on a shared store the study may have been queued by a host
+            # whose clock is a little ahead of this one's.
+            age = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+            queued.add_metric([], age)
             delivery_states = GaugeMetricFamily(
                 "triage_deliveries", "Deliveries in the store by state", labels=["state"]
             )
@@ -340,10 +357,14 @@ def register_worker(load: Callable[[], WorkerLoad]) -> None:
         REGISTRY.unregister(_worker_collector)
     _worker_collector = WorkerCollector(load)
     REGISTRY.register(_worker_collector)
+    # Both series from 0 (see expect_destinations): only a process with a worker has them.
+    for where in ("decode_process", "worker"):
+        OUTPUTS_BUILT.labels(where)
 
 
 __all__ = [
     "DELIVERY_ATTEMPTS",
+    "DELIVERY_OUTCOMES",
     "OUTPUTS_BUILT",
     "REGISTRY",
     "STUDY_LATENCY_SECONDS",
@@ -352,6 +373,7 @@ __all__ = [
     "StoreCollector",
     "WorkerCollector",
     "WorkerLoad",
+    "expect_destinations",
     "observe_study_done",
     "observe_views",
     "register_certificates",
