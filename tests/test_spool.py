@@ -129,3 +129,63 @@ def test_an_adopted_name_whose_folder_cannot_be_synced_is_not_left(
     with pytest.raises(SpoolError):
         spool.adopt(second, "1.2.3/1.2.3.1.dcm")
     assert (spool.root / "1.2.3/1.2.3.1.dcm").read_bytes() == b"first"
+
+
+@pytest.mark.parametrize("lost", ["the old copy's removal", "the move's row"])
+def test_a_moved_instances_old_copy_left_by_a_crash_is_removed_at_start(
+    tmp_path: Path, lost: str
+) -> None:
+    """The listener commits an instance's move out of a cancelled study, then removes its copy
+    there. A crash in between left that copy, which the start's spool recovery took for a
+    lost row: a duplicate, counted as left and kept for good (the purge removes only files a
+    row names), patient data past its retention. A power loss that took the move's row (the
+    SQLite listener's commits do not wait for the disk) is still recovered: the move again."""
+    import pydicom
+
+    from triage.dicom.sop import DEFAULT_STORAGE_CLASSES
+    from triage.dicom.spool_recovery import record_orphans
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.operations import cancel
+    from triage.store.repository import InstanceMeta, Store
+    from triage.testing.synth import make_study, write_study
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_schema(engine)
+    store = Store(engine)
+    [written] = write_study(make_study(views=1, rows=64, cols=64), tmp_path / "in")
+    view = pydicom.dcmread(written)
+    sop = str(view.SOPInstanceUID)
+    mixed, corrected = str(view.StudyInstanceUID), pydicom.uid.generate_uid()
+
+    def receive(study_uid: str, record: bool = True) -> str:
+        view.StudyInstanceUID = study_uid
+        relative = spool.relative_path(study_uid, sop)
+        spool.path(relative).parent.mkdir(parents=True, exist_ok=True)
+        view.save_as(spool.path(relative))
+        if record:
+            store.record_instance(
+                InstanceMeta(
+                    study_uid, str(view.SeriesInstanceUID), sop, str(view.SOPClassUID),
+                    str(view.file_meta.TransferSyntaxUID), "DX", relative,
+                    spool.path(relative).stat().st_size,
+                ),
+                None,
+            )  # fmt: skip
+        return relative
+
+    old = receive(mixed)
+    cancel(store, mixed, "two patients")
+    moved = receive(corrected, record=lost == "the old copy's removal")
+
+    report = record_orphans(store, spool, frozenset(DEFAULT_STORAGE_CLASSES))
+
+    assert [i.path for i in store.study_instances(corrected)] == [moved]
+    assert store.study_instances(mixed) == []
+    assert not spool.holds(old) and spool.holds(moved)
+    if lost == "the old copy's removal":
+        assert (report.recorded, report.unreadable, report.removed) == (0, 0, 1)
+    else:
+        assert (report.recorded, report.unreadable, report.removed) == (1, 0, 0)
+    engine.dispose()

@@ -453,12 +453,13 @@ def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:
 
     classes = frozenset(DEFAULT_STORAGE_CLASSES) | frozenset(config.dicom.extra_sop_classes)
     report = record_orphans(store, spool, classes)
-    if report.recorded or report.unreadable:
+    if report.recorded or report.unreadable or report.removed:
         log.warning(
             "spool_recovered",
             instances_recorded=report.recorded,
             studies=len(report.study_uids),
             files_left=report.unreadable,
+            stale_copies_removed=report.removed,
         )
 
 

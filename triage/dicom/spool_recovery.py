@@ -6,12 +6,17 @@ On SQLite the listener commits without waiting for the disk (see
 files stay. At start, before any listener runs, the daemon walks the spool and records every
 instance file no row points at, exactly as if it had just arrived: its study is opened (or
 re-opened at a new revision), completes after the quiet period and is scored.
+
+A file of an instance that another study holds (not a cancelled one), with its file there, is
+no lost row but a copy the listener was about to remove when the daemon stopped: its instance
+had just moved out of a cancelled study, or was a duplicate of one held elsewhere. It goes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from triage.dicom.validation import Accepted, check_instance, read_header
 from triage.logs import get_logger
@@ -31,6 +36,8 @@ class RecoveryReport:
 
     recorded: int = 0
     unreadable: int = 0
+    #: Copies of instances that a row records in another study (see the module).
+    removed: int = 0
     study_uids: list[str] = field(default_factory=list)
 
 
@@ -50,7 +57,11 @@ def record_orphans(store: Store, spool: Spool, image_classes: frozenset[str]) ->
             relative = f"{folder.name}/{file.name}"
             if relative in known:
                 continue
-            if not _record(store, spool, file, relative, image_classes):
+            outcome = _record(store, spool, file, relative, image_classes)
+            if outcome == "removed":
+                report.removed += 1
+                continue
+            if outcome == "left":
                 report.unreadable += 1
                 continue
             report.recorded += 1
@@ -61,7 +72,7 @@ def record_orphans(store: Store, spool: Spool, image_classes: frozenset[str]) ->
 
 def _record(
     store: Store, spool: Spool, file: Path, relative: str, image_classes: frozenset[str]
-) -> bool:
+) -> Literal["recorded", "left", "removed"]:
     try:
         meta = read_header(file).file_meta
         sop_class = str(meta.MediaStorageSOPClassUID)
@@ -69,14 +80,27 @@ def _record(
         transfer_syntax = str(meta.TransferSyntaxUID)
     except Exception as exc:  # a file the listener wrote is readable; anything else is left
         log.error("spool_file_unreadable", path=relative, error=type(exc).__name__)
-        return False
+        return "left"
     verdict = check_instance(file, sop_class, sop_instance, image_classes)
     if not isinstance(verdict, Accepted) or verdict.own_output:
         log.error("spool_file_not_recordable", path=relative, reason=getattr(verdict, "reason", ""))
-        return False
+        return "left"
     if spool.relative_path(verdict.study_uid, verdict.sop_instance_uid) != relative:
         log.error("spool_file_misplaced", path=relative, study_uid=verdict.study_uid)
-        return False
+        return "left"
+    held = store.held_path(verdict.sop_instance_uid, verdict.study_uid)
+    if held is not None and held != relative and spool.holds(held):
+        # Recorded again, it was a duplicate, counted as left and kept for good: no purge
+        # removes a file no row names. (One held by a cancelled study is recorded: a power
+        # loss may have taken the row of its move here, the old copy's removal with it.)
+        spool.remove(relative)
+        log.warning(
+            "spool_stale_copy_removed",
+            study_uid=verdict.study_uid,
+            sop_instance_uid=verdict.sop_instance_uid,
+            held_in=held.partition("/")[0],
+        )
+        return "removed"
     result = store.record_instance(
         InstanceMeta(
             study_uid=verdict.study_uid,
@@ -99,4 +123,4 @@ def _record(
         revision=result.revision,
         duplicate=result.duplicate,
     )
-    return not result.duplicate
+    return "left" if result.duplicate else "recorded"
