@@ -1136,6 +1136,26 @@ def test_a_listener_that_dies_has_its_open_associations_closed_in_the_audit(
 
 
 @pytest.mark.postgres
+def test_on_postgresql_serve_spares_the_temp_files_a_worker_may_be_staging(
+    daemon_factory, pg_url
+) -> None:
+    """`triage worker` processes share the spool on PostgreSQL: a restart of `triage serve`
+    removed the outputs they were staging, and their studies' commits failed (an attempt
+    each). Only temp files old enough to be a crash's leftovers go."""
+    daemon = daemon_factory({"store": {"url": pg_url}})
+    temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
+    temp.mkdir(parents=True)
+    staging, leftover = temp / "a1b2-staged-sr.dcm", temp / "crashed.part"
+    staging.write_bytes(b"being staged")
+    leftover.write_bytes(b"from a crash")
+    two_hours_ago = time.time() - 7200
+    os.utime(leftover, (two_hours_ago, two_hours_ago))
+    daemon.start()
+    assert staging.read_bytes() == b"being staged" and not leftover.exists()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
 def test_after_a_kill_9_on_postgresql_the_dead_listeners_associations_are_closed(
     daemon_factory, pg_url
 ) -> None:

@@ -39,7 +39,8 @@ from triage.store.spool import Spool
 from triage.tls_expiry import certificates_in_use, report_expiry
 
 log = get_logger("triage.daemon")
-#: `triage worker` removes only temp files older than this at start (see Spool.prepare).
+#: `triage worker`, and `triage serve` on PostgreSQL, remove only temp files older than this
+#: at start (see Spool.prepare).
 _FOREIGN_TEMP_AGE_S = 3600.0
 #: Once stopping, no use of the store lasts longer than this (see bound_store_waits): a store
 #: that stopped answering (a frozen server, a partition) must not hold the stop past systemd's
@@ -94,7 +95,9 @@ class Daemon:
         log.info("store_ready", engine=engine.dialect.name, schema=revision)
         store = Store(engine)
         spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-        removed = _prepare_spool(spool)
+        # On PostgreSQL, `triage worker` processes may share the spool (on this host or
+        # another) and be staging outputs there now: only an old temp file is a leftover.
+        removed = _prepare_spool(spool, 0.0 if is_sqlite(engine) else _FOREIGN_TEMP_AGE_S)
         if removed:
             log.warning("spool_temp_files_removed", count=removed)
         if is_sqlite(engine):
