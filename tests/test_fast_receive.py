@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import struct
+import threading
+import time
 import tracemalloc
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from triage.dicom.fast_receive import FastAssociationSocket, _read_pdu
+from triage.dicom.fast_receive import (
+    FastAssociationSocket,
+    SpoolTempFile,
+    _read_pdu,
+    _splice_into,
+)
 
 
 def _reader_of(connection: socket.socket) -> SimpleNamespace:
@@ -57,3 +67,66 @@ def test_a_pdu_that_arrives_in_pieces_is_read_whole() -> None:
         ours.close()
         peer.close()
     assert (event, received) == ("Evt12", pdu)
+
+
+#: A descriptor past select(2)'s FD_SETSIZE (1024).
+_HIGH_FD = 1500
+
+
+def _tcp_pair_past_fd_setsize() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair whose first socket has descriptor :data:`_HIGH_FD`, with the
+    network timeout the listener gives accepted sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= _HIGH_FD:
+        if hard != resource.RLIM_INFINITY and hard <= _HIGH_FD:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} too low")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_HIGH_FD + 1, hard))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    os.dup2(accepted.fileno(), _HIGH_FD)
+    accepted.close()
+    ours = socket.socket(fileno=_HIGH_FD)
+    ours.settimeout(10)
+    return ours, peer
+
+
+def test_a_socket_past_fd_setsize_is_read_not_taken_for_closed(tmp_path: Path) -> None:
+    """select(2) refuses descriptors past 1024; pynetdicom's ``ready`` took that for a
+    closed connection (Evt17), and the data-set splice failed on it whenever the data were
+    not there yet: a listener holding a thousand descriptors (LimitNOFILE=65536, up to 1000
+    associations) dropped every association it accepted next."""
+    ours, peer = _tcp_pair_past_fd_setsize()
+    events: list[str] = []
+    sock = FastAssociationSocket.__new__(FastAssociationSocket)
+    sock.socket = ours
+    sock._is_connected = True
+    sock._assoc = SimpleNamespace(
+        dul=SimpleNamespace(event_queue=SimpleNamespace(put=events.append))
+    )
+    target = SpoolTempFile(str(tmp_path))
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    payload = os.urandom(300_000)
+
+    def send_later() -> None:
+        time.sleep(0.3)  # the splice finds nothing first, and waits
+        peer.sendall(payload)
+
+    sender = threading.Thread(target=send_later)
+    try:
+        assert sock.ready is False
+        sender.start()
+        _splice_into(ours, (read_end, write_end), target, len(payload))
+        sender.join()
+        peer.sendall(b"x")
+        time.sleep(0.1)
+        assert sock.ready is True
+        assert events == []
+    finally:
+        sender.join()
+        target.close()
+        for fd in (read_end, write_end):
+            os.close(fd)
+        ours.close()
+        peer.close()
+    assert Path(target.name).read_bytes() == payload

@@ -221,6 +221,27 @@ def test_a_file_a_row_names_is_kept_when_the_commits_answer_is_lost(tmp_path: Pa
     assert pydicom.dcmread(kept).SOPInstanceUID == ds.SOPInstanceUID
 
 
+_LISTENER_HOLDING_A_THOUSAND_DESCRIPTORS = _LISTENER_RACING_A_PURGE.replace(
+    "listener = Listener(config.dicom, PurgedWhileRecording(engine), spool)",
+    """import os, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(4096, hard)), hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+listener = Listener(config.dicom, Store(engine), spool)""",
+)
+
+
+def test_a_listener_holding_over_a_thousand_descriptors_still_serves(tmp_path: Path) -> None:
+    """The unit allows 65536 descriptors and [dicom] up to 1000 associations; pynetdicom
+    polls each association's socket with select(2), which refuses a descriptor past 1024,
+    and took the refusal for a closed connection: once the listener held a thousand
+    descriptors, every association it accepted was dropped before its A-ASSOCIATE-RQ."""
+    assert _LISTENER_HOLDING_A_THOUSAND_DESCRIPTORS != _LISTENER_RACING_A_PURGE
+    files = study_files(tmp_path / "in", views=2, rows=512, cols=512)
+    run = _send_to_a_scripted_listener(tmp_path, _LISTENER_HOLDING_A_THOUSAND_DESCRIPTORS, files)
+    assert run.acknowledged == 2, run.output[-2000:]
+
+
 def test_instances_of_a_cancelled_study_resent_under_a_corrected_study_move_there(
     daemon_factory, tmp_path
 ) -> None:

@@ -312,3 +312,52 @@ def test_a_connection_closed_before_its_request_frees_its_slot_at_once(daemon_fa
         )
         assert time.monotonic() - started < 15
     _check_unharmed(daemon)
+
+
+def test_a_data_set_on_another_presentation_context_than_its_command_is_aborted(
+    daemon_factory, tmp_path
+) -> None:
+    """PS3.7 6.3.1: a message's command and data set share one presentation context (DCMTK
+    refuses "Presentation Contexts of Command and Data Differ"). pynetdicom wrote the data
+    set on under File Meta naming the command's transfer syntax: an Explicit VR data set
+    sent on the Implicit VR context was acknowledged and stored labelled Implicit VR."""
+    daemon = _daemon(daemon_factory)
+    implicit = "1.2.840.10008.1.2"
+    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=7)[0]
+    [path] = write_study([dataset], tmp_path / "in")
+    encoded = DicomBytesIO()
+    encoded.is_implicit_VR = False
+    encoded.is_little_endian = True
+    write_dataset(encoded, pydicom.dcmread(path))
+    data = encoded.getvalue()
+    half = len(data) // 2 & ~1
+    command = _command(
+        CommandField=0x0001,
+        MessageID=1,
+        Priority=0,
+        CommandDataSetType=0,
+        AffectedSOPClassUID=DX,
+        AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
+    )
+    # The command on the Implicit VR context; both data-set fragments on the Explicit VR
+    # one, or only the last of them.
+    for stray_from in (0, 1):
+        ae = AE(ae_title="ROUTER")
+        ae.dimse_timeout = 10
+        ae.add_requested_context(DX, implicit)
+        ae.add_requested_context(DX, EXPLICIT)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
+        assert assoc.is_established
+        ids = {str(c.transfer_syntax[0]): c.context_id for c in assoc.accepted_contexts}
+        contexts = [ids[implicit] if n < stray_from else ids[EXPLICIT] for n in range(2)]
+        _pause(assoc)
+        _send_pdv(assoc, ids[implicit], 0x03, command)
+        _send_pdv(assoc, contexts[0], 0x00, data[:half])
+        _send_pdv(assoc, contexts[1], 0x02, data[half:])
+        _, answer = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert answer is None, answer  # an A-ABORT, not a C-STORE response
+        wait_until(lambda a=assoc: not a.is_established, timeout=20, message="the A-ABORT")
+    assert daemon.store().counts_by_state() == {}
+    assert "its command on" in daemon.log_text()
+    _check_unharmed(daemon)

@@ -31,6 +31,7 @@ import ctypes
 import fcntl
 import functools
 import logging
+import math
 import os
 import select
 import socket
@@ -101,6 +102,28 @@ _start_writeback = _sync_file_range()
 class FastAssociationSocket(AssociationSocket):
     """pynetdicom's association socket, reading a PDU in as few system calls as possible."""
 
+    @property
+    def ready(self) -> bool:
+        """Whether data (or the peer's close) is waiting to be read: pynetdicom's ``ready``
+        with poll(2) instead of select(2).
+
+        select(2) refuses a descriptor past FD_SETSIZE (1024) with ValueError, which
+        pynetdicom takes for a closed connection (Evt17): with the unit's LimitNOFILE=65536
+        and up to 1000 associations, every association accepted once the listener held
+        about a thousand descriptors was dropped before its A-ASSOCIATE-RQ was read.
+        """
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            ready = _readable(sock, 0)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if isinstance(sock, ssl.SSLSocket):  # decrypted bytes poll(2) does not see
+            return ready or bool(sock.pending())
+        return ready
+
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly *nr_bytes* (fewer only when the peer closed the connection)."""
         if nr_bytes > LARGEST_BUFFERED_PDU:
@@ -158,9 +181,23 @@ def _guarded(dimse: Any, receive_primitive: Any) -> Any:
     killed it, so the peer got no answer, the association was never closed out (its audit
     row stayed ACTIVE) and its spool temp file stayed. Evt19 (an invalid PDU) is pynetdicom's
     own answer to a message it cannot turn into a primitive.
+
+    A data-set fragment on another presentation context than its command's is refused the
+    same way (PS3.7 6.3.1; DCMTK: "Presentation Contexts of Command and Data Differ"):
+    pynetdicom wrote it on, under File Meta naming the command's transfer syntax, and an
+    Explicit VR data set sent on an Implicit VR context was stored and acknowledged
+    mislabelled.
     """
 
     def receive(primitive: Any) -> None:
+        stray = _stray_data_set_fragment(dimse.message, primitive)
+        if stray is not None:
+            _LOGGER.error(
+                "Received a data set fragment on presentation context %d, its command on %d",
+                *stray,
+            )
+            dimse.dul.event_queue.put("Evt19")
+            return
         try:
             receive_primitive(primitive)
         except Exception as exc:
@@ -168,6 +205,22 @@ def _guarded(dimse: Any, receive_primitive: Any) -> Any:
             dimse.dul.event_queue.put("Evt19")
 
     return receive
+
+
+def _stray_data_set_fragment(message: Any, primitive: Any) -> tuple[int, int] | None:
+    """(its context ID, the command's) for the first data-set fragment in the P-DATA
+    *primitive* whose presentation context is not its command's, else None. *message* is
+    the message being received (None between messages)."""
+    command_context = getattr(message, "context_id", None)
+    for context_id, data in getattr(primitive, "presentation_data_value_list", ()):
+        if not data:
+            continue
+        if data[0] & 1:  # a command fragment; its last one names the message's context
+            if data[0] & 2:
+                command_context = context_id
+        elif command_context is not None and context_id != command_context:
+            return context_id, command_context
+    return None
 
 
 def _served_by_its_context(assoc: Any, serve_request: Any) -> Any:
@@ -424,14 +477,22 @@ def _splice_into(
                 source, write_end, min(count, PIPE_SIZE), flags=_SPLICE_MOVE | _SPLICE_NONBLOCK
             )
         except BlockingIOError:
-            readable, _, _ = select.select([raw], [], [], timeout)
-            if not readable:
+            if not _readable(raw, timeout):
                 raise TimeoutError("no data from the peer within the network timeout") from None
             continue
         if moved == 0:
             raise EOFError(f"connection closed with {count} bytes of the data set to come")
         target.append_from_pipe(read_end, moved)
         count -= moved
+
+
+def _readable(sock: socket.socket, timeout: float | None) -> bool:
+    """Whether *sock* has data (or an end of stream or error) within *timeout* seconds
+    (None: no limit). poll(2), not select(2): a descriptor past FD_SETSIZE is refused by
+    select, and a busy listener holds more than that."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 def _split_data_set_payloads(buffer: bytearray, length: int, target: SpoolTempFile) -> P_DATA_TF:
