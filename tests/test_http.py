@@ -715,3 +715,45 @@ def test_the_oldest_queued_age_is_never_negative(tmp_path) -> None:
     finally:
         collector.close()
         engine.dispose()
+
+
+def test_a_spool_that_does_not_answer_bounds_readyz_and_metrics(tmp_path, monkeypatch) -> None:
+    """statvfs on a hung network filesystem (the shared spool of a scale-out) never returns:
+    /readyz and /metrics answer within their bound, the spool check failed, and the next
+    probe fails at once instead of leaving one more thread hung."""
+    from triage import health as health_module
+    from triage.health import Health
+    from triage.metrics import StoreCollector
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.repository import Store
+    from triage.store.spool import Spool
+
+    hung = threading.Event()
+
+    def never_answers(spool: Spool) -> int:
+        hung.wait(60)
+        return 0
+
+    monkeypatch.setattr(health_module, "SPOOL_CHECK_TIMEOUT_S", 0.5)
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_schema(engine)
+    store, spool = Store(engine), Spool(tmp_path / "spool")
+    spool.prepare()
+    health = Health(store, spool, listener=False)
+    collector = StoreCollector(store, spool)
+    monkeypatch.setattr(Spool, "free_bytes", never_answers)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            ready, checks = health.ready()
+            assert time.monotonic() - started < 2.0
+            assert not ready and checks["spool"]["ok"] is False and checks["store"]["ok"]
+        started = time.monotonic()
+        names = {family.name for family in collector.collect()}
+        assert time.monotonic() - started < 15.0  # SCRAPE_STORE_TIMEOUT_S at most
+        assert "triage_store_up" in names and "triage_spool_free_bytes" not in names
+    finally:
+        hung.set()
+        health.close()
+        collector.close()
+        engine.dispose()

@@ -29,6 +29,9 @@ from triage.store.spool import Spool
 
 #: How long /readyz waits for the store before it says it does not answer.
 STORE_CHECK_TIMEOUT_S = 3.0
+#: The spool check's bound: statvfs and the write probe on a hung network filesystem (the
+#: shared spool of a scale-out) never return, and each probe's thread would hang with them.
+SPOOL_CHECK_TIMEOUT_S = 3.0
 
 T = TypeVar("T")
 
@@ -105,6 +108,11 @@ class Health:
             STORE_CHECK_TIMEOUT_S,
             busy="the previous store check has not returned yet",
         )
+        self._spool_call = BoundedCall(
+            "readyz-spool",
+            SPOOL_CHECK_TIMEOUT_S,
+            busy="the previous spool check has not returned yet (a hung filesystem?)",
+        )
 
     def add(self, name: str, loop: Loop) -> None:
         """Watch *loop* under *name* (``listener``, ``scheduler``, ``worker``, ``sender``)."""
@@ -153,8 +161,9 @@ class Health:
             worker = self.loops.get("worker")
             checks["worker"] = {"ok": worker is not None and _alive(worker)}
         try:
-            free = self.spool.free_bytes()
-            unwritable = self.spool.unwritable()
+            free, unwritable = self._spool_call(
+                lambda: (self.spool.free_bytes(), self.spool.unwritable())
+            )
             checks["spool"] = {
                 "ok": free >= self.spool.min_free_bytes and not unwritable,
                 "free_bytes": free,
@@ -162,15 +171,16 @@ class Health:
             }
             if unwritable:  # a read-only remount: received instances and outputs would fail
                 checks["spool"]["unwritable"] = unwritable
-        except OSError as exc:
+        except OSError as exc:  # StoreNotAnswering too: a spool that did not answer in time
             checks["spool"] = {"ok": False, "error": str(exc)}
         if self.stopping:
             checks["stopping"] = {"ok": False}
         return all(check["ok"] for check in checks.values()), checks
 
     def close(self) -> None:
-        """Stop the store-check thread (a hung check is abandoned)."""
+        """Stop the check threads (a hung check is abandoned)."""
         self._store_call.close()
+        self._spool_call.close()
 
 
 def _alive(loop: Loop) -> bool:

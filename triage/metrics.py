@@ -159,6 +159,10 @@ class StoreCollector(Collector):
         self._store_call = BoundedCall(
             "metrics-store", SCRAPE_STORE_TIMEOUT_S, busy="the previous scrape is still waiting"
         )
+        # statvfs on a hung network filesystem (a shared spool) never returns: bounded too.
+        self._spool_call = BoundedCall(
+            "metrics-spool", SCRAPE_STORE_TIMEOUT_S, busy="the previous spool read is waiting"
+        )
 
     def describe(self) -> Iterator[Metric]:
         """Nothing up front: registering must not query the store."""
@@ -238,12 +242,12 @@ class StoreCollector(Collector):
             "triage_spool_min_free_bytes", "C-STORE is refused below this free space"
         )
         try:
-            free.add_metric([], self.spool.free_bytes())
+            free.add_metric([], self._spool_call(self.spool.free_bytes))
             floor.add_metric([], self.spool.min_free_bytes)
             yield free
             yield floor
-        except OSError:
-            pass
+        except OSError as exc:  # StoreNotAnswering too: no figure rather than a hung scrape
+            log.warning("metrics_spool_unavailable", error=f"{type(exc).__name__}: {exc}")
         took = GaugeMetricFamily(
             "triage_scrape_store_seconds", "Time this scrape spent reading the store"
         )
@@ -264,8 +268,9 @@ class StoreCollector(Collector):
             )
 
     def close(self) -> None:
-        """Let the reading thread go (a read still waiting on the store is abandoned)."""
+        """Let the reading threads go (a read still waiting is abandoned)."""
         self._store_call.close()
+        self._spool_call.close()
 
 
 @dataclass(frozen=True)
