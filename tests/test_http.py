@@ -233,6 +233,11 @@ def test_readyz_says_which_check_failed(daemon_factory, tmp_path) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(post, timeout=10)
     assert refused.value.code == 405 and refused.value.headers["Allow"] == "GET, HEAD"
+    for method, expected in (("TRACE", 405), ("BREW", 501)):  # BREW: no method of HTTP's
+        odd = urllib.request.Request(f"http://127.0.0.1:{http_port(daemon)}/healthz", method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(odd, timeout=10)
+        assert refused.value.code == expected, method
     samples = scrape(daemon)
     assert value(samples, "triage_spool_min_free_bytes") == 10**12 * 1024 * 1024
     # Without a worker the model is read from the card, on no device.

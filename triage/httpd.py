@@ -84,7 +84,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_allowed(self) -> None:
         self._json(405, {"error": "method not allowed", "allow": ["GET", "HEAD"]})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    # Every other method HTTP defines; one it does not define gets 501 (RFC 9110 15.6.2).
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
     def _json(self, status: int, body: dict[str, Any]) -> None:
         self._send(status, "application/json", _json_bytes(body))
