@@ -1396,3 +1396,46 @@ def test_an_allow_list_host_matches_an_ipv4_peer_seen_through_a_dual_stack_liste
     assert not policy.allows("ROUTER", "::ffff:127.0.0.2")
     assert not policy.allows("ROUTER", "::1")
     assert not policy.allows("SIX", "::ffff:127.0.0.1")
+
+
+def test_a_listener_that_cannot_be_replaced_is_mourned_once_and_retried_quietly(
+    tmp_path, monkeypatch
+) -> None:
+    """While a dead listener process cannot be replaced (its port taken meanwhile), the
+    daemon retries every second: its death was logged and its associations closed in the
+    store every second too, with a failed restart each time."""
+    import multiprocessing
+
+    from structlog.testing import capture_logs
+
+    from triage.config import load_config
+    from triage.dicom.listener_process import ListenerPool, ListenerPortBusy
+
+    context = multiprocessing.get_context("spawn")
+    dead = context.Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join(30)
+    alive = context.Process(target=time.sleep, args=(30,), daemon=True)
+    pool = ListenerPool(load_config(None, env={}, base_dir=tmp_path))
+    pool._processes = [dead]
+    attempts: list[int] = []
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise ListenerPortBusy("cannot listen on 127.0.0.1:11112: Address already in use")
+        alive.start()
+        return alive
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    mourned: list[int] = []
+    try:
+        with capture_logs() as logs:
+            for _ in range(5):
+                pool.supervise(on_died=mourned.append)
+        events = [entry["event"] for entry in logs]
+        assert mourned == [dead.pid] and len(attempts) == 4
+        assert events == ["listener_process_died", "listener_restart_failed", "listener_restarted"]
+        assert pool._processes == [alive]
+    finally:
+        alive.kill()

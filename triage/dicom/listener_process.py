@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from triage.config import Config
-from triage.logs import configure_logging, get_logger
+from triage.logs import RepeatedFailure, configure_logging, get_logger
 from triage.procutil import die_with_parent, skip_collection_at_exit, stop_on_signals
 
 if TYPE_CHECKING:
@@ -101,6 +101,10 @@ class ListenerPool:
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self.port = config.dicom.port
+        # Dead processes whose death was logged and cleaned up: one that cannot be replaced
+        # (its port taken meanwhile) is retried every second, but not mourned every second.
+        self._mourned: set[int] = set()
+        self._restarts = RepeatedFailure(log, "listener_restart_failed", "listener_restarted")
 
     def _spawn(self, timeout: float = 60.0) -> multiprocessing.process.BaseProcess:
         parent, child = self._context.Pipe(duplex=False)
@@ -157,16 +161,23 @@ class ListenerPool:
         for index, process in enumerate(self._processes):
             if process.is_alive():
                 continue
-            log.error("listener_process_died", pid=process.pid, exitcode=process.exitcode)
-            if on_died is not None and process.pid is not None:
-                try:
-                    on_died(process.pid)
-                except Exception as exc:  # the store may be down: the restart matters more
-                    log.error("listener_cleanup_failed", pid=process.pid, error=str(exc))
+            pid = process.pid
+            if pid not in self._mourned:
+                log.error("listener_process_died", pid=pid, exitcode=process.exitcode)
+                if on_died is not None and pid is not None:
+                    try:
+                        on_died(pid)
+                    except Exception as exc:  # the store may be down: the restart matters more
+                        log.error("listener_cleanup_failed", pid=pid, error=str(exc))
+                if pid is not None:
+                    self._mourned.add(pid)
             try:
                 self._processes[index] = self._spawn()
             except ListenerStartError as exc:
-                log.error("listener_restart_failed", error=str(exc))
+                self._restarts.failed(str(exc))
+            else:
+                self._mourned.discard(pid or 0)
+                self._restarts.succeeded()
 
     def alive(self) -> bool:
         """True while every listener process runs."""
