@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from triage.study_types import StudyType
+from triage.training.evaluate import StudyTable, evaluate_table, tune_thresholds
 from triage.training.metrics import (
     auroc,
     binary_metrics,
@@ -90,6 +92,25 @@ def test_roc_curve_and_operating_point() -> None:
     assert float(binary_metrics(y20, s20 > t20)["sensitivity"][0]) == pytest.approx(0.95)
     with pytest.raises(ValueError):
         threshold_for_sensitivity(np.zeros(3), np.ones(3), 0.9)
+
+
+def test_tuned_thresholds_reach_the_target_for_abnormal_studies_scored_near_zero() -> None:
+    # A confidently missed abnormal study (5e-7): a sensitivity of 1 needs a threshold below
+    # it. A floor of 1e-6 on card thresholds put it above, and the tuned card missed it.
+    probs = np.array([0.9, 0.8, 0.7, 5e-7, 0.3, 0.2, 1e-7])
+    labels = np.array([1, 1, 1, 1, 0, 0, 0])
+    table = StudyTable(
+        [f"s{i}" for i in range(7)], [StudyType.WRIST] * 7, labels, probs, np.ones(7, np.int64)
+    )
+    overall, per_type = tune_thresholds(table, 1.0)
+    assert overall == pytest.approx(3e-7) and per_type[StudyType.WRIST] == pytest.approx(3e-7)
+    report = evaluate_table(table, threshold=overall, thresholds=per_type, n_resamples=0)
+    assert report["groups"]["aggregate"]["metrics"]["sensitivity"]["value"] == 1.0
+    # Every abnormal study scored 0 (an underflowed sigmoid): no threshold in (0, 1), as
+    # cards require, can flag them; the smallest positive one is as close as it gets.
+    zero = StudyTable(["a", "b"], [StudyType.WRIST] * 2, np.array([1, 0]), np.zeros(2), np.ones(2))
+    low, _ = tune_thresholds(zero, 1.0)
+    assert 0.0 < low < 1e-300
 
 
 def test_resample_weights_are_counts_of_draws() -> None:

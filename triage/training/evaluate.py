@@ -32,8 +32,9 @@ from triage.training.metrics import (
 
 AGGREGATE = "aggregate"
 METRICS = ("auroc", "f1", "kappa", "sensitivity", "specificity")
-#: Card thresholds must be strictly inside (0, 1).
-_THRESHOLD_FLOOR = 1e-6
+#: Card thresholds must be strictly inside (0, 1): the nearest such numbers to 0 and to 1.
+_THRESHOLD_FLOOR = float(np.nextafter(0.0, 1.0))
+_THRESHOLD_CEILING = float(np.nextafter(1.0, 0.0))
 #: The suffix :func:`operating_point_version` appends, e.g. ``+t0.4935.3fa9c1``.
 _OPERATING_POINT_SUFFIX = re.compile(r"\+t[0-9.]+\.[0-9a-f]{6}$")
 
@@ -106,7 +107,10 @@ def tune_thresholds(
     """
 
     def clamp(t: float) -> float:
-        return float(min(max(t, _THRESHOLD_FLOOR), 1.0 - _THRESHOLD_FLOOR))
+        # Only a threshold outside (0, 1) is moved, and only just inside: a floor such as 1e-6
+        # put the threshold above an abnormal study scored 5e-7, which was then missed and the
+        # card's operating point fell short of the sensitivity it was tuned for.
+        return float(min(max(t, _THRESHOLD_FLOOR), _THRESHOLD_CEILING))
 
     overall = clamp(threshold_for_sensitivity(table.labels, table.probs, target_sensitivity))
     per_type: dict[StudyType, float] = {}
