@@ -416,7 +416,7 @@ def write_operating_point(
         raise DataError(f"{card.path}: a card without a weights file cannot be tuned")
     note = (
         f"Operating point: sensitivity {target_sensitivity:g} on {data_description}, "
-        f"global threshold {threshold:.6f}, per-type thresholds for "
+        f"global threshold {threshold:.6g}, per-type thresholds for "
         f"{', '.join(t.value for t in thresholds) or 'no type'}."
     )
     measured = f"Metrics: {data_description}, at this operating point (optimistic: tuned there)."
