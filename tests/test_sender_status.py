@@ -384,3 +384,146 @@ def test_a_missing_outbox_file_fails_and_a_read_error_is_retried(
     assert "No such file" in by_kind["sr"].last_error
     assert by_kind["sc"].state is DeliveryState.PENDING
     assert "Input/output error" in by_kind["sc"].last_error
+
+
+def test_an_object_that_takes_longer_than_the_timeout_to_transfer_is_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow link (or a PACS that writes as it reads): the transfer of a large object (a
+    parametric map of a detector-sized DX is ~30 MB) takes longer than ``[delivery]
+    timeout_s``. pynetdicom counts its DIMSE timeout from before the first byte of the
+    request is sent, so the sender gave up on a PACS that was taking every byte, and the
+    same object failed every attempt, then for good."""
+    import socket
+    import time
+
+    from pydicom import dcmread
+    from pynetdicom import transport
+
+    # Small socket buffers on both ends, so the PACS's reading paces the sender: on loopback
+    # the kernel takes megabytes at once and would hide the slow link.
+    create_socket = transport.AssociationSocket._create_socket
+
+    def small_send_buffer(self, address):  # type: ignore[no-untyped-def]
+        sock = create_socket(self, address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        return sock
+
+    monkeypatch.setattr(transport.AssociationSocket, "_create_socket", small_send_buffer)
+
+    def slow_reader(_event: evt.Event) -> None:
+        time.sleep(0.02)  # ~16 KB per PDU: under 1 MB/s
+
+    def large_sc(_store: Store, _study_uid: str) -> None:
+        path = tmp_path / "spool" / "outbox" / "sc.dcm"
+        ds = dcmread(path)
+        ds.add_new("PixelData", "OB", bytes(2 * 1024 * 1024))  # ~130 PDUs: ~3 s at its pace
+        ds.save_as(path, enforce_file_format=True)
+
+    port = free_port()
+    pacs = AE(ae_title="PACS")
+    pacs.maximum_pdu_size = 16384
+    for sop_class in (SR_CLASS, SC_CLASS):
+        pacs.add_supported_context(sop_class)
+    server = pacs.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda _e: 0x0000), (evt.EVT_PDU_RECV, slow_reader)],
+    )
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    started = time.monotonic()
+    deliveries = _one_round(tmp_path, port, server, ready=large_sc, timeout_s=1.5)
+    assert time.monotonic() - started > 2.0  # the transfer did outlast the timeout
+    assert {d.state for d in deliveries} == {DeliveryState.DONE}, [d.last_error for d in deliveries]
+
+
+def _rejecting_peer(result: int, source: int, reason: int) -> tuple[int, Callable[[], None]]:
+    """A peer on a free port answering every A-ASSOCIATE-RQ with an A-ASSOCIATE-RJ of
+    *result*, *source* and *reason* (PS3.8 9.3.4), then closing: (port, stop)."""
+    import socket
+    import struct
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = listening.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                pdu_type, _length = struct.unpack(">B1xI", connection.recv(6))
+                assert pdu_type == 0x01  # A-ASSOCIATE-RQ
+                connection.sendall(struct.pack(">B1xIBBBB", 0x03, 4, 0, result, source, reason))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join(5)
+        listening.close()
+
+    return listening.getsockname()[1], stop
+
+
+@pytest.mark.parametrize(
+    ("rejection", "expected"),
+    [
+        ((0x01, 0x01, 0x03), DeliveryState.FAILED),  # calling AE title not recognised
+        ((0x02, 0x01, 0x01), DeliveryState.PENDING),  # transient, no reason given
+        # "Permanent", but for temporary congestion: DCMTK's storescp --fork and dcmqrscp
+        # answer so when they cannot fork a process for the association (a loaded host).
+        ((0x01, 0x03, 0x01), DeliveryState.PENDING),
+        ((0x01, 0x03, 0x02), DeliveryState.PENDING),  # local limit exceeded
+    ],
+    ids=["calling-ae", "transient", "congestion", "local-limit"],
+)
+def test_a_rejected_association_fails_for_good_only_when_its_reason_lasts(
+    tmp_path: Path, rejection: tuple[int, int, int], expected: DeliveryState
+) -> None:
+    port, stop = _rejecting_peer(*rejection)
+
+    class Server:
+        shutdown = staticmethod(stop)
+
+    deliveries = _one_round(tmp_path, port, Server())
+    assert {d.state for d in deliveries} == {expected}
+    assert {d.last_error for d in deliveries} == {
+        {
+            (0x01, 0x01, 0x03): "association rejected permanently: calling AE title not recognised",
+            (0x02, 0x01, 0x01): "association rejected transiently: no reason given",
+            (0x01, 0x03, 0x01): "association rejected permanently: temporary congestion",
+            (0x01, 0x03, 0x02): "association rejected permanently: local limit exceeded",
+        }[rejection]
+    }
+
+
+def test_each_object_is_read_when_it_is_sent_not_the_whole_batch_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is up to 64 objects, and a parametric map of a detector-sized DX is ~30 MB: read
+    whole before the association, a backlog (a PACS back after an outage) held a GB or two
+    per destination in memory at once."""
+    from triage.dicom import sender as sender_module
+
+    reads = sender_module.read_whole
+    read: list[str] = []
+    read_before_each_store: list[int] = []
+
+    def counting(path: Path) -> bytes:
+        read.append(path.name)
+        return reads(path)
+
+    def store_it(_event: evt.Event) -> int:
+        read_before_each_store.append(len(read))
+        return 0x0000
+
+    monkeypatch.setattr(sender_module, "read_whole", counting)
+    port = free_port()
+    deliveries = _one_round(tmp_path, port, _pacs(port, store_it))
+    assert {d.state for d in deliveries} == {DeliveryState.DONE}
+    assert read_before_each_store == [1, 2]

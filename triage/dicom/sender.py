@@ -12,10 +12,14 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
+from pathlib import Path
+from typing import TypeVar
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -33,6 +37,8 @@ log = get_logger("triage.sender")
 
 #: Objects sent per association.
 BATCH = 64
+
+_Read = TypeVar("_Read")
 
 
 def _is_transient(status: int) -> bool:
@@ -147,26 +153,22 @@ class Sender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = timeout
         ae.maximum_pdu_size = self.config.dicom.max_pdu_size
-        datasets = {}
+        # Only the file meta now, for the presentation contexts; each data set is read just
+        # before its C-STORE. The whole batch read first held up to BATCH objects in memory
+        # at once (a parametric map of a detector-sized DX is ~30 MB) per destination.
+        metas: dict[int, FileMetaDataset] = {}
         for item in due:
-            try:
-                # Written around the page cache (outputs.write_outputs): read the same way.
-                data = read_whole(self.spool.path(item.path))
-                datasets[item.delivery_id] = dcmread(BytesIO(data))
-            except FileNotFoundError as exc:  # a missing outbox file will not come back
-                self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
-            except OSError as exc:
-                # EIO, ESTALE, EMFILE: a network spool's moment or a short file table may
-                # pass; the backoff's attempts decide, not the first read.
-                self._failed(destination, item, f"cannot read {item.path}: {exc}")
-            except Exception as exc:  # a broken outbox file will not heal
-                self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
-        if not datasets:
+            meta = self._read(destination, item, read_file_meta_info)
+            if meta is not None:
+                metas[item.delivery_id] = meta
+        if not metas:
             return
         sop_classes: dict[str, set[str]] = {}
-        for dataset in datasets.values():
-            syntaxes = sop_classes.setdefault(str(dataset.SOPClassUID), set())
-            syntaxes.add(str(dataset.file_meta.TransferSyntaxUID))
+        for item in due:
+            if item.delivery_id in metas:
+                syntaxes = sop_classes.setdefault(item.sop_class_uid, set())
+                syntax = metas[item.delivery_id].get("TransferSyntaxUID")
+                syntaxes.update([str(syntax)] if syntax else [])
         for sop_class, syntaxes in sop_classes.items():
             ordered = [*sorted(syntaxes), ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             ae.add_requested_context(sop_class, list(dict.fromkeys(ordered)))
@@ -187,7 +189,7 @@ class Sender:
             )
             reason = f"cannot set up TLS ({files}): {type(exc).__name__}: {exc}"
             for item in due:
-                if item.delivery_id in datasets:
+                if item.delivery_id in metas:
                     self._failed(destination, item, reason)
             return
         try:
@@ -206,14 +208,13 @@ class Sender:
                 _rejected_permanently(assoc) or bool(_refused_sop_classes(assoc))
             )
             for item in due:
-                if item.delivery_id in datasets:
+                if item.delivery_id in metas:
                     self._failed(destination, item, reason, permanent=permanent)
             return
         accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
         try:
             for message_id, item in enumerate(due, start=1):
-                dataset = datasets.get(item.delivery_id)
-                if dataset is None:
+                if item.delivery_id not in metas:
                     continue
                 if not assoc.is_established:
                     # Not tried: an object that timed out (or a peer's abort) ended the
@@ -250,10 +251,31 @@ class Sender:
                         reason="no longer pending, or claimed by another sender",
                     )
                     continue
-                self._store_one(assoc, destination, item, dataset, message_id)
+                dataset = self._read(destination, item, _read_dataset)
+                if dataset is not None:
+                    self._store_one(assoc, destination, item, dataset, message_id)
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _read(
+        self,
+        destination: DestinationConfig,
+        item: DueDelivery,
+        read: Callable[[Path], _Read],
+    ) -> _Read | None:
+        """*read* of *item*'s outbox file, or None with the failure recorded."""
+        try:
+            return read(self.spool.path(item.path))
+        except FileNotFoundError as exc:  # a missing outbox file will not come back
+            self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
+        except OSError as exc:
+            # EIO, ESTALE, EMFILE: a network spool's moment or a short file table may
+            # pass; the backoff's attempts decide, not the first read.
+            self._failed(destination, item, f"cannot read {item.path}: {exc}")
+        except Exception as exc:  # a broken outbox file will not heal
+            self._failed(destination, item, f"cannot read {item.path}: {exc}", permanent=True)
+        return None
 
     def _store_one(  # type: ignore[no-untyped-def]
         self, assoc, destination: DestinationConfig, item: DueDelivery, dataset, message_id: int
@@ -267,7 +289,10 @@ class Sender:
         status = getattr(response, "Status", None)
         if status is None:
             waited = time.monotonic() - started
-            self._failed(destination, item, self._no_response(assoc, waited))
+            # The timeout runs from the request's end (associate): a long transfer is no wait.
+            sent_at = max(started, getattr(assoc, "request_sent_at", started))
+            answer_wait = time.monotonic() - sent_at
+            self._failed(destination, item, self._no_response(assoc, waited, answer_wait))
             return
         failpoints.hit("after_send")
         if _stored(status):
@@ -295,11 +320,14 @@ class Sender:
             destination, item, reason, status=int(status), permanent=not _is_transient(status)
         )
 
-    def _no_response(self, assoc, waited: float) -> str:  # type: ignore[no-untyped-def]
-        """Why a C-STORE got no response: the delivery timeout ran out, or the peer ended the
-        association first (pynetdicom returns the same empty response for both)."""
+    def _no_response(  # type: ignore[no-untyped-def]
+        self, assoc, waited: float, answer_wait: float
+    ) -> str:
+        """Why a C-STORE got no response: the delivery timeout ran out (*answer_wait*, since
+        the request was sent), or the peer ended the association first, *waited* seconds
+        after the C-STORE began (pynetdicom returns the same empty response for both)."""
         timeout = self.config.delivery.timeout_s
-        if waited >= timeout * 0.95:
+        if answer_wait >= timeout * 0.95:
             return f"no response to the C-STORE within {timeout:g} s ([delivery] timeout_s)"
         calling = assoc.requestor.ae_title
         # Orthanc, for one, accepts an association from an AE title it does not know and
@@ -337,6 +365,12 @@ class Sender:
         )
 
 
+def _read_dataset(path: Path) -> Dataset:
+    """An outbox file's data set, read around the page cache as it was written
+    (outputs.write_outputs)."""
+    return dcmread(BytesIO(read_whole(path)))
+
+
 def associate(  # type: ignore[no-untyped-def]
     ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None
 ):
@@ -366,7 +400,31 @@ def associate(  # type: ignore[no-untyped-def]
         tls_args=(tls, host) if tls else None,
         evt_handlers=[(evt.EVT_CONN_OPEN, bound_waits)],
     )
+    if assoc.is_established:
+        _time_responses_from_the_request_sent(assoc)
     return assoc, (tls_errors[0] if tls_errors else None)
+
+
+def _time_responses_from_the_request_sent(assoc) -> None:  # type: ignore[no-untyped-def]
+    """Make the DIMSE timeout count from a request's last PDU sent, not from its first.
+
+    pynetdicom's ``send_msg`` only queues a request's PDUs for the DUL thread, and its wait
+    for the response starts at once: a transfer longer than the timeout (a parametric map
+    of a detector-sized DX is ~30 MB: a slow link, a PACS that writes as it reads) got "no
+    response" at every attempt from a PACS taking every byte, and failed for good. Each
+    send is bounded by the socket's timeout (``bound_waits``), and a failed one ends the
+    DUL thread, so this wait ends too. ``request_sent_at`` records when it did.
+    """
+    dimse, dul = assoc.dimse, assoc.dul
+    queue_request = dimse.send_msg
+
+    def send_msg(primitive, context_id: int) -> None:  # type: ignore[no-untyped-def]
+        queue_request(primitive, context_id)
+        while not dul.to_provider_queue.empty() and dul.is_alive():
+            time.sleep(0.001)
+        assoc.request_sent_at = time.monotonic()
+
+    dimse.send_msg = send_msg
 
 
 def _recording_ssl_socket(errors: list[ssl.SSLError]) -> type[ssl.SSLSocket]:
@@ -427,9 +485,21 @@ def rejection(assoc) -> A_ASSOCIATE | None:  # type: ignore[no-untyped-def]
     return None
 
 
+#: A-ASSOCIATE-RJ source: service provider, presentation related (PS3.8 9.3.4).
+_PRESENTATION_PROVIDER = 0x03
+
+
 def _rejected_permanently(assoc) -> bool:  # type: ignore[no-untyped-def]
+    """True for a rejection no retry gets past. Congestion and local limits (the
+    presentation provider's only reasons) pass whatever the result says: DCMTK's
+    ``storescp --fork`` and ``dcmqrscp`` reject "permanently, temporary congestion" when they
+    cannot fork a process, and such a load failed every delivery in a batch for good."""
     primitive = rejection(assoc)
-    return primitive is not None and primitive.result == 0x01
+    return (
+        primitive is not None
+        and primitive.result == 0x01
+        and primitive.result_source != _PRESENTATION_PROVIDER
+    )
 
 
 _REJECT_DIAGNOSTICS = {
