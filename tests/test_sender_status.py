@@ -86,6 +86,7 @@ def _one_round(
         (0x0001, DeliveryState.DONE),
         (0x0107, DeliveryState.DONE),
         (0x0116, DeliveryState.DONE),
+        (0x0111, DeliveryState.DONE),  # duplicate SOP instance: the PACS holds it already
         (0x0213, DeliveryState.PENDING),  # retried later
         (0xA700, DeliveryState.PENDING),
         (0xC000, DeliveryState.FAILED),

@@ -47,10 +47,18 @@ def _is_transient(status: int) -> bool:
     return 0xA700 <= status <= 0xA7FF or status == 0x0213
 
 
+#: PS3.7 C.5: "Duplicate SOP Instance", a failure by its class.
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+
 def _stored(status: int) -> bool:
     """Success or a warning: the peer stored the object (0xB000–0xBFFF for storage, and the
-    general warnings of PS3.7 Annex C, e.g. 0x0001 and 0x0107, that pynetdicom classes so)."""
-    return status == 0x0000 or code_to_category(status) == STATUS_WARNING
+    general warnings of PS3.7 Annex C, e.g. 0x0001 and 0x0107, that pynetdicom classes so),
+    or holds it already. Our output UIDs derive from the result's content (output_identity):
+    a PACS that refuses a duplicate holds this very object, sent before a crash, or by
+    another daemon whose acknowledgement was lost; failed for good, the study would stay
+    FAILED over an object the PACS has."""
+    return status in (0x0000, DUPLICATE_SOP_INSTANCE) or code_to_category(status) == STATUS_WARNING
 
 
 def client_tls_context(destination: DestinationConfig) -> ssl.SSLContext | None:
