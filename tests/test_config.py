@@ -336,6 +336,13 @@ def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path, capsys, m
         ('[store]\nurl = "sqlite://"\n', {}, "[store] url: an in-memory SQLite database"),
         ('[store]\nurl = "sqlite+pysqlite://"\n', {}, "[store] url: an in-memory SQLite"),
         ("", {"TRIAGE_STORE_URL": "sqlite:///:memory:"}, "[store] url: an in-memory SQLite"),
+        # Resolved against the working directory before validation, "" became the working
+        # directory itself: the spool (and its outbox, and the purge) ran in it.
+        ('[store]\nspool_dir = ""\n', {}, "[store] spool_dir: must not be empty"),
+        ("", {"TRIAGE_STORE_SPOOL_DIR": ""}, "[store] spool_dir: must not be empty"),
+        # A card path with no parts ("." or "./") raised IndexError: a traceback, exit 1.
+        ('[model]\ncard = "."\n', {}, "[model] card: no such file:"),
+        ('[model]\ncard = "./"\n', {}, "[model] card: no such file:"),
     ],
 )
 def test_non_finite_huge_and_in_memory_values_are_refused(
@@ -385,32 +392,6 @@ def test_a_store_or_spool_folder_that_cannot_be_made_stops_start_in_one_line(
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("triage: " + message.format(dir=tmp_path)), last
-
-
-@pytest.mark.parametrize(
-    ("toml", "env", "message"),
-    [
-        # Resolved against the working directory before validation, "" became the working
-        # directory itself: the spool (and its outbox, and the purge) ran in it.
-        ('[store]\nspool_dir = ""\n', {}, "[store] spool_dir: must not be empty"),
-        ("", {"TRIAGE_STORE_SPOOL_DIR": ""}, "[store] spool_dir: must not be empty"),
-        # A card path with no parts ("." or "./") raised IndexError: a traceback, exit 1.
-        ('[model]\ncard = "."\n', {}, "[model] card: no such file:"),
-        ('[model]\ncard = "./"\n', {}, "[model] card: no such file:"),
-    ],
-)
-def test_an_empty_spool_dir_or_a_card_path_with_no_name_is_a_one_line_config_error(
-    tmp_path, capsys, monkeypatch, toml, env, message
-) -> None:
-    for name in [n for n in os.environ if n.startswith("TRIAGE_")]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    path = tmp_path / "c.toml"
-    path.write_text(toml)
-    code, err = _cli(capsys, "--config", str(path), "config")
-    assert code == 2 and err.startswith(f"triage: config error: {message}"), err
-    assert len(err.strip().splitlines()) == 1
 
 
 def test_triage_config_resolves_relative_paths_against_workdir(

@@ -48,6 +48,21 @@ def _command(**fields: object) -> bytes:
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
 
 
+def _store_command(sop_instance_uid: str, sop_class_uid: str = "", **fields: object) -> bytes:
+    """A C-STORE-RQ command set (message 1, a data set follows unless *fields* say not)."""
+    return _command(
+        **{
+            "CommandField": 0x0001,
+            "MessageID": 1,
+            "Priority": 0,
+            "CommandDataSetType": 0,
+            "AffectedSOPClassUID": sop_class_uid or DX,
+            "AffectedSOPInstanceUID": sop_instance_uid,
+            **fields,
+        }
+    )
+
+
 def _send_pdv(  # type: ignore[no-untyped-def]
     assoc, context_id: int, control: int, data: bytes
 ) -> None:
@@ -186,14 +201,7 @@ def test_a_second_command_before_the_data_set_is_aborted_and_closed_out(
     assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
     assert assoc.is_established
     ids = {str(c.abstract_syntax): c.context_id for c in assoc.accepted_contexts}
-    store = _command(
-        CommandField=0x0001,
-        MessageID=1,
-        Priority=0,
-        CommandDataSetType=0,
-        AffectedSOPClassUID=DX,
-        AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
-    )
+    store = _store_command(str(dataset.SOPInstanceUID))
     echo = _command(
         CommandField=0x0030,
         MessageID=2,
@@ -216,13 +224,8 @@ def test_a_c_store_request_without_a_data_set_is_answered_c000_and_the_rest_go_i
     ae.add_requested_context(DX, EXPLICIT)
     assoc = ae.associate("127.0.0.1", daemon.port, ae_title="TRIAGE")
     assert assoc.is_established
-    command = _command(
-        CommandField=0x0001,
-        MessageID=1,
-        Priority=0,
-        CommandDataSetType=0x0101,  # no data set follows
-        AffectedSOPClassUID=DX,
-        AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
+    command = _store_command(  # no data set follows
+        str(dataset.SOPInstanceUID), CommandDataSetType=0x0101
     )
     _pause(assoc)
     _send_pdv(assoc, assoc.accepted_contexts[0].context_id, 0x03, command)
@@ -254,14 +257,7 @@ def test_a_request_its_presentation_context_cannot_carry_is_aborted(
     write_dataset(encoded, pydicom.dcmread(path))
     requests = [
         (
-            _command(
-                CommandField=0x0001,
-                MessageID=1,
-                Priority=0,
-                CommandDataSetType=0,
-                AffectedSOPClassUID="1.2.840.10008.1.1",
-                AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
-            ),
+            _store_command(str(dataset.SOPInstanceUID), "1.2.840.10008.1.1"),
             encoded.getvalue(),
         ),
         (
@@ -331,14 +327,7 @@ def test_a_data_set_on_another_presentation_context_than_its_command_is_aborted(
     write_dataset(encoded, pydicom.dcmread(path))
     data = encoded.getvalue()
     half = len(data) // 2 & ~1
-    command = _command(
-        CommandField=0x0001,
-        MessageID=1,
-        Priority=0,
-        CommandDataSetType=0,
-        AffectedSOPClassUID=DX,
-        AffectedSOPInstanceUID=str(dataset.SOPInstanceUID),
-    )
+    command = _store_command(str(dataset.SOPInstanceUID))
     # The command on the Implicit VR context; both data-set fragments on the Explicit VR
     # one, or only the last of them.
     for stray_from in (0, 1):
