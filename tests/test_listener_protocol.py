@@ -48,6 +48,18 @@ def _command(**fields: object) -> bytes:
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
 
 
+def _dx_data_set(folder: Path, seed: int) -> tuple[Dataset, bytes]:
+    """A synthetic DX view written to *folder*, and its data set as Explicit VR Little Endian
+    bytes, as a peer sends it."""
+    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=seed)[0]
+    [path] = write_study([dataset], folder)
+    encoded = DicomBytesIO()
+    encoded.is_implicit_VR = False
+    encoded.is_little_endian = True
+    write_dataset(encoded, pydicom.dcmread(path))
+    return dataset, encoded.getvalue()
+
+
 def _store_command(sop_instance_uid: str, sop_class_uid: str = "", **fields: object) -> bytes:
     """A C-STORE-RQ command set (message 1, a data set follows unless *fields* say not)."""
     return _command(
@@ -139,13 +151,7 @@ def test_a_c_store_command_without_its_uids_is_aborted_and_closed_out(
     unchecked when it writes data sets to files: the KeyError killed the association's DUL
     thread, the peer got nothing, the audit row stayed ACTIVE and the temp file stayed."""
     daemon = _daemon(daemon_factory)
-    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=3)[0]
-    [path] = write_study([dataset], tmp_path / "in")
-    body = pydicom.dcmread(path)
-    encoded = DicomBytesIO()
-    encoded.is_implicit_VR = False
-    encoded.is_little_endian = True
-    write_dataset(encoded, body)
+    dataset, data = _dx_data_set(tmp_path / "in", seed=3)
     broken = [
         {"AffectedSOPClassUID": DX},  # no AffectedSOPInstanceUID
         {"AffectedSOPInstanceUID": str(dataset.SOPInstanceUID)},  # no AffectedSOPClassUID
@@ -160,7 +166,7 @@ def test_a_c_store_command_without_its_uids_is_aborted_and_closed_out(
             CommandField=0x0001, MessageID=1, Priority=0, CommandDataSetType=0, **fields
         )
         _send_pdv(assoc, context_id, 0x03, command)
-        _send_pdv(assoc, context_id, 0x02, encoded.getvalue())
+        _send_pdv(assoc, context_id, 0x02, data)
         wait_until(lambda a=assoc: a.is_aborted, timeout=20, message="the daemon's A-ABORT")
     _check_unharmed(daemon)
 
@@ -249,16 +255,11 @@ def test_a_request_its_presentation_context_cannot_carry_is_aborted(
     Verification on the DX context was answered by a C-ECHO response (Success) and its
     data set dropped; an N-ACTION on the DX context got a C-STORE response."""
     daemon = _daemon(daemon_factory)
-    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=6)[0]
-    [path] = write_study([dataset], tmp_path / "in")
-    encoded = DicomBytesIO()
-    encoded.is_implicit_VR = False
-    encoded.is_little_endian = True
-    write_dataset(encoded, pydicom.dcmread(path))
+    dataset, data = _dx_data_set(tmp_path / "in", seed=6)
     requests = [
         (
             _store_command(str(dataset.SOPInstanceUID), "1.2.840.10008.1.1"),
-            encoded.getvalue(),
+            data,
         ),
         (
             _command(
@@ -319,13 +320,7 @@ def test_a_data_set_on_another_presentation_context_than_its_command_is_aborted(
     sent on the Implicit VR context was acknowledged and stored labelled Implicit VR."""
     daemon = _daemon(daemon_factory)
     implicit = "1.2.840.10008.1.2"
-    dataset = make_study(modality="DX", views=1, rows=32, cols=32, seed=7)[0]
-    [path] = write_study([dataset], tmp_path / "in")
-    encoded = DicomBytesIO()
-    encoded.is_implicit_VR = False
-    encoded.is_little_endian = True
-    write_dataset(encoded, pydicom.dcmread(path))
-    data = encoded.getvalue()
+    dataset, data = _dx_data_set(tmp_path / "in", seed=7)
     half = len(data) // 2 & ~1
     command = _store_command(str(dataset.SOPInstanceUID))
     # The command on the Implicit VR context; both data-set fragments on the Explicit VR
