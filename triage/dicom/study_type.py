@@ -15,9 +15,9 @@ Headers only (no pixels): the worker reads each instance with ``stop_before_pixe
    view typed by the study's description is excluded all the same when its own series
    description or protocol names other anatomy (a chest series filed in a hand study);
 3. takes the study type by majority over the views that have one (a tie goes to the type of
-   the earliest of those views in the order given), and scores every eligible view that was not
-   excluded, including views whose own headers name no part or another MURA part (a hand view
-   in a wrist study belongs to that study).
+   the earliest of those views in reading order, :func:`view_order`), and scores every
+   eligible view that was not excluded, including views whose own headers name no part or
+   another MURA part (a hand view in a wrist study belongs to that study).
 
 A study with no scorable view, or none naming a MURA part, or described as a survey of several
 parts (a skeletal survey, whose views each name their own part), gets ``study_type=None`` and
@@ -452,13 +452,32 @@ def _survey(views: Sequence[Dataset]) -> str:
     return ""
 
 
+def view_order(ds: Dataset) -> tuple[int, int, str]:
+    """The sort key that puts a study's views in reading order before :func:`decide_study`:
+    Series Number, Instance Number (0 when absent or not a number), then SOPInstanceUID.
+
+    The worker and the training/evaluation loader both sort by it, so that a tie in the
+    study-type majority goes to the same view in both: in the order the instances arrived,
+    the worker typed a tied study (and chose its threshold) by whichever view the PACS
+    happened to send first, unlike ``triage evaluate`` on the same files.
+    """
+
+    def number(keyword: str) -> int:
+        try:
+            return int(ds.get(keyword, 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return number("SeriesNumber"), number("InstanceNumber"), _text(ds, "SOPInstanceUID")
+
+
 def decide_study(
     views: Sequence[Dataset], covered: Iterable[StudyType] | None = None
 ) -> StudyDecision:
     """Decide a study's type and which views to score from their headers.
 
-    *views* in the order the worker prefers (e.g. by series and instance number); ties in the
-    majority go to the earliest. *covered* (the model card's study types) turns a type the
+    *views* in reading order (sorted by :func:`view_order`); ties in the majority go to the
+    earliest. *covered* (the model card's study types) turns a type the
     model was not trained for into a skip.
 
     The reasons quote descriptions, which sites sometimes fill with the patient's name or
@@ -548,4 +567,5 @@ __all__ = [
     "detect_study_type_from",
     "parse_anatomy",
     "patients_in",
+    "view_order",
 ]

@@ -744,21 +744,33 @@ def prepare_array(
 
     *pixels*: 2-D grey (uint8 → /255, uint16 → /65535, float already in 0..1) or [H, W, 3|4]
     colour (converted to luminance). The resize is antialiased bilinear to exactly S×S (the
-    aspect ratio is not kept, as in the MURA paper); values are clipped to 0..1 before the
-    per-channel ``(x − mean) / std``. Training and the daemon both go through here:
-    :func:`prepare_grey`, then :func:`normalise`.
+    aspect ratio is not kept, as in the MURA paper), after :func:`decode_view`'s 2×2 averaging
+    of an image of 2048 px or more; values are clipped to 0..1 before the per-channel
+    ``(x − mean) / std``. Training and the daemon both go through here: :func:`prepare_grey`,
+    then :func:`normalise`.
     """
     return normalise(prepare_grey(pixels, input_size), mean, std)
 
 
 def prepare_grey(pixels: np.ndarray, input_size: int) -> np.ndarray:
     """The first half of :func:`prepare_array`: *pixels* resized to S×S and clipped to 0..1,
-    float32 [S, S], not yet normalised."""
+    float32 [S, S], not yet normalised.
+
+    An image of 2048 px or more is first averaged down by 2×2 blocks as :func:`decode_view`
+    reduces a frame (:func:`_reduced_for_model`), so that a PNG trained on and the same pixels
+    in a DICOM give the same input: resized from the full image in one pass, a 2600-px PNG
+    differed from its DICOM by up to 7 grey levels in 1000 on fine-grained content."""
     image = _as_unit_float(pixels)
     if image.size == 0:
         raise ValueError("empty image")
+    return _resized_grey(_reduced_for_model(image, image.shape, input_size), input_size)
+
+
+def _resized_grey(source: np.ndarray, input_size: int) -> np.ndarray:
+    """*source* (float32 0..1, reduced by :func:`_reduced_for_model`) resized to S×S and
+    clipped to 0..1."""
     # Not in place: without a resize the tensor is the caller's array.
-    return torch.clamp(_resize(image, input_size, input_size), 0.0, 1.0).numpy()
+    return torch.clamp(_resize(source, input_size, input_size), 0.0, 1.0).numpy()
 
 
 def normalise(grey: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -879,7 +891,7 @@ def decode_view(
     rows, columns = int(frame.shape[0]), int(frame.shape[1])
     source = _model_source(ds, frame, notes, input_size)
     _check_normalisation(mean, std)
-    grey = prepare_grey(source, input_size)
+    grey = _resized_grey(source, input_size)  # prepare_grey's, on the source reduced already
     if not np.isfinite(grey).all():  # whatever the mapping did: the model never sees one
         raise UndecodableView("the image maps to values that are not finite numbers")
     display = None
@@ -904,8 +916,21 @@ def _model_source(ds: Dataset, frame: np.ndarray, notes: list[str], input_size: 
     a fit to ``max(1024, input_size)`` px: what :func:`decode_view` resizes the model input
     and the display image from. The first halving is done as the frame is mapped to display
     values (the same values as mapping the whole frame, then halving it)."""
-    target = _shrunk_size(frame.shape[:2], max(MODEL_SOURCE_MAX_SIDE, input_size))
+    target = _model_source_size(frame.shape[:2], input_size)
     image = _displayed(ds, frame, notes, halved=_halves_toward(frame.shape[:2], target))
+    return _reduced_for_model(image, frame.shape[:2], input_size)
+
+
+def _model_source_size(shape: Sequence[int], input_size: int) -> tuple[int, int]:
+    """The fit of a frame of *shape* that :func:`_reduced_for_model` halves it toward."""
+    return _shrunk_size(shape, max(MODEL_SOURCE_MAX_SIDE, input_size))
+
+
+def _reduced_for_model(image: np.ndarray, shape: Sequence[int], input_size: int) -> np.ndarray:
+    """*image* (float32 0..1, 2-D; a frame of *shape*, perhaps halved already) halved by 2×2
+    averaging while it is at least twice :func:`_model_source_size`: the source both the
+    daemon's and training's model input is resized from."""
+    target = _model_source_size(shape, input_size)
     while _halves_toward(image.shape, target):
         image = _halve(image)
     return image

@@ -39,7 +39,7 @@ from triage import failpoints, metrics
 from triage.config import Config
 from triage.dicom.sc import OverlayBox
 from triage.dicom.sr import sr_sop_instance_uid
-from triage.dicom.study_type import decide_study, patients_in
+from triage.dicom.study_type import decide_study, patients_in, view_order
 from triage.logs import (
     RepeatedFailure,
     configure_logging,
@@ -476,7 +476,11 @@ class Worker:
             if self.queue.fail_attempt(claim, reason, max_attempts=1):
                 bound.error("study_of_several_patients", patients=patients)
             return
-        decision = decide_study(list(headers.values()), covered=self.model.card.study_types)
+        # In reading order, not arrival order: a tie in the study-type vote goes to the first
+        # view, which must not depend on the order the PACS sent them (nor differ from
+        # `triage evaluate`, whose loader sorts the same way).
+        ordered = sorted(headers.values(), key=view_order)
+        decision = decide_study(ordered, covered=self.model.card.study_types)
         if decision.study_type is None:
             if self.queue.skip(claim, decision.reason):
                 bound.info("study_skipped", reason=decision.reason)

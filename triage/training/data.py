@@ -240,20 +240,12 @@ def read_uid_labels(path: str | Path) -> dict[str, int]:
 
 
 def _view_order(item: tuple[Path, Any]) -> tuple[int, int, str, str]:
+    """The worker's reading order (:func:`~triage.dicom.study_type.view_order`), then the path
+    (two files of one SOP instance)."""
+    from triage.dicom.study_type import view_order
+
     path, ds = item
-
-    def number(keyword: str) -> int:
-        try:
-            return int(ds.get(keyword, 0) or 0)
-        except (TypeError, ValueError):
-            return 0
-
-    return (
-        number("SeriesNumber"),
-        number("InstanceNumber"),
-        str(ds.get("SOPInstanceUID", "")),
-        str(path),
-    )
+    return (*view_order(ds), str(path))
 
 
 @contextlib.contextmanager
@@ -460,7 +452,11 @@ def read_png_pixels(path: str | Path) -> np.ndarray:
                 return stretch_raw(raw)
             except UndecodableView as exc:
                 raise DataError(f"{path}: {exc.reason}") from None
-        # Palette, grey + alpha, CMYK …: PIL's own conversion to grey.
+        if im.mode in ("P", "PA"):
+            # Colours, to luminance in float as the daemon converts a palette or RGB image:
+            # PIL's convert("L") rounds it to 8 bits (up to half a grey level off).
+            return np.asarray(im.convert("RGB"))
+        # Grey + alpha, bilevel, CMYK …: PIL's own conversion to grey.
         return np.asarray(im.convert("L"))
 
 
