@@ -30,7 +30,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.orthanc import Orthanc
-from tests.peers import Daemon, free_port, wait_until
+from tests.peers import Daemon, Storescp, free_port, wait_until
 from triage.store.models import AssociationRecord, Result, StudyState
 from triage.store.outbox import Outbox
 from triage.study_types import StudyType
@@ -535,3 +535,99 @@ def test_orthanc_refusing_an_unknown_calling_ae_is_reported_as_such(tmp_path: Pa
     assert {d.state for d in deliveries} == {DeliveryState.PENDING}
     errors = sorted(d.last_error for d in deliveries)
     assert any("calling AE title it does not know (STRANGER)" in e for e in errors), errors
+
+
+# --- the routing rule against a plain storescp as msk-triage (no scoring daemon) -----------
+
+
+def _storescp_triage(folder: Path, port: int | None = None) -> Storescp:
+    """DCMTK storescp answering as msk-triage: it acknowledges whatever the rule sends."""
+    return Storescp(folder, ae_title=TRIAGE_AE, port=port or free_port())
+
+
+def _received_uids(peer: Storescp) -> set[str]:
+    return {str(ds.SOPInstanceUID) for ds in peer.received()} if peer.folder.exists() else set()
+
+
+def test_study_whose_routing_failed_is_sent_once_triage_is_back(tmp_path: Path) -> None:
+    """msk-triage down (a restart, an upgrade) when a study became stable: the rule retries the
+    study at a later stable event instead of leaving it for an operator to notice."""
+    triage = _storescp_triage(tmp_path / "triage")
+    orthanc = Orthanc(tmp_path / "orthanc", (TRIAGE_AE, triage.port), routing=True).start()
+    try:
+        missed = upload(orthanc, study(StudyType.WRIST, views=2, seed=600), tmp_path / "a")
+        wait_lua(orthanc, f"study {missed.study_id}: sending 2 instances to triage FAILED")
+        triage.start()
+        later = upload(orthanc, study(StudyType.HAND, views=1, seed=601), tmp_path / "b")
+        wait_until(
+            lambda: _received_uids(triage) >= missed.sop_uids | later.sop_uids,
+            30,
+            0.2,
+            f"both studies at triage; the rule logged {orthanc.lua_log()}",
+        )
+        for instance_id in missed.instance_ids + later.instance_ids:
+            assert "MskTriageRouted" in orthanc.instance_metadata(instance_id)
+    finally:
+        orthanc.stop()
+        triage.stop()
+
+
+def test_study_not_yet_stable_when_orthanc_stops_is_routed_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """Orthanc keeps the studies waiting for their stable age in memory only: a study received
+    shortly before a restart never has a stable event. The rule routes it at start-up."""
+    triage = _storescp_triage(tmp_path / "triage").start()
+    orthanc = Orthanc(
+        tmp_path / "orthanc", (TRIAGE_AE, triage.port), routing=True, stable_age_s=8
+    ).start()
+    try:
+        sent = upload(orthanc, study(StudyType.ELBOW, views=2, seed=610), tmp_path / "a")
+        assert orthanc.stop() == 0
+        assert not [line for line in orthanc.lua_log() if ": sent " in line]  # not stable yet
+        orthanc.start()
+        # Longer than the stable age: Orthanc itself calls the rule no more for this study.
+        wait_until(
+            lambda: _received_uids(triage) >= sent.sop_uids,
+            20,
+            0.2,
+            f"the study at triage; the rule logged {orthanc.lua_log()}",
+        )
+    finally:
+        orthanc.stop()
+        triage.stop()
+
+
+def _store_from(orthanc: Orthanc, dataset: pydicom.Dataset, calling_ae: str, host: str) -> bool:
+    """C-STORE *dataset* into Orthanc as *calling_ae* from the local address *host*; whether
+    Orthanc answered Success."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(
+        "127.0.0.1", orthanc.dicom_port, ae_title=orthanc.ae_title, bind_address=(host, 0)
+    )
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_store(dataset)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return status is not None and status.get("Status") == 0
+
+
+def test_only_triage_s_host_may_store_into_orthanc_as_triage(tmp_path: Path) -> None:
+    """The AE title alone is no credential: a node elsewhere calling itself TRIAGE must not
+    store into the PACS (DicomCheckModalityHost)."""
+    orthanc = Orthanc(tmp_path / "orthanc", (TRIAGE_AE, free_port())).start()
+    try:
+        files = write_study(study(StudyType.WRIST, views=2, seed=620), tmp_path / "a")
+        first, second = (pydicom.dcmread(f) for f in files)
+        assert not _store_from(orthanc, first, TRIAGE_AE, "127.0.0.2")
+        assert orthanc.get("/instances") == []
+        assert _store_from(orthanc, second, TRIAGE_AE, "127.0.0.1")
+        assert len(orthanc.get("/instances")) == 1
+    finally:
+        orthanc.stop()

@@ -13,11 +13,22 @@
 --      marked instances are never sent again. The stable event that our results cause therefore
 --      sends nothing, and a late burst of images sends only the new ones (msk-triage scores the
 --      study again as a new revision).
+--
+-- A send that fails (msk-triage down or restarting) is not lost: the study is queued and sent
+-- again at a later stable event of any study (at once after a send that worked, otherwise at
+-- most every "RetryAfterSeconds"). Orthanc keeps the studies that wait for their stable age in
+-- memory only, so a restart drops their stable event; at start-up the rule therefore goes over
+-- the studies of the last "RecoverChanges" changes and sends what was never acknowledged. The
+-- queue itself lives in memory too: that start-up pass also covers the failed sends it held.
 
 local settings = GetOrthancConfiguration()['MskTriage'] or {}
 local TARGET = settings['Modality'] or 'triage'
 local OWN_MANUFACTURER = settings['OwnManufacturer'] or 'msk-triage'
 local ROUTED = settings['RoutedMetadata'] or 'MskTriageRouted'
+local RETRY_AFTER = settings['RetryAfterSeconds'] or 60
+local MAX_ATTEMPTS = settings['MaxAttempts'] or 10
+local RECOVER_CHANGES = settings['RecoverChanges'] or 10000
+local RECOVER_HOURS = settings['RecoverHours'] or 24
 local ROUTE_MODALITIES = {}
 for _, modality in ipairs(settings['RouteModalities'] or { 'CR', 'DX' }) do
   ROUTE_MODALITIES[string.upper(modality)] = true
@@ -51,14 +62,30 @@ local function alreadyRouted(instanceId)
   return false
 end
 
-function OnStableStudy(studyId, tags, metadata)
-  -- Modified or anonymized copies are derived data, not what a modality acquired.
-  if metadata['ModifiedFrom'] ~= nil or metadata['AnonymizedFrom'] ~= nil then
-    return
+-- Modified or anonymized copies are derived data, not what a modality acquired.
+local function isDerived(studyId)
+  for _, name in ipairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/metadata')) or {}) do
+    if name == 'ModifiedFrom' or name == 'AnonymizedFrom' then
+      return true
+    end
+  end
+  return false
+end
+
+-- Send the study's radiographs that msk-triage has not acknowledged yet, and mark them.
+-- Returns 'sent', 'nothing' (nothing left to send, or the study is gone) or 'failed'.
+-- *quiet*: do not log a study that has nothing to send.
+local function routeStudy(studyId, quiet)
+  local seriesList = RestApiGet('/studies/' .. studyId .. '/series')
+  if seriesList == nil then
+    return 'nothing' -- deleted meanwhile
+  end
+  if isDerived(studyId) then
+    return 'nothing'
   end
   local pending = {}
   local skipped = 0
-  for _, series in ipairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))) do
+  for _, series in ipairs(ParseJson(seriesList)) do
     local reason = skipReason(series)
     if reason ~= nil then
       skipped = skipped + #series['Instances']
@@ -73,17 +100,19 @@ function OnStableStudy(studyId, tags, metadata)
     end
   end
   if #pending == 0 then
+    if quiet then
+      return 'nothing'
+    end
     log('study ' .. studyId .. ': nothing to send (' .. skipped .. ' instances skipped)')
-    return
+    return 'nothing'
   end
   -- Synchronous, so that the instances are marked only once msk-triage acknowledged them.
   local body = DumpJson({ Resources = pending, Synchronous = true }, true)
   local answer = RestApiPost('/modalities/' .. TARGET .. '/store', body)
   if answer == nil then
-    -- Not marked: the next stable event of this study, or a manual
-    -- POST /modalities/<TARGET>/store, sends them again.
+    -- Not marked: the study is queued (below) and sent again later.
     log('study ' .. studyId .. ': sending ' .. #pending .. ' instances to ' .. TARGET .. ' FAILED')
-    return
+    return 'failed'
   end
   local stamp = os.date('!%Y%m%dT%H%M%SZ')
   for _, instanceId in ipairs(pending) do
@@ -91,4 +120,90 @@ function OnStableStudy(studyId, tags, metadata)
   end
   log('study ' .. studyId .. ': sent ' .. #pending .. ' instances to ' .. TARGET
     .. ' (' .. skipped .. ' skipped)')
+  return 'sent'
+end
+
+-- Studies whose send failed, oldest first, and how often each failed.
+local queue = {}
+local attempts = {}
+local lastRound = 0
+
+local function enqueue(studyId)
+  if attempts[studyId] == nil then
+    attempts[studyId] = 0
+    table.insert(queue, studyId)
+  end
+end
+
+-- Send the queued studies, oldest first. The round stops at the first failure (msk-triage is
+-- probably still down: each further try could wait out the modality's Timeout); the study that
+-- failed goes to the end, so that one msk-triage keeps refusing cannot hold up the others, and
+-- it is given up after MaxAttempts failures.
+local function retryQueued()
+  lastRound = os.time()
+  while #queue > 0 do
+    local studyId = table.remove(queue, 1)
+    if routeStudy(studyId) == 'failed' then
+      attempts[studyId] = attempts[studyId] + 1
+      if attempts[studyId] >= MAX_ATTEMPTS then
+        attempts[studyId] = nil
+        log('study ' .. studyId .. ': GAVE UP after ' .. MAX_ATTEMPTS .. ' failed sends; send it'
+          .. ' by hand (POST /modalities/' .. TARGET .. '/store)')
+      else
+        table.insert(queue, studyId)
+      end
+      return
+    end
+    attempts[studyId] = nil
+  end
+end
+
+function OnStableStudy(studyId, tags, metadata)
+  local outcome = routeStudy(studyId)
+  if outcome == 'failed' then
+    enqueue(studyId)
+  elseif outcome == 'sent' or os.time() - lastRound >= RETRY_AFTER then
+    -- A send that just worked says msk-triage is back: no reason to wait.
+    retryQueued()
+  end
+end
+
+-- At start-up: the studies of the last RecoverChanges changes, if of the last RecoverHours (a
+-- restart may have dropped their stable event, or their send failed before it), are routed
+-- once more, quietly: a study whose radiographs were all acknowledged costs one look and sends
+-- nothing. The hours bound what a first start on an existing PACS sends. From the first
+-- failure on, the rest are queued instead.
+function Initialize()
+  -- Orthanc dates its changes in UTC, as 20220314T101500: such strings compare as times.
+  local after = os.date('!%Y%m%dT%H%M%S', os.time() - RECOVER_HOURS * 3600)
+  local since = math.max(ParseJson(RestApiGet('/changes?last'))['Last'] - RECOVER_CHANGES, 0)
+  local studies = {}
+  local seen = {}
+  repeat
+    local page = ParseJson(RestApiGet('/changes?limit=1000&since=' .. since))
+    for _, change in ipairs(page['Changes']) do
+      local recent = change['Date'] >= after
+      if change['ResourceType'] == 'Study' and recent and not seen[change['ID']] then
+        seen[change['ID']] = true
+        table.insert(studies, change['ID'])
+      end
+    end
+    since = page['Last']
+  until page['Done']
+  local sent, failed = 0, false
+  for _, studyId in ipairs(studies) do
+    if failed then
+      enqueue(studyId)
+    else
+      local outcome = routeStudy(studyId, true)
+      if outcome == 'sent' then
+        sent = sent + 1
+      elseif outcome == 'failed' then
+        failed = true
+        enqueue(studyId)
+      end
+    end
+  end
+  log('start-up: ' .. #studies .. ' recent studies checked, ' .. sent .. ' sent, '
+    .. #queue .. ' queued')
 end
