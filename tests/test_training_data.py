@@ -374,3 +374,27 @@ def test_csv_paths_under_a_folder_named_like_the_split_load(tmp_path: Path) -> N
     (mura / "train_labeled_studies.csv").write_text(f"{prefix}/train/{study}/,1\n")
     [view] = load_mura(tmp_path, "train")
     assert view.path == mura / "train" / study / "image1.png"
+
+
+def test_a_view_without_a_patient_id_belongs_to_its_study_s_patient(tmp_path: Path) -> None:
+    """The daemon scores a study one of whose views has no PatientID (patients_in counts
+    named patients); `triage evaluate` stopped on it as "more than one patient". A study
+    with no PatientID at all is a patient of its own: two such in two splits are no leak."""
+    img = np.full((20, 20), 100, np.uint8)
+    _dicom(tmp_path / "a", img, "1.2.3.1", "P1", "WRIST")
+    _dicom(tmp_path / "a", img, "1.2.3.1", "", "WRIST")
+    _dicom(tmp_path / "b", img, "1.2.3.2", "", "ELBOW")
+    _dicom(tmp_path / "c", img, "1.2.3.3", "", "HAND")
+    views = load_dicom_folder(tmp_path, {"1.2.3.1": 1, "1.2.3.2": 0, "1.2.3.3": 1})
+    by_study = {v.study_id: v.patient_id for v in views}
+    assert by_study["1.2.3.1"] == "/P1"
+    assert by_study["1.2.3.2"] != by_study["1.2.3.3"]
+    check_patient_split(
+        {
+            "train": [v for v in views if v.study_id == "1.2.3.2"],
+            "valid": [v for v in views if v.study_id == "1.2.3.3"],
+        }
+    )
+    _dicom(tmp_path / "d", img, "1.2.3.1", "P2", "WRIST")
+    with pytest.raises(DataError, match="more than one patient"):
+        load_dicom_folder(tmp_path, {"1.2.3.1": 1})

@@ -324,7 +324,7 @@ def _load_dicom_folder(
     skipped: list[tuple[str, str]] | None,
     damaged: list[Path] | None,
 ) -> list[View]:
-    from triage.dicom.study_type import decide_study
+    from triage.dicom.study_type import decide_study, patients_in
 
     headers: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
     bad: list[Path] = []
@@ -356,11 +356,16 @@ def _load_dicom_folder(
     views: list[View] = []
     for uid, items in headers.items():
         items.sort(key=_view_order)
-        patients = {
-            f"{ds.get('IssuerOfPatientID', '')}/{ds.get('PatientID', '')}" for _, ds in items
-        }
-        if len(patients) > 1:
+        # As the daemon counts them (patients_in): a view without a PatientID is one of the
+        # study's patient, not another; it stopped `triage evaluate` on a study the daemon
+        # scores. A study none of whose views names its patient is its own patient.
+        if patients_in(ds for _, ds in items) > 1:
             raise DataError(f"study {uid}: instances of more than one patient")
+        named = [ds for _, ds in items if str(ds.get("PatientID", "") or "").strip()]
+        patients = {
+            f"{ds.get('IssuerOfPatientID', '')}/{str(ds.get('PatientID')).strip()}"
+            for ds in named[:1]
+        } or {f"unknown patient of study {uid}"}
         decision = decide_study([ds for _, ds in items])
         if decision.study_type is None:
             if skipped is None:
