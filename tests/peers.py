@@ -361,7 +361,9 @@ def echoscu(
     )
 
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "") -> Any:  # type: ignore[no-untyped-def]
+def wait_until(  # type: ignore[no-untyped-def]
+    predicate, timeout: float = 30.0, interval: float = 0.1, message: str = ""
+) -> Any:
     """Poll *predicate* until it returns something truthy; fail after *timeout*."""
     deadline = time.monotonic() + timeout
     while True:

@@ -97,7 +97,8 @@ def test_options_are_checked_for_programmatic_runs_too(tmp_path: Path) -> None:
     out = tmp_path / "o"
     for bad in ({"epochs": 0}, {"max_steps": 0}, {"batch_size": 0}, {"image_size": 16}):
         with pytest.raises(DataError, match="must be"):
-            train([], [], TrainOptions(out_dir=out, **bad), training_data="x")  # type: ignore[arg-type]
+            options = TrainOptions(out_dir=out, **bad)  # type: ignore[arg-type]
+            train([], [], options, training_data="x")
     with pytest.raises(CardError, match="version must be a non-empty string"):
         train([], [], TrainOptions(out_dir=out, version=" "), training_data="x")
     assert not out.exists()

@@ -269,7 +269,9 @@ def _publish_model(config: Config, worker) -> None:  # type: ignore[no-untyped-d
     metrics.set_model(card.name, card.version, card.validated, "none")
 
 
-def _make_worker(config: Config, store: Store, spool: Spool, on_scored):  # type: ignore[no-untyped-def]
+def _make_worker(  # type: ignore[no-untyped-def]
+    config: Config, store: Store, spool: Spool, on_scored
+):
     # torch is imported here, not at module level: listener processes must never load it.
     from triage.scoring.worker import ModelRefused, Worker, load_configured_model
 
