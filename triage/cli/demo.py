@@ -56,7 +56,9 @@ def _address(config: Config, host: str | None) -> tuple[str, int]:
     return host or ("127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind), config.dicom.port
 
 
-def _association(config: Config, host: str, port: int, classes: set[str]):  # type: ignore[no-untyped-def]
+def _association(  # type: ignore[no-untyped-def]
+    config: Config, host: str, port: int, classes: set[str]
+):
     ae = AE(ae_title="TRIAGEDEMO")
     ae.add_requested_context(VERIFICATION)
     for sop_class in sorted(classes):
