@@ -184,6 +184,34 @@ def test_an_association_request_with_an_even_context_id_is_aborted_at_once(
     _check_unharmed(daemon)
 
 
+def _with_user_sub_item(request: bytes, kind: int, value: bytes) -> bytes:
+    """*request* with a sub-item of type *kind* added to its User Information item (last)."""
+    item = request.rindex(b"\x50\x00")
+    length = struct.unpack_from(">H", request, item + 2)[0]
+    assert item + 4 + length == len(request)
+    sub_item = struct.pack(">BBH", kind, 0, len(value)) + value
+    body = request[6:item] + struct.pack(">BBH", 0x50, 0, length + len(sub_item))
+    body += request[item + 4 :] + sub_item
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def test_an_association_request_with_an_unknown_user_information_sub_item_is_accepted(
+    daemon_factory,
+) -> None:
+    """pynetdicom raised on a sub-item type outside PS3.7 Annex D (a vendor's or a newer
+    standard's): the PACS was aborted before its first C-STORE. DCMTK skips such a
+    sub-item; so does the listener, and says so in its log."""
+    daemon = _daemon(daemon_factory)
+    request = _with_user_sub_item(_association_request(context_id=1), 0x5E, b"vendor")
+    assert _answer_type(daemon.port, request) == 0x02  # A-ASSOCIATE-AC
+    wait_until(
+        lambda: "sub-items of unknown type: 0x5E" in daemon.log_text(),
+        timeout=20,
+        message="the skipped sub-item logged",
+    )
+    _check_unharmed(daemon)
+
+
 def test_a_pdu_announcing_gigabytes_is_aborted_before_it_is_read(daemon_factory) -> None:
     """Any host, before its AE title is checked, made the listener buffer what the length
     field announced as it arrived (600 MiB sent: 600 MiB more resident)."""

@@ -53,6 +53,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from triage.dicom import fast_commands, prompt_reactors
+from triage.dicom.association_request import without_unknown_user_sub_items
 from triage.procutil import WIDE_PIPE_BYTES, widen_pipe
 
 #: Start write-back after this many new bytes. What is left when the last fragment arrives is
@@ -381,6 +382,13 @@ def _read_pdu(dul: Any) -> tuple[str, Any]:
             raise EOFError(f"PDU shorter than announced ({received} of {pdu_length} bytes)")
         return "Evt10", _split_data_set_payloads(buffer, pdu_length, target)
     bytestream = header + _recv_exactly(sock, pdu_length)
+    if pdu_type == _A_ASSOCIATE_RQ:
+        bytestream, skipped = without_unknown_user_sub_items(bytestream)
+        if skipped:
+            _LOGGER.warning(
+                "Ignored User Information sub-items of unknown type: %s",
+                ", ".join(f"0x{kind:02X}" for kind in skipped),
+            )
     try:
         pdu, event = dul._decode_pdu(bytestream)
         if pdu_type == _A_ASSOCIATE_RQ:
