@@ -1046,11 +1046,10 @@ def parse_target(config: Config, text: str) -> dict[str, Any]:
 
 def echo(target: dict[str, Any], calling_ae: str, timeout: float, tls: Any = None) -> dict:
     """One C-ECHO with pynetdicom; returns ok, status, milliseconds and the error if any."""
-    from pynetdicom import AE
-
+    from triage.dicom.polling_socket import RequestorAE
     from triage.dicom.sender import _association_failure, associate
 
-    ae = AE(ae_title=calling_ae)
+    ae = RequestorAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")

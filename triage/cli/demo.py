@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
 
 from triage.config import Config
+from triage.dicom.polling_socket import RequestorAE
 from triage.dicom.sop import TRANSFER_SYNTAXES, VERIFICATION
 from triage.store.models import Result, Study, StudyState
 from triage.store.outbox import Outbox
@@ -59,7 +59,7 @@ def _address(config: Config, host: str | None) -> tuple[str, int]:
 def _association(  # type: ignore[no-untyped-def]
     config: Config, host: str, port: int, classes: set[str]
 ):
-    ae = AE(ae_title="TRIAGEDEMO")
+    ae = RequestorAE(ae_title="TRIAGEDEMO")
     ae.add_requested_context(VERIFICATION)
     for sop_class in sorted(classes):
         ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES[:2]))

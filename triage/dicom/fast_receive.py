@@ -31,9 +31,7 @@ import ctypes
 import fcntl
 import functools
 import logging
-import math
 import os
-import select
 import socket
 import ssl
 import struct
@@ -50,10 +48,11 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import RequestHandler
 
 from triage.dicom import fast_commands, prompt_reactors
 from triage.dicom.association_request import without_unknown_user_sub_items
+from triage.dicom.polling_socket import PollingAssociationSocket, readable
 from triage.procutil import WIDE_PIPE_BYTES, widen_pipe
 
 #: Start write-back after this many new bytes. What is left when the last fragment arrives is
@@ -100,30 +99,9 @@ def _sync_file_range():  # type: ignore[no-untyped-def]
 _start_writeback = _sync_file_range()
 
 
-class FastAssociationSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU in as few system calls as possible."""
-
-    @property
-    def ready(self) -> bool:
-        """Whether data (or the peer's close) is waiting to be read: pynetdicom's ``ready``
-        with poll(2) instead of select(2).
-
-        select(2) refuses a descriptor past FD_SETSIZE (1024) with ValueError, which
-        pynetdicom takes for a closed connection (Evt17): with the unit's LimitNOFILE=65536
-        and up to 1000 associations, every association accepted once the listener held
-        about a thousand descriptors was dropped before its A-ASSOCIATE-RQ was read.
-        """
-        sock = self.socket
-        if sock is None or self._is_connected is False:
-            return False
-        try:
-            ready = _readable(sock, 0)
-        except (OSError, ValueError):
-            self.event_queue.put("Evt17")  # transport connection closed
-            return False
-        if isinstance(sock, ssl.SSLSocket):  # decrypted bytes poll(2) does not see
-            return ready or bool(sock.pending())
-        return ready
+class FastAssociationSocket(PollingAssociationSocket):
+    """pynetdicom's association socket, reading a PDU in as few system calls as possible
+    (and polling with poll(2): a busy listener holds more than 1024 descriptors)."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly *nr_bytes* (fewer only when the peer closed the connection)."""
@@ -485,22 +463,13 @@ def _splice_into(
                 source, write_end, min(count, PIPE_SIZE), flags=_SPLICE_MOVE | _SPLICE_NONBLOCK
             )
         except BlockingIOError:
-            if not _readable(raw, timeout):
+            if not readable(raw, timeout):
                 raise TimeoutError("no data from the peer within the network timeout") from None
             continue
         if moved == 0:
             raise EOFError(f"connection closed with {count} bytes of the data set to come")
         target.append_from_pipe(read_end, moved)
         count -= moved
-
-
-def _readable(sock: socket.socket, timeout: float | None) -> bool:
-    """Whether *sock* has data (or an end of stream or error) within *timeout* seconds
-    (None: no limit). poll(2), not select(2): a descriptor past FD_SETSIZE is refused by
-    select, and a busy listener holds more than that."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 def _split_data_set_payloads(buffer: bytearray, length: int, target: SpoolTempFile) -> P_DATA_TF:

@@ -27,6 +27,7 @@ from pynetdicom.status import STATUS_WARNING, code_to_category
 
 from triage import failpoints, metrics
 from triage.config import Config, DestinationConfig
+from triage.dicom.polling_socket import RequestorAE
 from triage.logs import RepeatedFailure, get_logger, identity_values, withheld_text
 from triage.store.direct_io import read_whole
 from triage.store.outbox import Backoff, DueDelivery, Outbox
@@ -156,7 +157,7 @@ class Sender:
         return self.config.delivery.timeout_s * 4 + 60
 
     def _send(self, destination: DestinationConfig, due: Sequence[DueDelivery]) -> None:
-        ae = AE(ae_title=destination.calling_ae or self.config.dicom.ae_title)
+        ae = RequestorAE(ae_title=destination.calling_ae or self.config.dicom.ae_title)
         timeout = self.config.delivery.timeout_s
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = timeout
