@@ -16,6 +16,7 @@ what triage recorded in its store.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import signal
 import subprocess
@@ -631,3 +632,89 @@ def test_only_triage_s_host_may_store_into_orthanc_as_triage(tmp_path: Path) -> 
         assert len(orthanc.get("/instances")) == 1
     finally:
         orthanc.stop()
+
+
+def test_an_instance_triage_refuses_does_not_hold_up_the_rest_of_its_study(
+    tmp_path: Path,
+) -> None:
+    """One instance msk-triage refuses (here a DX without pixel data: 0xA900) failed Orthanc's
+    whole store job, so none of the study was marked, and every later try sent it all again
+    and failed again. The rule now sends one by one once msk-triage answers a C-ECHO: the rest
+    are acknowledged and marked, the refused one is counted and tried again at most
+    MaxAttempts times."""
+    port = free_port()
+    daemon = Daemon(tmp_path / "triage", {"dicom": {"port": port, "allowed_peers": [ORTHANC_AE]}})
+    orthanc = Orthanc(tmp_path / "orthanc", (TRIAGE_AE, port), routing=True)
+    settings = orthanc.configuration()["MskTriage"]
+    orthanc.overrides = {"MskTriage": {**settings, "MaxAttempts": 2}}
+    orthanc.config_path.write_text(json.dumps(orthanc.configuration(), indent=2) + "\n")
+    try:
+        daemon.start()
+        orthanc.start()
+        datasets = study(StudyType.WRIST, views=3, seed=630)
+        del datasets[1].PixelData
+        sent = upload(orthanc, datasets, tmp_path / "a")
+        bad = sent.instance_ids[1]
+        line = f"study {sent.study_id}: sent 2 instances to triage, 1 REFUSED \\({bad};"
+        wait_lua(orthanc, line)
+        held = {i.sop_instance_uid for i in daemon.store().study_instances(sent.study_uid)}
+        assert held == sent.sop_uids - {str(datasets[1].SOPInstanceUID)}
+        for instance_id in sent.instance_ids:
+            metadata = orthanc.instance_metadata(instance_id)
+            if instance_id == bad:
+                assert metadata.get("MskTriageRefused") == 1  # the REST answer, as JSON
+                assert "MskTriageRouted" not in metadata
+            else:
+                assert "MskTriageRouted" in metadata
+        # Late images make the study stable again: the refused one is tried once more with
+        # them, then no more (MaxAttempts 2).
+        for attempt, seed in ((2, 631), (3, 632)):
+            late = copy.deepcopy(study(StudyType.WRIST, views=1, seed=seed)[0])
+            late.StudyInstanceUID = datasets[0].StudyInstanceUID
+            late.PatientID = datasets[0].PatientID
+            upload(orthanc, [late], tmp_path / f"late{seed}")
+            if attempt == 2:
+                line = f"study {sent.study_id}: sent 1 instances to triage, 1 REFUSED \\({bad};"
+            else:
+                line = f"study {sent.study_id}: sent 1 instances to triage \\(4 skipped\\)"
+            wait_lua(orthanc, line)
+        assert orthanc.instance_metadata(bad).get("MskTriageRefused") == 2
+        assert not [line for line in orthanc.lua_log() if "FAILED" in line]
+    finally:
+        orthanc.stop()
+        daemon.stop()
+
+
+def test_priors_from_an_archive_s_ae_title_are_not_routed(tmp_path: Path) -> None:
+    """A prior retrieved from the archive (C-MOVE: stored into Orthanc by the archive's AE)
+    is no new acquisition: scored, its results would land in an old study. Instances from a
+    calling AE title in SkipCallingAETs are never sent."""
+    triage = _storescp_triage(tmp_path / "triage").start()
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        (TRIAGE_AE, triage.port),
+        routing=True,
+        overrides={"DicomAlwaysAllowStore": True},
+    )
+    config = orthanc.configuration()
+    config["MskTriage"]["SkipCallingAETs"] = ["ARCHIVE"]
+    orthanc.overrides = {"DicomAlwaysAllowStore": True, "MskTriage": config["MskTriage"]}
+    orthanc.config_path.write_text(json.dumps(orthanc.configuration(), indent=2) + "\n")
+    orthanc.start()
+    try:
+        files = write_study(study(StudyType.HAND, views=2, seed=640), tmp_path / "prior")
+        for path in files:
+            assert _store_from(orthanc, pydicom.dcmread(path), "ARCHIVE", "127.0.0.1")
+        new = upload(orthanc, study(StudyType.HAND, views=1, seed=641), tmp_path / "new")
+        wait_until(
+            lambda: _received_uids(triage) >= new.sop_uids,
+            30,
+            0.2,
+            f"the new study at triage; the rule logged {orthanc.lua_log()}",
+        )
+        prior_id = orthanc.study_id(str(pydicom.dcmread(files[0]).StudyInstanceUID))
+        wait_lua(orthanc, f"study {prior_id}: nothing to send \\(2 instances skipped\\)")
+        assert _received_uids(triage) == new.sop_uids
+    finally:
+        orthanc.stop()
+        triage.stop()

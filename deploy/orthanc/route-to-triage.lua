@@ -14,6 +14,14 @@
 --      sends nothing, and a late burst of images sends only the new ones (msk-triage scores the
 --      study again as a new revision).
 --
+-- An instance msk-triage refuses (a DX without pixel data, a corrupt file: see its log) does not
+-- hold up the rest: when a study's send fails while msk-triage answers a C-ECHO, its instances
+-- are sent one by one, those acknowledged are marked, and those refused are counted in user
+-- metadata and sent again at the study's next stable event, at most "MaxAttempts" times.
+--
+-- Priors retrieved from an archive are not new acquisitions: instances that came from a calling
+-- AE title listed in "SkipCallingAETs" (the archive's) are never sent.
+--
 -- A send that fails (msk-triage down or restarting) is not lost: the study is queued and sent
 -- again at a later stable event of any study (at once after a send that worked, otherwise at
 -- most every "RetryAfterSeconds"). Orthanc keeps the studies that wait for their stable age in
@@ -25,6 +33,7 @@ local settings = GetOrthancConfiguration()['MskTriage'] or {}
 local TARGET = settings['Modality'] or 'triage'
 local OWN_MANUFACTURER = settings['OwnManufacturer'] or 'msk-triage'
 local ROUTED = settings['RoutedMetadata'] or 'MskTriageRouted'
+local REFUSED = settings['RefusedMetadata'] or 'MskTriageRefused'
 local RETRY_AFTER = settings['RetryAfterSeconds'] or 60
 local MAX_ATTEMPTS = settings['MaxAttempts'] or 10
 local RECOVER_CHANGES = settings['RecoverChanges'] or 10000
@@ -32,6 +41,10 @@ local RECOVER_HOURS = settings['RecoverHours'] or 24
 local ROUTE_MODALITIES = {}
 for _, modality in ipairs(settings['RouteModalities'] or { 'CR', 'DX' }) do
   ROUTE_MODALITIES[string.upper(modality)] = true
+end
+local SKIP_CALLING_AETS = {}
+for _, aet in ipairs(settings['SkipCallingAETs'] or {}) do
+  SKIP_CALLING_AETS[aet] = true
 end
 
 local function log(message)
@@ -51,15 +64,36 @@ local function skipReason(series)
   return nil
 end
 
--- True when the instance was already acknowledged by msk-triage.
-local function alreadyRouted(instanceId)
-  local names = ParseJson(RestApiGet('/instances/' .. instanceId .. '/metadata'))
-  for _, name in ipairs(names or {}) do
+-- Why an instance is not sent (nil: it is), and how often msk-triage refused it so far.
+local function instanceSkipReason(instanceId)
+  local path = '/instances/' .. instanceId .. '/metadata'
+  local refusals = 0
+  for _, name in ipairs(ParseJson(RestApiGet(path)) or {}) do
     if name == ROUTED then
-      return true
+      return 'acknowledged before', 0
+    elseif name == REFUSED then
+      refusals = tonumber(RestApiGet(path .. '/' .. REFUSED)) or 0
+      if refusals >= MAX_ATTEMPTS then
+        return 'refused ' .. refusals .. ' times', refusals
+      end
+    elseif name == 'RemoteAET' and SKIP_CALLING_AETS[RestApiGet(path .. '/RemoteAET')] then
+      return 'from a calling AE title in SkipCallingAETs', 0
     end
   end
-  return false
+  return nil, refusals
+end
+
+-- Send *instances* in one synchronous store; true when msk-triage acknowledged every one.
+local function send(instances)
+  local body = DumpJson({ Resources = instances, Synchronous = true }, true)
+  return RestApiPost('/modalities/' .. TARGET .. '/store', body) ~= nil
+end
+
+local function mark(instances, name, values)
+  local stamp = os.date('!%Y%m%dT%H%M%SZ')
+  for _, instanceId in ipairs(instances) do
+    RestApiPut('/instances/' .. instanceId .. '/metadata/' .. name, values[instanceId] or stamp)
+  end
 end
 
 -- Modified or anonymized copies are derived data, not what a modality acquired.
@@ -84,6 +118,7 @@ local function routeStudy(studyId, quiet)
     return 'nothing'
   end
   local pending = {}
+  local refusedBefore = {}
   local skipped = 0
   for _, series in ipairs(ParseJson(seriesList)) do
     local reason = skipReason(series)
@@ -91,10 +126,12 @@ local function routeStudy(studyId, quiet)
       skipped = skipped + #series['Instances']
     else
       for _, instanceId in ipairs(series['Instances']) do
-        if alreadyRouted(instanceId) then
+        local reason, refusals = instanceSkipReason(instanceId)
+        if reason ~= nil then
           skipped = skipped + 1
         else
           table.insert(pending, instanceId)
+          refusedBefore[instanceId] = refusals
         end
       end
     end
@@ -107,19 +144,35 @@ local function routeStudy(studyId, quiet)
     return 'nothing'
   end
   -- Synchronous, so that the instances are marked only once msk-triage acknowledged them.
-  local body = DumpJson({ Resources = pending, Synchronous = true }, true)
-  local answer = RestApiPost('/modalities/' .. TARGET .. '/store', body)
-  if answer == nil then
+  if send(pending) then
+    mark(pending, ROUTED, {})
+    log('study ' .. studyId .. ': sent ' .. #pending .. ' instances to ' .. TARGET
+      .. ' (' .. skipped .. ' skipped)')
+    return 'sent'
+  end
+  if RestApiPost('/modalities/' .. TARGET .. '/echo', '') == nil then
     -- Not marked: the study is queued (below) and sent again later.
     log('study ' .. studyId .. ': sending ' .. #pending .. ' instances to ' .. TARGET .. ' FAILED')
     return 'failed'
   end
-  local stamp = os.date('!%Y%m%dT%H%M%SZ')
+  -- msk-triage is up and refused something: one by one, to send all it takes.
+  local sent, refused, counts = {}, {}, {}
   for _, instanceId in ipairs(pending) do
-    RestApiPut('/instances/' .. instanceId .. '/metadata/' .. ROUTED, stamp)
+    if send({ instanceId }) then
+      table.insert(sent, instanceId)
+    else
+      table.insert(refused, instanceId)
+      counts[instanceId] = tostring(refusedBefore[instanceId] + 1)
+    end
   end
-  log('study ' .. studyId .. ': sent ' .. #pending .. ' instances to ' .. TARGET
-    .. ' (' .. skipped .. ' skipped)')
+  mark(sent, ROUTED, {})
+  mark(refused, REFUSED, counts)
+  log('study ' .. studyId .. ': sent ' .. #sent .. ' instances to ' .. TARGET .. ', ' .. #refused
+    .. ' REFUSED (' .. table.concat(refused, ', ') .. '; see msk-triage\'s log), '
+    .. skipped .. ' skipped')
+  if #sent == 0 then
+    return 'failed' -- queued like a study msk-triage could not take, MaxAttempts at most
+  end
   return 'sent'
 end
 
@@ -164,6 +217,14 @@ function OnStableStudy(studyId, tags, metadata)
     enqueue(studyId)
   elseif outcome == 'sent' or os.time() - lastRound >= RETRY_AFTER then
     -- A send that just worked says msk-triage is back: no reason to wait.
+    retryQueued()
+  end
+end
+
+-- Orthanc 1.11.1 and later call this every "LuaHeartBeatPeriod" seconds (older ones ignore
+-- it): queued studies are retried without waiting for another study's stable event.
+function OnHeartBeat()
+  if #queue > 0 and os.time() - lastRound >= RETRY_AFTER then
     retryQueued()
   end
 end
