@@ -19,6 +19,7 @@ from triage.dicom.fast_receive import (
     SpoolTempFile,
     _read_pdu,
     _splice_into,
+    write_error,
 )
 
 
@@ -130,3 +131,28 @@ def test_a_socket_past_fd_setsize_is_read_not_taken_for_closed(tmp_path: Path) -
         ours.close()
         peer.close()
     assert Path(target.name).read_bytes() == payload
+
+
+def test_a_temp_file_that_cannot_be_created_drops_the_data_set_with_an_error(
+    tmp_path: Path,
+) -> None:
+    """A spool temp folder no file can be made in (read-only, out of inodes; here: gone):
+    the constructor raised in the DUL thread, which aborted the association, and the PACS
+    never got 0xA700. The data set is now read and dropped, with the error to answer."""
+    target = SpoolTempFile(str(tmp_path / "gone"))
+    assert target.is_open is False
+    assert target.write(b"\x00" * 132) == 132
+    target.file.flush()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(write_end, b"pixels")
+        target.append_from_pipe(read_end, 6)  # drained from the pipe, not written
+        os.write(write_end, b"!")
+        assert os.read(read_end, 1) == b"!"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert isinstance(write_error(target.name), FileNotFoundError)
+    assert not Path(target.name).exists()
+    target.close()
+    assert write_error(target.name) is None

@@ -630,6 +630,37 @@ def test_a_disk_that_fills_during_a_transfer_answers_a700(
     assert '"event": "spool_write_failed"' in daemon.log_text()
 
 
+def test_a_read_only_spool_answers_a700_and_storing_resumes_once_writable(
+    daemon_factory, tmp_path
+) -> None:
+    """The spool's temp folder remounted read-only under a running daemon: the temp file
+    for the data set could not be made, the association was aborted as if the peer had sent
+    an invalid message, and the PACS never got "out of resources". Once the folder is
+    writable again, the same instances go in."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root (permission bits do not stop root)")
+    daemon = daemon_factory().start()
+    temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
+    files = study_files(tmp_path / "in", views=2)
+    if subprocess.run(["mount", "--bind", str(temp), str(temp)], check=False).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        remount = ["mount", "-o", "remount,bind,ro", str(temp)]
+        if subprocess.run(remount, check=False).returncode:
+            pytest.skip("cannot remount read-only here")
+        run = storescu(daemon.port, files, extra=["--no-halt"])
+    finally:
+        subprocess.run(["umount", str(temp)], check=False)
+    assert run.acknowledged == 0
+    assert run.failure_statuses == ["0xa700", "0xa700"], run.output
+    assert daemon.store().counts_by_state() == {}
+    assert storescu(daemon.port, files).acknowledged == 2
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert len(daemon.store().study_instances(study_uid)) == 2
+    assert daemon.stop() == 0
+    assert '"event": "spool_write_failed"' in daemon.log_text()
+
+
 def test_quiet_period_queues_and_a_late_instance_opens_revision_2(daemon_factory, tmp_path) -> None:
     daemon = daemon_factory({"study": {"quiet_period_s": 1.0, "check_interval_s": 0.2}}).start()
     files = study_files(tmp_path / "in", views=2)

@@ -37,6 +37,7 @@ import ssl
 import struct
 import sys
 import types
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -510,22 +511,30 @@ class SpoolTempFile:
     write-back."""
 
     def __init__(self, directory: str) -> None:
-        fd, self.name = _mkstemp(directory)
-        self._fd: int | None = fd
         self._written = 0
         self._flushed = 0
         #: The first write that failed (a full disk, an I/O error): the rest of the data set
         #: is read and dropped, and the C-STORE is answered 0xA700 (see :func:`write_error`).
         self.error: OSError | None = None
         self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
+        self._fd: int | None = None
+        try:
+            self._fd, self.name = _mkstemp(directory)
+        except OSError as exc:
+            # A read-only spool, no inode left: raised here, in the DUL thread, it was taken
+            # for an invalid message and the association aborted; the PACS never got 0xA700.
+            # The data set is read and dropped as after a failed write, under a name no file
+            # has, and the C-STORE is answered "out of resources".
+            self.name = os.path.join(directory, f"unwritable-{uuid.uuid4().hex}.dcm")
+            self._failed(exc)
 
     def write(self, data: Any) -> int:
         """Write all of *data*; every WRITEBACK_STEP bytes, start writing back to disk."""
-        assert self._fd is not None
         view = memoryview(data)
         size = len(view)
         if self.error is not None:
             return size
+        assert self._fd is not None
         try:
             while view:
                 view = view[os.write(self._fd, view) :]
@@ -537,9 +546,9 @@ class SpoolTempFile:
 
     def append_from_pipe(self, pipe: int, count: int) -> None:
         """Move *count* bytes from the pipe *pipe* to the end of the file (splice(2))."""
-        assert self._fd is not None
         left = count
         while left and self.error is None:
+            assert self._fd is not None
             try:
                 moved = os.splice(pipe, self._fd, left, flags=_SPLICE_MOVE)
             except OSError as exc:
