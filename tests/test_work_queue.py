@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 
 import numpy as np
+import pytest
 
 from triage.scoring.result import ModelInfo, SkippedView, StudyResult, ViewResult
 from triage.store.models import Delivery, DeliveryState, Output, Result, StudyState, utcnow
@@ -500,3 +501,38 @@ def test_a_requeued_study_that_is_skipped_or_fails_sends_none_of_its_old_outputs
     assert outbox.pending_destinations() == []
     states = {d.state for uid in (skipped, failed) for d, _ in outbox.deliveries(uid)}
     assert states == {DeliveryState.CANCELLED}
+
+
+@pytest.mark.postgres
+def test_leases_keep_the_database_servers_time_whatever_each_hosts_clock_says(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL a worker sets its leases on one host and a daemon on another expires
+    # them: with each host's own clock, a worker host 10 min behind lost every claim at the
+    # daemon's next expiry run (each study scored twice, FAILED after max_attempts), and a
+    # daemon host ahead expired every worker's claims alike.
+    from triage.store import work_queue
+    from triage.store.db import make_engine, upgrade_schema
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    try:
+        store = Store(engine)
+        queue = WorkQueue(store)
+        queued_study(store, 51)
+
+        def clock(offset_s: float):  # type: ignore[no-untyped-def]
+            return lambda: utcnow() + timedelta(seconds=offset_s)
+
+        monkeypatch.setattr(work_queue, "utcnow", clock(-600))  # the worker's host
+        [claim] = queue.claim("behind:1:x", 1, lease_s=60)
+        assert queue.renew([claim], 60) == 1
+        monkeypatch.setattr(work_queue, "utcnow", clock(0))  # the daemon's host
+        assert queue.expire_leases(3) == []
+        monkeypatch.setattr(work_queue, "utcnow", clock(600))  # a daemon's host ahead
+        assert queue.expire_leases(3) == []
+        assert store.get_study(claim.study_uid).state is StudyState.SCORING
+        monkeypatch.setattr(work_queue, "utcnow", clock(0))
+        assert queue.complete(claim, result_for(claim), MODEL, [], [], 1.0)
+    finally:
+        engine.dispose()

@@ -149,6 +149,18 @@ class Store:
                 _pause_after(exc, attempt)
         raise AssertionError("unreachable")
 
+    def database_now(self, connection: Connection) -> datetime:
+        """Now (naive UTC) by the clock that times shared by several hosts are kept on (the
+        quiet period, leases). On PostgreSQL the server's: one host records an instance or
+        sets a lease and another host's daemon compares it with its own "now": a clock that
+        differed by the quiet period (10 s by default) queued every study at its first
+        instance (each later one a new revision, scored and sent again) or held them back,
+        and one behind by a lease's last third lost every claim it made while it scored.
+        An SQLite store has one host: its clock."""
+        if self._postgres:
+            return connection.execute(_SERVER_NOW).scalar_one()
+        return utcnow()
+
     def _lock(self, statement):  # type: ignore[no-untyped-def]
         # SQLite has BEGIN IMMEDIATE (one writer at a time); PostgreSQL needs row locks.
         return statement.with_for_update() if self._postgres else statement
@@ -304,7 +316,12 @@ class Store:
                 change = "reopened"
             else:
                 study_id, revision = study.id, study.revision
-                connection.execute(_TOUCH_STUDY, {"study_id": study_id, "now": now})
+                if not self._postgres:
+                    connection.execute(_TOUCH_STUDY, {"study_id": study_id, "now": now})
+            if self._postgres:
+                # The quiet period runs on the server's clock (see database_now): this
+                # touch, an extra statement only for a new study or revision.
+                connection.execute(_TOUCH_STUDY_BY_SERVER, {"study_id": study_id})
             connection.execute(
                 _INSERT_INSTANCE,
                 {
@@ -333,10 +350,11 @@ class Store:
         self, quiet_period_s: float, now: datetime | None = None
     ) -> list[Transition]:
         """Move every RECEIVING study with no instance for *quiet_period_s* to QUEUED."""
-        now = now or utcnow()
-        cutoff = now - timedelta(seconds=quiet_period_s)
 
         def work(session: Session) -> list[Transition]:
+            # The clock the listeners stamp last_instance_at by (see database_now).
+            current = now or self.database_now(session.connection())
+            cutoff = current - timedelta(seconds=quiet_period_s)
             statement = select(Study).where(
                 Study.state == StudyState.RECEIVING, Study.last_instance_at <= cutoff
             )
@@ -345,7 +363,7 @@ class Store:
             moved = []
             for study in session.scalars(statement):
                 moved.append(
-                    self._move(session, study, StudyState.QUEUED, "quiet period over", now)
+                    self._move(session, study, StudyState.QUEUED, "quiet period over", current)
                 )
             return moved
 
@@ -545,6 +563,14 @@ _TOUCH_STUDY = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("study_id"))
     .values(last_instance_at=bindparam("now"))
+)
+#: PostgreSQL's clock, in the naive UTC every timestamp column holds.
+_SERVER_NOW_SQL = func.timezone("UTC", func.now())
+_SERVER_NOW = select(_SERVER_NOW_SQL)
+_TOUCH_STUDY_BY_SERVER = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("study_id"))
+    .values(last_instance_at=_SERVER_NOW_SQL)
 )
 #: PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
 #: and may simply run again.

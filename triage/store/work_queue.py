@@ -101,7 +101,8 @@ class WorkQueue:
             if not studies:
                 return []
             now = utcnow()
-            expires = now + timedelta(seconds=lease_s)
+            # On the clock expire_leases reads, maybe on another host (Store.database_now).
+            expires = self.store.database_now(connection) + timedelta(seconds=lease_s)
             tokens = [str(uuid.uuid4()) for _ in studies]
             reason = f"claimed by {owner}"
             connection.execute(
@@ -179,7 +180,7 @@ class WorkQueue:
 
         def work(session: Session) -> int:
             renewed = 0
-            expires = utcnow() + timedelta(seconds=lease_s)
+            expires = self.store.database_now(session.connection()) + timedelta(seconds=lease_s)
             for claim in claims:
                 result = session.execute(
                     update(Study)
@@ -366,12 +367,14 @@ class WorkQueue:
         return self.store.transaction(work)
 
     def expire_leases(self, max_attempts: int, now: datetime | None = None) -> list[Transition]:
-        """Studies whose worker stopped renewing go back to QUEUED (or FAILED)."""
-        now = now or utcnow()
+        """Studies whose worker stopped renewing go back to QUEUED (or FAILED); expired as of
+        *now*, by default the clock workers set leases by (:meth:`Store.database_now`): on
+        PostgreSQL the server's, not this host's, which may differ from the worker's."""
 
         def work(session: Session) -> list[Transition]:
+            expired_at = now or self.store.database_now(session.connection())
             statement = select(Study).where(
-                Study.state == StudyState.SCORING, Study.lease_expires_at < now
+                Study.state == StudyState.SCORING, Study.lease_expires_at < expired_at
             )
             if self._postgres:
                 statement = statement.with_for_update(skip_locked=True)
