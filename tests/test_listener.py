@@ -1208,6 +1208,42 @@ def test_on_postgresql_serve_spares_the_temp_files_a_worker_may_be_staging(
 
 
 @pytest.mark.postgres
+def test_on_postgresql_an_old_spool_file_no_row_names_is_recorded_at_start(
+    daemon_factory, pg_url, tmp_path
+) -> None:
+    """A listener killed between making an instance's file durable and committing its row
+    left a file nobody acknowledged; spool recovery ran on SQLite only, so on PostgreSQL it
+    stayed for good, patient data no purge removes. At start, one older than an hour is
+    recorded like any arrival; a younger one may be another host's listener's, and stays."""
+    daemon = daemon_factory({"store": {"url": pg_url}, "study": {"quiet_period_s": 0.5}})
+    spool = Path(daemon.sections["store"]["spool_dir"])
+    old, young = (pydicom.dcmread(f) for f in study_files(tmp_path / "in", views=2, seed=41))
+    young.StudyInstanceUID = generate_uid()
+    paths = []
+    for dataset in (old, young):
+        path = spool / f"{dataset.StudyInstanceUID}/{dataset.SOPInstanceUID}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(path)
+        paths.append(path)
+    two_hours_ago = time.time() - 7200
+    os.utime(paths[0], (two_hours_ago, two_hours_ago))
+    daemon.start()
+    store = daemon.store()
+    study = wait_until(
+        lambda: (
+            (s := store.get_study(str(old.StudyInstanceUID))) and s.state is StudyState.QUEUED and s
+        ),
+        message="the recovered study queued",
+    )
+    assert [i.sop_instance_uid for i in store.study_instances(study.study_uid)] == [
+        str(old.SOPInstanceUID)
+    ]
+    assert store.get_study(str(young.StudyInstanceUID)) is None and paths[1].exists()
+    assert '"instances_recorded": 1' in daemon.log_text()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
 def test_after_a_kill_9_on_postgresql_the_dead_listeners_associations_are_closed(
     daemon_factory, pg_url
 ) -> None:

@@ -114,6 +114,9 @@ class Daemon:
                 log.warning("recovered_after_crash", associations_closed=closed)
             _release_dead_claims(config, store, shared=True)
             _warn_of_destinations_sent_to_elsewhere(config, store)
+            # A listener killed between its file and its row left an instance nobody
+            # acknowledged and no purge removes; old enough, no other host is committing it.
+            _record_spool_orphans(config, store, spool, older_than_s=_FOREIGN_TEMP_AGE_S)
         health = Health(store, spool)
         # Bound before anything else starts: a taken port stops start-up right here.
         http = _bind_http(config, health)
@@ -452,12 +455,14 @@ def _bind_http(config: Config, health: Health, role: str = "serve") -> HttpServe
         ) from exc
 
 
-def _record_spool_orphans(config: Config, store: Store, spool: Spool) -> None:
+def _record_spool_orphans(
+    config: Config, store: Store, spool: Spool, older_than_s: float = 0.0
+) -> None:
     from triage.dicom.sop import DEFAULT_STORAGE_CLASSES
     from triage.dicom.spool_recovery import record_orphans
 
     classes = frozenset(DEFAULT_STORAGE_CLASSES) | frozenset(config.dicom.extra_sop_classes)
-    report = record_orphans(store, spool, classes)
+    report = record_orphans(store, spool, classes, older_than_s)
     if report.recorded or report.unreadable or report.removed:
         log.warning(
             "spool_recovered",

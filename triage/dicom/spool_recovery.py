@@ -7,6 +7,12 @@ files stay. At start, before any listener runs, the daemon walks the spool and r
 instance file no row points at, exactly as if it had just arrived: its study is opened (or
 re-opened at a new revision), completes after the quiet period and is scored.
 
+On PostgreSQL every commit waits for the disk, so a file no row points at is an instance
+whose listener died between making its file durable and committing its row: never
+acknowledged, and left for good (patient data no purge would ever remove) unless the PACS
+sends it again. It is recorded the same way, once older than an hour (another host's
+listener may be committing a younger one's row now).
+
 A file of an instance that another study holds (not a cancelled one), with its file there, is
 no lost row but a copy the listener was about to remove when the daemon stopped: its instance
 had just moved out of a cancelled study, or was a duplicate of one held elsewhere. It goes.
@@ -14,6 +20,7 @@ had just moved out of a cancelled study, or was a duplicate of one held elsewher
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,15 +48,26 @@ class RecoveryReport:
     study_uids: list[str] = field(default_factory=list)
 
 
-def record_orphans(store: Store, spool: Spool, image_classes: frozenset[str]) -> RecoveryReport:
-    """Record every instance file in *spool* that the store does not list; see the module."""
+def record_orphans(
+    store: Store, spool: Spool, image_classes: frozenset[str], older_than_s: float = 0.0
+) -> RecoveryReport:
+    """Record every instance file in *spool* that the store does not list; see the module.
+
+    With *older_than_s*, only files last written longer ago than that: on a spool other
+    hosts' listeners share, a younger file may be one whose row is being committed now.
+    """
     report = RecoveryReport()
+    written_before = time.time() - older_than_s
     if not spool.root.is_dir():
         return report
     for folder in sorted(spool.root.iterdir()):
         if folder.name in _NOT_STUDIES or not folder.is_dir() or not is_valid_uid(folder.name):
             continue
-        files = sorted(f for f in folder.iterdir() if f.suffix == ".dcm" and f.is_file())
+        files = sorted(
+            f
+            for f in folder.iterdir()
+            if f.suffix == ".dcm" and f.is_file() and _written_before(f, written_before)
+        )
         if not files:
             continue
         known = store.instance_paths(folder.name)
@@ -68,6 +86,13 @@ def record_orphans(store: Store, spool: Spool, image_classes: frozenset[str]) ->
             if folder.name not in report.study_uids:
                 report.study_uids.append(folder.name)
     return report
+
+
+def _written_before(file: Path, moment: float) -> bool:
+    try:
+        return file.stat().st_mtime < moment
+    except FileNotFoundError:  # removed meanwhile (a duplicate's copy, a purge)
+        return False
 
 
 def _record(
