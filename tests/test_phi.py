@@ -173,3 +173,21 @@ logging.getLogger("highdicom.sr").warning("name %s", "QUILLBERRY MARGOT")
             error_text(ValueError(message) if kind == "ValueError" else KeyError("PixelData"))
             == kept
         )
+
+
+def test_a_name_a_peer_quotes_re_encoded_or_in_another_case_is_withheld() -> None:
+    """A PACS's ErrorComment is ASCII: it quotes "Müller^Jürgen" as "M?ller^J?rgen", as UTF-8
+    read as Latin-1, transliterated, or upper-cased as its database holds names."""
+    from pydicom import Dataset
+
+    from triage.logs import identity_values, withheld_text
+
+    header = Dataset()
+    header.PatientName, header.PatientID = "Müller^Jürgen", "mrn-55501234"
+    withheld = identity_values([header])
+    for quoted in ("M?ller^J?rgen", "MÃ¼ller^JÃ¼rgen", "Muller^Jurgen", "MUELLER^JUERGEN"):
+        text = withheld_text(f"patient {quoted} exists with another birth date", withheld)
+        assert text == "patient ... exists with another birth date", quoted
+    assert withheld_text("MRN-55501234, müller", withheld) == "..., ..."
+    # Other words stay, even those a name part begins.
+    assert withheld_text("Jürgens jpeg", withheld) == "Jürgens jpeg"

@@ -825,6 +825,17 @@ def test_unsupported_photometric(tmp_path: Path):
     assert "photometric interpretation HSV" in _reason(save(ds, tmp_path / "hsv.dcm"))
 
 
+def test_a_decoder_error_s_reason_withholds_the_values_it_quotes(tmp_path: Path):
+    """pydicom quotes the value it rejects ("Unknown (0028,0004) 'Photometric Interpretation'
+    value '…'"): the reason is stored, logged and shown by triage-admin, so identity and
+    quoted values are withheld, as in every other reason, and what failed is still named."""
+    ds = make_ds(phantom(top=255), photometric="Wimbleworth^Ottoline")
+    ds.PatientName = "Wimbleworth^Ottoline"
+    reason = _reason(save(ds, tmp_path / "named.dcm"))
+    assert "cannot decode pixel data" in reason and "'Photometric Interpretation'" in reason
+    assert "Wimbleworth" not in reason and "Ottoline" not in reason, reason
+
+
 def test_malformed_voi_lut_says_it_cannot_interpret(tmp_path: Path):
     ds = make_ds(np.array([[10, 11], [12, 13]], dtype=np.uint16), bits_stored=12)
     ds.VOILUTSequence = DicomSequence([_lut_item(10, [0, 1, 2, 3], 5)])  # 5-bit entries: invalid

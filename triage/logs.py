@@ -141,12 +141,23 @@ def withheld_text(text: str, withheld: Iterable[str] = ()) -> str:
 
 def without_identity(text: str, withheld: Iterable[str]) -> str:
     """*text* with each of the *withheld* values (see :func:`identity_values`) made "...",
-    wherever it stands as a whole word; other text, quoted or not, is kept (a reason that
-    quotes a series description still says what it named)."""
+    wherever it stands as a whole word, in any case and re-encoded (see :func:`_as_quoted`);
+    other text, quoted or not, is kept (a reason that quotes a series description still says
+    what it named)."""
     for value in sorted(set(withheld), key=len, reverse=True):
         # As a whole word: a two-letter name part must not eat the middle of other words.
-        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", _WITHHELD, text)
+        text = re.sub(rf"(?<!\w){_as_quoted(value)}(?!\w)", _WITHHELD, text, flags=re.IGNORECASE)
     return text
+
+
+def _as_quoted(value: str) -> str:
+    """A pattern for *value* as others may quote it: a PACS's ErrorComment is ASCII, so its
+    "Müller" comes back as "M?ller", "MÃ¼ller" (UTF-8 read as Latin-1), "Muller" or
+    "MUELLER". Each non-ASCII character matches up to three other characters, when enough
+    of the value is ASCII that the pattern still names it."""
+    if value.isascii() or sum(ch.isascii() and ch.isalnum() for ch in value) < 2:
+        return re.escape(value)
+    return "".join(re.escape(ch) if ch.isascii() else r"[^\s^=]{0,3}" for ch in value)
 
 
 def _show_warning_without_its_text(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, pixel_array
+
+from triage.logs import identity_values, withheld_text
 
 #: ITU-R BT.601 luma weights (the Y of YBR, and PIL's RGB → L conversion).
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -106,9 +108,20 @@ def _count(value: object) -> int:
     return 1
 
 
-def _oneline(text: str, limit: int = 160) -> str:
-    flat = " ".join(text.split())
+def _oneline(text: str, limit: int = 160, withheld: Iterable[str] = ()) -> str:
+    """A library's error message on one line for a view's reason, stored, logged and put in
+    the SR: pydicom and the codecs quote the values they reject, so identity (*withheld*) and
+    quoted values are withheld first (see :func:`triage.logs.withheld_text`)."""
+    flat = withheld_text(" ".join(text.split()), withheld)
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _identity(ds: Dataset) -> set[str]:
+    """The patient identity of *ds* to withhold from a reason; none when it cannot be read."""
+    try:
+        return identity_values([ds])
+    except Exception:  # a malformed header: the quoted values are withheld all the same
+        return set()
 
 
 def _sample(frame: np.ndarray) -> np.ndarray:
@@ -632,16 +645,19 @@ def _decode_first_frame(ds: Dataset) -> tuple[np.ndarray, list[str]]:
             if in_place:
                 frame = _clear_unused_bits(frame, int(ds.get("BitsStored", 0) or 0))
     except NotImplementedError as exc:
-        raise UndecodableView(f"no decoder for {name}: {_oneline(str(exc))}") from None
+        reason = _oneline(str(exc), withheld=_identity(ds))
+        raise UndecodableView(f"no decoder for {name}: {reason}") from None
     except Exception as exc:  # codecs raise many types on corrupt data
+        reason = _oneline(str(exc), withheld=_identity(ds))
         raise UndecodableView(
-            f"cannot decode pixel data ({name}): {type(exc).__name__}: {_oneline(str(exc))}"
+            f"cannot decode pixel data ({name}): {type(exc).__name__}: {reason}"
         ) from None
     except BaseException as exc:
         if not _is_codec_panic(exc):
             raise
+        reason = _oneline(str(exc), withheld=_identity(ds))
         raise UndecodableView(
-            f"cannot decode pixel data ({name}): decoder panicked: {_oneline(str(exc))}"
+            f"cannot decode pixel data ({name}): decoder panicked: {reason}"
         ) from None
     if frames > 1:
         notes.append(f"first of {frames} frames")
@@ -705,8 +721,9 @@ def _displayed(ds: Dataset, frame: np.ndarray, notes: list[str], *, halved: bool
     except UndecodableView:
         raise
     except Exception as exc:  # a malformed LUT, window or palette: say what broke
+        reason = _oneline(str(exc), withheld=_identity(ds))
         raise UndecodableView(
-            f"cannot interpret the pixels: {type(exc).__name__}: {_oneline(str(exc))}"
+            f"cannot interpret the pixels: {type(exc).__name__}: {reason}"
         ) from None
 
 
