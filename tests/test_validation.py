@@ -173,3 +173,31 @@ def test_a_uid_is_digits_and_dots_and_nothing_after(value: str, valid: bool) -> 
     from triage.uids import is_valid_uid
 
     assert is_valid_uid(value) is valid
+
+
+@pytest.mark.parametrize("where", ["top level", "in a sequence", "private"])
+def test_a_public_value_pydicom_cannot_parse_is_refused(tmp_path: Path, where: str) -> None:
+    """pydicom parses a value when it is first read: an unknown VR in the PatientID was
+    acknowledged and failed the whole study at every scoring attempt. A private element is
+    left alone (no stage reads it; a vendor's odd one must not cost a radiograph)."""
+    ds = _dataset()
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "T-D8800", "SRT", "Wrist"
+    ds.AnatomicRegionSequence = Sequence([item])
+    ds.add_new(0x00091010, "LO", "VENDORX")
+    ds.add_new(0x00090010, "LO", "ACME")
+    data = bytearray(_save(ds, tmp_path / "vr.dcm", ExplicitVRLittleEndian))
+    element = {
+        "top level": b"\x10\x00\x20\x00LO",  # (0010,0020) PatientID
+        "in a sequence": b"\x08\x00\x04\x01LO",  # (0008,0104) CodeMeaning
+        "private": b"\x09\x00\x10\x10LO",
+    }[where]
+    at = data.index(element)
+    data[at + 4 : at + 6] = b"Z!"
+    verdict = _check(bytes(data), ds)
+    if where == "private":
+        assert isinstance(verdict, Accepted)
+        return
+    assert isinstance(verdict, Rejected) and verdict.status == Status.UNREADABLE
+    tag = "(0010,0020)" if where == "top level" else "(0008,0104)"
+    assert verdict.reason == f"unreadable data set: NotImplementedError in {tag}"

@@ -186,6 +186,9 @@ def check_instance(
         problem = _image_geometry_problem(dataset)
         if problem:
             return Rejected(Status.DATASET_MISMATCH, problem)
+    unreadable = _unreadable_element(dataset)
+    if unreadable:
+        return Rejected(Status.UNREADABLE, f"unreadable data set: {unreadable}")
     modality = _text(values["Modality"]) or None
     return Accepted(
         study_uid=_text(values["StudyInstanceUID"]),
@@ -195,6 +198,37 @@ def check_instance(
         modality=modality[:16] if modality else None,
         own_output=_text(values["Manufacturer"]) == MANUFACTURER,
     )
+
+
+#: Pixel data, float and double float pixel data: read by the decoder, never parsed here.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def _unreadable_element(dataset: Dataset) -> str | None:
+    """The first public element of *dataset* (or of its sequences' items) whose value cannot
+    be parsed, as "<error> in (gggg,eeee)", or None.
+
+    pydicom parses a value when it is first read: an unknown VR or a value its VR cannot
+    hold (in the PatientID, say) passed these checks, was acknowledged, and failed its whole
+    study at every scoring attempt. Private elements are left alone: no stage reads them,
+    and vendors' odd ones must not cost a radiograph. Deferred (large) values are not read.
+    """
+    for tag in list(dataset.keys()):
+        if tag in _PIXEL_TAGS or tag.is_private:
+            continue
+        raw = dataset.get_item(tag, keep_deferred=True)
+        if getattr(raw, "value", b"") is None:  # deferred: over 4 KiB, not loaded
+            continue
+        try:
+            element = dataset[tag]
+            items = list(element.value) if element.VR == "SQ" else []
+        except Exception as exc:  # pydicom raises many types on a malformed value
+            return f"{type(exc).__name__} in {tag}"
+        for item in items:
+            found = _unreadable_element(item)
+            if found:
+                return found
+    return None
 
 
 def _encapsulation_mismatch(dataset: Dataset) -> str | None:
