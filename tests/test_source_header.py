@@ -551,3 +551,51 @@ def test_references_to_a_multi_frame_view_name_the_frame_it_was_scored_on(
     ).ContentSequence
     referenced = frames_referenced(groups)
     assert referenced == {headers[0].SOPInstanceUID: 1, headers[1].SOPInstanceUID: None}
+
+
+def test_the_models_name_in_an_outputs_own_text_is_cut_to_the_bytes_of_its_vr(
+    tmp_path: Path,
+) -> None:
+    # SoftwareVersions and the map's ContentDescription were cut to 64 characters: a model
+    # named in Cyrillic made every output UTF-8 and those values up to twice 64 bytes long.
+    require_tools("dciodvfy")
+    study = _small_study(("PA", "LL"))
+    headers = _received(study, tmp_path)
+    model = ModelInfo(name="Детектор переломов запястья DenseNet", version="2.0.1", validated=False)
+    result = make_result(study)
+    view = result.views[0]
+    built = {
+        "sr": build_sr(headers, result, model, device_uid=DEVICE_UID, created=CREATED),
+        "sc": build_cam_overlay(headers[0], display_of(study[0]), view, result, model),
+        "pm": build_parametric_map(headers[0], view, result, model, device_uid=DEVICE_UID),
+    }
+    for kind, output in built.items():
+        written = _written(output, tmp_path / f"{kind}.dcm")  # LO within 64 bytes
+        assert written.SpecificCharacterSet == "ISO_IR 192", kind
+        assert written.SoftwareVersions[1].startswith("Детектор переломов запястья"), kind
+    description = built["pm"].ContentDescription
+    assert description.startswith("Class activation map of Детектор")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "raw", "expected"),
+    [
+        ("ReferringPhysicianName", "LO", b"Smith^John", "Smith^John"),
+        ("StudyTime", "LO", b"101500", "101500"),
+        ("PatientSex", "LO", b"f", "F"),
+        ("PatientWeight", "LO", b"72,5", ""),  # then made valid as a DS
+        ("StudyDescription", "SH", b"XR WRIST", "XR WRIST"),
+    ],
+)
+def test_a_value_sent_under_another_string_vr_is_copied_under_the_dictionarys(
+    keyword: str, vr: str, raw: bytes, expected: str, tmp_path: Path
+) -> None:
+    # Copied under the VR it came with, the SR and the map had "Invalid Value Representation
+    # LO (PN Required)" errors.
+    study = _small_study()
+    tag = Tag(tag_for_keyword(keyword))
+    raw += b" " * (len(raw) % 2)
+    study[0][tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    for kind, output in _outputs(study, tmp_path).items():
+        assert dictionary_VR(tag) == output[keyword].VR, kind
+        assert str(output[keyword].value or "") == expected, kind

@@ -29,7 +29,7 @@ from pydicom.sr.codedict import codes
 
 from triage.dicom.geometry import patient_orientation, pixel_spacing
 from triage.dicom.sc import classifier_bias, set_series_laterality, upsample
-from triage.dicom.source_header import declare_character_set, header_for_outputs
+from triage.dicom.source_header import declare_character_set, fitted_text, header_for_outputs
 from triage.dicom.sr import MANUFACTURER, laterality_of, series_description, software_versions
 from triage.scoring.result import ModelInfo, StudyResult, ViewResult, output_identity
 from triage.uids import derived_uid
@@ -147,7 +147,7 @@ def build_parametric_map(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="msk-triage",
-        software_versions=software_versions(model),
+        software_versions=software_versions(model, header),
         device_serial_number=(device_uid or MANUFACTURER)[:64],
         contains_recognizable_visual_features=False,
         real_world_value_mappings=mappings,
@@ -160,7 +160,9 @@ def build_parametric_map(
             )
         ],
         content_label="CAM",
-        content_description=f"Class activation map of {model.name} {model.version}"[:64],
+        content_description=fitted_text(
+            f"Class activation map of {model.name} {model.version}", header, "LO"
+        ),
         content_qualification=(
             hd.ContentQualificationValues.PRODUCT
             if model.validated

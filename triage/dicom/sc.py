@@ -329,7 +329,7 @@ def build_cam_overlay(
         # below (no flips or rotations happen here, so the orientation is the source's).
         patient_orientation=_single_letter_orientation(source),
         manufacturer_model_name="msk-triage",
-        software_versions=software_versions(model),
+        software_versions=software_versions(model, header),
         series_description=description,
         content_date=created.date(),
         content_time=created.time(),

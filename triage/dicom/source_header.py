@@ -60,6 +60,9 @@ _PN_COMPONENTS = 5
 _PN_GROUPS = 3
 #: VRs whose values are encoded in the character set (PS3.5 6.1.2.3).
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+#: VRs whose values are characters (PS3.5 6.2): a value sent under one of them reads the same
+#: under another.
+_STRING_VRS = _TEXT_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"}
 _PATIENT_SEXES = frozenset({"M", "F", "O"})
 #: PatientID, IssuerOfPatientID, AccessionNumber, StudyID: never changed (see _fitted).
 _MATCHING_KEYS = frozenset({0x00100020, 0x00100021, 0x00080050, 0x00200010})
@@ -192,6 +195,8 @@ def header_for_outputs(source: pydicom.Dataset, also: Iterable[str] = ()) -> pyd
     - a CS value is upper-cased, and emptied if still not a code string (``Finger(s)``); an
       AS value missing only its zero padding is padded, and any other invalid AS, DS or IS
       value (``45``, ``72,5``, ``1.80m``) emptied: no reader guesses a unit or a locale;
+    - a value sent under another string VR than the dictionary's (a StudyTime as LO) is
+      given the dictionary's, and made valid for it as below;
     - a PN value keeps at most three component groups of at most five components (the extra
       ones joined to the fifth); an attribute of one value given several (a PatientName
       with a backslash) keeps the first; a public attribute of no known dictionary is left out;
@@ -252,6 +257,20 @@ def declare_character_set(output: pydicom.Dataset, header: pydicom.Dataset) -> N
         output.SpecificCharacterSet = charset[0] if len(charset) == 1 else list(charset)
     elif _SPECIFIC_CHARACTER_SET in output:
         del output[_SPECIFIC_CHARACTER_SET]
+
+
+def fitted_text(text: str, header: pydicom.Dataset, vr: str) -> str:
+    """*text* of an output's own (a model's name in SoftwareVersions) cut to the bytes *vr*
+    allows both in the character set of *header* (from :func:`header_for_outputs`) and in
+    UTF-8, which an output is declared in where some of its text is not in that set (see
+    :func:`declare_character_set`); which one the output ends in depends on all its text.
+    Cut to so many characters instead, a Cyrillic model name was twice too long in UTF-8."""
+    limit = _MAX_BYTES[vr]
+    text = _cut(text, limit, list(_UTF8_ENCODINGS))
+    charset = character_set_of(header) or (_LATIN_1,)
+    if _encodes(charset, [text]):
+        text = _cut(text, limit, convert_encodings(list(charset)))
+    return text
 
 
 # --- copying --------------------------------------------------------------------------------
@@ -351,6 +370,11 @@ def _fitted(
     """*element*, or a new one with its value made valid for the output (see
     :func:`header_for_outputs`); *output* are the Python encodings the outputs write text in."""
     vr, value = element.VR, element.value
+    dictionary_vr = _dictionary_vr(element.tag)
+    if vr in _STRING_VRS and dictionary_vr in _STRING_VRS:
+        # Sent under another string VR (a StudyTime as LO, a name as LO): copied so, the
+        # outputs held an invalid VR; the value is made valid for the dictionary's instead.
+        vr = dictionary_vr
     if vr == "SQ":
         return DataElement(
             element.tag,
@@ -358,12 +382,12 @@ def _fitted(
             DicomSequence([_copied(item, encodings, output) for item in value or []]),
         )
     if value is None or value == "":
-        return element
+        return _with_vr(element, vr)
     if element.tag in _MATCHING_KEYS:
         # The PACS (Orthanc: PatientID with the StudyInstanceUID) and the RIS (the accession
         # number) file results by these: cut, they would file them under another patient or
         # order. Too long already in the source, they are copied as they are.
-        return element
+        return _with_vr(element, vr)
     if isinstance(value, MultiValue | list) and _single_valued(element.tag):
         value = value[0] if value else ""  # highdicom refuses a list for a name or a date
     if vr in ("DA", "TM"):
@@ -383,10 +407,15 @@ def _fitted(
         limit = _MAX_BYTES[vr]
         fixed = _mapped(value, lambda text: _cut(str(text), limit, output))
     else:
-        return element
-    if fixed == element.value:
+        return _with_vr(element, vr)
+    if fixed == element.value and vr == element.VR:
         return element
     return DataElement(element.tag, vr, fixed)
+
+
+def _with_vr(element: DataElement, vr: str) -> DataElement:
+    """*element*, or its value under *vr* where that is not its own."""
+    return element if vr == element.VR else DataElement(element.tag, vr, element.value)
 
 
 def _single_valued(tag: int) -> bool:

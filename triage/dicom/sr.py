@@ -40,7 +40,7 @@ import triage
 from triage import __version__
 from triage.dicom import iod_lookup
 from triage.dicom.geometry import scored_frames
-from triage.dicom.source_header import declare_character_set, header_for_outputs
+from triage.dicom.source_header import declare_character_set, fitted_text, header_for_outputs
 from triage.scoring.result import ModelInfo, StudyResult, output_identity, shown_decimals
 from triage.uids import derived_uid
 
@@ -84,9 +84,13 @@ def series_description(kind: str, result: StudyResult, model: ModelInfo) -> str:
     return text[:64]
 
 
-def software_versions(model: ModelInfo) -> list[str]:
-    """SoftwareVersions: msk-triage's version, then the model's name and version."""
-    return [f"msk-triage {__version__}"[:64], f"{model.name} {model.version}"[:64]]
+def software_versions(model: ModelInfo, header: pydicom.Dataset) -> list[str]:
+    """SoftwareVersions: msk-triage's version, then the model's name and version, each within
+    64 bytes in the character set of the outputs of *header* (see :func:`fitted_text`)."""
+    return [
+        f"msk-triage {__version__}"[:64],
+        fitted_text(f"{model.name} {model.version}", header, "LO"),
+    ]
 
 
 def laterality_of(source: pydicom.Dataset) -> str:
@@ -224,7 +228,7 @@ def build_sr(
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name="msk-triage",
-        software_versions=software_versions(model),
+        software_versions=software_versions(model, evidence[0]),
         series_description=series_description("SR", result, model),
         institution_name=institution_name,
         # The algorithm has run over every view it could; the report is not a physician's.
