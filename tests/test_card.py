@@ -199,6 +199,9 @@ def test_unverified_load_does_not_need_the_weights(tmp_path: Path):
         ),
         ("[training]\ndata", "[training]\nepochs = 3\ndata", "unknown key in [training]: epochs"),
         ('name = "mura-test"\n', "", "missing key name"),
+        # Both go into every result as DICOM LO: highdicom refused a backslash in any SR.
+        ('name = "mura-test"', 'name = "mura\\\\test"', "name must hold no backslash"),
+        ('version = "1.2"', 'version = "1.2\\t"', "version must hold no backslash or control"),
         ('version = "1.2"', 'version = "1.2', "not valid TOML"),
         ('"densenet169"', '"resnet50"', "architecture 'resnet50' is not supported"),
         ("input_size = 224", "input_size = 16", "input_size must be 32..2048"),

@@ -167,6 +167,16 @@ def _require_str(path: Path, raw: Mapping[str, Any], key: str, where: str = "") 
     return value
 
 
+def _require_dicom_text(path: Path, raw: Mapping[str, Any], key: str) -> str:
+    """A string that every result may carry as a DICOM LO value (the SR's and the images'
+    SoftwareVersions, the device's name): a backslash separates values there and control
+    characters are not allowed, so highdicom refused to build any SR and every study failed."""
+    value = _require_str(path, raw, key)
+    if any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        _fail(path, f"{key} must hold no backslash or control character (got {value!r})")
+    return value
+
+
 #: The smallest normalisation std accepted: below it 1/std magnifies an input into values no
 #: trained network sees (and 1e-320 into infinity).
 _MIN_STD = 0.001
@@ -289,8 +299,8 @@ def parse_card(raw: Mapping[str, Any], path: Path, *, verify_weights: bool = Tru
         _fail(path, f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     _unknown_keys(path, raw, _TOP_KEYS_REQUIRED | _TOP_KEYS_OPTIONAL, "")
 
-    name = _require_str(path, raw, "name")
-    version = _require_str(path, raw, "version")
+    name = _require_dicom_text(path, raw, "name")
+    version = _require_dicom_text(path, raw, "version")
     architecture = _require_str(path, raw, "architecture")
     if architecture not in ARCHITECTURES:
         _fail(path, f"architecture {architecture!r} is not supported (only {ARCHITECTURES[0]})")
