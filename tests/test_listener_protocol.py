@@ -141,6 +141,7 @@ def _check_unharmed(daemon) -> None:  # type: ignore[no-untyped-def]
     assert _spool_temp(daemon) == []
     assert echoscu(daemon.port).returncode == 0
     assert "Exception in thread" not in daemon.log_text()
+    assert "thread_died" not in daemon.log_text()
     assert daemon.stop() == 0
 
 

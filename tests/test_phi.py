@@ -191,3 +191,36 @@ def test_a_name_a_peer_quotes_re_encoded_or_in_another_case_is_withheld() -> Non
     assert withheld_text("MRN-55501234, müller", withheld) == "..., ..."
     # Other words stay, even those a name part begins.
     assert withheld_text("Jürgens jpeg", withheld) == "Jürgens jpeg"
+
+
+def test_a_logged_traceback_and_a_thread_s_death_keep_their_lines_not_quoted_values() -> None:
+    """``log.exception`` wrote the message of whatever raised as it was, and an exception
+    that ended a thread was printed raw to stderr: a pydicom error quotes the value it could
+    not parse. Both now reach the log with quoted values withheld, file lines kept."""
+    import subprocess
+    import sys
+
+    script = """
+import threading
+from triage.logs import configure_logging, get_logger
+configure_logging("info", "json")
+try:
+    raise ValueError("Unable to convert '19380517' to 'DA' object")
+except ValueError:
+    get_logger("triage.test").exception("convert_failed")
+def die():
+    raise KeyError("QUILLBERRY MARGOT")
+thread = threading.Thread(target=die, name="doomed")
+thread.start()
+thread.join()
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    _assert_clean(run.stdout + run.stderr, "the logged tracebacks")
+    assert "Exception in thread" not in run.stderr
+    convert, died = (json.loads(line) for line in run.stderr.splitlines())
+    assert convert["event"] == "convert_failed"
+    assert 'File "<string>", line 6, in <module>' in convert["exception"]
+    assert convert["exception"].endswith("ValueError: Unable to convert ... to 'DA' object")
+    assert (died["event"], died["thread"]) == ("thread_died", "doomed")
+    assert died["exception"].endswith("KeyError: ...")

@@ -11,6 +11,7 @@ import functools
 import logging
 import re
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -209,6 +210,35 @@ class WithholdLibraryText(logging.Filter):
         return True
 
 
+def withhold_in_exception(_logger: Any, _name: str, event_dict: Any) -> Any:
+    """structlog processor, after ``format_exc_info``: a logged traceback's messages with
+    quoted values withheld (see :func:`withheld_text`), its file and source lines kept.
+
+    ``log.exception`` put the message of whatever raised in the log as it was: a pydicom
+    error quotes the value it could not parse, which may be a name or a birth date.
+    """
+    text = event_dict.get("exception")
+    if isinstance(text, str):
+        event_dict["exception"] = "\n".join(
+            line if line.startswith(("  File ", "    ")) else withheld_text(line)
+            for line in text.split("\n")
+        )
+    return event_dict
+
+
+def _log_uncaught_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: an exception that ends a thread goes to the log (its messages
+    withheld like any other), not printed raw to stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    get_logger("triage.thread").error(
+        "thread_died",
+        thread=name,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Route structlog and the standard library (pynetdicom, APScheduler, Alembic) to *stream*.
 
@@ -227,6 +257,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            withhold_in_exception,
             renderer,
         ],
     )
@@ -243,6 +274,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     hide_warning_texts()
+    threading.excepthook = _log_uncaught_thread_exception
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
