@@ -192,6 +192,14 @@ def test_errors_retry_then_fail(store: Store) -> None:
     assert "3 attempts: boom" in store.get_study(claim.study_uid).state_reason
 
 
+def test_a_single_attempt_is_one_attempt_in_the_reason(store: Store) -> None:
+    queue = WorkQueue(store)
+    queued_study(store, 5)
+    [claim] = queue.claim("w1", 1, 60)
+    assert queue.fail_attempt(claim, "boom", max_attempts=1) is StudyState.FAILED
+    assert store.get_study(claim.study_uid).state_reason == "1 attempt: boom"
+
+
 def test_expired_lease_is_claimed_again_and_the_old_holder_is_refused(store: Store) -> None:
     queue = WorkQueue(store)
     queued_study(store, 5)

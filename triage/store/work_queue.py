@@ -319,7 +319,8 @@ class WorkQueue:
                 return None
             _release(study, error)
             if study.attempts >= max_attempts:
-                self._move(session, study, StudyState.FAILED, f"{study.attempts} attempts: {error}")
+                reason = f"{_attempts(study.attempts)}: {error}"
+                self._move(session, study, StudyState.FAILED, reason)
             else:
                 self._move(session, study, StudyState.QUEUED, f"retry after error: {error}")
             return study.state
@@ -391,7 +392,7 @@ class WorkQueue:
         """A claimed study whose worker is gone: QUEUED, or FAILED after *max_attempts*."""
         _release(study, why)
         if study.attempts >= max_attempts:
-            reason = f"{why} after {study.attempts} attempts"
+            reason = f"{why} after {_attempts(study.attempts)}"
             return self._move(session, study, StudyState.FAILED, reason)
         return self._move(session, study, StudyState.QUEUED, why)
 
@@ -683,3 +684,8 @@ def _release(study: Study, reason: str) -> None:
     study.lease_owner = None
     study.lease_expires_at = None
     study.state_reason = reason
+
+
+def _attempts(count: int) -> str:
+    """ "1 attempt", "3 attempts": a reason is read by people (max_attempts may be 1)."""
+    return f"{count} attempt{'' if count == 1 else 's'}"
