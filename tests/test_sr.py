@@ -349,3 +349,25 @@ def test_the_probability_and_threshold_read_the_way_the_finding_goes(
         re.findall(r'NUM:\(122411,DCM,"Threshold Value"\)="([^"]+)"', content)[0]
     )
     assert (shown > shown_threshold) == result.abnormal
+
+
+@pytest.mark.parametrize(
+    ("image_laterality", "laterality", "expected"),
+    [
+        ("U", "L", "L"),  # a modality's default "unpaired", the side in Laterality
+        ("R", "U", "R"),
+        ("", "b", "B"),
+        ("U", "", "U"),
+        ("", "", ""),
+    ],
+)
+def test_a_side_named_anywhere_wins_over_unpaired(
+    image_laterality: str, laterality: str, expected: str
+) -> None:
+    from pydicom import Dataset
+
+    from triage.dicom.sr import laterality_of
+
+    source = Dataset()
+    source.ImageLaterality, source.Laterality = image_laterality, laterality
+    assert laterality_of(source) == expected

@@ -94,12 +94,16 @@ def software_versions(model: ModelInfo, header: pydicom.Dataset) -> list[str]:
 
 
 def laterality_of(source: pydicom.Dataset) -> str:
-    """The view's laterality (R, L, B or U) from ImageLaterality or Laterality, "" if unknown."""
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = str(source.get(keyword, "") or "").strip().upper()
-        if value:
-            return value
-    return ""
+    """The view's laterality (R, L, B or U) from ImageLaterality or Laterality, "" if unknown.
+
+    A side either names wins over "unpaired" in the other: a modality that writes "U" to
+    ImageLaterality by default and the side to Laterality lost the side.
+    """
+    values = [
+        str(source.get(keyword, "") or "").strip().upper()
+        for keyword in ("ImageLaterality", "Laterality")
+    ]
+    return next((v for v in values if v in ("R", "L", "B")), next((v for v in values if v), ""))
 
 
 def sr_series_uid(result: StudyResult, model: ModelInfo) -> str:
