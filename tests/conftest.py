@@ -80,6 +80,18 @@ def store(store_url: str):  # type: ignore[no-untyped-def]
     engine.dispose()
 
 
+@pytest.fixture
+def pg_store(pg_url: str):  # type: ignore[no-untyped-def]
+    """A Store on a freshly migrated PostgreSQL database (for what only PostgreSQL does)."""
+    from triage.store.db import make_engine, upgrade_schema
+    from triage.store.repository import Store
+
+    engine = make_engine(pg_url)
+    upgrade_schema(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
 @pytest.fixture(autouse=True)
 def _no_peer_left_behind() -> Iterator[None]:
     """Stop every storescp a test started, whatever happened in the test."""

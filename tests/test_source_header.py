@@ -72,17 +72,22 @@ def _written(output: pydicom.Dataset, path: Path, *, invalid_in_source: tuple[st
 
 
 def _outputs(
-    study: list[pydicom.Dataset], tmp_path: Path, *, invalid_in_source: tuple[str, ...] = ()
+    study: list[pydicom.Dataset],
+    tmp_path: Path,
+    *,
+    invalid_in_source: tuple[str, ...] = (),
+    model: ModelInfo = MODEL,
 ) -> dict[str, pydicom.Dataset]:
-    """SR, first overlay and first parametric map of *study*, as written and read back."""
+    """SR, first overlay and first parametric map of *study* by *model*, as written (and
+    checked by dciodvfy) and read back."""
     require_tools("dciodvfy")
     headers = _received(study, tmp_path)
     result = make_result(study)
     view = result.views[0]
     built = {
-        "sr": build_sr(headers, result, MODEL, device_uid=DEVICE_UID, created=CREATED),
-        "sc": build_cam_overlay(headers[0], display_of(study[0]), view, result, MODEL),
-        "pm": build_parametric_map(headers[0], view, result, MODEL, device_uid=DEVICE_UID),
+        "sr": build_sr(headers, result, model, device_uid=DEVICE_UID, created=CREATED),
+        "sc": build_cam_overlay(headers[0], display_of(study[0]), view, result, model),
+        "pm": build_parametric_map(headers[0], view, result, model, device_uid=DEVICE_UID),
     }
     return {
         kind: _written(output, tmp_path / f"{kind}.dcm", invalid_in_source=invalid_in_source)
@@ -558,22 +563,12 @@ def test_the_models_name_in_an_outputs_own_text_is_cut_to_the_bytes_of_its_vr(
 ) -> None:
     # SoftwareVersions and the map's ContentDescription were cut to 64 characters: a model
     # named in Cyrillic made every output UTF-8 and those values up to twice 64 bytes long.
-    require_tools("dciodvfy")
-    study = _small_study(("PA", "LL"))
-    headers = _received(study, tmp_path)
     model = ModelInfo(name="Детектор переломов запястья DenseNet", version="2.0.1", validated=False)
-    result = make_result(study)
-    view = result.views[0]
-    built = {
-        "sr": build_sr(headers, result, model, device_uid=DEVICE_UID, created=CREATED),
-        "sc": build_cam_overlay(headers[0], display_of(study[0]), view, result, model),
-        "pm": build_parametric_map(headers[0], view, result, model, device_uid=DEVICE_UID),
-    }
-    for kind, output in built.items():
-        written = _written(output, tmp_path / f"{kind}.dcm")  # LO within 64 bytes
-        assert written.SpecificCharacterSet == "ISO_IR 192", kind
-        assert written.SoftwareVersions[1].startswith("Детектор переломов запястья"), kind
-    description = built["pm"].ContentDescription
+    written = _outputs(_small_study(("PA", "LL")), tmp_path, model=model)  # LO within 64 bytes
+    for kind, output in written.items():
+        assert output.SpecificCharacterSet == "ISO_IR 192", kind
+        assert output.SoftwareVersions[1].startswith("Детектор переломов запястья"), kind
+    description = written["pm"].ContentDescription
     assert description.startswith("Class activation map of Детектор")
 
 

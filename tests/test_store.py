@@ -91,7 +91,7 @@ def test_held_path_answers_as_record_instance_would(store: Store) -> None:
 
 @pytest.mark.postgres
 def test_the_quiet_period_keeps_the_database_servers_time_whatever_each_hosts_clock_says(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On PostgreSQL one host's listener records an instance and any host's daemon runs the
     # quiet-period job: with each host's own clock, a listener 10 min behind (or a daemon
@@ -99,27 +99,20 @@ def test_the_quiet_period_keeps_the_database_servers_time_whatever_each_hosts_cl
     # scored one more revision; a listener ahead held its studies back as long.
     from triage.store import repository
 
-    engine = make_engine(pg_url)
-    upgrade_schema(engine)
-    try:
-        store = Store(engine)
-        for offset_s, instance in ((-600, "1.2.3.1"), (600, "1.2.3.2"), (-600, "1.2.3.3")):
-            monkeypatch.setattr(
-                repository, "utcnow", lambda o=offset_s: utcnow() + timedelta(seconds=o)
-            )
-            store.record_instance(meta(instance), None)  # the listener's host
-            for daemon_offset_s in (0, 600, -600):  # the daemons' hosts
-                monkeypatch.setattr(
-                    repository, "utcnow", lambda o=daemon_offset_s: utcnow() + timedelta(seconds=o)
-                )
-                assert store.queue_quiet_studies(10.0) == []
-        study = store.get_study(STUDY)
-        assert study.state is StudyState.RECEIVING and study.revision == 1
-        monkeypatch.setattr(repository, "utcnow", utcnow)
-        moved = store.queue_quiet_studies(10.0, now=utcnow() + timedelta(seconds=11))
-        assert [(m.study_uid, m.to_state) for m in moved] == [(STUDY, StudyState.QUEUED)]
-    finally:
-        engine.dispose()
+    def host(offset_s: float) -> None:
+        monkeypatch.setattr(repository, "utcnow", lambda: utcnow() + timedelta(seconds=offset_s))
+
+    for offset_s, instance in ((-600, "1.2.3.1"), (600, "1.2.3.2"), (-600, "1.2.3.3")):
+        host(offset_s)
+        pg_store.record_instance(meta(instance), None)  # the listener's host
+        for daemon_offset_s in (0, 600, -600):  # the daemons' hosts
+            host(daemon_offset_s)
+            assert pg_store.queue_quiet_studies(10.0) == []
+    study = pg_store.get_study(STUDY)
+    assert study.state is StudyState.RECEIVING and study.revision == 1
+    host(0)
+    moved = pg_store.queue_quiet_studies(10.0, now=utcnow() + timedelta(seconds=11))
+    assert [(m.study_uid, m.to_state) for m in moved] == [(STUDY, StudyState.QUEUED)]
 
 
 def test_quiet_period_queues_then_late_instance_opens_revision_2(store: Store) -> None:

@@ -513,34 +513,26 @@ def test_a_requeued_study_that_is_skipped_or_fails_sends_none_of_its_old_outputs
 
 @pytest.mark.postgres
 def test_leases_keep_the_database_servers_time_whatever_each_hosts_clock_says(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On PostgreSQL a worker sets its leases on one host and a daemon on another expires
     # them: with each host's own clock, a worker host 10 min behind lost every claim at the
     # daemon's next expiry run (each study scored twice, FAILED after max_attempts), and a
     # daemon host ahead expired every worker's claims alike.
     from triage.store import work_queue
-    from triage.store.db import make_engine, upgrade_schema
 
-    engine = make_engine(pg_url)
-    upgrade_schema(engine)
-    try:
-        store = Store(engine)
-        queue = WorkQueue(store)
-        queued_study(store, 51)
+    def host(offset_s: float) -> None:
+        monkeypatch.setattr(work_queue, "utcnow", lambda: utcnow() + timedelta(seconds=offset_s))
 
-        def clock(offset_s: float):  # type: ignore[no-untyped-def]
-            return lambda: utcnow() + timedelta(seconds=offset_s)
-
-        monkeypatch.setattr(work_queue, "utcnow", clock(-600))  # the worker's host
-        [claim] = queue.claim("behind:1:x", 1, lease_s=60)
-        assert queue.renew([claim], 60) == 1
-        monkeypatch.setattr(work_queue, "utcnow", clock(0))  # the daemon's host
-        assert queue.expire_leases(3) == []
-        monkeypatch.setattr(work_queue, "utcnow", clock(600))  # a daemon's host ahead
-        assert queue.expire_leases(3) == []
-        assert store.get_study(claim.study_uid).state is StudyState.SCORING
-        monkeypatch.setattr(work_queue, "utcnow", clock(0))
-        assert queue.complete(claim, result_for(claim), MODEL, [], [], 1.0)
-    finally:
-        engine.dispose()
+    queue = WorkQueue(pg_store)
+    queued_study(pg_store, 51)
+    host(-600)  # the worker's
+    [claim] = queue.claim("behind:1:x", 1, lease_s=60)
+    assert queue.renew([claim], 60) == 1
+    host(0)  # the daemon's
+    assert queue.expire_leases(3) == []
+    host(600)  # a daemon's ahead
+    assert queue.expire_leases(3) == []
+    assert pg_store.get_study(claim.study_uid).state is StudyState.SCORING
+    host(0)
+    assert queue.complete(claim, result_for(claim), MODEL, [], [], 1.0)
