@@ -68,28 +68,26 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-@pytest.fixture
-def store(store_url: str):  # type: ignore[no-untyped-def]
-    """A Store on a freshly migrated database of each engine."""
+def _migrated_store(url: str):  # type: ignore[no-untyped-def]
     from triage.store.db import make_engine, upgrade_schema
     from triage.store.repository import Store
 
-    engine = make_engine(store_url)
+    engine = make_engine(url)
     upgrade_schema(engine)
     yield Store(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def store(store_url: str):  # type: ignore[no-untyped-def]
+    """A Store on a freshly migrated database of each engine."""
+    yield from _migrated_store(store_url)
 
 
 @pytest.fixture
 def pg_store(pg_url: str):  # type: ignore[no-untyped-def]
     """A Store on a freshly migrated PostgreSQL database (for what only PostgreSQL does)."""
-    from triage.store.db import make_engine, upgrade_schema
-    from triage.store.repository import Store
-
-    engine = make_engine(pg_url)
-    upgrade_schema(engine)
-    yield Store(engine)
-    engine.dispose()
+    yield from _migrated_store(pg_url)
 
 
 @pytest.fixture(autouse=True)
