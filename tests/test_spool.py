@@ -189,3 +189,29 @@ def test_a_moved_instances_old_copy_left_by_a_crash_is_removed_at_start(
     else:
         assert (report.recorded, report.unreadable, report.removed) == (1, 0, 0)
     engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["adopt", "commit"])
+def test_a_study_folder_removed_just_before_the_link_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """remove() takes a study folder away once it is empty: another association's duplicate
+    removal could do so between this one's check that the folder is there and its link, and
+    the C-STORE was answered 0xA700 for nothing."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    temp = spool.temp_dir / "received.dcm"
+    temp.write_bytes(b"data")
+    relative = spool.relative_path("1.2.3", "1.2.3.4")
+    real = Spool._make_folders
+    raced: list[Path] = []
+
+    def racing(self: Spool, folder: Path) -> None:
+        real(self, folder)
+        if folder.name == "1.2.3" and not raced:
+            raced.append(folder)
+            folder.rmdir()  # the other association's remove()
+
+    monkeypatch.setattr(Spool, "_make_folders", racing)
+    assert getattr(spool, how)(temp, relative) == 4
+    assert raced and spool.path(relative).read_bytes() == b"data"

@@ -7,7 +7,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from triage.store import direct_io
@@ -126,8 +126,7 @@ class Spool:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            self._make_folders(final.parent)
-            os.replace(temp, final)
+            self._in_study_folder(final, lambda: os.replace(temp, final))
             _fsync_dir(final.parent)
         except OSError as exc:
             self.discard(temp)
@@ -171,10 +170,14 @@ class Spool:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            self._make_folders(final.parent)
-            with contextlib.suppress(FileExistsError):
-                os.link(temp_path, final)
-                linked = True
+
+            def link() -> None:
+                nonlocal linked
+                with contextlib.suppress(FileExistsError):
+                    os.link(temp_path, final)
+                    linked = True
+
+            self._in_study_folder(final, link)
             _fsync_dir(final.parent)
         except OSError as exc:
             if linked:
@@ -184,6 +187,23 @@ class Spool:
                     final.unlink()
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror}") from exc
         return size
+
+    def _in_study_folder(self, final: Path, place: Callable[[], None]) -> None:
+        """Make *final*'s folders, then *place* the file there (link or rename).
+
+        :meth:`remove` takes a study folder away once it is empty: between the check that
+        the folder is there and the link, another association's duplicate removal (or a
+        purge) could take it, and the C-STORE was answered 0xA700 for nothing. The folder is
+        made again then, a few times.
+        """
+        for attempt in range(3):
+            self._make_folders(final.parent)
+            try:
+                place()
+                return
+            except FileNotFoundError:
+                if attempt == 2 or final.parent.is_dir():
+                    raise  # not the folder: the file itself is gone
 
     def _make_folders(self, folder: Path) -> None:
         """Create *folder* and missing parents under the root, each made durable in its parent."""
