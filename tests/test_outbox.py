@@ -402,3 +402,47 @@ def test_a_claim_taken_over_after_its_lease_is_neither_held_nor_given_back(
         assert not outbox.not_tried(item.delivery_id, "association ended", 5, item.lease_until)
     for item in second:
         assert outbox.hold(item, 60)  # still the second sender's
+
+
+@pytest.mark.postgres
+def test_delivery_times_keep_the_database_servers_time_whatever_each_hosts_clock_says(
+    pg_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL the daemons of several hosts share the outbox: one claims a delivery (a
+    # lease), backs it off or retries it, and another compares its next attempt with its own
+    # clock. With each host's own clock, a sender 10 min behind left its claims due to the
+    # others at once (each object sent twice) and its backoffs too; a worker or an admin
+    # host ahead held new or retried deliveries back as long.
+    from triage.store import outbox as outbox_module
+    from triage.store import work_queue
+
+    def host(offset_s: float) -> None:  # what follows runs on a host this far off
+        for module in (outbox_module, work_queue):
+            monkeypatch.setattr(module, "utcnow", lambda: utcnow() + timedelta(seconds=offset_s))
+
+    store = pg_store
+    outbox = Outbox(store)
+    host(600)  # the worker's host, ahead
+    study = delivering_study(store, destinations=("pacs",))
+    host(-600)  # a sender's host, behind: the deliveries are due
+    first, second = outbox.claim_due("pacs", 10, lease_s=60)
+    assert outbox.hold(first, 60)
+    for offset_s in (0, 600):  # the other senders' hosts: claimed
+        host(offset_s)
+        assert outbox.claim_due("pacs", 10, lease_s=60) == []
+    host(-600)
+    assert outbox.failed(first.delivery_id, "refused", BACKOFF) is DeliveryState.PENDING
+    assert outbox.not_tried(second.delivery_id, "association ended", 5, second.lease_until)
+    for offset_s in (0, 600):  # backing off for 5 s
+        host(offset_s)
+        assert outbox.claim_due("pacs", 10, lease_s=60) == []
+    for delivery, _output in outbox.deliveries(study):
+        assert 0 < (delivery.next_attempt_at - utcnow()).total_seconds() <= 6
+    with store.session() as session, session.begin():  # the backoffs are over
+        session.execute(update(Delivery).values(next_attempt_at=utcnow()))
+    for item in outbox.claim_due("pacs", 10, lease_s=60):
+        outbox.failed(item.delivery_id, "status 0xC000", status=0xC000, permanent=True)
+    host(600)  # the admin's host, ahead
+    assert len(outbox.retry(study_uid=study)) == 2
+    host(0)
+    assert len(outbox.claim_due("pacs", 10, lease_s=60)) == 2  # due at once

@@ -5,6 +5,10 @@ then records each answer. A sender that dies between sending and recording leave
 due again after the lease: the same SOP instances (deterministic UIDs) are sent again, never new
 ones. A study reaches DONE only when every destination acknowledged every object of its current
 revision.
+
+``next_attempt_at`` (a lease, a backoff, due now) is kept on :meth:`Store.database_now`'s
+clock: on PostgreSQL the senders of several hosts share the outbox, and one whose clock lagged
+another's by a lease made its claims due to the others at once (each object sent twice).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class Outbox:
         """Deliveries to *destination* that are due, for the current revision of their study."""
 
         def work(session: Session) -> list[DueDelivery]:
-            now = utcnow()
+            now = self.store.database_now(session.connection())
             statement = (
                 select(Delivery, Output, Study)
                 .join(Output, Delivery.output_id == Output.id)
@@ -140,10 +144,9 @@ class Outbox:
             conditions = [Delivery.id == item.delivery_id, Delivery.state == DeliveryState.PENDING]
             if item.lease_until is not None:
                 conditions.append(Delivery.next_attempt_at == item.lease_until)
+            lease_until = self.store.database_now(session.connection()) + timedelta(seconds=lease_s)
             renewed = session.execute(
-                update(Delivery)
-                .where(*conditions)
-                .values(next_attempt_at=utcnow() + timedelta(seconds=lease_s))
+                update(Delivery).where(*conditions).values(next_attempt_at=lease_until)
             )
             return renewed.rowcount == 1
 
@@ -256,7 +259,8 @@ class Outbox:
                     study.state_changed_at = now
                     add_event(session, study, StudyState.DELIVERING, reason, now)
             else:
-                delivery.next_attempt_at = now + timedelta(seconds=backoff.delay(delivery.attempts))
+                delay = timedelta(seconds=backoff.delay(delivery.attempts))
+                delivery.next_attempt_at = self.store.database_now(session.connection()) + delay
             return delivery.state
 
         return self.store.transaction(work)
@@ -280,7 +284,8 @@ class Outbox:
             if lease_until is not None and delivery.next_attempt_at != lease_until:
                 return False
             delivery.attempts = max(0, delivery.attempts - 1)
-            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay_s)
+            due = self.store.database_now(session.connection()) + timedelta(seconds=delay_s)
+            delivery.next_attempt_at = due
             delivery.last_error = reason[:1000]
             return True
 
@@ -300,6 +305,8 @@ class Outbox:
 
         def work(session: Session) -> list[int]:
             now = utcnow()
+            # Due now for the senders, maybe on other hosts (see the module's docstring).
+            due = self.store.database_now(session.connection())
             statement = (
                 select(Delivery, Output, Study)
                 .join(Output, Delivery.output_id == Output.id)
@@ -334,7 +341,7 @@ class Outbox:
             for delivery, _output, study in rows:
                 delivery.state = DeliveryState.PENDING
                 delivery.attempts = 0
-                delivery.next_attempt_at = now
+                delivery.next_attempt_at = due
                 delivery.last_error = ""
                 restarted.append(delivery.id)
                 if study.state is StudyState.FAILED:
@@ -379,7 +386,7 @@ class Outbox:
         only sender. Returns how many."""
 
         def work(session: Session) -> int:
-            now = utcnow()
+            now = self.store.database_now(session.connection())
             rows = session.scalars(
                 select(Delivery).where(
                     Delivery.state == DeliveryState.PENDING,

@@ -278,7 +278,10 @@ class WorkQueue:
             ]
             if views:
                 connection.execute(sql.insert_view, views)
-            _record_outputs(connection, held, claim.revision, outputs, destinations, now)
+            # When the deliveries are due, on the clock of the senders that compare it, maybe
+            # on other hosts (see triage.store.outbox); no extra query when there are none.
+            due = self.store.database_now(connection) if outputs and destinations else now
+            _record_outputs(connection, held, claim.revision, outputs, destinations, now, due)
             verdict = "abnormal" if result.abnormal else "normal"
             reason = f"scored {verdict} p={result.probability:.3f}"
             if outputs and destinations:
@@ -581,7 +584,7 @@ class _Statements:
             .values(
                 state=DeliveryState.PENDING,
                 attempts=0,
-                next_attempt_at=bindparam("now"),
+                next_attempt_at=bindparam("due"),
                 updated_at=bindparam("now"),
             )
         )
@@ -597,11 +600,12 @@ def _record_outputs(
     outputs: Sequence[OutputFile],
     destinations: Sequence[str],
     now: datetime,
+    due: datetime,
 ) -> None:
     """Insert (or, rebuilt after a requeue, update) a study's output rows and a pending
-    delivery of each to every destination: a few statements for the whole study, each output
-    or delivery a row of one executemany (not a query and a flush per output, each a round
-    trip on PostgreSQL)."""
+    delivery of each to every destination, due at *due*: a few statements for the whole
+    study, each output or delivery a row of one executemany (not a query and a flush per
+    output, each a round trip on PostgreSQL)."""
     if not outputs:
         return
     sql = _STATEMENTS
@@ -665,7 +669,7 @@ def _record_outputs(
             "destination": name,
             "state": DeliveryState.PENDING,
             "attempts": 0,
-            "next_attempt_at": now,
+            "next_attempt_at": due,
             "last_error": "",
             "updated_at": now,
         }
@@ -674,7 +678,9 @@ def _record_outputs(
     ]
     if fresh:
         connection.execute(sql.insert_delivery, fresh)
-    again = [{"delivery_id": existing[key], "now": now} for key in wanted if key in existing]
+    again = [
+        {"delivery_id": existing[key], "now": now, "due": due} for key in wanted if key in existing
+    ]
     if again:
         connection.execute(sql.redeliver, again)
 
