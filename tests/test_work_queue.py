@@ -377,6 +377,21 @@ def test_worker_heartbeats(store: Store) -> None:
         assert record.device == "cpu" and record.stopped_at is not None
 
 
+@pytest.mark.postgres
+def test_a_worker_on_a_host_whose_clock_lags_is_alive_in_the_status(
+    pg_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's host wrote its heartbeat by its own clock and `triage-admin status` on
+    # another host judged its age by its own: 10 min behind, a live worker read "stale".
+    from triage.store import queries, work_queue
+
+    monkeypatch.setattr(work_queue, "utcnow", lambda: utcnow() - timedelta(seconds=600))
+    WorkQueue(pg_store).heartbeat("behind:1:abc", "cuda", "0.1")
+    monkeypatch.setattr(queries, "utcnow", lambda: utcnow() + timedelta(seconds=600))
+    [worker] = queries.status(pg_store)["workers"]
+    assert worker["state"] == "alive" and worker["heartbeat_age_s"] < 5
+
+
 def test_restart_releases_stale_claims_keeping_the_attempt(store: Store) -> None:
     queue = WorkQueue(store)
     queued_study(store, 8)

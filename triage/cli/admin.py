@@ -984,11 +984,10 @@ def _no_daemon_running(config: Config) -> Iterator[str]:
 
 def _live_workers(store: Any) -> list[str]:
     """Workers (host:pid) whose heartbeat is recent and that did not stop cleanly."""
-    from triage.store.models import utcnow
     from triage.store.queries import workers
 
     with store.session() as session:
-        rows = workers(session, utcnow())
+        rows = workers(session, store.database_now(session.connection()))
     return [f"{row['host']}:{row['pid']}" for row in rows if row["state"] == "alive"]
 
 

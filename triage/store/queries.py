@@ -139,6 +139,7 @@ def failed_deliveries(session: Session, limit: int = 20) -> list[dict[str, Any]]
 
 def status(store: Store, now: datetime | None = None) -> dict[str, Any]:
     """Counts per state, oldest queued age, workers, deliveries (the store half of `status`)."""
+    heartbeat_now = now
     now = now or utcnow()
     with store.read_session() as session:
         oldest = oldest_queued_at(session)
@@ -146,7 +147,8 @@ def status(store: Store, now: datetime | None = None) -> dict[str, Any]:
             "studies": study_counts(session),
             "oldest_queued_at": iso(oldest),
             "oldest_queued_age_s": seconds_since(oldest, now),
-            "workers": workers(session, now),
+            # Heartbeats are on the database's clock (workers may run on other hosts).
+            "workers": workers(session, heartbeat_now or store.database_now(session.connection())),
             "deliveries": delivery_counts(session),
             "failed_deliveries": failed_deliveries(session),
         }

@@ -458,7 +458,8 @@ class WorkQueue:
         import os
 
         def work(session: Session) -> None:
-            now = utcnow()
+            # On the database's clock: `triage-admin status` on another host judges its age.
+            now = self.store.database_now(session.connection())
             record = session.get(WorkerRecord, worker)
             if record is None:
                 session.add(
