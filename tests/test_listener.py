@@ -759,6 +759,32 @@ def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp
     assert daemon.stop() == 0
 
 
+def test_a_study_stays_receiving_while_its_association_is_still_sending_it(
+    daemon_factory, tmp_path
+) -> None:
+    """Each view takes longer than the quiet period to arrive (a slow teleradiology link):
+    the study was queued once the first view was recorded, while the association was still
+    sending the second, which then opened revision 2 (scored and sent twice). The quiet
+    period now starts when the association stops sending."""
+    daemon = daemon_factory({"study": {"quiet_period_s": 1.0, "check_interval_s": 0.2}}).start()
+    files = study_files(tmp_path / "in", views=2, rows=1024, cols=1024)  # 2 MiB each
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    proxy = SlowProxy(daemon.port, rate=800_000)  # about 2.6 s a view
+    try:
+        run = storescu(proxy.port, files)
+    finally:
+        proxy.close()
+    assert run.acknowledged == 2, run.output
+    store = daemon.store()
+    wait_until(lambda: store.get_study(study_uid).state is StudyState.QUEUED, 15, message="queued")
+    assert [(e.to_state.value, e.revision) for e in store.study_history(study_uid)] == [
+        ("RECEIVING", 1),
+        ("QUEUED", 1),
+    ]
+    assert [i.revision for i in store.study_instances(study_uid)] == [1, 1]
+    assert daemon.stop() == 0
+
+
 def test_instances_whose_rows_a_power_loss_took_are_recorded_again_at_start(
     daemon_factory, tmp_path
 ) -> None:

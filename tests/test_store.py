@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -137,6 +138,35 @@ def test_quiet_period_queues_then_late_instance_opens_revision_2(store: Store) -
     ]
     instances = store.study_instances(STUDY)
     assert [i.revision for i in instances] == [1, 2]
+
+
+def test_keep_receiving_restarts_the_quiet_period_of_receiving_studies_only(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener's stamp for a study whose association is still sending a data set: a
+    # study already queued (or past) is left as it is, and on PostgreSQL the stamp is the
+    # server's time, as record_instance's is, whatever this host's clock says.
+    from triage.store import repository
+
+    queued = STUDY + ".2"
+    store.record_instance(meta("1.2.3.1", queued), None)
+    store.queue_quiet_studies(0.0, now=utcnow() + timedelta(seconds=1))
+    store.record_instance(meta("1.2.3.2"), None)
+    receiving_at = store.get_study(STUDY).last_instance_at
+    queued_at = store.get_study(queued).last_instance_at
+    assert store.keep_receiving([]) == 0
+    if store.engine.dialect.name == "postgresql":
+        monkeypatch.setattr(repository, "utcnow", lambda: utcnow() - timedelta(seconds=600))
+    time.sleep(0.01)  # a stamp later than the instance's, on either clock
+    assert store.keep_receiving([STUDY, queued, "1.2.3.404"]) == 1
+    study = store.get_study(STUDY)
+    assert study.state is StudyState.RECEIVING and study.last_instance_at > receiving_at
+    assert study.last_instance_at - receiving_at < timedelta(seconds=60)
+    assert store.get_study(queued).last_instance_at == queued_at
+    assert store.get_study(queued).state is StudyState.QUEUED
+    # The quiet period now counts from the new stamp.
+    cutoff_now = receiving_at + timedelta(seconds=10, microseconds=5000)
+    assert store.queue_quiet_studies(10.0, now=cutoff_now) == []
 
 
 @pytest.mark.parametrize(

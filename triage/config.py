@@ -293,7 +293,8 @@ class StoreConfig:
 class StudyConfig:
     """When a study counts as complete (``[study]``)."""
 
-    #: A study with no new instance for this long moves RECEIVING → QUEUED.
+    #: A study with no new instance for this long moves RECEIVING → QUEUED (counted from when
+    #: the association that sent its last instance stops sending: see the listener).
     quiet_period_s: float = 10.0
     #: How often the scheduler looks for quiet studies.
     check_interval_s: float = 0.25

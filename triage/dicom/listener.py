@@ -4,6 +4,10 @@ Each association runs in its own pynetdicom thread. For each instance the thread
 header, writes the file to the spool (temp, fsync, rename, fsync of the folder), records it in
 the store and only then answers. Pixels are never decoded here and nothing else slow runs here.
 Every failure becomes a DIMSE status with an ErrorComment; no exception reaches pynetdicom.
+
+A study's quiet period counts from its last recorded instance; while an association is still
+sending a data set, the study of the last instance it stored is kept RECEIVING (see
+:meth:`Listener._keep_studies_receiving`), so the quiet period starts when the sender stops.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from triage.dicom.sop import (
     Status,
 )
 from triage.dicom.validation import Accepted, Rejected, check_instance
-from triage.logs import get_logger
+from triage.logs import RepeatedFailure, get_logger
 from triage.store.models import AssociationOutcome
 from triage.store.repository import InstanceMeta, Store
 from triage.store.spool import Spool, SpoolError
@@ -205,6 +209,13 @@ class _AssociationTally:
     studies: set[str] = field(default_factory=set)
     #: The association-ending reply we queued: "rejection", "release" or "abort".
     sent: str = ""
+    #: The association itself, for the thread that keeps its study receiving.
+    assoc: Any = field(default=None, repr=False)
+    #: The study of the last instance the association stored (or held already): the one
+    #: the data set it sends next most likely belongs to (the command does not name it).
+    current_study: str = ""
+    #: When (time.monotonic()) that study's quiet period last restarted on its account.
+    touched_at: float = 0.0
 
 
 class Listener:
@@ -216,11 +227,15 @@ class Listener:
         store: Store,
         spool: Spool,
         reuse_port: bool = False,
+        quiet_period_s: float = 0.0,
     ) -> None:
         self.config = config
         self.store = store
         self.spool = spool
         self.reuse_port = reuse_port
+        #: ``[study] quiet_period_s``; 0 (nothing can hold a study then) keeps none receiving.
+        self.quiet_period_s = quiet_period_s
+        self._keeper_stop = threading.Event()
         self.policy = PeerPolicy(config.allowed_peers)
         self.storage_classes = frozenset(DEFAULT_STORAGE_CLASSES) | frozenset(
             config.extra_sop_classes
@@ -286,6 +301,10 @@ class Listener:
         )
         thread.daemon = True
         thread.start()
+        if self.quiet_period_s > 0:
+            threading.Thread(
+                target=self._keep_studies_receiving, name="study-keeper", daemon=True
+            ).start()
 
     def active_associations(self) -> int:
         """Associations in progress on this listener."""
@@ -316,6 +335,8 @@ class Listener:
             assoc.abort()
         if leftovers:
             log.warning("associations_aborted_at_shutdown", count=len(leftovers))
+        # Only now: an association finishing its transfer during the grace keeps its study.
+        self._keeper_stop.set()
         self._server = None
 
     # --- association events -------------------------------------------------------------
@@ -327,7 +348,7 @@ class Listener:
         called = str(request.called_ae_title).strip()
         # As the audit, the log and the allow list name it (not ::ffff:10.0.0.5 on "::").
         host, port = _unmapped(assoc.requestor.address), assoc.requestor.port
-        tally = _AssociationTally()
+        tally = _AssociationTally(assoc=assoc)
         with self._lock:
             self._tallies[id(assoc)] = tally
         try:
@@ -482,7 +503,11 @@ class Listener:
             bound.warning("instance_moved_from_cancelled_study", moved_from=result.moved_from_study)
         if result.duplicate:
             tally.duplicate += 1
-            if result.study_uid != verdict.study_uid:
+            if result.study_uid == verdict.study_uid:
+                # The sender's next data set is likely of this study too: if it is still
+                # receiving (another association's), hold it while that one arrives.
+                tally.current_study = verdict.study_uid
+            else:
                 # Held already, in another study: the name linked above is no row's, and the
                 # spool recovery would take it for a new study once that one is purged.
                 self.spool.remove(relative)
@@ -501,12 +526,61 @@ class Listener:
         tally.stored += 1
         tally.bytes_stored += size
         tally.studies.add(verdict.study_uid)
+        # record_instance restarted the study's quiet period: nothing for the keeper to do
+        # until a data set takes longer than a third of it (never, on a fast transfer).
+        tally.current_study, tally.touched_at = verdict.study_uid, time.monotonic()
         if result.study_change == "opened":
             bound.info("study_opened", revision=result.revision)
         elif result.study_change == "reopened":
             bound.info("study_reopened", revision=result.revision)
         bound.debug("instance_stored", size_bytes=size, revision=result.revision)
         return Status.SUCCESS, ""
+
+    def _keep_studies_receiving(self) -> None:
+        """Until :meth:`stop`: keep RECEIVING the study of each association that is in the
+        middle of a DIMSE message (a C-STORE's command or data set) and whose study's quiet
+        period last restarted a third of that period ago or more.
+
+        The quiet period counts from the last *recorded* instance: a view slower to arrive
+        than the period (50 MB over a slow teleradiology link, or many views over a slow
+        WAN) let the study be queued and scored while its association was still sending it,
+        and the rest opened a new revision, scored and sent again. Here the association's
+        last study is stamped again (one UPDATE for all of this process's, see
+        :meth:`Store.keep_receiving`) while it receives, so the period starts only when it
+        goes quiet. The thread looks twice per third of the period: a study is at most half
+        a quiet period old while its data keep coming. An association waiting between
+        messages (or idle, held open) holds nothing; one whose peer stalls mid-message holds
+        its study until the network timeout ends it. Only the last study is held, not every
+        one the association carried: a router that forwards study after study on one
+        long-lived association would otherwise hold them all until it let go. Nothing of
+        this runs per PDU or per instance: a fast transfer records its instances more often
+        than a third of the period and is never stamped here.
+        """
+        hold_s = self.quiet_period_s / 3
+        failures = RepeatedFailure(log, "keep_receiving_failed", "keep_receiving_recovered")
+        while not self._keeper_stop.wait(max(hold_s / 2, 0.05)):
+            now = time.monotonic()
+            with self._lock:
+                tallies = list(self._tallies.values())
+            studies = set()
+            for tally in tallies:
+                if not tally.current_study or now - tally.touched_at < hold_s:
+                    continue
+                # pynetdicom's message being decoded, None between messages. Read without
+                # its thread's lock: a stale answer only moves the stamp by one look.
+                if getattr(getattr(tally.assoc, "dimse", None), "message", None) is None:
+                    continue
+                tally.touched_at = now
+                studies.add(tally.current_study)
+            if not studies:
+                continue
+            try:
+                kept = self.store.keep_receiving(studies)
+            except Exception as exc:  # the store down: the next instance's answer says so
+                failures.failed(_one_line(exc))
+                continue
+            failures.succeeded()
+            log.debug("studies_kept_receiving", studies=len(studies), receiving=kept)
 
     def _named_by_a_row(self, sop_instance_uid: str, relative: str) -> bool:
         """Whether the store records *relative* as this instance's file; False when the

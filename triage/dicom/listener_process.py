@@ -41,7 +41,13 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
     skip_collection_at_exit()
     engine = make_engine(config.store.url, spool_backed=True, role="listener")
     spool = Spool(config.spool_path, config.store.min_free_mb * 1024 * 1024)
-    listener = Listener(config.dicom, Store(engine), spool, reuse_port=reuse_port)
+    listener = Listener(
+        config.dicom,
+        Store(engine),
+        spool,
+        reuse_port=reuse_port,
+        quiet_period_s=config.study.quiet_period_s,
+    )
     try:
         listener.start()
     except OSError as exc:

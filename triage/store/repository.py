@@ -7,7 +7,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -344,6 +344,30 @@ class Store:
 
         return self.core_transaction(work)
 
+    def keep_receiving(self, study_uids: Collection[str]) -> int:
+        """Restart the quiet period of those of *study_uids* still RECEIVING, as an instance
+        recorded now would; returns how many.
+
+        The listener calls this, at most every third of the quiet period, for the study an
+        association is still sending a data set of (see ``Listener``): one instance slower
+        to arrive than the quiet period (a large view over a slow link) let the study be
+        queued and scored while it was still arriving, and the rest opened a new revision,
+        scored and sent again. One statement for every such study of the process, stamped
+        by the clock :meth:`queue_quiet_studies` compares with (see :meth:`database_now`).
+        """
+        if not study_uids:
+            return 0
+        uids = sorted(set(study_uids))  # one lock order, whoever else updates several rows
+
+        def work(connection: Connection) -> int:
+            if self._postgres:
+                result = connection.execute(_KEEP_RECEIVING_BY_SERVER, {"study_uids": uids})
+            else:
+                result = connection.execute(_KEEP_RECEIVING, {"study_uids": uids, "now": utcnow()})
+            return int(result.rowcount)
+
+        return self.core_transaction(work)
+
     # --- study completion ---------------------------------------------------------------
 
     def queue_quiet_studies(
@@ -571,6 +595,16 @@ _TOUCH_STUDY_BY_SERVER = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("study_id"))
     .values(last_instance_at=_SERVER_NOW_SQL)
+)
+_STILL_RECEIVING = (
+    _STUDIES.c.study_uid.in_(bindparam("study_uids", expanding=True)),
+    _STUDIES.c.state == StudyState.RECEIVING,
+)
+_KEEP_RECEIVING = (
+    update(_STUDIES).where(*_STILL_RECEIVING).values(last_instance_at=bindparam("now"))
+)
+_KEEP_RECEIVING_BY_SERVER = (
+    update(_STUDIES).where(*_STILL_RECEIVING).values(last_instance_at=_SERVER_NOW_SQL)
 )
 #: PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back
 #: and may simply run again.
