@@ -250,6 +250,79 @@ def test_a_stop_does_not_wait_for_the_decodes_of_the_studies_it_gives_back(
         engine.dispose()
 
 
+@pytest.mark.parametrize("ends", ["while_the_pool_stops", "after_the_finishers_stop"])
+def test_a_forward_that_outlasts_the_stop_neither_builds_outputs_nor_kills_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: str
+) -> None:
+    """SIGTERM during a forward pass longer than the grace: the stop gives its studies back.
+    Ending while the pool stopped, the pass had their outputs built in the worker's process
+    (the pool refused the jobs), one study at a time, holding the stop up for results the
+    store refuses; ending after the finishers were shut down, it killed the batch thread."""
+    from triage import metrics
+    from triage.scoring.model import ScoringModel
+
+    config = _config(tmp_path)
+    config = replace(
+        config,
+        model=replace(config.model, batch_size=4, batch_wait_ms=2000),
+        outputs=replace(config.outputs, overlays=True),
+    )
+    files = write_benchmark_files(config.store.spool_dir, 4, size_mb=0.25, views_per_study=1)
+    engine, store, spool = received_store(config.store.url, Path(config.store.spool_dir), files)
+    worker = Worker(config, store, spool, load_configured_model(config))
+    start, pool_stop = ScoringModel.start, worker._pool.stop
+    in_forward, delivered = threading.Event(), threading.Event()
+
+    def long_forward(model: ScoringModel, views: Any) -> Any:
+        in_forward.set()
+        if ends == "while_the_pool_stops":
+            _wait("the stop to give the studies back", worker._abandoned.is_set, 60)
+        else:
+            _wait("the finishers to stop", lambda: worker._finisher._shutdown, 60)
+        try:
+            return start(model, views)
+        finally:
+            delivered.set()
+
+    def stop_pool(timeout: float) -> int:
+        killed = pool_stop(timeout)
+        if ends == "while_the_pool_stops":
+            delivered.wait(60)
+            time.sleep(0.5)  # its views are recorded, and the studies go to the finishers
+        return killed
+
+    def built_here() -> float:
+        sample = ("triage_worker_outputs_built_total", {"where": "worker"})
+        return metrics.REGISTRY.get_sample_value(*sample) or 0.0
+
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    stopped = False
+    try:
+        worker.warm_up()
+        monkeypatch.setattr(ScoringModel, "start", long_forward)
+        monkeypatch.setattr(worker._pool, "stop", stop_pool)
+        built_before = built_here()
+        _queue(store)
+        worker.start()
+        assert in_forward.wait(60)
+        worker.stop(0.5)
+        stopped = True
+        assert delivered.wait(60)
+        for thread in worker._threads:
+            thread.join(30)
+        assert not died, died
+        assert built_here() == built_before  # for studies given back
+        for path in files:
+            study = _study(store, path)
+            assert (study.state, study.attempts) == (StudyState.QUEUED, 0)
+    finally:
+        if not stopped:  # no decode process left behind
+            delivered.set()
+            worker.stop(0)
+        engine.dispose()
+
+
 def test_a_study_uid_reused_for_another_patient_is_failed_not_scored(tmp_path: Path) -> None:
     # A modality or RIS that reuses a StudyInstanceUID: one result would mix two patients'
     # images under one patient's name. The operator is told; nothing is scored or sent.

@@ -690,7 +690,13 @@ class Worker:
     def _view_done(self, study: _InFlight) -> None:
         study.pending -= 1
         if study.pending == 0:
-            self._finisher.submit(self._finish, study)
+            try:
+                self._finisher.submit(self._finish, study)
+            except RuntimeError:
+                # A forward pass that outlasted the stop's grace: the stop gave the study back
+                # and shut the finishers down meanwhile. Raised, it killed the batch thread.
+                if not self._abandoned.is_set():
+                    raise
 
     # --- finishing ----------------------------------------------------------------------
 
@@ -875,6 +881,10 @@ class Worker:
             try:
                 built = future.result()
             except JobNotRun:  # the pool was stopped, or could not start a process
+                if self._abandoned.is_set():
+                    # Stopped: the study was given back, and its outputs built here would
+                    # only hold the stop up (one study at a time) to be refused by the store.
+                    raise CancelledError() from None
                 with self._model_idle:
                     while self._building_here:
                         self._model_idle.wait()
