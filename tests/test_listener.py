@@ -31,7 +31,9 @@ from tests.peers import (
     wait_until,
     write_config,
 )
+from triage.store.db import make_engine
 from triage.store.models import AssociationOutcome, StudyState
+from triage.store.repository import Store
 from triage.testing.synth import make_study, write_study
 
 pytestmark = pytest.mark.timeout(240)
@@ -157,9 +159,12 @@ listener.stop(1.0)
 """
 
 
-def _send_to_a_scripted_listener(tmp_path: Path, script: str, files: list[Path]) -> StoreRun:
-    """storescu of *files* to a listener run by *script* in its own process (it patches
-    pynetdicom), on an SQLite store and spool under *tmp_path*; the run's result."""
+def _send_to_a_scripted_listener(
+    tmp_path: Path, script: str, files: list[Path], extra: list[str] | None = None
+) -> StoreRun:
+    """storescu of *files* (with *extra* options) to a listener run by *script* in its own
+    process (it patches pynetdicom), on an SQLite store and spool under *tmp_path*; the
+    run's result."""
     config = write_config(
         tmp_path / "triage.toml",
         {
@@ -176,7 +181,7 @@ def _send_to_a_scripted_listener(tmp_path: Path, script: str, files: list[Path])
     try:
         assert listener.stdout is not None
         port = int(listener.stdout.readline())
-        return storescu(port, files, extra=["--no-halt"])
+        return storescu(port, files, extra=["--no-halt", *(extra or [])])
     finally:
         assert listener.stdin is not None
         listener.stdin.close()
@@ -240,6 +245,51 @@ def test_a_listener_holding_over_a_thousand_descriptors_still_serves(tmp_path: P
     files = study_files(tmp_path / "in", views=2, rows=512, cols=512)
     run = _send_to_a_scripted_listener(tmp_path, _LISTENER_HOLDING_A_THOUSAND_DESCRIPTORS, files)
     assert run.acknowledged == 2, run.output[-2000:]
+
+
+_LISTENER_HANDLING_A_C_STORE_PAST_THE_CLOSE = _LISTENER_RACING_A_PURGE.replace(
+    "listener = Listener(config.dicom, PurgedWhileRecording(engine), spool)",
+    """import threading
+
+closed = threading.Event()
+
+
+class HandledAfterTheClose(Listener):
+    # The peer sent a whole data set and went away before its answer: pynetdicom's DUL
+    # thread reports the close while the association thread has yet to handle the C-STORE.
+    def _on_store(self, event):
+        closed.wait(60)
+        return super()._on_store(event)
+
+    def _on_closed(self, event):
+        super()._on_closed(event)
+        closed.set()
+
+
+listener = HandledAfterTheClose(config.dicom, Store(engine), spool)""",
+)
+
+
+def test_an_instance_handled_after_its_association_closed_is_in_its_audit_row(
+    tmp_path: Path,
+) -> None:
+    """A peer that sends a whole data set and goes away before the answer (storescu's DIMSE
+    timeout here; a dropped connection, a killed sender) has the instance stored, after
+    pynetdicom reported the close: its audit row said 0 stored (and so did
+    triage_instances_received), and the instance's row named no association."""
+    assert _LISTENER_HANDLING_A_C_STORE_PAST_THE_CLOSE != _LISTENER_RACING_A_PURGE
+    files = study_files(tmp_path / "in", views=1, rows=64, cols=64)
+    run = _send_to_a_scripted_listener(
+        tmp_path, _LISTENER_HANDLING_A_C_STORE_PAST_THE_CLOSE, files, extra=["-td", "1", "-ta", "1"]
+    )
+    assert run.acknowledged == 0, run.output
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'triage.db'}"))
+    (audit,) = store.associations()
+    assert audit.outcome is AssociationOutcome.ABORTED
+    assert (audit.instances_stored, audit.bytes_stored > 0) == (1, True)
+    ds = pydicom.dcmread(files[0])
+    (instance,) = store.study_instances(str(ds.StudyInstanceUID))
+    assert instance.association_id == audit.id
 
 
 def test_instances_of_a_cancelled_study_resent_under_a_corrected_study_move_there(

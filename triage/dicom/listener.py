@@ -216,6 +216,10 @@ class _AssociationTally:
     current_study: str = ""
     #: When (time.monotonic()) that study's quiet period last restarted on its account.
     touched_at: float = 0.0
+    #: Set once the audit row was closed with it (see Listener._on_closed).
+    outcome: AssociationOutcome | None = None
+    #: Serialises the audit row's writes: the close's and a late C-STORE's.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Listener:
@@ -382,7 +386,12 @@ class Listener:
         return Status.SUCCESS
 
     def _on_store(self, event: evt.Event) -> Dataset:
-        tally = self._tallies.get(id(event.assoc)) or _AssociationTally()
+        with self._lock:
+            tally = (
+                self._tallies.get(id(event.assoc))
+                or getattr(event.assoc, "_triage_closed_tally", None)
+                or _AssociationTally()
+            )
         try:
             status, reason = self._store(event, tally)
         except Exception as exc:  # the listener must survive anything
@@ -390,6 +399,18 @@ class Listener:
             status, reason = Status.STORE_UNAVAILABLE, "internal error; retry later"
         if status != Status.SUCCESS:
             tally.failed += 1
+        with tally.lock:
+            if tally.outcome is not None:
+                # The peer went away while this C-STORE was handled (see _on_closed): the
+                # row was closed without it, so write it again with it.
+                log.info(
+                    "association_audit_updated",
+                    calling_ae=event.assoc.requestor.ae_title,
+                    stored=tally.stored,
+                    duplicate=tally.duplicate,
+                    failed=tally.failed,
+                )
+                self._close_audit_row(tally)
         response = Dataset()
         response.Status = status
         if reason:
@@ -600,6 +621,10 @@ class Listener:
         _discard_partial_data_set(assoc)
         with self._lock:
             tally = self._tallies.pop(id(assoc), None)
+            # This runs on the DUL thread. A C-STORE received in full just before the peer
+            # went away is still handled after it, on the association thread: _on_store
+            # finds the tally here and completes the audit row with its instance.
+            assoc._triage_closed_tally = tally
         if tally is None:
             return
         # pynetdicom sets is_rejected / is_released just *after* it queues the reply, and the
@@ -628,12 +653,18 @@ class Listener:
             studies=len(tally.studies),
             reason=tally.reason or None,
         )
-        if tally.record_id is None:
+        with tally.lock:
+            tally.outcome = outcome
+            self._close_audit_row(tally)
+
+    def _close_audit_row(self, tally: _AssociationTally) -> None:
+        """Write *tally*'s counts and outcome to its audit row (called with its lock)."""
+        if tally.record_id is None or tally.outcome is None:
             return
         try:
             self.store.close_association(
                 tally.record_id,
-                outcome,
+                tally.outcome,
                 stored=tally.stored,
                 duplicate=tally.duplicate,
                 failed=tally.failed,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any
 
 import structlog
@@ -145,7 +146,7 @@ class PriorityPool:
         killed = 0
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
+            if _running(process):
                 process.kill()
                 process.join(5.0)
                 killed += 1
@@ -260,3 +261,19 @@ def _settle(outer: Future[Any], inner: Future[Any]) -> None:
         outer.set_exception(error)
     else:
         outer.set_result(inner.result())
+
+
+def _running(process: Any) -> bool:
+    """Whether *process* has not exited.
+
+    ``is_alive()`` alone says True for a process that the executor's own thread, joining it
+    after the shutdown, reaped an instant before (its waitpid came first: ECHILD here, and
+    no exit code recorded yet): a clean stop then "killed" a decode process that had exited,
+    logged ``decode_processes_killed``, and signalled a pid the system may have reused. The
+    sentinel (the end of a pipe the process holds open) is ready once it has exited."""
+    if not process.is_alive():
+        return False
+    try:
+        return not wait_for_sentinels([process.sentinel], 0)
+    except (OSError, ValueError):  # its sentinel was closed: the process was released
+        return False
