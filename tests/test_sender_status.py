@@ -528,3 +528,30 @@ def test_each_object_is_read_when_it_is_sent_not_the_whole_batch_first(
     deliveries = _one_round(tmp_path, port, _pacs(port, store_it))
     assert {d.state for d in deliveries} == {DeliveryState.DONE}
     assert read_before_each_store == [1, 2]
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_destination_that_refuses_connections_logs_no_error_lines(level: str) -> None:
+    """pynetdicom logged two ERROR lines per connection it could not make: a destination
+    down for three minutes gave hundreds, paging whoever alerts on errors for an outage the
+    sender retries and reports itself. They go to DEBUG (and at info level, nowhere)."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+from pynetdicom.sop_class import Verification
+from triage.dicom.polling_socket import RequestorAE
+from triage.logs import configure_logging
+configure_logging({level!r}, "json")
+ae = RequestorAE(ae_title="TRIAGE")
+ae.add_requested_context(Verification)
+ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+assert not ae.associate("127.0.0.1", {free_port()}, ae_title="PACS").is_established
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert [r for r in records if r["level"] == "error"] == []
+    refused = [r for r in records if "TCP Initialisation Error" in r["event"]]
+    assert [r["level"] for r in refused] == (["debug"] if level == "debug" else [])

@@ -210,6 +210,26 @@ class WithholdLibraryText(logging.Filter):
         return True
 
 
+class ConnectFailuresAtDebug(logging.Filter):
+    """A filter for ``pynetdicom.transport``: its two ERROR lines for each connection our
+    requests could not make go down to DEBUG.
+
+    A destination down for three minutes gave hundreds of ERROR lines (two per attempt of
+    every delivery), paging whoever alerts on errors for an outage the sender retries and
+    reports itself (``delivery_failed``, and the delivery's error in `triage-admin`).
+    """
+
+    _PREFIXES = ("Association request failed: unable to connect", "TCP Initialisation Error")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not str(record.msg).startswith(self._PREFIXES):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def withhold_in_exception(_logger: Any, _name: str, event_dict: Any) -> Any:
     """structlog processor, after ``format_exc_info``: a logged traceback's messages with
     quoted values withheld (see :func:`withheld_text`), its file and source lines kept.
@@ -269,6 +289,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     root.setLevel(level.upper())
     # pynetdicom logs PDUs and, at debug level, whole datasets (PHI): keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    transport = logging.getLogger("pynetdicom.transport")
+    if not any(isinstance(f, ConnectFailuresAtDebug) for f in transport.filters):
+        transport.addFilter(ConnectFailuresAtDebug())
     # APScheduler warns about every late or coalesced run; our jobs log their own failures.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
