@@ -25,6 +25,7 @@ from tests.peers import (
     StoreRun,
     acknowledged_files,
     echoscu,
+    free_port,
     skip_without_ipv6,
     storescu,
     storescu_background,
@@ -1453,6 +1454,26 @@ def test_a_tls_failure_towards_a_peer_says_what_it_was(daemon_factory, tmp_path)
     assert daemon.stop() == 0
 
 
+def test_a_tls_client_on_the_plain_port_is_one_warning_naming_it(daemon_factory, tmp_path) -> None:
+    """A modality set to TLS, sending to the plain port: its ClientHello, read as PDUs six
+    bytes at a time, gave a dozen "Unable to decode the received PDU data: unknown PDU
+    type 0x.." ERROR lines per attempt, none naming the peer or saying it was TLS."""
+    from tests.test_http import log_events
+
+    pki = _make_pki(tmp_path / "pki")
+    daemon = daemon_factory({"dicom": {"max_associations": 1}}).start()
+    tls = ["+tls", str(pki["client.key"]), str(pki["client.pem"]), "+cf", str(pki["ca.pem"])]
+    for _ in range(3):
+        assert echoscu(daemon.port, extra=tls).returncode != 0
+    assert echoscu(daemon.port).returncode == 0  # the slot is free, the daemon answers
+    warned = log_events(daemon, "tls_client_on_plain_port")
+    assert len(warned) == 3, warned
+    assert {(w["level"], w["peer_host"]) for w in warned} == {("warning", "127.0.0.1")}
+    records = [json.loads(line) for line in daemon.log_text().splitlines() if line[:1] == "{"]
+    assert [r for r in records if r["level"] in ("error", "critical")] == []
+    assert daemon.stop() == 0
+
+
 def test_a_peer_that_stops_inside_its_answer_is_given_up_after_the_timeout() -> None:
     """pynetdicom clears a requestor's socket timeout once connected: a peer that sent part
     of a PDU and no more held the sender (or `triage-admin echo`) until it closed."""
@@ -1582,3 +1603,88 @@ def test_a_listener_that_cannot_be_replaced_is_mourned_once_and_retried_quietly(
         assert pool._processes == [alive]
     finally:
         alive.kill()
+
+
+def test_a_listener_killed_mid_transfer_has_its_partial_files_removed(
+    daemon_factory, tmp_path
+) -> None:
+    """A listener process killed (the OOM killer) in the middle of a data set: nothing was
+    acknowledged for it, yet its partial file stayed in the spool's temp folder until the
+    hourly sweep of old ones. The daemon removes it when it replaces the process."""
+    from tests.test_http import log_events
+
+    daemon = daemon_factory().start()
+    [listener_pid] = [e["pid"] for e in log_events(daemon, "listener_started")]
+    files = study_files(tmp_path / "in", views=1, rows=2048, cols=2048)  # 8 MiB
+    proxy = SlowProxy(daemon.port, rate=2_000_000)
+    sender = storescu_background(proxy.port, files, tmp_path / "storescu.log")
+    temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
+    try:
+        wait_until(
+            lambda: any(f.stat().st_size > 1_000_000 for f in temp.iterdir()),
+            message="a partial data set in the spool's temp folder",
+        )
+        os.kill(listener_pid, signal.SIGKILL)
+        assert sender.wait(60) != 0
+    finally:
+        sender.kill()
+        sender.wait()
+        proxy.close()
+    daemon.wait_for_log('"event": "listener_started"', 60, occurrence=2)
+    assert not list(temp.iterdir())
+    assert '"event": "listener_temp_files_removed"' in daemon.log_text()
+    assert echoscu(daemon.port).returncode == 0
+    assert daemon.stop() == 0
+
+
+def test_a_hung_listener_process_is_killed_and_replaced(tmp_path, monkeypatch) -> None:
+    """A listener process stopped (SIGSTOP) or deadlocked still gets its share of the
+    associations from the kernel, which then wait unanswered: the daemon saw it alive,
+    said ready and fed systemd's watchdog. One whose accept loop stopped turning is killed
+    and replaced."""
+    from structlog.testing import capture_logs
+
+    from triage.config import load_config
+    from triage.dicom import listener_process
+    from triage.dicom.listener_process import ListenerPool
+    from triage.store.db import upgrade_schema
+
+    port = free_port()
+    config_path = write_config(
+        tmp_path / "triage.toml",
+        {
+            "dicom": {"bind": "127.0.0.1", "port": port, "shutdown_grace_s": 1},
+            "store": {
+                "url": f"sqlite:///{tmp_path}/triage.db",
+                "spool_dir": str(tmp_path / "spool"),
+                "min_free_mb": 1,
+            },
+        },
+    )
+    engine = make_engine(f"sqlite:///{tmp_path}/triage.db")
+    upgrade_schema(engine)
+    engine.dispose()
+    monkeypatch.setattr(listener_process, "UNRESPONSIVE_S", 3.0, raising=False)
+    pool = ListenerPool(load_config(config_path))
+    pool.start()
+    try:
+        [healthy] = pool._processes
+        deadline = time.monotonic() + 5  # past UNRESPONSIVE_S: a live one is left alone
+        while time.monotonic() < deadline:
+            pool.supervise()
+            time.sleep(0.5)
+        assert pool._processes == [healthy] and healthy.is_alive()
+        os.kill(healthy.pid, signal.SIGSTOP)
+        with capture_logs() as logs:
+            wait_until(
+                lambda: pool.supervise() or pool._processes[0] is not healthy,
+                timeout=30,
+                interval=0.5,
+                message="the stopped listener process replaced",
+            )
+        events = [entry["event"] for entry in logs]
+        assert events[:2] == ["listener_process_unresponsive", "listener_process_died"], events
+        assert not healthy.is_alive()
+        assert echoscu(port).returncode == 0
+    finally:
+        pool.stop(0)

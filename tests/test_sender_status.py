@@ -555,3 +555,80 @@ assert not ae.associate("127.0.0.1", {free_port()}, ae_title="PACS").is_establis
     assert [r for r in records if r["level"] == "error"] == []
     refused = [r for r in records if "TCP Initialisation Error" in r["event"]]
     assert [r["level"] for r in refused] == (["debug"] if level == "debug" else [])
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_tls_destination_that_fails_its_handshake_logs_no_traceback(
+    tmp_path: Path, level: str
+) -> None:
+    """pynetdicom logged each TLS failure of ours as an ERROR with a Python traceback, on
+    top of its two connection-failure lines: a PACS whose certificate we do not trust gave
+    one traceback per delivery attempt, for a failure the sender reports itself in one
+    line (``delivery_failed``: "TLS: the peer's certificate failed verification: …")."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.peers import Storescp
+    from tests.test_listener import _make_pki
+
+    pki = _make_pki(tmp_path / "pki")
+    other = _make_pki(tmp_path / "other")  # a CA that did not sign the PACS's certificate
+    pacs = Storescp(
+        tmp_path / "pacs", extra=["+tls", str(pki["server.key"]), str(pki["server.pem"]), "-ic"]
+    ).start()
+    script = f"""
+from pynetdicom.sop_class import Verification
+from triage.config import DestinationConfig
+from triage.dicom.polling_socket import RequestorAE
+from triage.dicom.sender import _association_failure, associate, client_tls_context
+from triage.logs import configure_logging
+configure_logging({level!r}, "json")
+ae = RequestorAE(ae_title="TRIAGE")
+ae.add_requested_context(Verification)
+ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
+pacs = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port={pacs.port},
+                         tls=True, tls_ca={str(other["ca.pem"])!r})
+assoc, tls_error = associate(ae, "127.0.0.1", {pacs.port}, "PACS", client_tls_context(pacs))
+print(_association_failure(assoc, tls_error))
+"""
+    try:
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    finally:
+        pacs.stop()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("TLS: the peer's certificate failed verification: "), run.stdout
+    records = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert [r for r in records if r["level"] == "error" or "exception" in r] == []
+    if level == "debug":
+        assert any("CERTIFICATE_VERIFY_FAILED" in r["event"] for r in records), records
+
+
+def test_a_tls_destination_that_speaks_plain_dicom_is_not_called_unreachable(
+    tmp_path: Path,
+) -> None:
+    """A destination set to ``tls = true`` whose port speaks plain DICOM (DCMTK closes the
+    connection at the ClientHello): the connection was made and the peer answered, yet the
+    delivery and `triage-admin echo` said "peer down or unreachable", sending whoever read
+    it after the network instead of the destination's TLS setting."""
+    from tests.peers import Storescp
+    from tests.test_listener import _make_pki
+    from triage.cli.admin import echo
+    from triage.config import DestinationConfig
+    from triage.dicom.sender import client_tls_context
+
+    pki = _make_pki(tmp_path / "pki")
+    pacs = Storescp(tmp_path / "pacs").start()  # no +tls
+    try:
+        destination = DestinationConfig(
+            name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port, tls=True,
+            tls_ca=str(pki["ca.pem"]),
+        )  # fmt: skip
+        target = {"host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+        outcome = echo(target, "TRIAGE", 10, client_tls_context(destination))
+    finally:
+        pacs.stop()
+    assert not outcome["ok"]
+    assert outcome["error"].startswith("TLS: "), outcome
+    assert "TLS handshake" in outcome["error"] and "plain DICOM" in outcome["error"], outcome
+    assert "unreachable" not in outcome["error"], outcome

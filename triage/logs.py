@@ -211,22 +211,32 @@ class WithholdLibraryText(logging.Filter):
 
 
 class ConnectFailuresAtDebug(logging.Filter):
-    """A filter for ``pynetdicom.transport``: its two ERROR lines for each connection our
+    """A filter for ``pynetdicom.transport``: its ERROR lines for each connection our
     requests could not make go down to DEBUG.
 
     A destination down for three minutes gave hundreds of ERROR lines (two per attempt of
     every delivery), paging whoever alerts on errors for an outage the sender retries and
-    reports itself (``delivery_failed``, and the delivery's error in `triage-admin`).
+    reports itself (``delivery_failed``, and the delivery's error in `triage-admin`). A TLS
+    failure (a PACS certificate we do not trust, one that wants ours) added a third: the
+    SSLError itself with a Python traceback, at every attempt. It keeps no traceback: the
+    line before says the same, and the sender says what it means.
     """
 
     _PREFIXES = ("Association request failed: unable to connect", "TCP Initialisation Error")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not str(record.msg).startswith(self._PREFIXES):
+        # pynetdicom's LOGGER.exception(exc) after a failed TLS connect: the message is the
+        # exception itself.
+        raised = isinstance(record.msg, BaseException)
+        if record.levelno < logging.ERROR or not (
+            raised or str(record.msg).startswith(self._PREFIXES)
+        ):
             return True
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
             return False
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        if raised:
+            record.exc_info = record.exc_text = None
         return True
 
 

@@ -54,6 +54,7 @@ from pynetdicom.transport import RequestHandler
 from triage.dicom import fast_commands, prompt_reactors
 from triage.dicom.association_request import without_unknown_user_sub_items
 from triage.dicom.polling_socket import PollingAssociationSocket, readable
+from triage.logs import get_logger
 from triage.procutil import WIDE_PIPE_BYTES, widen_pipe
 
 #: Start write-back after this many new bytes. What is left when the last fragment arrives is
@@ -296,6 +297,10 @@ class _InvalidPdu(ValueError):
     """A PDU that cannot be decoded (pynetdicom's Evt19)."""
 
 
+class _TlsRecord(_InvalidPdu):
+    """A TLS record (a ClientHello) where a PDU would start: a TLS client on a plain port."""
+
+
 class _ClosedBetweenPdus(EOFError):
     """The peer closed the connection where a PDU would start: the normal end."""
 
@@ -315,7 +320,21 @@ def read_pdu_data(dul: Any) -> None:
         dul.event_queue.put("Evt17")  # transport connection closed
         return
     except ValueError as exc:
-        _LOGGER.error("Unable to decode the received PDU data: %s", exc)
+        if getattr(dul, "_triage_invalid_pdu", False):
+            # The rest of what a peer sent after an invalid PDU, read six bytes at a time,
+            # is more of the same: a TLS ClientHello gave a dozen ERROR lines, none naming
+            # the peer.
+            _LOGGER.debug("Unable to decode the received PDU data: %s", exc)
+        elif isinstance(exc, _TlsRecord):
+            get_logger("triage.listener").warning(
+                "tls_client_on_plain_port",
+                peer_host=str(dul.assoc.requestor.address),
+                hint="the peer sent TLS to this plain DICOM port: turn TLS off on the peer,"
+                " or set [dicom] tls = true here",
+            )
+        else:
+            _LOGGER.error("Unable to decode the received PDU data: %s", exc)
+        dul._triage_invalid_pdu = True
         _no_request_coming(dul)
         dul.event_queue.put("Evt19")  # invalid or unrecognised PDU
         return
@@ -346,6 +365,8 @@ def _read_pdu(dul: Any) -> tuple[str, Any]:
         raise EOFError(f"connection closed inside a PDU header ({len(header)} of 6 bytes)")
     pdu_type, _, pdu_length = struct.unpack(">BBL", header)
     if pdu_type not in _PDU_TYPES:
+        if header[:2] == b"\x16\x03":  # a TLS handshake record, version 3.x
+            raise _TlsRecord("a TLS handshake record")
         raise _InvalidPdu(f"unknown PDU type 0x{pdu_type:02X}")
     if pdu_length > LARGEST_ACCEPTED_PDU:
         raise _InvalidPdu(f"a PDU of {pdu_length} bytes, more than {LARGEST_ACCEPTED_PDU}")
@@ -510,7 +531,7 @@ class SpoolTempFile:
     ``write``, ``file.flush`` and ``close``), in the spool's temp folder, with early
     write-back."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, prefix: str = "tmp") -> None:
         self._written = 0
         self._flushed = 0
         #: The first write that failed (a full disk, an I/O error): the rest of the data set
@@ -519,7 +540,7 @@ class SpoolTempFile:
         self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
         self._fd: int | None = None
         try:
-            self._fd, self.name = _mkstemp(directory)
+            self._fd, self.name = _mkstemp(directory, prefix)
         except OSError as exc:
             # A read-only spool, no inode left: raised here, in the DUL thread, it was taken
             # for an invalid message and the association aborted; the PACS never got 0xA700.
@@ -601,18 +622,20 @@ def write_error(path: str | os.PathLike[str] | None) -> OSError | None:
     return None if path is None else _WRITE_ERRORS.get(os.fspath(path))
 
 
-def _mkstemp(directory: str) -> tuple[int, str]:
+def _mkstemp(directory: str, prefix: str = "tmp") -> tuple[int, str]:
     import tempfile
 
-    return tempfile.mkstemp(suffix=".dcm", dir=directory)
+    return tempfile.mkstemp(prefix=prefix, suffix=".dcm", dir=directory)
 
 
-def install_spool_temp_files(temp_dir: Path) -> None:
-    """Make pynetdicom write received data sets as :class:`SpoolTempFile` in *temp_dir*."""
+def install_spool_temp_files(temp_dir: Path, prefix: str = "tmp") -> None:
+    """Make pynetdicom write received data sets as :class:`SpoolTempFile` in *temp_dir*,
+    named ``<prefix>*.dcm``: a prefix of its own lets whoever started this process remove
+    what it was receiving should it die (see ListenerPool)."""
     directory = str(temp_dir)
 
     def factory(*_args: Any, **_kwargs: Any) -> SpoolTempFile:
-        return SpoolTempFile(directory)
+        return SpoolTempFile(directory, prefix)
 
     dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment]
     _delete_data_sets_after_each_request()

@@ -119,6 +119,14 @@ class _Server(ThreadedAssociationServer):
     reuse_port = False
     #: Called with (peer host, peer port, reason) when a TLS peer's handshake is refused.
     on_handshake_refused: Callable[[str, int, str], None] | None = None
+    #: Called at every turn of the accept loop (at least every poll interval): the
+    #: listener process's heartbeat, by which its daemon knows that it still accepts.
+    on_tick: Callable[[], None] | None = None
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if self.on_tick is not None:
+            self.on_tick()
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -232,11 +240,17 @@ class Listener:
         spool: Spool,
         reuse_port: bool = False,
         quiet_period_s: float = 0.0,
+        temp_prefix: str = "tmp",
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.spool = spool
         self.reuse_port = reuse_port
+        #: How the names of the data sets being received begin (see install_spool_temp_files).
+        self.temp_prefix = temp_prefix
+        #: Called at every turn of the accept loop (see _Server.on_tick).
+        self.on_tick = on_tick
         #: ``[study] quiet_period_s``; 0 (nothing can hold a study then) keeps none receiving.
         self.quiet_period_s = quiet_period_s
         self._keeper_stop = threading.Event()
@@ -278,7 +292,7 @@ class Listener:
         and a link to become durable (see fast_receive).
         """
         _pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-        install_spool_temp_files(self.spool.temp_dir)
+        install_spool_temp_files(self.spool.temp_dir, self.temp_prefix)
         prompt_reactors.install()
         fast_commands.install()
         handlers = [
@@ -298,6 +312,7 @@ class Listener:
             request_handler=FastRequestHandler,
         )
         server.on_handshake_refused = self._on_handshake_refused
+        server.on_tick = self.on_tick
         self._server = server
         self.ae._servers.append(server)
         thread = threading.Thread(

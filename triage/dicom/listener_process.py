@@ -7,12 +7,16 @@ one process they share the port with SO_REUSEPORT and the kernel spreads associa
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import math
 import multiprocessing
 import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -27,8 +31,19 @@ if TYPE_CHECKING:
 log = get_logger("triage.listener")
 
 
-def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> None:
-    """Entry point of one listener process: bind, report, serve until SIGTERM/SIGINT."""
+def run_listener_process(
+    config: Config,
+    conn: Connection,
+    reuse_port: bool,
+    temp_prefix: str = "tmp",
+    beat: ctypes.c_double | None = None,
+) -> None:
+    """Entry point of one listener process: bind, report, serve until SIGTERM/SIGINT.
+
+    The data sets it receives are named *temp_prefix*… in the spool's temp folder; its
+    accept loop writes ``time.monotonic()`` to the shared *beat* at every turn (see
+    :meth:`ListenerPool.supervise`).
+    """
     configure_logging(config.log.level, config.log.format)
     from triage.dicom.listener import Listener
     from triage.store.db import make_engine
@@ -47,6 +62,8 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
         spool,
         reuse_port=reuse_port,
         quiet_period_s=config.study.quiet_period_s,
+        temp_prefix=temp_prefix,
+        on_tick=None if beat is None else lambda: setattr(beat, "value", time.monotonic()),
     )
     try:
         listener.start()
@@ -64,6 +81,10 @@ def run_listener_process(config: Config, conn: Connection, reuse_port: bool) -> 
         target=_watch_parent, args=(os.getppid(), listener, stop), name="parent-watch", daemon=True
     ).start()
     stop.wait()
+    if beat is not None:
+        # The accept loop ends here, and the associations in flight may take the whole
+        # grace: not a hang. The daemon kills this process itself if it outlasts it.
+        beat.value = math.inf
     listener.stop(config.dicom.shutdown_grace_s)
     engine.dispose()
     log.info("listener_stopped", pid=os.getpid())
@@ -93,6 +114,12 @@ class ListenerPortBusy(ListenerStartError):
     """The port is in use, perhaps only until a predecessor's listener has exited."""
 
 
+#: A listener process whose accept loop has not turned for this long (it turns at least
+#: every 0.2 s) is hung: stopped (SIGSTOP), deadlocked, stuck in a system call. The kernel
+#: still hands it its share of the associations, which wait unanswered until the peers time
+#: out, so the daemon kills it and starts another.
+UNRESPONSIVE_S = 30.0
+
 #: How long a starting daemon waits for its port: after a crash (kill -9, OOM) the old
 #: listener process needs a moment to see its parent gone and close the socket.
 PORT_BUSY_WAIT_S = 10.0
@@ -106,6 +133,9 @@ class ListenerPool:
         self.count = config.dicom.listener_processes
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
+        # Per process (by pid): how its temp files begin, and its heartbeat.
+        self._temp_prefixes: dict[int, str] = {}
+        self._beats: dict[int, ctypes.c_double] = {}
         self.port = config.dicom.port
         # Dead processes whose death was logged and cleaned up: one that cannot be replaced
         # (its port taken meanwhile) is retried every second, but not mourned every second.
@@ -114,9 +144,12 @@ class ListenerPool:
 
     def _spawn(self, timeout: float = 60.0) -> multiprocessing.process.BaseProcess:
         parent, child = self._context.Pipe(duplex=False)
+        # Unique across the hosts that may share the spool (pids are not).
+        prefix = f"rx-{uuid.uuid4().hex[:12]}-"
+        beat = self._context.Value(ctypes.c_double, math.inf, lock=False)
         process = self._context.Process(
             target=run_listener_process,
-            args=(self.config, child, self.count > 1),
+            args=(self.config, child, self.count > 1, prefix, beat),
             name="triage-listener",
             # Daemonic: should the daemon end on an error it did not expect, the interpreter
             # SIGTERMs them at exit (they finish their associations) instead of waiting for
@@ -139,7 +172,40 @@ class ListenerPool:
             process.join(5)
             raise (ListenerPortBusy if kind == "busy" else ListenerStartError)(str(value))
         self.port = int(value)
+        assert process.pid is not None
+        self._temp_prefixes[process.pid] = prefix
+        beat.value = time.monotonic()  # judged from now on, even before its first turn
+        self._beats[process.pid] = beat
         return process
+
+    def _kill_if_hung(self, process: multiprocessing.process.BaseProcess) -> None:
+        """SIGKILL *process* if its accept loop has not turned for :data:`UNRESPONSIVE_S`."""
+        beat = self._beats.get(process.pid or 0)
+        if beat is None:
+            return
+        silent_s = time.monotonic() - beat.value
+        if silent_s < UNRESPONSIVE_S:
+            return
+        log.error("listener_process_unresponsive", pid=process.pid, silent_s=round(silent_s))
+        process.kill()
+        process.join(5)
+
+    def _remove_temp_files(self, pid: int | None) -> None:
+        """Remove what the dead process *pid* was receiving: nobody was answered for it, and
+        the partial files would take spool space until the hourly sweep of old ones."""
+        from triage.store.spool import Spool
+
+        prefix = self._temp_prefixes.pop(pid or 0, "")
+        self._beats.pop(pid or 0, None)
+        if not prefix:
+            return
+        removed = 0
+        for temp in Spool(self.config.spool_path).temp_dir.glob(f"{prefix}*"):
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+                removed += 1
+        if removed:
+            log.warning("listener_temp_files_removed", pid=pid, count=removed)
 
     def start(self, port_busy_wait_s: float = PORT_BUSY_WAIT_S) -> None:
         """Start every listener process; raises ListenerStartError (after cleaning up).
@@ -166,10 +232,16 @@ class ListenerPool:
         *on_died(pid)* first, for what the dead process left behind."""
         for index, process in enumerate(self._processes):
             if process.is_alive():
+                self._kill_if_hung(process)
+            if process.is_alive():
                 continue
             pid = process.pid
             if pid not in self._mourned:
                 log.error("listener_process_died", pid=pid, exitcode=process.exitcode)
+                try:
+                    self._remove_temp_files(pid)
+                except OSError as exc:  # the restart matters more
+                    log.error("listener_cleanup_failed", pid=pid, error=str(exc))
                 if on_died is not None and pid is not None:
                     try:
                         on_died(pid)
@@ -200,4 +272,7 @@ class ListenerPool:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+            if not process.is_alive():
+                with contextlib.suppress(OSError):
+                    self._remove_temp_files(process.pid)
         self._processes.clear()

@@ -393,7 +393,7 @@ def associate(  # type: ignore[no-untyped-def]
       peer that wants a client certificate) and reports the association as aborted: the
       delivery said "peer down or unreachable". The error is kept to say what it was.
     """
-    tls_errors: list[ssl.SSLError] = []
+    tls_errors: list[OSError] = []
     if tls is not None:
         tls.sslsocket_class = _recording_ssl_socket(tls_errors)
 
@@ -436,14 +436,33 @@ def _time_responses_from_the_request_sent(assoc) -> None:  # type: ignore[no-unt
     dimse.send_msg = send_msg
 
 
-def _recording_ssl_socket(errors: list[ssl.SSLError]) -> type[ssl.SSLSocket]:
+class HandshakeCut(OSError):
+    """Our TLS handshake ended without an answer in TLS: the peer closed the connection
+    during it, or said nothing until the timeout (*timed_out*)."""
+
+    def __init__(self, timed_out: bool) -> None:
+        super().__init__("no answer" if timed_out else "connection closed")
+        self.timed_out = timed_out
+
+
+def _recording_ssl_socket(errors: list[OSError]) -> type[ssl.SSLSocket]:
     """An SSLSocket class that appends to *errors* each TLS error its handshake or reads
-    raise (with TLS 1.3 a refused client certificate shows on the first read)."""
+    raise (with TLS 1.3 a refused client certificate shows on the first read), and a
+    :class:`HandshakeCut` for a connection that ended or went silent in the handshake: a
+    peer that speaks plain DICOM on that port closes it at our ClientHello (DCMTK) or waits
+    for a PDU, and that was reported as a peer down or unreachable."""
 
     class RecordingSSLSocket(ssl.SSLSocket):
-        def connect(self, address):  # type: ignore[no-untyped-def]
+        def do_handshake(self, block=False):  # type: ignore[no-untyped-def]
+            # Called by connect() once the TCP connection is made: what fails here is TLS.
             try:
-                return super().connect(address)
+                return super().do_handshake(block)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+                errors.append(HandshakeCut(timed_out=False))
+                raise
+            except TimeoutError:
+                errors.append(HandshakeCut(timed_out=True))
+                raise
             except ssl.SSLError as exc:
                 errors.append(exc)
                 raise
@@ -465,13 +484,19 @@ def _recording_ssl_socket(errors: list[ssl.SSLError]) -> type[ssl.SSLSocket]:
     return RecordingSSLSocket
 
 
-def tls_failure(exc: ssl.SSLError) -> str:
+def tls_failure(exc: OSError) -> str:
     """What a TLS error says, for an operator: the verification message of a certificate
-    that failed, else OpenSSL's reason."""
+    that failed, a handshake the peer did not answer in TLS, else OpenSSL's reason."""
+    plain = "is the peer's port plain DICOM, without TLS?"
+    if isinstance(exc, HandshakeCut):
+        what = "did not answer" if exc.timed_out else "closed the connection during"
+        return f"TLS: the peer {what} the TLS handshake: {plain}"
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"TLS: the peer's certificate failed verification: {exc.verify_message}"
-    reason = (exc.reason or str(exc)).replace("_", " ").lower()
-    return f"TLS: {reason}"
+    reason = getattr(exc, "reason", None) or str(exc)
+    if reason == "WRONG_VERSION_NUMBER":  # the peer answered, but not in TLS
+        return f"TLS: wrong version number (the answer was not TLS): {plain}"
+    return f"TLS: {reason.replace('_', ' ').lower()}"
 
 
 def rejection(assoc) -> A_ASSOCIATE | None:  # type: ignore[no-untyped-def]
@@ -556,7 +581,7 @@ def _refused_sop_classes(assoc) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def _association_failure(  # type: ignore[no-untyped-def]
-    assoc, tls_error: ssl.SSLError | None = None
+    assoc, tls_error: OSError | None = None
 ) -> str:
     if assoc.is_established:
         return ""
