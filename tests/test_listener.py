@@ -778,11 +778,11 @@ class SlowProxy:
         self.server.close()
 
 
-def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp_path) -> None:
-    """The sender dies half-way through a data set: nothing was acknowledged, the partial
-    file is deleted at once (not at the next start), the association is audited ABORTED."""
-    daemon = daemon_factory().start()
-    files = study_files(tmp_path / "in", views=1, rows=2048, cols=2048)  # 8 MiB
+@contextlib.contextmanager
+def _data_set_half_received(daemon, tmp_path):  # type: ignore[no-untyped-def]
+    """storescu sending an 8 MiB view through a slow proxy, once more than 1 MB of it is in
+    the spool's temp folder: (the storescu process, that folder). Killed on leaving."""
+    files = study_files(tmp_path / "in", views=1, rows=2048, cols=2048)
     proxy = SlowProxy(daemon.port, rate=2_000_000)
     sender = storescu_background(proxy.port, files, tmp_path / "storescu.log")
     temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
@@ -791,10 +791,19 @@ def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp
             lambda: any(f.stat().st_size > 1_000_000 for f in temp.iterdir()),
             message="a partial data set in the spool's temp folder",
         )
+        yield sender, temp
     finally:
         sender.kill()
         sender.wait()
         proxy.close()
+
+
+def test_a_data_set_cut_off_mid_transfer_leaves_no_temp_file(daemon_factory, tmp_path) -> None:
+    """The sender dies half-way through a data set: nothing was acknowledged, the partial
+    file is deleted at once (not at the next start), the association is audited ABORTED."""
+    daemon = daemon_factory().start()
+    with _data_set_half_received(daemon, tmp_path) as (_sender, temp):
+        pass  # the sender is killed on leaving
     wait_until(lambda: not list(temp.iterdir()), message="partial file deleted")
     store = daemon.store()
     # The row is written ACTIVE when the association starts and closed after the partial
@@ -1615,21 +1624,9 @@ def test_a_listener_killed_mid_transfer_has_its_partial_files_removed(
 
     daemon = daemon_factory().start()
     [listener_pid] = [e["pid"] for e in log_events(daemon, "listener_started")]
-    files = study_files(tmp_path / "in", views=1, rows=2048, cols=2048)  # 8 MiB
-    proxy = SlowProxy(daemon.port, rate=2_000_000)
-    sender = storescu_background(proxy.port, files, tmp_path / "storescu.log")
-    temp = Path(daemon.sections["store"]["spool_dir"]) / "tmp"
-    try:
-        wait_until(
-            lambda: any(f.stat().st_size > 1_000_000 for f in temp.iterdir()),
-            message="a partial data set in the spool's temp folder",
-        )
+    with _data_set_half_received(daemon, tmp_path) as (sender, temp):
         os.kill(listener_pid, signal.SIGKILL)
         assert sender.wait(60) != 0
-    finally:
-        sender.kill()
-        sender.wait()
-        proxy.close()
     daemon.wait_for_log('"event": "listener_started"', 60, occurrence=2)
     assert not list(temp.iterdir())
     assert '"event": "listener_temp_files_removed"' in daemon.log_text()

@@ -199,11 +199,7 @@ class ListenerPool:
         self._beats.pop(pid or 0, None)
         if not prefix:
             return
-        removed = 0
-        for temp in Spool(self.config.spool_path).temp_dir.glob(f"{prefix}*"):
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-                removed += 1
+        removed = Spool(self.config.spool_path).discard_staged(prefix, ".dcm")
         if removed:
             log.warning("listener_temp_files_removed", pid=pid, count=removed)
 

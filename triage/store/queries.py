@@ -139,16 +139,15 @@ def failed_deliveries(session: Session, limit: int = 20) -> list[dict[str, Any]]
 
 def status(store: Store, now: datetime | None = None) -> dict[str, Any]:
     """Counts per state, oldest queued age, workers, deliveries (the store half of `status`)."""
-    heartbeat_now = now
-    now = now or utcnow()
     with store.read_session() as session:
+        # On the database's clock: heartbeats are, and workers may run on other hosts.
+        now = now or store.database_now(session.connection())
         oldest = oldest_queued_at(session)
         return {
             "studies": study_counts(session),
             "oldest_queued_at": iso(oldest),
             "oldest_queued_age_s": seconds_since(oldest, now),
-            # Heartbeats are on the database's clock (workers may run on other hosts).
-            "workers": workers(session, heartbeat_now or store.database_now(session.connection())),
+            "workers": workers(session, now),
             "deliveries": delivery_counts(session),
             "failed_deliveries": failed_deliveries(session),
         }

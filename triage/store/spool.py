@@ -139,12 +139,13 @@ class Spool:
         with contextlib.suppress(OSError):
             os.unlink(temp)
 
-    def discard_staged(self, prefix: str) -> int:
-        """Remove every temp file staged with *prefix* (not empty); returns how many."""
+    def discard_staged(self, prefix: str, suffix: str = ".part") -> int:
+        """Remove every temp file staged with *prefix* (not empty), or received under it
+        (*suffix* ``.dcm``: see ``install_spool_temp_files``); returns how many."""
         if not prefix or not _PREFIX.fullmatch(prefix):
             raise ValueError(f"invalid temp file prefix {prefix!r}")
         removed = 0
-        for temp in self._tmp.glob(f"{prefix}*.part"):
+        for temp in self._tmp.glob(f"{prefix}*{suffix}"):
             self.discard(temp)
             removed += 1
         return removed
