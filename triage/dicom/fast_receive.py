@@ -315,7 +315,10 @@ def read_pdu_data(dul: Any) -> None:
         dul.event_queue.put("Evt17")
         return
     except (OSError, TimeoutError, EOFError) as exc:
-        _LOGGER.error("Connection closed before the entire PDU was received: %s", exc)
+        # After an invalid PDU (a TLS ClientHello on this plain port), the peer's reset is
+        # part of the same failure, already logged once.
+        level = logging.DEBUG if getattr(dul, "_triage_invalid_pdu", False) else logging.ERROR
+        _LOGGER.log(level, "Connection closed before the entire PDU was received: %s", exc)
         _no_request_coming(dul)
         dul.event_queue.put("Evt17")  # transport connection closed
         return
